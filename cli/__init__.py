@@ -1,0 +1,48 @@
+"""The ``labelkit`` command: thin click commands over the library.
+
+Library errors (:class:`labelkit.errors.LabelkitError`) become one ``Error: …`` line and exit code 1; click's
+usage errors exit with 2. Heavy imports happen inside command bodies so ``labelkit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import click
+
+from labelkit import __version__
+from labelkit.errors import LabelkitError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LabelkitError as exc:
+            message = " ".join(str(exc).split("\n"))
+            raise click.ClickException(message) from None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order they were added: the order of the workflow
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="labelkit")
+def main() -> None:
+    """labelkit: make, store, share and reuse self-labels (SeLa).
+
+    \b
+    Typical use:
+      labelkit generate --data images/ --out runs/sela     # self-label a data set
+      labelkit metrics runs/sela/labels.parquet --truth images/
+      labelkit info runs/sela/labels.parquet
+    """
+
+
+def _register() -> None:
+    from . import artefact_cmds, data_cmds
+
+    for module in (data_cmds, artefact_cmds):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

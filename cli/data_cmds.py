@@ -1,0 +1,50 @@
+"""``labelkit data``: what a data spec resolves to."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command(name="data")
+@click.argument("spec", default="builtin:digits")
+@click.option("--check", is_flag=True, help="Decode every sample and list the ones that fail.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Decoding workers for --check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def data(spec: str, check: bool, workers: int, as_json: bool) -> None:
+    """Show the manifest of a data spec: kind, count, fingerprint, classes (and bad samples with --check).
+
+    SPEC is a folder, WebDataset shards (shards/train-{000000..000009}.tar), an .npz, or builtin:NAME.
+
+    Example: labelkit data /datasets/imagenet/train --check
+    """
+    from labelkit.data import resolve
+
+    source = resolve(spec)
+    skipped = []
+    if check:
+        from labelkit.loading import SkipLog, eval_transform, make_loader
+
+        log = SkipLog(source)
+        for _, _, bad in make_loader(source, eval_transform(32), batch_size=256, workers=workers):
+            log.add(bad)
+        skipped = log.as_list()
+    manifest = source.manifest(skipped).to_dict()
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    classes = manifest["classes"]
+    click.echo(f"{spec}: {manifest['kind']}, {manifest['count']:,} samples, fingerprint {manifest['fingerprint'][:16]}…")
+    if classes:
+        shown = ", ".join(classes[:10]) + (", …" if len(classes) > 10 else "")
+        click.echo(f"classes ({len(classes)}): {shown}")
+    else:
+        click.echo("no ground-truth classes")
+    if check:
+        click.echo(f"bad samples: {len(skipped)}")
+        for item in skipped[:20]:
+            click.echo(f"  {item['sample_id']}: {item['reason']}")
+
+
+COMMANDS = [data]

@@ -1,0 +1,43 @@
+"""Exceptions raised by labelkit. The CLI turns each into one ``Error: …`` line and exit code 1."""
+
+from __future__ import annotations
+
+__all__ = [
+    "LabelkitError",
+    "ArtefactError",
+    "DataError",
+    "ConfigError",
+    "SolverError",
+    "ImportSourceError",
+]
+
+
+class LabelkitError(Exception):
+    """Base class for every error that labelkit reports to a user."""
+
+
+class ArtefactError(LabelkitError):
+    """A label artefact is invalid, unreadable, or of an unsupported version.
+
+    ``problems`` lists every problem found, one sentence each.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class DataError(LabelkitError):
+    """A data source is missing, empty, malformed or has duplicate sample ids."""
+
+
+class ConfigError(LabelkitError):
+    """An option or configuration value is invalid or impossible."""
+
+
+class SolverError(LabelkitError):
+    """Invalid input to the Sinkhorn label solver."""
+
+
+class ImportSourceError(LabelkitError):
+    """A file given to ``labelkit import`` cannot be turned into an artefact."""

@@ -1,0 +1,198 @@
+"""From a :class:`~labelkit.data.Source` to batches: transforms, torch datasets and loaders.
+
+Every batch is ``(indices, images, bad)``: positions in ``source.ids``, a float tensor, and ``(index, reason)``
+of samples that could not be decoded -- those are skipped and counted, or fail at once under ``strict``.
+A labelling pass (``shuffle=False``) visits every sample exactly once across ranks and workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .data import Source
+from .errors import DataError
+
+__all__ = ["train_transform", "eval_transform", "make_loader", "SkipLog", "rank_slice"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(
+    image_size: int,
+    *,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    jitter: float = 0.4,
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    rotate: float = 0.0,
+    heavy: bool = False,
+):
+    """The paper's augmentation: random resized crop, horizontal flip, colour jitter, random grayscale.
+
+    ``rotate`` adds small random rotations (useful where flips change the meaning, e.g. digits);
+    ``heavy`` adds one of equalize / autocontrast / sharpness, the "+ more aug." of the paper's label transfer.
+    """
+    from torchvision import transforms as T
+
+    steps = [T.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True)]
+    if rotate:
+        steps.append(T.RandomRotation(rotate))
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    if jitter:
+        steps.append(T.RandomApply([T.ColorJitter(jitter, jitter, jitter, min(jitter / 4, 0.5))], p=jitter_p))
+    if grayscale_p:
+        steps.append(T.RandomGrayscale(grayscale_p))
+    if heavy:
+        steps.append(T.RandomChoice([T.RandomEqualize(1.0), T.RandomAutocontrast(1.0), T.RandomAdjustSharpness(2.0, 1.0)]))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+def eval_transform(image_size: int, crop_pct: float | None = None):
+    """Resize and centre-crop (``crop_pct`` 0.875 from 128 px up, none below, where crops cut the object)."""
+    from torchvision import transforms as T
+
+    if crop_pct is None:
+        crop_pct = 0.875 if image_size >= 128 else 1.0
+    if crop_pct >= 1.0:
+        resize = [T.Resize((image_size, image_size), antialias=True)]
+    else:
+        resize = [T.Resize(int(math.floor(image_size / crop_pct)), antialias=True), T.CenterCrop(image_size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def rank_slice(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of ``indices``: disjoint, covering, no padding (sizes differ by at most one)."""
+    return indices[rank::world]
+
+
+class _MapDataset(Dataset):
+    def __init__(self, source: Source, indices: np.ndarray, transform):
+        self.source, self.indices, self.transform = source, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = int(self.indices[j])
+        try:
+            image = self.source.load(i)
+        except Exception as exc:  # PIL and the OS raise many types for bad files
+            return i, None, f"cannot decode: {exc}"
+        return i, self.transform(image), None
+
+
+class _ShardDataset(IterableDataset):
+    """Streams shards; each (rank, worker) reads a disjoint part, shards when there are enough of them."""
+
+    def __init__(self, source, transform, rank, world, keep: np.ndarray | None, shuffle_buffer: int, seed: int):
+        self.source, self.transform = source, transform
+        self.rank, self.world, self.keep = rank, world, keep
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def _stream(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        parts, part = self.world * workers, self.rank * workers + worker
+        urls = list(self.source.urls)
+        if self.shuffle_buffer:
+            np.random.default_rng(self.seed).shuffle(urls)
+        if len(urls) >= parts:
+            urls, every = urls[part::parts], None
+        else:
+            every = parts  # too few shards for every worker: split sample by sample (each reads all)
+        for n, (i, image, reason) in enumerate(self.source.iter_samples(urls)):
+            if every is not None and n % every != part:
+                continue
+            if self.keep is not None and not self.keep[i]:
+                continue
+            if image is None:
+                yield i, None, reason
+                continue
+            try:
+                yield i, self.transform(image), None
+            except Exception as exc:
+                yield i, None, f"cannot transform: {exc}"
+
+    def __iter__(self):
+        stream = self._stream()
+        if self.shuffle_buffer:
+            from webdataset import filters
+
+            info = get_worker_info()
+            stream = filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
+                                     seed=self.seed * 7919 + (info.id if info else 0) + 131 * self.rank)(stream)
+        return iter(stream)
+
+
+def _collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, reason) for i, x, reason in batch if x is None]
+    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+    images = torch.stack([x for _, x in good]) if good else None
+    return indices, images, bad
+
+
+@dataclass
+class SkipLog:
+    """Bad samples met during a pass, by id; under ``strict`` the first one raises :class:`DataError`."""
+
+    source: Source
+    strict: bool = False
+    skipped: dict = field(default_factory=dict)
+
+    def add(self, bad: list[tuple[int, str]]) -> None:
+        for i, reason in bad:
+            sample_id = self.source.ids[i]
+            if self.strict:
+                raise DataError(f"{self.source.spec}: bad sample {sample_id!r}: {reason} (drop --strict to skip)")
+            self.skipped[sample_id] = reason
+
+    def as_list(self) -> list[dict]:
+        return [{"sample_id": k, "reason": v} for k, v in sorted(self.skipped.items())]
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+
+def make_loader(
+    source: Source,
+    transform,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    keep: np.ndarray | None = None,
+    shuffle_buffer: int = 2000,
+) -> DataLoader:
+    """A DataLoader over ``source`` yielding ``(indices, images, bad)``.
+
+    Args:
+        shuffle: a training pass (seeded by ``seed`` and ``epoch``); ``False`` for a labelling pass, which sees
+            every kept sample exactly once across ``world`` ranks and the loader's workers.
+        keep: boolean mask over samples; others are not read (e.g. samples skipped before).
+    """
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    common = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate, drop_last=False,
+                  generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    if source.map_style:
+        indices = np.arange(len(source)) if keep is None else np.flatnonzero(keep)
+        if shuffle:
+            indices = np.random.default_rng([seed, epoch]).permutation(indices)
+        indices = rank_slice(indices, rank, world)
+        return DataLoader(_MapDataset(source, indices, transform), shuffle=False, **common)
+    dataset = _ShardDataset(source, transform, rank, world, keep, shuffle_buffer if shuffle else 0, seed * 1000 + epoch)
+    return DataLoader(dataset, **common)
