@@ -38,9 +38,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import artefact_cmds, data_cmds
+    from . import artefact_cmds, data_cmds, metrics_cmds
 
-    for module in (data_cmds, artefact_cmds):
+    for module in (metrics_cmds, artefact_cmds, data_cmds):
         for command in module.COMMANDS:
             main.add_command(command)
 
