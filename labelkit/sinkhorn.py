@@ -1,0 +1,490 @@
+"""Self-labelling by optimal transport: the Sinkhorn-Knopp step of SeLa (Asano et al., ICLR 2020, eq. 7-8).
+
+For N samples and K clusters, find Q = diag(u) P^lam diag(v) whose rows each carry one sample's mass and whose
+columns each carry N/K (equal cluster sizes), then label every sample by its argmax in Q.
+
+How it is computed:
+
+* **Stabilised kernel.** The softmax normaliser of each row is a per-row factor absorbed by u, so the kernel is
+  exp(lam * z_ik + g_k - r_i): ``g`` are column log-potentials, ``r_i`` makes each row's largest entry 1. It is
+  stored in bfloat16 (float32's range at half the bytes; float16 underflows) and read in blocks that are
+  widened to float32; sums accumulate in float64.
+* **Unreachable clusters.** A column whose entries all underflow is detected when the kernel is built and its
+  potential is raised until its largest entry is 1; potentials that grow past ``absorb_at`` are absorbed into
+  the kernel and the kernel is rebuilt, so the scalings never overflow and the result is never NaN or inf.
+* **One pass per iteration.** For each block of rows: s = M v, u = 1/s, and the cluster sums t += u M in the
+  same pass; then v = (N/K) / t.
+* **Fewer iterations.** Over-relaxation (u and v move by the power ``omega`` of the plain Sinkhorn step, Thibault
+  et al. 2017; Lehmann et al. 2021), with omega backed off towards 1 whenever the error grows, and warm starts
+  from a previous result's potentials.
+* **Stopping rule.** The marginal error is the share of mass in the wrong place: (sum_i |row_i - 1| +
+  sum_k |col_k - N/K|) / N, the same quantity at every N (the paper's summed change of beta tightens with N).
+* **Labels** come from the float32 logits and the final potentials, argmax_k lam * z_ik + g_k + log v_k, not
+  from the bf16 kernel. ``exact_balance=True`` rounds Q under capacities so that every cluster gets
+  floor(N/K) or ceil(N/K) samples (the paper's hard constraint).
+* **Distributed.** With a process group each rank passes its own rows; one all-reduce of a (K+1)-vector per
+  iteration (cluster sums and the row error). Every rank sees the same potentials and stops together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SolverError
+
+__all__ = ["solve", "SinkhornResult", "kernel_buffer", "balanced_labels"]
+
+_BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
+_PROBE = 12  # plain iterations that estimate the convergence rate before over-relaxing
+_LOG_RANGE = 75.0  # |log| bound of scalings used in float32 products (float32 tops out near e^88)
+_PATIENCE = 40  # over-relaxed iterations without a new best error before relaxing less
+
+
+@dataclass
+class SinkhornResult:
+    """Outcome of :func:`solve`.
+
+    Attributes:
+        labels: int32 (N,) cluster of each sample (this rank's rows when distributed).
+        iterations: Sinkhorn iterations run.
+        error: final marginal error (share of mass misplaced, see the module docstring).
+        converged: whether ``error <= tol`` was reached before ``max_iter``.
+        sizes: int64 (K,) number of samples per cluster (global when distributed).
+        potentials: float64 (K,) column log-potentials; pass the result as ``warm_start`` to re-solve.
+        scores: float32 (N,) assignment confidence q(label | sample) of each row.
+        seconds: wall time, kernel construction included.
+        rebuilds: kernel constructions (1 + re-stabilisations).
+        errors: marginal error after every iteration.
+    """
+
+    labels: np.ndarray
+    iterations: int
+    error: float
+    converged: bool
+    sizes: np.ndarray
+    potentials: np.ndarray
+    scores: np.ndarray
+    seconds: float
+    rebuilds: int = 1
+    errors: list[float] = field(default_factory=list)
+
+
+def kernel_buffer(n: int, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A bfloat16 (n, k) buffer that several solves (one per head) can share."""
+    return torch.empty((n, k), dtype=torch.bfloat16, device=device)
+
+
+class _Logits:
+    """Row blocks of the logits, from a full matrix or from features and a linear head."""
+
+    def __init__(self, logits, features, weight, bias, device, dtype):
+        if (logits is None) == (features is None):
+            raise SolverError("give either logits (N x K) or features (N x D) with weight (K x D)")
+        self.device = device
+        self.dtype = dtype
+        if logits is not None:
+            self.logits = _as_tensor(logits, "logits")
+            if self.logits.ndim != 2:
+                raise SolverError(f"logits must be 2-D (N x K), got shape {tuple(self.logits.shape)}")
+            self.n, self.k = self.logits.shape
+            self.features = None
+        else:
+            if weight is None:
+                raise SolverError("features need the head's weight (K x D) and optionally its bias (K)")
+            self.features = _as_tensor(features, "features")
+            self.weight = _as_tensor(weight, "weight").to(device=device, dtype=dtype)
+            self.bias = None if bias is None else _as_tensor(bias, "bias").to(device=device, dtype=dtype)
+            if self.features.ndim != 2 or self.weight.ndim != 2 or self.features.shape[1] != self.weight.shape[1]:
+                raise SolverError(
+                    f"features (N x D) and weight (K x D) do not fit: {tuple(self.features.shape)} and "
+                    f"{tuple(self.weight.shape)}"
+                )
+            if self.bias is not None and self.bias.shape != (self.weight.shape[0],):
+                raise SolverError(f"bias must have shape ({self.weight.shape[0]},), got {tuple(self.bias.shape)}")
+            self.n, self.k = self.features.shape[0], self.weight.shape[0]
+            self.logits = None
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        if self.logits is not None:
+            return self.logits[start:stop].to(device=self.device, dtype=self.dtype, non_blocking=True)
+        x = self.features[start:stop].to(device=self.device, dtype=self.dtype, non_blocking=True)
+        z = x @ self.weight.T
+        return z + self.bias if self.bias is not None else z
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise SolverError(f"{name} must be a torch tensor or numpy array, got {type(value).__name__}")
+    return value
+
+
+def _all_reduce(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _split(count: int, parts: int) -> list[tuple[int, int]]:
+    edges = [round(i * count / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+class _Rows:
+    """Runs a function over contiguous parts of the rows, one CPU thread each.
+
+    On the CPU, torch's intra-op threading pays a hand-off between OpenMP and MKL at every small operation;
+    one thread per part of the rows, with intra-op threads set to 1 meanwhile, made a blocked pass 5x
+    faster (measured on 2 cores at 200k x 3k). On CUDA there is one part.
+    """
+
+    def __init__(self, n: int, block: int, device: torch.device):
+        self.block = block
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        blocks = max(1, -(-n // block))
+        self.parts = [(a * block, min(n, b * block)) for a, b in _split(blocks, min(threads, blocks))]
+        self._pool = None
+        self._saved_threads = torch.get_num_threads()
+
+    def __enter__(self) -> "_Rows":
+        if len(self.parts) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(len(self.parts), thread_name_prefix="labelkit-sinkhorn")
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            torch.set_num_threads(self._saved_threads)
+            self._pool = None
+
+    def map(self, fn) -> list:
+        if self._pool is None:
+            return [fn(lo, hi) for lo, hi in self.parts]
+        return list(self._pool.map(lambda part: fn(*part), self.parts))
+
+    def blocks(self, lo: int, hi: int):
+        for start in range(lo, hi, self.block):
+            yield start, min(start + self.block, hi)
+
+
+def _build_kernel(source, kernel, g, lam, rows: _Rows, group):
+    """kernel[i, k] = exp(lam z_ik + g_k - r_i) in bf16; returns the column maxima of the exponent."""
+    g32 = g.to(torch.float32)
+
+    def part(lo, hi):
+        col_max = torch.full((source.k,), -math.inf, dtype=torch.float32, device=kernel.device)
+        for start, stop in rows.blocks(lo, hi):
+            e = (source.block(start, stop).float() * lam).add_(g32)  # out of place: blocks may be the caller's
+            e.sub_(e.amax(dim=1, keepdim=True))
+            torch.maximum(col_max, e.amax(dim=0), out=col_max)
+            kernel[start:stop] = e.exp_()
+        return col_max
+
+    col_max = torch.stack(rows.map(part)).amax(dim=0)
+    if group is not None:
+        import torch.distributed as dist
+
+        _all_reduce(col_max, group, dist.ReduceOp.MAX)
+    return col_max
+
+
+def _sweep(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the kernel: new row scalings u (in place) and, in the same pass, the cluster sums u M.
+
+    Returns the cluster sums and the row error sum_i |u_i (M v)_i - 1| of the (over-relaxed) row step.
+    """
+    k = kernel.shape[1]
+    v32 = v.to(torch.float32)
+
+    def part(lo, hi):
+        widened = torch.empty((min(rows.block, hi - lo), k), dtype=torch.float32, device=kernel.device)
+        sums = torch.zeros(k, dtype=torch.float64, device=kernel.device)
+        row_error = torch.zeros((), dtype=torch.float64, device=kernel.device)
+        for start, stop in rows.blocks(lo, hi):
+            m = widened[: stop - start]
+            m.copy_(kernel[start:stop])  # bf16 -> f32 into a reused buffer: no allocation per block
+            s = (m @ v32).double()
+            new = s.reciprocal()
+            if w != 1.0:
+                relaxed = u[start:stop].pow(1.0 - w).mul_(new.pow(w))
+                # an over-relaxed scaling must stay inside float32's range for the product below
+                new = torch.where(relaxed.log().abs() < _LOG_RANGE, relaxed, new)
+            u[start:stop] = new
+            row_error += (new * s - 1.0).abs().sum()
+            sums += new.float() @ m
+        return sums, row_error
+
+    results = rows.map(part)
+    return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+def _row_scalings(kernel, u, rows: _Rows) -> None:
+    """u = 1 / (M 1): the row scalings of a freshly built kernel with v = 1."""
+
+    def part(lo, hi):
+        for start, stop in rows.blocks(lo, hi):
+            u[start:stop] = kernel[start:stop].float().sum(1).double().reciprocal_()
+
+    rows.map(part)
+
+
+def _assign(source, kernel, v, potentials, lam, rows: _Rows):
+    """Labels argmax_k lam z_ik + potential_k from the float32 logits; scores q(label | i) from the kernel."""
+    pot = potentials.to(torch.float32)
+    v32 = v.to(torch.float32)
+    labels = torch.empty(source.n, dtype=torch.int64, device=pot.device)
+    scores = torch.empty(source.n, dtype=torch.float32, device=pot.device)
+
+    def part(lo, hi):
+        for start, stop in rows.blocks(lo, hi):
+            idx = (source.block(start, stop).float() * lam).add_(pot).argmax(dim=1)
+            m = kernel[start:stop].float()
+            row_mass = m @ v32
+            chosen = m.gather(1, idx[:, None]).squeeze(1) * v32[idx]
+            labels[start:stop] = idx
+            scores[start:stop] = chosen / row_mass
+        return None
+
+    rows.map(part)
+    return labels, scores
+
+
+def solve(
+    logits=None,
+    *,
+    features=None,
+    weight=None,
+    bias=None,
+    lam: float = 25.0,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    warm_start: SinkhornResult | np.ndarray | None = None,
+    omega: float | None = None,
+    exact_balance: bool = False,
+    block_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    buffer: torch.Tensor | None = None,
+    group=None,
+    absorb_at: float = 60.0,
+) -> SinkhornResult:
+    """Label N samples into K equal-sized clusters by Sinkhorn-Knopp on P^lam (SeLa, eq. 8).
+
+    Args:
+        logits: (N, K) scores of one head, torch tensor or numpy array.
+        features, weight, bias: instead of logits, (N, D) features and the head's (K, D) weight and (K,)
+            bias; the logits are built in blocks and never exist whole.
+        lam: the inverse temperature lambda of the paper (25).
+        tol: stop when the marginal error (share of misplaced mass) is at most this.
+        max_iter: cap on iterations; hitting it returns ``converged=False`` and warns.
+        warm_start: a previous :class:`SinkhornResult` (or its ``potentials``) of the same head.
+        omega: over-relaxation in [1, 2); 1 is the plain Sinkhorn iteration; None (default) estimates the
+            best value from the convergence rate of the first iterations.
+        exact_balance: round Q so that every cluster holds floor(N/K) or ceil(N/K) samples.
+        block_size: rows per block (default: fits the cache on CPU, large on GPU).
+        device: where the kernel lives (default: the input's device).
+        dtype: compute dtype of the logits (float32).
+        buffer: a bfloat16 tensor with at least N*K elements to hold the kernel (see :func:`kernel_buffer`).
+        group: a ``torch.distributed`` process group; each rank passes its own rows.
+        absorb_at: re-stabilise when a scaling's log exceeds this.
+    """
+    t0 = time.perf_counter()
+    source_tensor = logits if logits is not None else features
+    if device is None:
+        device = source_tensor.device if isinstance(source_tensor, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    source = _Logits(logits, features, weight, bias, device, dtype)
+    n_local, k = source.n, source.k
+    if omega is not None and not (1.0 <= omega < 2.0):
+        raise SolverError(f"omega must lie in [1, 2), got {omega}")
+    if lam <= 0 or not math.isfinite(lam):
+        raise SolverError(f"lam must be a positive number, got {lam}")
+    if block_size is None:
+        block_size = max(16, min(n_local, (1 << 20) // max(k, 1))) if device.type == "cpu" else 1 << 16
+    n_total = _all_reduce(torch.tensor([n_local], dtype=torch.float64, device=device), group).item()
+    if n_total == 0 or k == 0:
+        raise SolverError(f"nothing to label: N={int(n_total)}, K={k}")
+    if k > n_total:
+        raise SolverError(f"K={k} clusters cannot all be filled by N={int(n_total)} samples; need K <= N")
+    if exact_balance and group is not None:
+        raise SolverError("exact_balance is available in a single process only; gather the rows first")
+
+    if buffer is not None:
+        if buffer.dtype != torch.bfloat16 or buffer.numel() < n_local * k:
+            raise SolverError(f"buffer must be bfloat16 with at least {n_local * k} elements")
+        kernel = buffer.view(-1)[: n_local * k].view(n_local, k)
+    else:
+        kernel = torch.empty((n_local, k), dtype=torch.bfloat16, device=device)
+
+    g = torch.zeros(k, dtype=torch.float64, device=device)
+    if warm_start is not None:
+        previous = warm_start.potentials if isinstance(warm_start, SinkhornResult) else np.asarray(warm_start)
+        if previous.shape != (k,):
+            raise SolverError(f"warm_start has {previous.shape[0]} potentials but there are {k} clusters")
+        g = torch.as_tensor(previous, dtype=torch.float64, device=device).clone()
+    rows = _Rows(n_local, block_size, device)
+    with rows:
+        result = _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group)
+        g, v, iterations, errors, converged, rebuilds = result
+        if not converged:
+            warnings.warn(
+                f"Sinkhorn stopped at max_iter={max_iter} with marginal error {errors[-1]:.2e} > tol={tol:g}; "
+                "labels are usable but clusters may be less balanced (raise max_iter or tol)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        potentials = g + v.log()
+        potentials -= potentials.max()
+        labels, scores = _assign(source, kernel, v, potentials, lam, rows)
+    if exact_balance:
+        labels = balanced_labels(source, potentials, lam, block_size)
+    sizes = torch.bincount(labels, minlength=k).to(torch.float64)
+    sizes = _all_reduce(sizes, group).to(torch.int64)
+    return SinkhornResult(
+        labels=labels.cpu().numpy().astype(np.int32),
+        iterations=iterations,
+        error=errors[-1],
+        converged=converged,
+        sizes=sizes.cpu().numpy(),
+        potentials=potentials.cpu().numpy(),
+        scores=scores.cpu().numpy(),
+        seconds=time.perf_counter() - t0,
+        rebuilds=rebuilds,
+        errors=errors,
+    )
+
+
+def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group):
+    """The Sinkhorn loop; returns potentials g and scalings v, iterations, errors, converged, rebuilds."""
+    k, device = source.k, kernel.device
+    rebuilds = 0
+
+    def build():
+        nonlocal rebuilds
+        rebuilds += 1
+        return _build_kernel(source, kernel, g, lam, rows, group)
+
+    col_max = build()
+    if not bool(torch.isfinite(col_max).all()):
+        # a NaN or +inf anywhere turns its row, and so some column maximum, into NaN
+        raise SolverError("the input contains NaN or inf; fix the model outputs before labelling")
+    for _ in range(3):  # raise unreachable clusters until each column has an entry of 1
+        low = col_max < _BF16_FLOOR / 2
+        if not bool(low.any()):
+            break
+        g -= torch.where(low, col_max.double(), torch.zeros_like(g))
+        col_max = build()
+
+    target = n_total / k
+    # start each column's scaling where its largest entry reaches 1: a free first guess at the potentials
+    v = torch.exp(-col_max.double().clamp(min=-absorb_at))
+    u = torch.ones(source.n, dtype=torch.float64, device=device)
+    errors: list[float] = []
+    converged = False
+    w = 1.0 if omega is None else omega
+    best, since_best = math.inf, 0
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        cluster_sums, row_error = _sweep(kernel, u, v, w, rows)
+        sums = _all_reduce(torch.cat([cluster_sums, row_error.reshape(1)]), group)
+        t = sums[:k]
+        error = float(((v * t - target).abs().sum() + sums[k]) / n_total)
+        errors.append(error)
+        if not math.isfinite(error):
+            raise SolverError("Sinkhorn diverged (non-finite error); this is a bug, please report it")
+        if error <= tol:
+            converged = True
+            break
+        if omega is None and iterations == _PROBE:
+            w = _optimal_omega(errors)
+        if error < best:
+            best, since_best = error, 0
+        else:
+            since_best += 1
+            if w != 1.0 and since_best >= _PATIENCE:
+                w = 1.0 + (w - 1.0) / 2  # over-relaxation transients are normal; stagnation is not
+                since_best = 0
+        step = target / torch.where(t > 0, t, torch.full_like(t, 1e-300))
+        v = v.pow(1.0 - w) * step.pow(w) if w != 1.0 else step
+        log_v = v.log()
+        if float(log_v.abs().max()) > absorb_at:  # absorb the scalings into the kernel before they overflow
+            g += log_v
+            g -= g.max()
+            v = torch.ones_like(v)
+            build()
+            _row_scalings(kernel, u, rows)
+    return g, v, iterations, errors, converged, rebuilds
+
+
+def _optimal_omega(errors: list[float]) -> float:
+    """Over-relaxation from the observed rate rho of the plain iteration: 2 / (1 + sqrt(1 - rho)).
+
+    The classical optimum for successive over-relaxation; for Sinkhorn near its fixed point see Thibault et
+    al. 2017, "Overrelaxed Sinkhorn-Knopp algorithm for regularized optimal transport".
+    """
+    tail = np.asarray(errors[-6:])
+    if len(tail) < 3 or (tail <= 0).any():
+        return 1.0
+    rho = float(np.exp(np.mean(np.log(tail[1:] / tail[:-1]))))
+    if not 0.0 < rho < 1.0:
+        return 1.0
+    return float(min(1.9, 2.0 / (1.0 + math.sqrt(1.0 - rho))))
+
+
+def balanced_labels(source, potentials, lam, block, candidates: int = 8) -> torch.Tensor:
+    """Round the transport plan to labels with every cluster holding floor(N/K) or ceil(N/K) samples.
+
+    Greedy under capacities: (sample, cluster) pairs among each row's ``candidates`` best are taken in order
+    of decreasing plan score; once N mod K clusters are at ceil(N/K) the others close at floor(N/K). Rows left
+    without a place (rare, when all their candidates filled) go to the open clusters by score.
+    """
+    if not isinstance(source, _Logits):
+        source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
+    n, k = source.n, source.k
+    pot = torch.as_tensor(potentials, dtype=torch.float32)
+    c = min(candidates, k)
+    top_scores = torch.empty((n, c), dtype=torch.float32)
+    top_idx = torch.empty((n, c), dtype=torch.int64)
+    for start in range(0, n, block):
+        e = (source.block(start, start + block).float().cpu() * lam).add_(pot)
+        e -= torch.logsumexp(e, dim=1, keepdim=True)  # log q(k | i): comparable across rows
+        top_scores[start : start + block], top_idx[start : start + block] = e.topk(c, dim=1)
+    order = torch.argsort(top_scores.view(-1), descending=True).numpy()
+    rows, cols = np.divmod(order, c)
+    clusters = top_idx.numpy()[rows, cols]
+    floor, extra = divmod(n, k)
+    capacity = np.full(k, floor + (1 if extra else 0), dtype=np.int64)
+    labels = np.full(n, -1, dtype=np.int64)
+    at_ceiling = 0
+    for row, cluster in zip(rows.tolist(), clusters.tolist()):
+        if labels[row] >= 0 or capacity[cluster] == 0:
+            continue
+        labels[row] = cluster
+        capacity[cluster] -= 1
+        if extra and capacity[cluster] == 0:
+            at_ceiling += 1
+            if at_ceiling == extra:  # the remaining clusters may only reach floor(N/K)
+                capacity[capacity > 0] -= 1
+                extra = 0
+    left = np.flatnonzero(labels < 0)
+    if len(left):
+        e = (torch.cat([source.block(int(i), int(i) + 1).float().cpu() for i in left]) * lam).add_(pot)
+        for row, scores in zip(left.tolist(), e.numpy()):
+            open_clusters = np.flatnonzero(capacity > 0)
+            cluster = open_clusters[np.argmax(scores[open_clusters])]
+            labels[row] = cluster
+            capacity[cluster] -= 1
+    return torch.from_numpy(labels)

@@ -1,0 +1,207 @@
+import numpy as np
+import pytest
+import torch
+
+from labelkit.errors import SolverError
+from labelkit.sinkhorn import SinkhornResult, kernel_buffer, solve
+
+
+def realistic(n, k, d=32, seed=0, target=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, d, generator=gen)
+    weight = torch.randn(k, d, generator=gen) / d**0.5
+    scale = 1.0
+    for _ in range(30):
+        mean_max = torch.softmax(features[:1000] @ weight.T * scale, 1).amax(1).mean()
+        scale *= 1.15 if mean_max < target else 0.9
+    return features, weight * scale
+
+
+def log_domain_reference(logits, lam=25.0, iters=20000, tol=1e-12):
+    """float64 log-domain Sinkhorn to a tight tolerance: the reference solution."""
+    z = torch.as_tensor(logits, dtype=torch.float64) * lam
+    n, k = z.shape
+    f = torch.zeros(n, dtype=torch.float64)
+    g = torch.zeros(k, dtype=torch.float64)
+    log_c = np.log(n / k)
+    for _ in range(iters):
+        f = -torch.logsumexp(z + g, dim=1)
+        g_new = log_c - torch.logsumexp(z + f[:, None], dim=0)
+        if (g_new - g).abs().max() < tol:
+            g = g_new
+            break
+        g = g_new
+    return (z + g).argmax(1).numpy()
+
+
+def transport_cost(logits, labels):
+    logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+    return -logp[np.arange(len(labels)), labels].sum()
+
+
+def test_identity_logits_give_the_identity_assignment():
+    k = 7
+    logits = torch.eye(k).repeat(30, 1) * 5.0
+    result = solve(logits)
+    assert result.converged
+    assert (result.labels == np.tile(np.arange(k), 30)).all()
+    assert result.sizes.tolist() == [30] * k
+    assert result.labels.dtype == np.int32
+
+
+def test_agrees_with_float64_log_domain_reference():
+    features, weight = realistic(3000, 40)
+    logits = features @ weight.T
+    reference = log_domain_reference(logits)
+    result = solve(logits, tol=1e-4)
+    assert result.converged
+    assert (result.labels == reference).mean() >= 0.999
+    assert np.isfinite(result.potentials).all() and np.isfinite(result.scores).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_transport_cost_close_to_exact_optimum(seed):
+    from scipy.optimize import linear_sum_assignment
+
+    n, k = 120, 6
+    features, weight = realistic(n, k, seed=seed)
+    logits = (features @ weight.T).numpy()
+    cost = -torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+    rows, cols = linear_sum_assignment(np.repeat(cost, n // k, axis=1))  # each cluster: n/k slots
+    optimum = cost[rows, cols // (n // k)].sum()
+    result = solve(logits, tol=1e-5)
+    assert abs(transport_cost(logits, result.labels) - optimum) <= 0.01 * optimum
+    balanced = solve(logits, tol=1e-5, exact_balance=True)
+    assert np.bincount(balanced.labels, minlength=k).tolist() == [n // k] * k
+    assert transport_cost(logits, balanced.labels) <= 1.01 * optimum
+
+
+def test_unreachable_cluster_is_stable_and_filled():
+    features, weight = realistic(2000, 20)
+    logits = features @ weight.T
+    logits[:, 3] -= 1000.0  # exp(25 * -1000) underflows everywhere: the column vanishes from the kernel
+    logits[:, 11] -= 30.0
+    result = solve(logits)
+    assert result.converged and np.isfinite(result.potentials).all()
+    assert result.sizes[3] > 0.5 * 2000 / 20 and result.sizes[11] > 0.5 * 2000 / 20
+    assert result.rebuilds >= 2
+
+
+def test_warm_start_same_answer_in_fewer_iterations():
+    features, weight = realistic(4000, 50)
+    cold = solve(features @ weight.T, tol=1e-4)
+    moved = weight + 0.01 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    logits = features @ moved.T
+    again_cold = solve(logits, tol=1e-4)
+    warm = solve(logits, tol=1e-4, warm_start=cold)
+    assert warm.iterations < again_cold.iterations
+    assert (warm.labels == again_cold.labels).mean() >= 0.998
+    assert solve(logits, tol=1e-4, warm_start=cold.potentials).iterations == warm.iterations
+
+
+def test_n_not_divisible_by_k():
+    features, weight = realistic(1003, 10)
+    logits = features @ weight.T
+    result = solve(logits, tol=1e-5)
+    assert result.converged and abs(result.sizes - 100.3).max() < 10
+    balanced = solve(logits, tol=1e-5, exact_balance=True)
+    sizes = np.bincount(balanced.labels, minlength=10)
+    assert sorted(sizes.tolist()) == [100] * 7 + [101] * 3
+
+
+def test_features_and_head_match_logits_and_inputs_stay_untouched():
+    features, weight = realistic(2500, 30)
+    bias = torch.randn(30) * 0.1
+    logits = features @ weight.T + bias
+    before = logits.clone()
+    a = solve(logits)
+    b = solve(features=features, weight=weight, bias=bias)
+    assert torch.equal(logits, before)
+    assert (a.labels == b.labels).mean() >= 0.999
+    c = solve(logits.numpy())  # numpy in, same answer
+    assert (a.labels == c.labels).all()
+
+
+def test_buffer_is_reused_across_heads():
+    features, weight = realistic(1000, 20)
+    buffer = kernel_buffer(1000, 20)
+    first = solve(features @ weight.T, buffer=buffer)
+    second = solve(features @ (weight * 0.5).T, buffer=buffer)
+    assert first.converged and second.converged
+    assert (first.labels == solve(features @ weight.T).labels).all()
+
+
+def test_cap_returns_unconverged_with_warning():
+    features, weight = realistic(2000, 40)
+    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+        result = solve(features @ weight.T, max_iter=3)
+    assert not result.converged and result.iterations == 3 and result.error > 1e-3
+
+
+def test_stopping_rule_means_the_same_at_every_n():
+    # the error is a share of mass: the same logits repeated 10x converge in the same number of iterations
+    features, weight = realistic(500, 10)
+    logits = features @ weight.T
+    small = solve(logits, omega=1.0)
+    large = solve(logits.repeat(10, 1), omega=1.0)
+    assert small.iterations == large.iterations
+    assert (np.tile(small.labels, 10) == large.labels).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"logits": torch.tensor([[0.0, float("nan")], [1.0, 2.0]])}, "NaN or inf"),
+        ({"logits": torch.zeros(2, 3)}, "K=3 clusters cannot all be filled by N=2"),
+        ({"logits": torch.zeros(0, 3)}, "nothing to label"),
+        ({"logits": torch.zeros(4, 2), "omega": 2.5}, "omega"),
+        ({"logits": torch.zeros(4, 2), "lam": 0.0}, "lam"),
+        ({"features": torch.zeros(4, 3)}, "weight"),
+        ({"features": torch.zeros(4, 3), "weight": torch.zeros(2, 5)}, "do not fit"),
+        ({}, "either logits"),
+        ({"logits": torch.zeros(4, 2), "warm_start": np.zeros(3)}, "warm_start has 3"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, message):
+    with pytest.raises(SolverError, match=message):
+        solve(**kwargs)
+
+
+def _distributed_worker(rank, world, init, logits, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        part = np.array_split(np.arange(len(logits)), world)[rank]
+        result = solve(logits[part], group=dist.group.WORLD, tol=1e-4)
+        torch.save({"labels": torch.from_numpy(result.labels), "rows": torch.from_numpy(part),
+                    "iterations": result.iterations, "sizes": torch.from_numpy(result.sizes)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_solve_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    features, weight = realistic(3001, 25)
+    logits = features @ weight.T
+    single = solve(logits, tol=1e-4)
+    init = f"file://{tmp_path}/rendezvous"
+    mp.spawn(_distributed_worker, args=(2, init, logits, str(tmp_path / "out")), nprocs=2, join=True)
+    labels = np.empty(3001, dtype=np.int32)
+    for rank in range(2):
+        part = torch.load(tmp_path / f"out.{rank}")
+        labels[part["rows"].numpy()] = part["labels"].numpy()
+        assert part["iterations"] == single.iterations
+        assert part["sizes"].tolist() == single.sizes.tolist()
+    assert (labels == single.labels).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    features, weight = realistic(5000, 100)
+    cpu = solve(features @ weight.T)
+    gpu = solve((features @ weight.T).cuda())
+    assert (cpu.labels == gpu.labels).mean() >= 0.999
