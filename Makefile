@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/labelkit data builtin:digits --check
+	$(BIN)/labelkit generate
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -42,6 +42,8 @@ from .errors import SolverError
 __all__ = ["solve", "SinkhornResult", "kernel_buffer", "balanced_labels"]
 
 _BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
+_EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38: the smallest exponent whose exp is a normal float32 and bfloat16
+_EXP_FLOOR = math.exp(_EXP_MIN)
 _PROBE = 12  # plain iterations that estimate the convergence rate before over-relaxing
 _LOG_RANGE = 75.0  # |log| bound of scalings used in float32 products (float32 tops out near e^88)
 _PATIENCE = 40  # over-relaxed iterations without a new best error before relaxing less
@@ -186,11 +188,16 @@ def _build_kernel(source, kernel, g, lam, rows: _Rows, group):
 
     def part(lo, hi):
         col_max = torch.full((source.k,), -math.inf, dtype=torch.float32, device=kernel.device)
+        work = torch.empty((min(rows.block, hi - lo), source.k), dtype=torch.float32, device=kernel.device)
         for start, stop in rows.blocks(lo, hi):
-            e = (source.block(start, stop).float() * lam).add_(g32)  # out of place: blocks may be the caller's
+            e = work[: stop - start]
+            torch.mul(source.block(start, stop), lam, out=e)  # out of place: blocks may be the caller's
+            e.add_(g32)
             e.sub_(e.amax(dim=1, keepdim=True))
             torch.maximum(col_max, e.amax(dim=0), out=col_max)
-            kernel[start:stop] = e.exp_()
+            # exp is 5x slower on arguments below float32's range; clamp, then zero what was clamped
+            e.clamp_(min=_EXP_MIN).exp_().masked_fill_(e <= _EXP_FLOOR, 0.0)
+            kernel[start:stop] = e
         return col_max
 
     col_max = torch.stack(rows.map(part)).amax(dim=0)

@@ -1,0 +1,141 @@
+"""Typed job configurations: defaults in one place, data-specific recipes, config files, and the resolved
+record stored with every artefact and checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["SelaConfig", "RECIPES", "resolve_config", "read_config_file"]
+
+
+@dataclass(frozen=True)
+class SelaConfig:
+    """Everything that determines a ``labelkit generate`` run."""
+
+    data: str = "builtin:digits"
+    arch: str = "alexnet"
+    clusters: tuple[int, ...] = (3000,)  # K of each head; one value is repeated for every head
+    heads: int = 10
+    epochs: int = 400
+    label_steps: int = 80
+    lam: float = 25.0
+    batch_size: int = 256
+    lr: float = 0.05
+    lr_schedule: str = "step"  # the paper's: /10 at 150, 300 and 350 of 400 epochs, scaled to the run
+    warmup: float = 0.0  # share of training with a linear learning-rate warm-up
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    image_size: int = 224
+    head_temperature: float | None = None  # None: the paper's linear heads; t: cosine heads, logits cos / t
+    augment: str = "paper"  # paper | digits | none
+    label_augment: bool = False  # augment the images of the label pass too
+    label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
+    workers: int = 4
+    device: str = "auto"
+    seed: int = 0
+    init: str | None = None
+    strict: bool = False
+    sinkhorn_tol: float = 1e-3
+    exact_balance: bool = True  # round Q under capacities (every cluster floor/ceil of N/K); False: argmax
+    out: str = "runs/sela"
+
+    def head_clusters(self) -> list[int]:
+        ks = list(self.clusters)
+        if len(ks) == 1:
+            return ks * self.heads
+        if len(ks) != self.heads:
+            raise ConfigError(f"--clusters lists {len(ks)} values but --heads is {self.heads}; give one K or one per head")
+        return ks
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["clusters"] = list(self.clusters)
+        return data
+
+
+# Recipes: defaults for a known data set, applied under config files and command-line options.
+RECIPES: dict[str, dict[str, Any]] = {
+    "builtin:digits": {
+        "arch": "labelkit_cnn",
+        "clusters": (10, 10, 30, 30, 50),
+        "heads": 5,
+        "epochs": 60,
+        "label_steps": 30,
+        "batch_size": 64,
+        "lr": 0.05,
+        "lr_schedule": "cosine",
+        "warmup": 0.05,
+        "weight_decay": 5e-4,
+        "image_size": 16,
+        "head_temperature": 0.1,
+        "augment": "digits",
+        "workers": 0,
+        "out": "runs/digits",
+    }
+}
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A JSON or TOML file of options (the same names as the command line, with underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: cannot parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of options")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=SelaConfig):
+    """Defaults < recipe of the data < config file < options given (``None`` means not given)."""
+    known = {f.name for f in fields(cls)}
+    given = {k: v for k, v in options.items() if v is not None}
+    from_file = read_config_file(config_file) if config_file else {}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise ConfigError(f"--config: unknown option(s) {unknown}; known: {sorted(known)}")
+    data = given.get("data", from_file.get("data", cls.data))
+    merged = {**RECIPES.get(data, {}), **from_file, **given}
+    merged = {k: v for k, v in merged.items() if k in known}
+    if "clusters" in merged:
+        value = merged["clusters"]
+        merged["clusters"] = tuple(int(k) for k in (value if isinstance(value, (list, tuple)) else [value]))
+    config = cls(**merged)
+    _check(config)
+    return config
+
+
+def _check(config) -> None:
+    if isinstance(config, SelaConfig):
+        if config.heads < 1:
+            raise ConfigError(f"--heads must be at least 1, got {config.heads}")
+        if any(k < 2 for k in config.clusters):
+            raise ConfigError(f"--clusters must be at least 2, got {list(config.clusters)}")
+        config.head_clusters()
+        if config.label_views < 1:
+            raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
+        if config.label_steps < 1:
+            raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
+        if config.augment not in ("paper", "digits", "none"):
+            raise ConfigError(f"--augment must be paper, digits or none, got {config.augment!r}")
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {config.lr}")

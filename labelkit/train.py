@@ -1,0 +1,203 @@
+"""Training machinery shared by ``generate`` and ``transfer``: devices, schedules, one epoch of
+multi-head cross-entropy, feature passes, checkpoints, and progress reporting hooks.
+
+The library never prints: long jobs report through a :class:`Reporter`, which the CLI renders as progress bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._io import atomic_path
+from .data import Source
+from .errors import ConfigError
+from .loading import SkipLog, make_loader
+
+__all__ = [
+    "Reporter",
+    "resolve_device",
+    "autocast",
+    "learning_rate",
+    "make_optimizer",
+    "train_epoch",
+    "extract_features",
+    "save_checkpoint",
+    "load_checkpoint",
+    "seed_everything",
+]
+
+
+class Reporter:
+    """Progress hooks; the default does nothing. The CLI subclasses it with tqdm bars and epoch lines."""
+
+    def phase(self, name: str, total: int) -> None:
+        """A pass of ``total`` batches begins (``train``, ``label``, ``solve``)."""
+
+    def advance(self, batches: int = 1, **info: Any) -> None:
+        """``batches`` more batches done; ``info`` holds running figures such as the loss."""
+
+    def end_phase(self) -> None:
+        """The current pass ended."""
+
+    def record(self, record: dict) -> None:
+        """An epoch or label-step record (the lines of ``history.jsonl``)."""
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (no loss scaling needed); full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def learning_rate(base: float, progress: float, schedule: str, warmup: float = 0.0) -> float:
+    """Learning rate at ``progress`` in [0, 1] of training.
+
+    ``step``: the paper's schedule scaled to the run (divide by 10 at 150/400, 300/400 and 350/400 of it);
+    ``cosine``: linear warm-up over ``warmup`` of the run, then cosine decay to zero.
+    """
+    if warmup > 0 and progress < warmup:
+        return base * (progress + 1e-3) / warmup
+    if schedule == "step":
+        drops = sum(progress >= edge for edge in (150 / 400, 300 / 400, 350 / 400))
+        return base * 0.1**drops
+    if schedule == "cosine":
+        rest = (progress - warmup) / max(1e-9, 1.0 - warmup)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, rest)))
+    if schedule == "constant":
+        return base
+    raise ConfigError(f"unknown learning-rate schedule {schedule!r}; use step, cosine or constant")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float):
+    """SGD with momentum; no weight decay on biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+
+
+def train_epoch(
+    model,
+    source: Source,
+    transform,
+    targets: torch.Tensor,
+    optimizer,
+    *,
+    epoch: int,
+    epochs: int,
+    lr: float,
+    schedule: str,
+    warmup: float,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    device: torch.device,
+    keep: np.ndarray | None,
+    skips: SkipLog,
+    reporter: Reporter,
+) -> dict:
+    """One epoch of cross-entropy averaged over heads; ``targets`` is (heads, N) over ``source`` indices."""
+    model.train()
+    loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=True, seed=seed,
+                         epoch=epoch, keep=keep)
+    steps = max(1, len(loader)) if source.map_style else max(1, math.ceil(int(keep.sum() if keep is not None else len(source)) / batch_size))
+    reporter.phase("train", steps)
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    for step, (indices, images, bad) in enumerate(loader):
+        skips.add(bad)
+        if images is None or len(indices) < 2:  # BatchNorm needs two samples
+            reporter.advance()
+            continue
+        rate = learning_rate(lr, (epoch + step / steps) / epochs, schedule, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = targets[:, indices].to(device, non_blocking=True)
+        with autocast(device):
+            outputs = model(images)
+            loss = sum(F.cross_entropy(out.float(), labels[h]) for h, out in enumerate(outputs)) / len(outputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        total_loss += value * len(indices)
+        seen += len(indices)
+        reporter.advance(loss=value, lr=rate)
+    reporter.end_phase()
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "lr": rate if seen else lr, "images": seen, "seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
+                     device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
+                     rank: int = 0, world: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+    """One pass over every (kept) sample exactly once; returns (N, dim) float32 features and a seen mask."""
+    loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=False, keep=keep,
+                         rank=rank, world=world)
+    features = torch.zeros((len(source), dim), dtype=torch.float32)
+    seen = np.zeros(len(source), dtype=bool)
+    steps = len(loader) if source.map_style else math.ceil(len(source) / batch_size / world)
+    reporter.phase("label", steps)
+    for indices, images, bad in loader:
+        skips.add(bad)
+        if images is not None:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                out = model_features(images)
+            features[indices] = out.float().cpu()
+            seen[indices.numpy()] = True
+        reporter.advance()
+    reporter.end_phase()
+    return features, seen
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Atomic: a crash while saving leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0]}); start afresh "
+                          "without --resume or use another --out") from None

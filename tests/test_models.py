@@ -1,0 +1,70 @@
+import pytest
+import timm
+import torch
+
+from labelkit.errors import ConfigError
+from labelkit.models import SelaModel, create_backbone, feature_dim
+
+
+@pytest.mark.parametrize("name, size, widths", [("alexnet", 224, (96, 256, 384, 384, 256)),
+                                                 ("alexnet_small", 224, (64, 192, 384, 256, 256)),
+                                                 ("alexnet", 32, (96, 256, 384, 384, 256))])
+def test_alexnet_is_a_timm_model(name, size, widths):
+    model = timm.create_model(name, num_classes=7, img_size=size)
+    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert tuple(convs) == widths
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 5
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    assert model(x).shape == (2, 7)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.head_hidden_size)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 4096)
+    assert name in timm.list_models("alexnet*")
+
+
+def test_registered_models_refuse_pretrained_weights():
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        timm.create_model("alexnet", pretrained=True)
+
+
+def test_backbone_factory_sizes_heads_from_timm():
+    backbone = create_backbone("resnet18", 32)
+    model = SelaModel(backbone, [10, 30])
+    out = model(torch.randn(2, 3, 32, 32))
+    assert [o.shape for o in out] == [(2, 10), (2, 30)]
+    assert model.heads[0].in_features == feature_dim(backbone) == 512
+    vit = create_backbone("vit_tiny_patch16_224", 64)  # fixed input size: gets the chosen size
+    assert vit(torch.randn(1, 3, 64, 64)).shape[-1] == feature_dim(vit)
+
+
+def test_unknown_arch_suggests_names():
+    with pytest.raises(ConfigError, match="did you mean .*resnet18"):
+        create_backbone("resnet19", 32)
+
+
+def test_init_loads_local_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    a = create_backbone("labelkit_cnn", 16)
+    path = tmp_path / "w.safetensors"
+    save_file({f"backbone.{k}": v.contiguous() for k, v in a.state_dict().items()}, str(path))
+    b = create_backbone("labelkit_cnn", 16, init=str(path))
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    with pytest.raises(ConfigError, match="no such file"):
+        create_backbone("labelkit_cnn", 16, init=str(tmp_path / "missing.pt"))
+
+
+def test_cosine_heads_are_a_linear_map_of_the_features():
+    backbone = create_backbone("labelkit_cnn", 16)
+    model = SelaModel(backbone, [4, 6], temperature=0.1).eval()
+    x = torch.randn(3, 3, 16, 16)
+    f = model.features(x)
+    assert torch.allclose(f.norm(dim=1), torch.ones(3), atol=1e-5)
+    for h, out in enumerate(model(x)):
+        weight, bias = model.head_weights(h)
+        assert bias is None and torch.allclose(out, f @ weight.T, atol=1e-5)
+        assert out.abs().max() <= 1 / 0.1 + 1e-4  # cosine / temperature
+    plain = SelaModel(backbone, [4]).eval()
+    weight, bias = plain.head_weights(0)
+    assert torch.allclose(plain(x)[0], plain.features(x) @ weight.T + bias, atol=1e-5)

@@ -1,0 +1,155 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from labelkit.artefact import read_artefact
+from labelkit.cli import main
+from labelkit.config import SelaConfig, resolve_config
+from labelkit.errors import ConfigError
+from labelkit.sela import label_schedule, run_sela
+
+
+def _blobs(path, n=120, classes=3, size=8, seed=0):
+    """Images of three visually distinct kinds (bright square in different corners) plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+    half = size // 2
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 2)
+        images[i, r * half:(r + 1) * half, col * half:(col + 1) * half] += 180
+    np.savez(path, images=images, labels=labels)
+    return str(path)
+
+
+def _tiny(tmp_path, **over):
+    options = dict(data=_blobs(tmp_path / "blobs.npz"), arch="labelkit_cnn", clusters=(3, 6), heads=2, epochs=3,
+                   label_steps=2, batch_size=32, image_size=8, lr=0.05, workers=0, device="cpu",
+                   out=str(tmp_path / "run"), augment="none")
+    options.update(over)
+    return resolve_config(options)
+
+
+def test_label_schedule_is_dense_early_and_ends_at_the_end():
+    steps = label_schedule(100, 10)  # t_i = ((i - 1) / (M - 1))^2 of training, as in the paper
+    assert steps == [0, 1, 5, 11, 20, 31, 44, 60, 79, 100]
+    assert label_schedule(5, 30) == [0, 1, 2, 3, 4, 5]  # at most one per epoch
+    assert label_schedule(7, 1) == [7]
+    assert label_schedule(400, 80)[-1] == 400 and len(label_schedule(400, 80)) <= 80
+
+
+def test_config_layers_defaults_recipe_file_and_options(tmp_path):
+    default = resolve_config({})
+    assert default.data == "builtin:digits" and default.arch == "labelkit_cnn"  # the digits recipe
+    assert resolve_config({"data": "x.npz"}).arch == "alexnet"  # paper defaults elsewhere
+    assert resolve_config({"data": "x.npz"}).head_clusters() == [3000] * 10
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('epochs = 7\narch = "resnet18"\nclusters = [5, 6]\nheads = 2\n')
+    merged = resolve_config({"arch": "alexnet"}, str(config_file))
+    assert (merged.epochs, merged.arch, merged.head_clusters()) == (7, "alexnet", [5, 6])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epoch": 3}')
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['epoch'\]"):
+        resolve_config({}, str(bad))
+    with pytest.raises(ConfigError, match="--heads must be at least 1"):
+        resolve_config({"heads": 0})
+    with pytest.raises(ConfigError, match="lists 2 values but --heads is 3"):
+        resolve_config({"clusters": (3, 4), "heads": 3})
+
+
+def test_impossible_settings_are_refused_up_front(tmp_path):
+    with pytest.raises(ConfigError, match="--clusters 500 is more than the 120 samples"):
+        run_sela(_tiny(tmp_path, clusters=(500,), heads=1))
+    with pytest.raises(ConfigError, match="not a timm model name; did you mean"):
+        run_sela(_tiny(tmp_path, arch="resnet19", out=str(tmp_path / "r2")))
+
+
+def test_tiny_run_writes_artefact_model_and_history(tmp_path):
+    config = _tiny(tmp_path)
+    run = run_sela(config)
+    art = read_artefact(run.artefact)
+    assert art.num_samples == 120 and [h.k for h in art.heads] == [3, 6]
+    assert art.metadata["method"]["name"] == "sela"
+    assert art.metadata["method"]["config"]["arch"] == "labelkit_cnn"
+    assert art.metadata["data"]["count"] == 120
+    for h in range(2):
+        sizes = np.bincount(art.labels(h), minlength=art.heads[h].k)
+        assert sizes.min() > 0  # equipartition keeps every cluster alive
+    records = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records].count("epoch") == 3
+    steps = [r for r in records if r["type"] == "label_step"]
+    assert [s["epoch"] for s in steps] == label_schedule(3, 2)
+    assert {"iterations", "seconds", "error", "nmi_previous", "nmi", "ari", "size_min"} <= set(steps[0]["heads"][0])
+    assert run.metrics is not None and len(run.metrics) == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any(k.startswith("heads.1.") for k in weights)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["config"]["clusters"] == [3, 6] and stored["arch"] == "labelkit_cnn"
+
+
+def test_out_dir_with_another_run_needs_resume(tmp_path):
+    config = _tiny(tmp_path, epochs=1, label_steps=1)
+    run_sela(config)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        run_sela(config)
+    changed = _tiny(tmp_path, epochs=1, label_steps=1, lr=0.1)
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.05 -> 0.1\)"):
+        run_sela(changed, resume=True)
+
+
+def test_killed_run_resumes_to_the_same_labels(tmp_path):
+    data = _blobs(tmp_path / "blobs.npz", n=600, size=16)
+    args = ["--data", data, "--arch", "labelkit_cnn", "--clusters", "3,6", "--heads", "2", "--epochs", "6",
+            "--label-steps", "4", "--batch-size", "16", "--image-size", "16", "--workers", "0", "--device", "cpu",
+            "--seed", "3", "--augment", "digits", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: float sums in the same order
+
+    def generate(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "labelkit", "generate", *args, "--out", str(out), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    reference = tmp_path / "reference"
+    assert generate(reference).wait() == 0
+    killed = tmp_path / "killed"
+    proc = generate(killed)
+    history = killed / "history.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        text = history.read_text() if history.exists() else ""
+        if '"epoch": 3,' in text:  # the third epoch is done: kill during the fourth
+            time.sleep(0.05)
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    saved = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert 0 < saved["epoch"] < 6, "the process must be killed before it finishes"
+    assert not (killed / "labels.parquet").exists()
+    resumed = generate(killed, "--resume")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    a, b = read_artefact(reference / "labels.parquet"), read_artefact(killed / "labels.parquet")
+    assert a.artefact_id == b.artefact_id
+    lines = (killed / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines if '"type": "epoch"' in line] == [1, 2, 3, 4, 5, 6]
+
+
+def test_generate_command_prints_artefact_and_metrics(tmp_path):
+    data = _blobs(tmp_path / "b.npz")
+    result = CliRunner().invoke(main, ["generate", "--data", data, "--arch", "labelkit_cnn", "--clusters", "3",
+                                       "--heads", "1", "--epochs", "2", "--label-steps", "1", "--image-size", "8",
+                                       "--batch-size", "32", "--workers", "0", "--out", str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "labels.parquet" in result.output and "NMI" in result.output
+    again = CliRunner().invoke(main, ["generate", "--data", data, "--out", str(tmp_path / "r"), "--quiet"])
+    assert again.exit_code == 1 and "already holds a run" in again.output
