@@ -37,7 +37,7 @@ def _print_summary(summary: dict) -> None:
         )
 
 
-@click.command()
+@click.command(short_help="Heads, K, rows, id, provenance and cluster sizes.")
 @click.argument("artefact", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def info(artefact: str, as_json: bool) -> None:
@@ -55,7 +55,7 @@ def info(artefact: str, as_json: bool) -> None:
         _print_summary(summary)
 
 
-@click.command()
+@click.command(short_help="Check an artefact (and its ids against local data).")
 @click.argument("artefact", type=click.Path(dir_okay=False))
 @click.option("--data", "data_spec", default=None, metavar="SPEC",
               help="Also check the labels against a local copy of the data (ids in both, only in one, fingerprint).")
@@ -106,7 +106,7 @@ def export(artefact: str, fmt: str, out: str) -> None:
     click.echo(f"wrote {path}")
 
 
-@click.command(name="import")
+@click.command(name="import", short_help="Artefact from released SeLa labels (.pth), CSV or .npy.")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Artefact (.parquet) to write.")
 @click.option("--keys", type=click.Path(dir_okay=False), default=None,

@@ -7,7 +7,7 @@ import json
 import click
 
 
-@click.command(name="data")
+@click.command(name="data", short_help="What a data spec resolves to: count, fingerprint, classes.")
 @click.argument("spec", default="builtin:digits")
 @click.option("--check", is_flag=True, help="Decode every sample and list the ones that fail.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Decoding workers for --check.")

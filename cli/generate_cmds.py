@@ -15,7 +15,7 @@ def _clusters(ctx, param, value):
     return ks
 
 
-@click.command()
+@click.command(short_help="Self-label a data set with SeLa (artefact + checkpoint).")
 @click.option("--data", default=None, metavar="SPEC", help="Folder, shards, .npz or builtin:NAME [builtin:digits].")
 @click.option("--arch", default=None, help="Any timm model name, or alexnet / alexnet_small [alexnet; digits: labelkit_cnn].")
 @click.option("--clusters", callback=_clusters, default=None, metavar="K[,K…]", help="Clusters per head [3000].")
@@ -28,7 +28,7 @@ def _clusters(ctx, param, value):
 @click.option("--lr-schedule", type=click.Choice(["step", "cosine", "constant"]), default=None,
               help="step: the paper's /10 drops scaled to the run [step].")
 @click.option("--head-temperature", type=float, default=None,
-              help="Cosine heads on L2-normalised features with this temperature (digits: 0.1) [off: linear heads].")
+              help="Cosine heads on L2-normalised features with this temperature (digits: 0.2) [off: linear heads].")
 @click.option("--image-size", type=int, default=None, help="Input size in pixels [224].")
 @click.option("--augment", type=click.Choice(["paper", "digits", "none"]), default=None, help="Training augmentation [paper].")
 @click.option("--label-augment/--no-label-augment", default=None, help="Augment the label pass too [off].")
@@ -57,7 +57,6 @@ def generate(resume, config_file, quiet, **options) -> None:
     Example: labelkit generate
     Example: labelkit generate --data /data/imagenet/train --arch resnet50 --clusters 3000 --heads 10 \\
                  --epochs 400 --image-size 224 --out runs/r50
-    Multi-GPU: torchrun --nproc_per_node=8 -m labelkit generate --data shards/train-{000000..001023}.tar …
     """
     from labelkit.config import resolve_config
     from labelkit.sela import run_sela

@@ -15,7 +15,7 @@ def _fmt(value, digits=4):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-@click.command()
+@click.command(short_help="Clustering metrics against ground truth or another artefact.")
 @click.argument("artefact", type=click.Path(dir_okay=False))
 @click.option("--truth", default=None, metavar="SPEC",
               help="Ground truth: a data spec (class folders, shard cls, npz labels, builtin:NAME) or a "

@@ -31,13 +31,15 @@ def train_transform(
     flip: bool = True,
     jitter: float = 0.4,
     jitter_p: float = 0.8,
+    colour_jitter: bool = True,
     grayscale_p: float = 0.2,
     rotate: float = 0.0,
     heavy: bool = False,
 ):
     """The paper's augmentation: random resized crop, horizontal flip, colour jitter, random grayscale.
 
-    ``rotate`` adds small random rotations (useful where flips change the meaning, e.g. digits);
+    ``colour_jitter=False`` keeps brightness and contrast jitter only (for grey images, where saturation and
+    hue do nothing but cost time); ``rotate`` adds small random rotations (useful where flips change the meaning, e.g. digits);
     ``heavy`` adds one of equalize / autocontrast / sharpness, the "+ more aug." of the paper's label transfer.
     """
     from torchvision import transforms as T
@@ -48,7 +50,8 @@ def train_transform(
     if flip:
         steps.append(T.RandomHorizontalFlip())
     if jitter:
-        steps.append(T.RandomApply([T.ColorJitter(jitter, jitter, jitter, min(jitter / 4, 0.5))], p=jitter_p))
+        colour = (jitter, min(jitter / 4, 0.5)) if colour_jitter else (0.0, 0.0)  # saturation, hue
+        steps.append(T.RandomApply([T.ColorJitter(jitter, jitter, *colour)], p=jitter_p))
     if grayscale_p:
         steps.append(T.RandomGrayscale(grayscale_p))
     if heavy:

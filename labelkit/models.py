@@ -28,7 +28,29 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0
     return [nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class AlexNet(nn.Module):
+class _TimmModel(nn.Module):
+    """timm's method surface, so generic code never special-cases labelkit's own models.
+
+    Subclasses set ``features``, ``head_hidden_size`` and ``forward_head``.
+    """
+
+    head_hidden_size: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, **_ignored) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+
+
+class AlexNet(_TimmModel):
     """SeLa's AlexNet: five conv + BatchNorm layers and a two-layer 4096-wide MLP (Asano et al. 2020).
 
     Inputs of 128 px and more use the ImageNet stem (11x11 stride 4, 3x3 stride-2 pools, 6x6 before the MLP);
@@ -62,25 +84,13 @@ class AlexNet(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(mlp_width, num_classes) if num_classes else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(torch.flatten(self.pool(x), 1))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, **_ignored) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(_TimmModel):
     """A compact conv net for tiny images (digits, 16-32 px): three conv stages, global average pooling."""
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, width: int = 32, img_size: int = 32,
@@ -97,22 +107,10 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, **_ignored) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 def _no_weights(name: str, pretrained: bool) -> None:

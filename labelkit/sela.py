@@ -51,8 +51,8 @@ def augmentation(config: SelaConfig):
         return train_transform(size)
     if config.augment == "digits":  # no flips (they change digits); small crops and rotations
         # brightness and contrast jitter keep clusters from forming by ink intensity
-        return train_transform(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4, grayscale_p=0.0,
-                               rotate=12.0)
+        return train_transform(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
+                               colour_jitter=False, grayscale_p=0.0, rotate=12.0)
     return eval_transform(size)
 
 

@@ -99,6 +99,19 @@ def test_warm_start_same_answer_in_fewer_iterations():
     assert solve(logits, tol=1e-4, warm_start=cold.potentials).iterations == warm.iterations
 
 
+def test_peaked_kernel_is_solved_by_annealing():
+    # a trained network's confident softmax (mean max 0.97) makes P^25 nearly a hard assignment
+    features, weight = realistic(3000, 30, target=0.97)
+    logits = features @ weight.T
+    with pytest.warns(RuntimeWarning):
+        plain = solve(logits, anneal=False, max_iter=1000)
+    annealed = solve(logits, max_iter=1000)
+    assert not plain.converged and annealed.converged and annealed.rebuilds > 1
+    long_plain = solve(logits, anneal=False, max_iter=50000, tol=1e-4)
+    assert long_plain.converged
+    assert (annealed.labels == long_plain.labels).mean() >= 0.999
+
+
 def test_n_not_divisible_by_k():
     features, weight = realistic(1003, 10)
     logits = features @ weight.T
