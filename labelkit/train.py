@@ -131,7 +131,7 @@ def train_epoch(
     model.train()
     loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=True, seed=seed,
                          epoch=epoch, keep=keep)
-    steps = max(1, len(loader)) if source.map_style else max(1, math.ceil(int(keep.sum() if keep is not None else len(source)) / batch_size))
+    steps = _batches(loader, source, keep, batch_size)
     reporter.phase("train", steps)
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     for step, (indices, images, bad) in enumerate(loader):
@@ -162,6 +162,14 @@ def train_epoch(
             "images_per_s": seen / max(seconds, 1e-9)}
 
 
+def _batches(loader, source: Source, keep: np.ndarray | None, batch_size: int) -> int:
+    """Batches a pass will yield (for progress bars); streamed shards have no length, so it is counted."""
+    if source.map_style:
+        return max(1, len(loader))
+    samples = int(keep.sum()) if keep is not None else len(source)
+    return max(1, math.ceil(samples / batch_size))
+
+
 @torch.no_grad()
 def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
                      device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
@@ -171,7 +179,7 @@ def extract_features(model_features, dim: int, source: Source, transform, *, bat
                          rank=rank, world=world)
     features = torch.zeros((len(source), dim), dtype=torch.float32)
     seen = np.zeros(len(source), dtype=bool)
-    steps = len(loader) if source.map_style else math.ceil(len(source) / batch_size / world)
+    steps = _batches(loader, source, keep, batch_size * world)
     reporter.phase("label", steps)
     for indices, images, bad in loader:
         skips.add(bad)

@@ -153,3 +153,23 @@ def test_generate_command_prints_artefact_and_metrics(tmp_path):
     assert "wrote" in result.output and "labels.parquet" in result.output and "NMI" in result.output
     again = CliRunner().invoke(main, ["generate", "--data", data, "--out", str(tmp_path / "r"), "--quiet"])
     assert again.exit_code == 1 and "already holds a run" in again.output
+
+
+def test_generate_on_webdataset_shards(tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for shard in range(3):
+        with wds.TarWriter(str(tmp_path / f"train-{shard:06d}.tar")) as sink:
+            for i in range(shard * 20, shard * 20 + 20):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buffer, format="PNG")
+                sink.write({"__key__": f"img{i:04d}", "png": buffer.getvalue(), "cls": i % 3})
+    config = _tiny(tmp_path, data=str(tmp_path / "train-{000000..000002}.tar"), workers=2)
+    run = run_sela(config)
+    art = read_artefact(run.artefact)
+    assert art.num_samples == 60 and art.sample_ids[0] == "img0000"
+    assert run.metrics is not None  # cls is ground truth
