@@ -34,7 +34,7 @@ class SelaConfig:
     weight_decay: float = 1e-5
     image_size: int = 224
     head_temperature: float | None = None  # None: the paper's linear heads; t: cosine heads, logits cos / t
-    augment: str = "paper"  # paper | digits | none
+    augment: str = "paper"  # paper | heavy | digits | none
     label_augment: bool = False  # augment the images of the label pass too
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int = 4
@@ -102,8 +102,9 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=SelaConfig):
+def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=SelaConfig, recipes=None):
     """Defaults < recipe of the data < config file < options given (``None`` means not given)."""
+    recipes = RECIPES if recipes is None else recipes
     known = {f.name for f in fields(cls)}
     given = {k: v for k, v in options.items() if v is not None}
     from_file = read_config_file(config_file) if config_file else {}
@@ -111,7 +112,7 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
     if unknown:
         raise ConfigError(f"--config: unknown option(s) {unknown}; known: {sorted(known)}")
     data = given.get("data", from_file.get("data", cls.data))
-    merged = {**RECIPES.get(data, {}), **from_file, **given}
+    merged = {**recipes.get(data, {}), **from_file, **given}
     merged = {k: v for k, v in merged.items() if k in known}
     if "clusters" in merged:
         value = merged["clusters"]
@@ -132,8 +133,10 @@ def _check(config) -> None:
             raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
-        if config.augment not in ("paper", "digits", "none"):
-            raise ConfigError(f"--augment must be paper, digits or none, got {config.augment!r}")
+        from .loading import AUGMENTATIONS
+
+        if config.augment not in AUGMENTATIONS:
+            raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")

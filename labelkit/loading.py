@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .data import Source
-from .errors import DataError
+from .errors import ConfigError, DataError
 
-__all__ = ["train_transform", "eval_transform", "make_loader", "SkipLog", "rank_slice"]
+__all__ = ["train_transform", "eval_transform", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +58,26 @@ def train_transform(
         steps.append(T.RandomChoice([T.RandomEqualize(1.0), T.RandomAutocontrast(1.0), T.RandomAdjustSharpness(2.0, 1.0)]))
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(steps)
+
+
+AUGMENTATIONS = ("paper", "heavy", "digits", "none")
+
+
+def augmentation_preset(name: str, image_size: int):
+    """Training augmentation by name: ``paper``; ``heavy`` (paper + one of equalize / autocontrast /
+    sharpness, for fixed labels); ``digits`` (no flips, which change digits; crops, small rotations,
+    brightness and contrast); ``none`` (the eval transform)."""
+    if name == "paper":
+        return train_transform(image_size)
+    if name == "heavy":
+        return train_transform(image_size, heavy=True)
+    if name == "digits":
+        # brightness and contrast jitter keep clusters from forming by ink intensity
+        return train_transform(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
+                               colour_jitter=False, grayscale_p=0.0, rotate=12.0)
+    if name == "none":
+        return eval_transform(image_size)
+    raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")
 
 
 def eval_transform(image_size: int, crop_pct: float | None = None):

@@ -8,7 +8,6 @@ comes after the last epoch, and its labels are the artefact.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -18,21 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import write_text_atomic
 from .artefact import Artefact, producer_versions
 from .config import SelaConfig
 from .data import Source, resolve
 from .errors import ConfigError
-from .loading import SkipLog, eval_transform, train_transform
+from .loading import SkipLog, augmentation_preset, eval_transform
 from .metrics import compare
 from .models import SelaModel, create_backbone, feature_dim
 from .sinkhorn import kernel_buffer, solve
-from .train import (Reporter, extract_features, load_checkpoint, make_optimizer, resolve_device,
-                    save_checkpoint, seed_everything, train_epoch)
+from .train import Reporter, RunDir, extract_features, make_optimizer, resolve_device, seed_everything, train_epoch
 
 __all__ = ["run_sela", "label_schedule", "SelaRun", "augmentation"]
 
-_RUN_FIELDS_FREE = {"out", "workers", "device", "strict"}  # may change when a run is resumed
 
 
 def label_schedule(epochs: int, steps: int) -> list[int]:
@@ -46,14 +42,7 @@ def label_schedule(epochs: int, steps: int) -> list[int]:
 
 
 def augmentation(config: SelaConfig):
-    size = config.image_size
-    if config.augment == "paper":
-        return train_transform(size)
-    if config.augment == "digits":  # no flips (they change digits); small crops and rotations
-        # brightness and contrast jitter keep clusters from forming by ink intensity
-        return train_transform(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
-                               colour_jitter=False, grayscale_p=0.0, rotate=12.0)
-    return eval_transform(size)
+    return augmentation_preset(config.augment, config.image_size)
 
 
 @dataclass
@@ -72,22 +61,6 @@ class SelaRun:
 def _random_equipartition(n: int, ks: list[int], seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     return torch.from_numpy(np.stack([rng.permutation(n) % k for k in ks]).astype(np.int64))
-
-
-def _prepare_out(config: SelaConfig, resume: bool) -> Path:
-    out = Path(config.out)
-    stored = out / "config.json"
-    if stored.exists():
-        previous = json.loads(stored.read_text()).get("config", {})
-        if not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        ours = config.to_dict()
-        changed = sorted(k for k in ours if k not in _RUN_FIELDS_FREE and previous.get(k) != ours[k])
-        if changed:
-            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {ours[k]!r}" for k in changed)
-            raise ConfigError(f"--resume: {out} holds a run with other settings ({detail})")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _run_record(config: SelaConfig, ks: list[int], dim: int) -> dict:
@@ -153,7 +126,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
     ``history.jsonl`` into ``config.out``. Checkpoints every epoch; ``resume`` continues a killed run."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    out = _prepare_out(config, resume)
+    run_dir = RunDir(config, resume, reporter)
     source = resolve(config.data)
     ks = config.head_clusters()
     if max(ks) > len(source):
@@ -168,42 +141,26 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     n = len(source)
     state = {"epoch": 0, "labels": _random_equipartition(n, ks, config.seed), "potentials": [None] * len(ks),
-             "scores": torch.zeros((len(ks), n), dtype=torch.float32), "bad": np.zeros(n, dtype=bool),
-             "history_lines": 0}
+             "scores": torch.zeros((len(ks), n), dtype=torch.float32), "bad": np.zeros(n, dtype=bool)}
     skips = SkipLog(source, strict=config.strict)
-    checkpoint_path = out / "checkpoint.pt"
-    history_path = out / "history.jsonl"
-    if resume and checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path)
+    saved = run_dir.restore(_run_record(config, ks, dim))
+    if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.update(epoch=saved["epoch"], labels=saved["labels"].long(), scores=saved["scores"],
-                     potentials=list(saved["potentials"]), bad=saved["bad"].numpy().astype(bool),
-                     history_lines=saved["history_lines"])
+                     potentials=list(saved["potentials"]), bad=saved["bad"].numpy().astype(bool))
         skips.skipped.update(saved["skipped"])
-        lines = history_path.read_text().splitlines()[: state["history_lines"]] if history_path.exists() else []
-        write_text_atomic(history_path, "".join(line + "\n" for line in lines))
-    else:
-        write_text_atomic(history_path, "")
-    write_text_atomic(out / "config.json", json.dumps(_run_record(config, ks, dim), indent=2))
-
-    def log(record: dict) -> None:
-        with open(history_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        state["history_lines"] += 1
-        reporter.record(record)
+    log = run_dir.log
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoint_path, {
+        run_dir.save({
             "epoch": state["epoch"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "labels": state["labels"].to(torch.int32), "scores": state["scores"], "potentials": state["potentials"],
-            "bad": torch.from_numpy(state["bad"]), "history_lines": state["history_lines"],
-            "skipped": dict(skips.skipped), "config": config.to_dict()})
+            "bad": torch.from_numpy(state["bad"]), "skipped": dict(skips.skipped), "config": config.to_dict()})
 
     schedule = set(label_schedule(config.epochs, config.label_steps))
     transform = augmentation(config)
-    epoch_times = []
-    if state["epoch"] == 0 and 0 in schedule and not state["history_lines"]:
+    if state["epoch"] == 0 and 0 in schedule and not run_dir.lines:
         step = _label_step(model, dim, source, config, state, device, skips, reporter, ks)
         log({"type": "label_step", "epoch": 0, **step})
         checkpoint()
@@ -214,24 +171,16 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
                             batch_size=config.batch_size, workers=config.workers, seed=config.seed,
                             device=device, keep=~state["bad"], skips=skips, reporter=reporter)
         state["bad"][[source.index[i] for i in skips.skipped]] = True
-        epoch_times.append(stats["seconds"])
-        left = (config.epochs - epoch - 1) * float(np.mean(epoch_times[-5:]))
-        log({"type": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": round(stats["loss"], 5),
-             "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 1),
-             "elapsed_s": round(time.perf_counter() - started, 1), "eta_s": round(left, 1)})
+        run_dir.log_epoch(epoch, config.epochs, stats, started)
         if epoch + 1 in schedule:
             step = _label_step(model, dim, source, config, state, device, skips, reporter, ks)
             log({"type": "label_step", "epoch": epoch + 1, **step})
         state["epoch"] = epoch + 1
         checkpoint()
-    return _finish(config, source, model, state, skips, out, history_path, ks, started)
+    return _finish(config, source, model, state, skips, run_dir, ks, started)
 
 
-def _finish(config, source: Source, model, state, skips, out: Path, history_path: Path, ks, started) -> SelaRun:
-    from safetensors.torch import save_file
-
-    from ._io import atomic_path
-
+def _finish(config, source: Source, model, state, skips, run_dir: RunDir, ks, started) -> SelaRun:
     rows = np.flatnonzero(~state["bad"])
     ids = [source.ids[i] for i in rows]
     manifest = source.manifest(skips.as_list())
@@ -239,15 +188,13 @@ def _finish(config, source: Source, model, state, skips, out: Path, history_path
         ids, state["labels"][:, rows].numpy(), ks, scores=state["scores"][:, rows].numpy(), data_spec=config.data,
         data_fingerprint=manifest.fingerprint, data_count=manifest.count,
         method={"name": "sela", "config": config.to_dict()})
-    path = artefact.write(out / "labels.parquet")
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(weights, str(tmp), metadata={"arch": config.arch, "labelkit": "sela"})
+    path = artefact.write(run_dir.out / "labels.parquet")
+    run_dir.save_weights(model, config.arch, "sela")
     metrics = None
     if source.has_truth:
         truth = source.targets[rows]
         known = truth >= 0
         metrics = [dict(compare(artefact_labels[known], truth[known]), head=h, k=ks[h])
                    for h, artefact_labels in enumerate(state["labels"][:, rows].numpy())]
-    return SelaRun(out=out, artefact=path, labels=artefact, metrics=metrics, seconds=time.perf_counter() - started,
-                   skipped=skips.as_list(), history=history_path)
+    return SelaRun(out=run_dir.out, artefact=path, labels=artefact, metrics=metrics,
+                   seconds=time.perf_counter() - started, skipped=skips.as_list(), history=run_dir.history)

@@ -17,13 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_path
+import json
+
+from ._io import atomic_path, write_text_atomic
 from .data import Source
 from .errors import ConfigError
 from .loading import SkipLog, make_loader
 
 __all__ = [
     "Reporter",
+    "RunDir",
     "resolve_device",
     "autocast",
     "learning_rate",
@@ -209,3 +212,70 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as exc:
         raise ConfigError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0]}); start afresh "
                           "without --resume or use another --out") from None
+
+
+# options that may change when a run is resumed
+RESUMABLE_CHANGES = {"out", "workers", "device", "strict"}
+
+
+class RunDir:
+    """A run directory: refuses to mix runs, keeps ``history.jsonl`` in step with ``checkpoint.pt``.
+
+    ``restore()`` returns the last checkpoint (and trims the history to it) when resuming; ``log`` appends a
+    record; ``save`` writes the checkpoint atomically with the number of history lines it covers.
+    """
+
+    def __init__(self, config, resume: bool, reporter: Reporter):
+        self.out = Path(config.out)
+        self.reporter = reporter
+        self.resume = resume
+        self.history = self.out / "history.jsonl"
+        self.checkpoint = self.out / "checkpoint.pt"
+        stored = self.out / "config.json"
+        if stored.exists():
+            previous = json.loads(stored.read_text()).get("config", {})
+            if not resume:
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            ours = config.to_dict()
+            changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and previous.get(k) != ours[k])
+            if changed:
+                detail = ", ".join(f"{k}: {previous.get(k)!r} -> {ours[k]!r}" for k in changed)
+                raise ConfigError(f"--resume: {self.out} holds a run with other settings ({detail})")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lines = 0
+        self._epoch_seconds: list[float] = []
+
+    def restore(self, record: dict) -> dict | None:
+        """Write ``config.json`` (``record``); return the checkpoint to resume from, if resuming."""
+        saved = load_checkpoint(self.checkpoint) if self.resume and self.checkpoint.exists() else None
+        self.lines = saved["history_lines"] if saved else 0
+        kept = self.history.read_text().splitlines()[: self.lines] if saved and self.history.exists() else []
+        write_text_atomic(self.history, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.out / "config.json", json.dumps(record, indent=2))
+        return saved
+
+    def log(self, record: dict) -> None:
+        with open(self.history, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.lines += 1
+        self.reporter.record(record)
+
+    def save(self, state: dict) -> None:
+        save_checkpoint(self.checkpoint, {**state, "history_lines": self.lines})
+
+    def log_epoch(self, epoch: int, epochs: int, stats: dict, started: float) -> None:
+        """The per-epoch line: loss, learning rate, images/s, elapsed and ETA (from the last 5 epochs)."""
+        self._epoch_seconds.append(stats["seconds"])
+        left = (epochs - epoch - 1) * float(np.mean(self._epoch_seconds[-5:]))
+        self.log({"type": "epoch", "epoch": epoch + 1, "epochs": epochs, "loss": round(stats["loss"], 5),
+                  "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 1),
+                  "elapsed_s": round(time.perf_counter() - started, 1), "eta_s": round(left, 1)})
+
+    def save_weights(self, model, arch: str, kind: str) -> Path:
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        path = self.out / "model.safetensors"
+        with atomic_path(path) as tmp:
+            save_file(weights, str(tmp), metadata={"arch": arch, "labelkit": kind})
+        return path

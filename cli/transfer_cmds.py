@@ -1,0 +1,86 @@
+"""``labelkit transfer`` and ``labelkit eval``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command(short_help="Train any architecture from an artefact's labels.")
+@click.option("--labels", required=True, type=click.Path(dir_okay=False), help="The label artefact to learn from.")
+@click.option("--data", required=True, metavar="SPEC", help="The images the artefact labels (joined by sample id).")
+@click.option("--arch", default=None, help="Any timm model name, or alexnet / alexnet_small [alexnet].")
+@click.option("--heads", default=None, help="Artefact heads to learn: all, or a list like 0,3 [all].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [90; digits: 30].")
+@click.option("--batch-size", type=int, default=None, help="Batch size [256].")
+@click.option("--lr", type=float, default=None, help="Learning rate [0.05].")
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine", "constant"]), default=None,
+              help="step: /10 at 150, 300 and 350 of 400 parts of the run [step].")
+@click.option("--image-size", type=int, default=None, help="Input size in pixels [224; digits: 16].")
+@click.option("--augment", type=click.Choice(["paper", "heavy", "digits", "none"]), default=None,
+              help="paper; heavy adds equalize/autocontrast/sharpness, which fixed labels allow [paper].")
+@click.option("--min-coverage", type=click.FloatRange(0, 1), default=None,
+              help="Stop when fewer samples than this share join the labels by id [0.99].")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes [4].")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--init", default=None, type=click.Path(dir_okay=False), help="Local backbone weights to start from.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory [runs/transfer].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML options file.")
+@click.option("--quiet", is_flag=True, help="No progress bars or epoch lines.")
+def transfer(resume, config_file, quiet, **options) -> None:
+    """Train an architecture from scratch on an artefact's labels (label transfer, SeLa section 4.3).
+
+    Writes model.safetensors, config.json, history.jsonl and labels.parquet: the trained model's own
+    predictions, an artefact whose parent is the source artefact.
+
+    \b
+    Example: labelkit transfer --labels runs/digits/labels.parquet --data builtin:digits --arch alexnet
+    """
+    from labelkit.config import resolve_config
+    from labelkit.transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+
+    from ._progress import BarReporter
+
+    config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES)
+    run = run_transfer(config, resume=resume, reporter=BarReporter(quiet))
+    click.echo(f"joined {run.matched:,} samples ({run.missing_labels:,} without a label, "
+               f"{run.missing_samples:,} labels without a sample)")
+    if not run.fingerprint_match:
+        click.echo("note: the data fingerprint differs from the artefact's (not the same file list)")
+    click.echo(f"wrote {run.artefact} (parent {run.labels.metadata['parents'][0][:16]}…) in {run.seconds:.0f} s")
+
+
+@click.command(name="eval", short_help="kNN or linear-probe accuracy of a trained backbone.")
+@click.argument("protocol", type=click.Choice(["knn", "linear"]))
+@click.option("--model", "run", default=None, type=click.Path(file_okay=False), help="A generate or transfer run directory.")
+@click.option("--arch", default=None, help="Instead of --model: a bare timm arch (untrained unless --init).")
+@click.option("--init", default=None, type=click.Path(dir_okay=False), help="Weights for --arch.")
+@click.option("--data", required=True, metavar="SPEC", help="Training data with ground-truth classes.")
+@click.option("--test", default=None, metavar="SPEC", help="Test data (ids disjoint from --data).")
+@click.option("--split", type=float, default=0.2, show_default=True, help="Without --test: seeded stratified test share.")
+@click.option("--k", type=int, default=50, show_default=True, help="kNN neighbours.")
+@click.option("--temperature", type=float, default=0.1, show_default=True, help="kNN vote temperature.")
+@click.option("--image-size", type=int, default=None, help="Input size [the run's].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split and probe seed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(protocol, run, arch, init, data, test, split, k, temperature, image_size, seed, device, as_json) -> None:
+    """Measure frozen features: weighted kNN (k=50, T=0.1) or a linear probe, top-1 and top-5.
+
+    Example: labelkit eval knn --model runs/digits-transfer --data builtin:digits
+    """
+    from labelkit.evaluate import evaluate
+
+    result = evaluate(protocol, data=data, model=run, arch=arch, init=init, test=test, split=split, k=k,
+                      temperature=temperature, image_size=image_size, seed=seed, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{protocol}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+                   f"(train {result['n_train']:,}, test {result['n_test']:,})")
+
+
+COMMANDS = [transfer, eval_]
