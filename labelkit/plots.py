@@ -9,10 +9,10 @@ import numpy as np
 
 from ._io import atomic_path
 
-__all__ = ["metrics_figure"]
+__all__ = ["metrics_figure", "headless_pyplot"]
 
 
-def _pyplot():
+def headless_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +23,7 @@ def _pyplot():
 
 def metrics_figure(sizes: list[np.ndarray], scores: dict, path: str | os.PathLike) -> Path:
     """Cluster-size histogram and per-cluster entropy histogram, one row per head."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     heads = scores["heads"]
     fig, axes = plt.subplots(len(heads), 2, figsize=(10, 3.2 * len(heads)), squeeze=False)
     for row, (head, size) in enumerate(zip(heads, sizes)):
