@@ -131,7 +131,8 @@ class Source:
         """The PIL image of sample ``i`` (map-style sources)."""
         raise NotImplementedError
 
-    def iter_samples(self, shard_urls: list[str] | None = None) -> Iterator[tuple[int, object, str | None]]:
+    def iter_samples(self, shard_urls: list[str] | None = None,
+                     only: set[int] | None = None) -> Iterator[tuple[int, object, str | None]]:
         """Stream ``(index, PIL image or None, reason)``; the streaming path of shard sources."""
         raise NotImplementedError
 
@@ -346,8 +347,9 @@ class ShardSource(Source):
         self.records = records
         super().__init__(spec, ids, targets, classes)
 
-    def iter_samples(self, shard_urls: list[str] | None = None):
-        """Stream the given shards (default: all) as ``(index, image or None, reason)``."""
+    def iter_samples(self, shard_urls: list[str] | None = None, only: set[int] | None = None):
+        """Stream the given shards (default: all) as ``(index, image or None, reason)``; with ``only``, just
+        those sample indices are decoded and yielded."""
         from webdataset.tariterators import tar_file_expander, group_by_keys
 
         index = self.index
@@ -355,7 +357,7 @@ class ShardSource(Source):
             with _open_shard(url) as stream:
                 for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     key = sample["__key__"]
-                    if key not in index:
+                    if key not in index or (only is not None and index[key] not in only):
                         continue
                     data = next((sample[k] for k in sample if k.lower() in _SHARD_IMAGE_KEYS), None)
                     if data is None:

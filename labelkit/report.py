@@ -69,12 +69,11 @@ def _load_selected(source, wanted: set[int]) -> tuple[dict[int, object], list[in
             except Exception:  # a bad file is reported and replaced, not fatal
                 failed.append(i)
     else:
-        for i, image, _ in source.iter_samples():
-            if i in wanted:
-                if image is None:
-                    failed.append(i)
-                else:
-                    images[i] = image
+        for i, image, _ in source.iter_samples(only=wanted):
+            if image is None:
+                failed.append(i)
+            else:
+                images[i] = image
     return images, failed
 
 

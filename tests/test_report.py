@@ -80,3 +80,24 @@ def test_report_decodes_only_the_images_it_shows(tmp_path, monkeypatch):
     build_report(art, "builtin:digits", tmp_path / "r", per_cluster=6)
     shown = len(list((tmp_path / "r").glob("cluster_*.png")))
     assert shown == 10 and 0 < len(calls) <= shown * 6 * 2  # the picks plus as many spares, never all 1,797
+
+
+def test_report_on_shards_streams_once_and_decodes_only_the_shown(tmp_path, monkeypatch):
+    import io
+
+    import webdataset as wds
+
+    import labelkit.data as data_module
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
+        for i in range(30):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(buffer, format="PNG")
+            sink.write({"__key__": f"k{i:03d}", "png": buffer.getvalue(), "cls": i % 3})
+    art = Artefact.build([f"k{i:03d}" for i in range(30)], np.arange(30) % 3, 3).write(tmp_path / "l.parquet")
+    decoded = []
+    original = data_module.decode_image
+    monkeypatch.setattr(data_module, "decode_image", lambda b: decoded.append(1) or original(b))
+    report = build_report(art, str(tmp_path / "s-000000.tar"), tmp_path / "r", per_cluster=2, clusters=2)
+    assert report.index.is_file() and 0 < len(decoded) <= 2 * 2 * 2 * 3
