@@ -12,7 +12,6 @@ import os
 import resource
 import time
 
-import numpy as np
 import torch
 
 

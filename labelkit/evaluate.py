@@ -12,7 +12,6 @@ the run directory under the data fingerprint.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

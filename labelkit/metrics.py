@@ -19,7 +19,7 @@ cells, N samples), matching scikit-learn where it defines the same quantity:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import lgamma, log
+from math import log
 
 import numpy as np
 from scipy import sparse

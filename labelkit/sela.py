@@ -8,7 +8,6 @@ comes after the last epoch, and its labels are the artefact.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass

@@ -18,7 +18,7 @@ import torch
 
 from .artefact import Artefact, producer_versions, read_artefact
 from .data import resolve
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .loading import SkipLog, augmentation_preset, eval_transform
 from .models import SelaModel, create_backbone, feature_dim
 from .scoring import parse_heads

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from labelkit.artefact import read_artefact
 from labelkit.cli import main
-from labelkit.config import SelaConfig, resolve_config
+from labelkit.config import resolve_config
 from labelkit.errors import ConfigError
 from labelkit.sela import label_schedule, run_sela
 

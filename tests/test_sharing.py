@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from labelkit.artefact import Artefact, read_artefact
+from labelkit.artefact import Artefact
 from labelkit.errors import ImportSourceError
 from labelkit.sharing import export_artefact, imagefolder_keys, import_labels, summarize
 

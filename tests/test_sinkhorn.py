@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from labelkit.errors import SolverError
-from labelkit.sinkhorn import SinkhornResult, kernel_buffer, solve
+from labelkit.sinkhorn import kernel_buffer, solve
 
 
 def realistic(n, k, d=32, seed=0, target=0.3):
