@@ -57,13 +57,23 @@ def generate(resume, config_file, quiet, **options) -> None:
     Example: labelkit generate
     Example: labelkit generate --data /data/imagenet/train --arch resnet50 --clusters 3000 --heads 10 \\
                  --epochs 400 --image-size 224 --out runs/r50
+    Multi-GPU (DDP; --batch-size and --lr are for the global batch, split over the processes):
+      torchrun --nproc_per_node=8 -m labelkit generate --data shards/train-{000000..001023}.tar …
+    SLURM, one task per node:
+      srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-backend=c10d \\
+           --rdzv-endpoint=$MASTER_ADDR:29500 -m labelkit generate …
     """
     from labelkit.config import resolve_config
     from labelkit.sela import run_sela
 
     from ._progress import BarReporter
 
+    import os
+
     config = resolve_config(options, config_file)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        run_sela(config, resume=resume, reporter=BarReporter(quiet=True))
+        return
     click.echo(f"labelkit generate: {config.data} with {config.arch}, heads {list(config.head_clusters())}, "
                f"{config.epochs} epochs, {config.label_steps} label steps -> {config.out}", err=True)
     run = run_sela(config, resume=resume, reporter=BarReporter(quiet))

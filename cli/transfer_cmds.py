@@ -38,14 +38,20 @@ def transfer(resume, config_file, quiet, **options) -> None:
 
     \b
     Example: labelkit transfer --labels runs/digits/labels.parquet --data builtin:digits --arch alexnet
+    Multi-GPU: torchrun --nproc_per_node=8 -m labelkit transfer --labels … --data … --arch alexnet
     """
     from labelkit.config import resolve_config
     from labelkit.transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
 
     from ._progress import BarReporter
 
+    import os
+
     config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES)
-    run = run_transfer(config, resume=resume, reporter=BarReporter(quiet))
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    run = run_transfer(config, resume=resume, reporter=BarReporter(quiet or not main_rank))
+    if not main_rank:
+        return
     click.echo(f"joined {run.matched:,} samples ({run.missing_labels:,} without a label, "
                f"{run.missing_samples:,} labels without a sample)")
     if not run.fingerprint_match:
@@ -74,8 +80,12 @@ def eval_(protocol, run, arch, init, data, test, split, k, temperature, image_si
     """
     from labelkit.evaluate import evaluate
 
+    import os
+
     result = evaluate(protocol, data=data, model=run, arch=arch, init=init, test=test, split=split, k=k,
                       temperature=temperature, image_size=image_size, seed=seed, device=device)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -56,13 +56,18 @@ def features_of(backbone, source: Source, image_size: int, *, cache: Path | None
     if path is not None and path.is_file():
         with np.load(path) as stored:
             return stored["features"], stored["seen"]
-    dev = resolve_device(device)
+    from .distributed import from_environment
+
+    dist, dev = from_environment(resolve_device(device))
     backbone = backbone.to(dev)
     features, seen = extract_features(backbone, feature_dim(backbone), source, eval_transform(image_size),
                                       batch_size=batch_size, workers=workers, device=dev, skips=SkipLog(source),
-                                      reporter=reporter or Reporter())
+                                      reporter=reporter if dist.main and reporter else Reporter(),
+                                      rank=dist.rank, world=dist.world)
     features = features.numpy()
-    if path is not None:
+    rows, values = dist.gather_rows(np.flatnonzero(seen), features[seen].T)  # under torchrun: every rank's share
+    features[rows], seen[rows] = values.T, True
+    if path is not None and dist.main:
         from ._io import atomic_path
 
         with atomic_path(path) as tmp:

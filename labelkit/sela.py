@@ -24,6 +24,7 @@ from .loading import SkipLog, augmentation_preset, eval_transform
 from .metrics import compare
 from .models import SelaModel, create_backbone, feature_dim
 from .sinkhorn import kernel_buffer, solve
+from .distributed import Distributed, from_environment
 from .train import Reporter, RunDir, extract_features, make_optimizer, resolve_device, seed_everything, train_epoch
 
 __all__ = ["run_sela", "label_schedule", "SelaRun", "augmentation"]
@@ -68,7 +69,7 @@ def _run_record(config: SelaConfig, ks: list[int], dim: int) -> dict:
             "producer": producer_versions()}
 
 
-def _label_step(model, dim, source, config, state, device, skips, reporter, ks) -> dict:
+def _label_step(model, dim, source, config, state, device, skips, reporter, ks, dist: Distributed) -> dict:
     """Step 2: one pass for the features, then one Sinkhorn solve per head, warm-started."""
     model.eval()
     keep = ~state["bad"]
@@ -80,11 +81,15 @@ def _label_step(model, dim, source, config, state, device, skips, reporter, ks) 
     for transform in views:
         view, view_seen = extract_features(model.features, dim, source, transform, batch_size=config.batch_size * 2,
                                            workers=config.workers, device=device, skips=skips, reporter=reporter,
-                                           keep=keep)
+                                           keep=keep, rank=dist.rank, world=dist.world)
         features = view if features is None else features.add_(view)
         seen = view_seen if seen is None else seen & view_seen
     features /= len(views)
-    state["bad"] |= ~seen
+    # each rank saw its own share of the samples: every rank learns which samples were seen by any
+    all_rows, _ = dist.gather_rows(np.flatnonzero(seen), np.zeros((1, int(seen.sum()))))
+    seen_anywhere = np.zeros(len(source), dtype=bool)
+    seen_anywhere[all_rows] = True
+    state["bad"] |= ~seen_anywhere
     rows = torch.from_numpy(np.flatnonzero(seen))
     features = features[rows].to(device)
     previous = state["labels"].clone()
@@ -99,17 +104,21 @@ def _label_step(model, dim, source, config, state, device, skips, reporter, ks) 
             warnings.simplefilter("ignore", RuntimeWarning)
             result = solve(features=features, weight=weight.detach().float(), bias=bias,
                            lam=config.lam, tol=config.sinkhorn_tol, warm_start=state["potentials"][h],
-                           exact_balance=config.exact_balance, buffer=buffer, device=device)
+                           exact_balance=config.exact_balance and not dist.enabled, buffer=buffer, device=device,
+                           group=dist.group)
         state["potentials"][h] = torch.from_numpy(result.potentials)
-        state["labels"][h, rows] = torch.from_numpy(result.labels).long()
-        state["scores"][h, rows] = torch.from_numpy(result.scores)
+        gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([result.labels.astype(np.float64),
+                                                                          result.scores.astype(np.float64)]))
+        state["labels"][h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
+        state["scores"][h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
         info = {"head": h, "k": ks[h], "iterations": result.iterations, "seconds": round(result.seconds, 3),
                 "error": result.error, "converged": result.converged, "size_min": int(result.sizes.min()),
                 "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum())}
-        labels = result.labels
-        info["nmi_previous"] = compare(labels, previous[h, rows].numpy())["nmi"]
+        everyone = np.sort(gathered_rows)
+        labels = state["labels"][h, everyone].numpy()
+        info["nmi_previous"] = compare(labels, previous[h, everyone].numpy())["nmi"]
         if source.has_truth:  # ground truth is only ever measured, never trained on
-            truth = source.targets[rows.numpy()]
+            truth = source.targets[everyone]
             known = truth >= 0
             scores = compare(labels[known], truth[known])
             info.update(nmi=scores["nmi"], ari=scores["ari"], accuracy=scores["accuracy"])
@@ -117,7 +126,7 @@ def _label_step(model, dim, source, config, state, device, skips, reporter, ks) 
         reporter.advance(head=h)
     reporter.end_phase()
     del buffer
-    return {"labelled": int(len(rows)), "seconds": round(time.perf_counter() - start, 3), "heads": heads}
+    return {"labelled": int(seen_anywhere.sum()), "seconds": round(time.perf_counter() - start, 3), "heads": heads}
 
 
 def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | None = None) -> SelaRun:
@@ -125,12 +134,15 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
     ``history.jsonl`` into ``config.out``. Checkpoints every epoch; ``resume`` continues a killed run."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    run_dir = RunDir(config, resume, reporter)
+    device = resolve_device(config.device)
+    dist, device = from_environment(device)
+    if not dist.main:
+        reporter = Reporter()  # under torchrun, rank 0 alone shows progress and writes files
+    run_dir = RunDir(config, resume, reporter, writer=dist.main)
     source = resolve(config.data)
     ks = config.head_clusters()
     if max(ks) > len(source):
         raise ConfigError(f"--clusters {max(ks)} is more than the {len(source)} samples of {config.data}")
-    device = resolve_device(config.device)
     seed_everything(config.seed)
     model = SelaModel(create_backbone(config.arch, config.image_size, config.init), ks, config.head_temperature)
     model = model.to(device)
@@ -150,6 +162,11 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
                      potentials=list(saved["potentials"]), bad=saved["bad"].numpy().astype(bool))
         skips.skipped.update(saved["skipped"])
     log = run_dir.log
+    train_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
         run_dir.save({
@@ -160,23 +177,31 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
     schedule = set(label_schedule(config.epochs, config.label_steps))
     transform = augmentation(config)
     if state["epoch"] == 0 and 0 in schedule and not run_dir.lines:
-        step = _label_step(model, dim, source, config, state, device, skips, reporter, ks)
+        step = _label_step(model, dim, source, config, state, device, skips, reporter, ks, dist)
         log({"type": "label_step", "epoch": 0, **step})
         checkpoint()
     for epoch in range(state["epoch"], config.epochs):
         seed_everything(config.seed * 1000 + epoch)  # each epoch's randomness depends on (seed, epoch) only
-        stats = train_epoch(model, source, transform, state["labels"], optimizer, epoch=epoch, epochs=config.epochs,
+        stats = train_epoch(train_model, source, transform, state["labels"], optimizer, epoch=epoch, epochs=config.epochs,
                             lr=config.lr, schedule=config.lr_schedule, warmup=config.warmup,
-                            batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                            device=device, keep=~state["bad"], skips=skips, reporter=reporter)
+                            batch_size=max(1, config.batch_size // dist.world), workers=config.workers,
+                            seed=config.seed, device=device, keep=~state["bad"], skips=skips, reporter=reporter,
+                            rank=dist.rank,
+                            world=dist.world)
+        skips.skipped.update(dist.gather_dict(skips.skipped))
         state["bad"][[source.index[i] for i in skips.skipped]] = True
         run_dir.log_epoch(epoch, config.epochs, stats, started)
         if epoch + 1 in schedule:
-            step = _label_step(model, dim, source, config, state, device, skips, reporter, ks)
+            step = _label_step(model, dim, source, config, state, device, skips, reporter, ks, dist)
             log({"type": "label_step", "epoch": epoch + 1, **step})
         state["epoch"] = epoch + 1
         checkpoint()
-    return _finish(config, source, model, state, skips, run_dir, ks, started)
+    skips.skipped.update(dist.gather_dict(skips.skipped))
+    try:
+        return _finish(config, source, model, state, skips, run_dir, ks, started)
+    finally:
+        dist.barrier()
+        dist.close()
 
 
 def _finish(config, source: Source, model, state, skips, run_dir: RunDir, ks, started) -> SelaRun:
@@ -187,8 +212,10 @@ def _finish(config, source: Source, model, state, skips, run_dir: RunDir, ks, st
         ids, state["labels"][:, rows].numpy(), ks, scores=state["scores"][:, rows].numpy(), data_spec=config.data,
         data_fingerprint=manifest.fingerprint, data_count=manifest.count,
         method={"name": "sela", "config": config.to_dict()})
-    path = artefact.write(run_dir.out / "labels.parquet")
-    run_dir.save_weights(model, config.arch, "sela")
+    path = run_dir.out / "labels.parquet"
+    if run_dir.writer:
+        artefact.write(path)
+        run_dir.save_weights(model, config.arch, "sela")
     metrics = None
     if source.has_truth:
         truth = source.targets[rows]

@@ -129,11 +129,13 @@ def train_epoch(
     keep: np.ndarray | None,
     skips: SkipLog,
     reporter: Reporter,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
     """One epoch of cross-entropy averaged over heads; ``targets`` is (heads, N) over ``source`` indices."""
     model.train()
     loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=True, seed=seed,
-                         epoch=epoch, keep=keep)
+                         epoch=epoch, keep=keep, rank=rank, world=world)
     steps = _batches(loader, source, keep, batch_size)
     reporter.phase("train", steps)
     total_loss, seen, start = 0.0, 0, time.perf_counter()
@@ -225,14 +227,15 @@ class RunDir:
     record; ``save`` writes the checkpoint atomically with the number of history lines it covers.
     """
 
-    def __init__(self, config, resume: bool, reporter: Reporter):
+    def __init__(self, config, resume: bool, reporter: Reporter, writer: bool = True):
         self.out = Path(config.out)
+        self.writer = writer  # under torchrun only rank 0 writes
         self.reporter = reporter
         self.resume = resume
         self.history = self.out / "history.jsonl"
         self.checkpoint = self.out / "checkpoint.pt"
         stored = self.out / "config.json"
-        if stored.exists():
+        if writer and stored.exists():
             previous = json.loads(stored.read_text()).get("config", {})
             if not resume:
                 raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
@@ -249,18 +252,25 @@ class RunDir:
         """Write ``config.json`` (``record``); return the checkpoint to resume from, if resuming."""
         saved = load_checkpoint(self.checkpoint) if self.resume and self.checkpoint.exists() else None
         self.lines = saved["history_lines"] if saved else 0
+        if not self.writer:
+            return saved
         kept = self.history.read_text().splitlines()[: self.lines] if saved and self.history.exists() else []
         write_text_atomic(self.history, "".join(line + "\n" for line in kept))
         write_text_atomic(self.out / "config.json", json.dumps(record, indent=2))
         return saved
 
     def log(self, record: dict) -> None:
+        if not self.writer:
+            self.lines += 1
+            return
         with open(self.history, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         self.lines += 1
         self.reporter.record(record)
 
     def save(self, state: dict) -> None:
+        if not self.writer:
+            return
         save_checkpoint(self.checkpoint, {**state, "history_lines": self.lines})
 
     def log_epoch(self, epoch: int, epochs: int, stats: dict, started: float) -> None:

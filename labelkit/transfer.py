@@ -18,6 +18,7 @@ import torch
 
 from .artefact import Artefact, producer_versions, read_artefact
 from .data import resolve
+from .distributed import from_environment
 from .errors import DataError
 from .loading import SkipLog, augmentation_preset, eval_transform
 from .models import SelaModel, create_backbone, feature_dim
@@ -95,13 +96,14 @@ def join_labels(artefact: Artefact, source, min_coverage: float) -> tuple[np.nda
 
 
 @torch.no_grad()
-def _predict(model, source, keep, config, device, skips, reporter) -> tuple[np.ndarray, np.ndarray]:
-    """The trained heads' argmax and softmax confidence for every kept sample."""
+def _predict(model, source, keep, config, device, skips, reporter, dist) -> tuple[np.ndarray, np.ndarray]:
+    """The trained heads' argmax and softmax confidence for every kept sample (each rank predicts its share,
+    then every rank has all of them)."""
     from .loading import make_loader
 
     model.eval()
     loader = make_loader(source, eval_transform(config.image_size), batch_size=config.batch_size * 2,
-                         workers=config.workers, keep=keep)
+                         workers=config.workers, keep=keep, rank=dist.rank, world=dist.world)
     labels = np.zeros((len(model.heads), len(source)), dtype=np.int64)
     scores = np.zeros((len(model.heads), len(source)), dtype=np.float32)
     reporter.phase("predict", len(loader) if source.map_style else 1)
@@ -116,6 +118,11 @@ def _predict(model, source, keep, config, device, skips, reporter) -> tuple[np.n
                 scores[h, indices.numpy()] = prob.cpu().numpy()
         reporter.advance()
     reporter.end_phase()
+    mine = np.flatnonzero(keep)[dist.rank :: dist.world] if source.map_style else np.flatnonzero(scores[0] > 0)
+    rows, values = dist.gather_rows(mine, np.concatenate([labels[:, mine], scores[:, mine]]).astype(np.float64))
+    heads = len(model.heads)
+    labels[:, rows] = values[:heads].astype(np.int64)
+    scores[:, rows] = values[heads:].astype(np.float32)
     return labels, scores
 
 
@@ -123,7 +130,10 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
     """Train ``config.arch`` from scratch on the chosen heads of ``config.labels``; see the module docstring."""
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    run_dir = RunDir(config, resume, reporter)
+    dist, device = from_environment(resolve_device(config.device))
+    if not dist.main:
+        reporter = Reporter()  # under torchrun, rank 0 alone shows progress and writes files
+    run_dir = RunDir(config, resume, reporter, writer=dist.main)
     parent = read_artefact(config.labels)
     heads = parse_heads(config.heads, parent.num_heads)
     source = resolve(config.data)
@@ -133,7 +143,6 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
     for i, h in enumerate(heads):
         targets[i, rows >= 0] = torch.from_numpy(parent.labels(h)[rows[rows >= 0]].astype(np.int64))
     keep = rows >= 0
-    device = resolve_device(config.device)
     seed_everything(config.seed)
     model = SelaModel(create_backbone(config.arch, config.image_size, config.init), ks).to(device)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
@@ -151,27 +160,39 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
     if not saved:
         run_dir.log({"type": "join", **report})
     transform = augmentation_preset(config.augment, config.image_size)
+    train_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed * 1000 + epoch)
         bad = np.zeros(len(source), dtype=bool)
         bad[[source.index[i] for i in skips.skipped]] = True
-        stats = train_epoch(model, source, transform, targets, optimizer, epoch=epoch, epochs=config.epochs,
+        stats = train_epoch(train_model, source, transform, targets, optimizer, epoch=epoch, epochs=config.epochs,
                             lr=config.lr, schedule=config.lr_schedule, warmup=config.warmup,
-                            batch_size=config.batch_size, workers=config.workers, seed=config.seed, device=device,
-                            keep=keep & ~bad, skips=skips, reporter=reporter)
+                            batch_size=max(1, config.batch_size // dist.world), workers=config.workers,
+                            seed=config.seed, device=device, keep=keep & ~bad, skips=skips, reporter=reporter,
+                            rank=dist.rank, world=dist.world)
+        skips.skipped.update(dist.gather_dict(skips.skipped))
         run_dir.log_epoch(epoch, config.epochs, stats, started)
         run_dir.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "skipped": dict(skips.skipped), "config": config.to_dict()})
     bad = np.zeros(len(source), dtype=bool)
     bad[[source.index[i] for i in skips.skipped]] = True
-    predicted, scores = _predict(model, source, keep & ~bad, config, device, skips, reporter)
+    predicted, scores = _predict(model, source, keep & ~bad, config, device, skips, reporter, dist)
+    skips.skipped.update(dist.gather_dict(skips.skipped))
     done = np.flatnonzero(keep & ~bad)
     manifest = source.manifest(skips.as_list())
     artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
                               data_spec=config.data, data_fingerprint=manifest.fingerprint, data_count=manifest.count,
                               method={"name": "transfer", "config": config.to_dict()}, parents=[parent.artefact_id])
-    path = artefact.write(run_dir.out / "labels.parquet")
-    run_dir.save_weights(model, config.arch, "transfer")
+    path = run_dir.out / "labels.parquet"
+    if run_dir.writer:
+        artefact.write(path)
+        run_dir.save_weights(model, config.arch, "transfer")
+    dist.barrier()
+    dist.close()
     return TransferRun(out=run_dir.out, artefact=path, labels=artefact, matched=report["matched"],
                        missing_labels=report["samples_without_label"], missing_samples=report["labels_without_sample"],
                        fingerprint_match=report["fingerprint_match"], seconds=time.perf_counter() - started)

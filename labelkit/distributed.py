@@ -1,0 +1,84 @@
+"""Data-parallel runs under ``torchrun``: rank and world size from the environment, NCCL on GPUs and gloo on
+CPUs, and the few collective steps the SeLa loop needs. One process (``world == 1``) needs none of it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Distributed", "from_environment"]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self):
+        import torch.distributed as dist
+
+        return dist.group.WORLD if self.enabled else None
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather_rows(self, rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's ``rows`` (sample indices) and ``values[..., rows]`` on every rank."""
+        if not self.enabled:
+            return rows, values
+        import torch.distributed as dist
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, (rows, values))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=-1)
+
+    def gather_dict(self, local: dict) -> dict:
+        if not self.enabled:
+            return dict(local)
+        import torch.distributed as dist
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, dict(local))
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def from_environment(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), device
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, local_rank), device

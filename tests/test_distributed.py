@@ -1,0 +1,79 @@
+"""torchrun with two CPU processes (gloo): data-parallel generate, exactly-once labels, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from labelkit.artefact import read_artefact
+from labelkit.data import resolve
+
+from test_sela import _blobs
+
+pytestmark = pytest.mark.distributed
+
+
+def _torchrun(data, out, *extra):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "labelkit",
+            "generate", "--data", data, "--arch", "labelkit_cnn", "--clusters", "3,6", "--heads", "2",
+            "--epochs", "5", "--label-steps", "3", "--batch-size", "32", "--image-size", "16", "--workers", "0",
+            "--device", "cpu", "--augment", "digits", "--out", str(out), "--quiet", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
+    data = _blobs(tmp_path / "blobs.npz", n=300, size=16)
+    reference = _torchrun(data, tmp_path / "reference")
+    output = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, output
+    assert output.count("wrote ") == 1  # rank 0 alone reports
+    art = read_artefact(tmp_path / "reference" / "labels.parquet")
+    assert list(art.sample_ids) == resolve(data).ids  # every sample exactly once
+
+    killed = tmp_path / "killed"
+    proc = _torchrun(data, killed)
+    history = killed / "history.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and '"epoch": 3,' not in (history.read_text() if history.exists() else ""):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    saved = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert 0 < saved["epoch"] < 5 and not (killed / "labels.parquet").exists()
+    resumed = _torchrun(data, killed, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    again = read_artefact(killed / "labels.parquet")
+    assert again.artefact_id == art.artefact_id
+    epochs = [json.loads(line)["epoch"] for line in history.read_text().splitlines() if '"type": "epoch"' in line]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_two_process_transfer_and_eval(tmp_path):
+    from labelkit.artefact import Artefact
+
+    data = _blobs(tmp_path / "blobs.npz", n=120, size=8)
+    source = resolve(data)
+    parent = Artefact.build(source.ids, source.targets, 3).write(tmp_path / "labels.parquet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "labelkit"]
+    done = subprocess.run([*launcher, "transfer", "--labels", str(parent), "--data", data, "--arch", "labelkit_cnn",
+                           "--epochs", "2", "--batch-size", "32", "--image-size", "8", "--workers", "0",
+                           "--device", "cpu", "--augment", "none", "--out", str(tmp_path / "t"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    child = read_artefact(tmp_path / "t" / "labels.parquet")
+    assert list(child.sample_ids) == source.ids and child.metadata["parents"]
+    evaluated = subprocess.run([*launcher, "eval", "knn", "--model", str(tmp_path / "t"), "--data", data, "--k", "5",
+                                "--device", "cpu", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    lines = [line for line in evaluated.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["n_test"] == 24
