@@ -42,6 +42,7 @@ def _clusters(ctx, param, value):
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
 @click.option("--init", default=None, type=click.Path(dir_okay=False), help="Local backbone weights to start from.")
 @click.option("--strict", is_flag=True, default=None, help="Fail on the first undecodable sample instead of skipping it.")
+@click.option("--sync-bn", is_flag=True, default=None, help="Under torchrun: SyncBatchNorm over the global batch.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory [runs/sela; digits: runs/digits].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),

@@ -42,6 +42,7 @@ class SelaConfig:
     seed: int = 0
     init: str | None = None
     strict: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
     sinkhorn_tol: float = 1e-3
     exact_balance: bool = True  # round Q under capacities (every cluster floor/ceil of N/K); False: argmax
     out: str = "runs/sela"

@@ -166,6 +166,8 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        if config.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
