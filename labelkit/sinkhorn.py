@@ -15,8 +15,11 @@ How it is computed:
 * **One pass per iteration.** For each block of rows: s = M v, u = 1/s, and the cluster sums t += u M in the
   same pass; then v = (N/K) / t.
 * **Fewer iterations.** Over-relaxation (u and v move by the power ``omega`` of the plain Sinkhorn step, Thibault
-  et al. 2017; Lehmann et al. 2021), with omega backed off towards 1 whenever the error grows, and warm starts
-  from a previous result's potentials.
+  et al. 2017; Lehmann et al. 2021), omega estimated from the rate of the first plain iterations and dropped
+  to 1 if the error stops improving; warm starts from a previous result's potentials; and, when the first
+  iterations show a kernel too peaked to solve directly, lambda-annealing (lam/8, lam/4, lam/2, lam).
+* **Threads.** Rows are split into one contiguous part per CPU thread, with torch's intra-op threads set to
+  1 meanwhile (restored afterwards); small kernels run on one thread.
 * **Stopping rule.** The marginal error is the share of mass in the wrong place: (sum_i |row_i - 1| +
   sum_k |col_k - N/K|) / N, the same quantity at every N (the paper's summed change of beta tightens with N).
 * **Labels** come from the float32 logits and the final potentials, argmax_k lam * z_ik + g_k + log v_k, not
