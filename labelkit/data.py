@@ -101,6 +101,7 @@ class Source:
         self.targets = targets
         self.classes = classes
         self._index: dict[str, int] | None = None
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,11 +119,24 @@ class Source:
 
     @property
     def fingerprint(self) -> str:
+        """sha256 of the sorted ids (computed once: the ids never change)."""
+        if self._fingerprint is None:
+            import pyarrow as pa
+
+            from .format import fingerprint_ids
+
+            self._fingerprint = fingerprint_ids(pa.array(self.ids, type=pa.string()))
+        return self._fingerprint
+
+    def positions_in(self, ids) -> np.ndarray:
+        """For every sample, its position in ``ids`` (an Arrow string array or column), -1 where absent."""
         import pyarrow as pa
+        import pyarrow.compute as pc
 
-        from .format import fingerprint_ids
-
-        return fingerprint_ids(pa.array(self.ids, type=pa.string()))
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        where = pc.index_in(pa.array(self.ids, type=pa.string()), value_set=ids.cast(pa.string()))
+        return where.fill_null(-1).to_numpy().astype(np.int64)
 
     def manifest(self, skipped: list[dict] | None = None) -> Manifest:
         return Manifest(self.spec, self.kind, len(self), self.fingerprint, self.classes, list(skipped or []))

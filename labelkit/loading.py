@@ -180,6 +180,12 @@ class SkipLog:
                 raise DataError(f"{self.source.spec}: bad sample {sample_id!r}: {reason} (drop --strict to skip)")
             self.skipped[sample_id] = reason
 
+    def mask(self) -> np.ndarray:
+        """Boolean mask over the source's samples: True where a sample was skipped."""
+        bad = np.zeros(len(self.source), dtype=bool)
+        bad[[self.source.index[i] for i in self.skipped]] = True
+        return bad
+
     def as_list(self) -> list[dict]:
         return [{"sample_id": k, "reason": v} for k, v in sorted(self.skipped.items())]
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from ._io import atomic_path, write_text_atomic
 from .artefact import read_artefact
@@ -133,8 +131,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
     if per_cluster < 1 or clusters < 1:
         raise ConfigError("--per-cluster and --clusters must be at least 1")
     source = resolve(data)
-    rows = pc.index_in(pa.array(source.ids, type=pa.string()), value_set=art.table.column("sample_id").combine_chunks())
-    rows = rows.fill_null(-1).to_numpy().astype(np.int64)
+    rows = source.positions_in(art.table.column("sample_id"))
     present = np.flatnonzero(rows >= 0)
     if len(present) == 0:
         raise DataError(f"none of the {art.num_samples:,} labelled ids is in {data} ({len(source):,} samples)")
@@ -146,7 +143,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
         from .scoring import load_truth
 
         truth_ids, truth_labels = load_truth(truth)
-        where = pc.index_in(pa.array(source.ids, type=pa.string()), value_set=truth_ids).fill_null(-1).to_numpy()
+        where = source.positions_in(truth_ids)
         targets = np.where(where >= 0, truth_labels[np.maximum(where, 0)], -1)
         classes = [str(c) for c in range(int(targets.max()) + 1)]
     has_truth = targets is not None and bool((targets[present] >= 0).any())

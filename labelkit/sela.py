@@ -191,7 +191,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
                             rank=dist.rank,
                             world=dist.world)
         skips.skipped.update(dist.gather_dict(skips.skipped))
-        state["bad"][[source.index[i] for i in skips.skipped]] = True
+        state["bad"] |= skips.mask()
         run_dir.log_epoch(epoch, config.epochs, stats, started)
         if epoch + 1 in schedule:
             step = _label_step(model, dim, source, config, state, device, skips, reporter, ks, dist)

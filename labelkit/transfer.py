@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from .artefact import Artefact, producer_versions, read_artefact
@@ -79,9 +77,7 @@ class TransferRun:
 
 def join_labels(artefact: Artefact, source, min_coverage: float) -> tuple[np.ndarray, dict]:
     """Row of the artefact for every sample of ``source`` (-1: no label), joined by sample id."""
-    data_ids = pa.array(source.ids, type=pa.string())
-    rows = pc.index_in(data_ids, value_set=artefact.table.column("sample_id").combine_chunks())
-    rows = rows.fill_null(-1).to_numpy().astype(np.int64)
+    rows = source.positions_in(artefact.table.column("sample_id"))
     matched = int((rows >= 0).sum())
     report = {"matched": matched, "samples_without_label": len(source) - matched,
               "labels_without_sample": artefact.num_samples - matched,
@@ -167,8 +163,7 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed * 1000 + epoch)
-        bad = np.zeros(len(source), dtype=bool)
-        bad[[source.index[i] for i in skips.skipped]] = True
+        bad = skips.mask()
         stats = train_epoch(train_model, source, transform, targets, optimizer, epoch=epoch, epochs=config.epochs,
                             lr=config.lr, schedule=config.lr_schedule, warmup=config.warmup,
                             batch_size=max(1, config.batch_size // dist.world), workers=config.workers,
@@ -178,8 +173,7 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         run_dir.log_epoch(epoch, config.epochs, stats, started)
         run_dir.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "skipped": dict(skips.skipped), "config": config.to_dict()})
-    bad = np.zeros(len(source), dtype=bool)
-    bad[[source.index[i] for i in skips.skipped]] = True
+    bad = skips.mask()
     predicted, scores = _predict(model, source, keep & ~bad, config, device, skips, reporter, dist)
     skips.skipped.update(dist.gather_dict(skips.skipped))
     done = np.flatnonzero(keep & ~bad)
