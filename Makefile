@@ -18,6 +18,7 @@ demo: $(BIN)/.installed
 	$(BIN)/labelkit generate
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-all: $(BIN)/.installed

@@ -31,7 +31,7 @@ def main() -> None:
     buffer = kernel_buffer(args.n, args.k)
     t0 = time.perf_counter()
     iterations = 0
-    for h in range(args.heads):
+    for _h in range(args.heads):
         weight = torch.randn(args.k, args.dim, generator=gen) * (4.0 / args.dim)
         result = solve(features=features, weight=weight, bias=torch.zeros(args.k), buffer=buffer)
         iterations += result.iterations

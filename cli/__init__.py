@@ -1,7 +1,7 @@
 """The ``labelkit`` command: thin click commands over the library.
 
-Library errors (:class:`labelkit.errors.LabelkitError`) become one ``Error: …`` line and exit code 1; click's
-usage errors exit with 2. Heavy imports happen inside command bodies so ``labelkit --help`` is instant.
+Library errors (:class:`labelkit.errors.LabelkitError`) become one ``Error: …`` line and exit code 1 (75 for a
+run stopped by SIGTERM/SIGUSR1 after its checkpoint, ready for ``--resume``); click's usage errors exit with 2. Heavy imports happen inside command bodies so ``labelkit --help`` is instant.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LabelkitError as exc:
             message = " ".join(str(exc).split("\n"))
-            raise click.ClickException(message) from None
+            error = click.ClickException(message)
+            error.exit_code = getattr(exc, "exit_code", 1)  # 75 for a preempted run (labelkit.errors)
+            raise error from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # in the order they were added: the order of the workflow

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import click
 
+from labelkit.config import AUGMENTATIONS, LR_SCHEDULES, RECIPES, SelaConfig
+
+from ._options import default
+
+_DIGITS = RECIPES["builtin:digits"]
+
+
+def _d(name: str) -> str:
+    return default(SelaConfig, name, _DIGITS)
+
 
 def _clusters(ctx, param, value):
     if value is None:
@@ -16,34 +26,35 @@ def _clusters(ctx, param, value):
 
 
 @click.command(short_help="Self-label a data set with SeLa (artefact + checkpoint).")
-@click.option("--data", default=None, metavar="SPEC", help="Folder, shards, .npz or builtin:NAME [builtin:digits].")
-@click.option("--arch", default=None, help="Any timm model name, or alexnet / alexnet_small [alexnet; digits: labelkit_cnn].")
-@click.option("--clusters", callback=_clusters, default=None, metavar="K[,K…]", help="Clusters per head [3000].")
-@click.option("--heads", type=int, default=None, help="Number of heads T [10].")
-@click.option("--epochs", type=int, default=None, help="Training epochs [400].")
-@click.option("--label-steps", type=int, default=None, help="Label optimisations, spread as (i/M)^2 of training [80].")
-@click.option("--lam", type=float, default=None, help="Sinkhorn lambda [25].")
-@click.option("--batch-size", type=int, default=None, help="Batch size [256].")
-@click.option("--lr", type=float, default=None, help="Learning rate [0.05].")
-@click.option("--lr-schedule", type=click.Choice(["step", "cosine", "constant"]), default=None,
-              help="step: the paper's /10 drops scaled to the run [step].")
+@click.option("--data", default=None, metavar="SPEC", help=f"Folder, shards, .npz or builtin:NAME {_d('data')}.")
+@click.option("--arch", default=None, help=f"Any timm model name, or alexnet / alexnet_small {_d('arch')}.")
+@click.option("--clusters", callback=_clusters, default=None, metavar="K[,K…]", help=f"Clusters per head {_d('clusters')}.")
+@click.option("--heads", type=int, default=None, help=f"Number of heads T {_d('heads')}.")
+@click.option("--epochs", type=int, default=None, help=f"Training epochs {_d('epochs')}.")
+@click.option("--label-steps", type=int, default=None, help=f"Label optimisations, spread as (i/M)^2 of training {_d('label_steps')}.")
+@click.option("--lam", type=float, default=None, help=f"Sinkhorn lambda {_d('lam')}.")
+@click.option("--batch-size", type=int, default=None, help=f"Global batch size {_d('batch_size')}.")
+@click.option("--lr", type=float, default=None, help=f"Learning rate {_d('lr')}.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=None,
+              help=f"step: the paper's /10 drops scaled to the run {_d('lr_schedule')}.")
 @click.option("--head-temperature", type=float, default=None,
-              help="Cosine heads on L2-normalised features with this temperature (digits: 0.2) [off: linear heads].")
-@click.option("--image-size", type=int, default=None, help="Input size in pixels [224].")
-@click.option("--augment", type=click.Choice(["paper", "digits", "none"]), default=None, help="Training augmentation [paper].")
-@click.option("--label-augment/--no-label-augment", default=None, help="Augment the label pass too [off].")
+              help=f"Cosine heads on L2-normalised features with this temperature; off: linear heads {_d('head_temperature')}.")
+@click.option("--image-size", type=int, default=None, help=f"Input size in pixels {_d('image_size')}.")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
+              help=f"Training augmentation; heavy adds equalize/autocontrast/sharpness {_d('augment')}.")
+@click.option("--label-augment/--no-label-augment", default=None, help=f"Augment the label pass too {_d('label_augment')}.")
 @click.option("--label-views", type=int, default=None,
-              help="Average the features of this many views in the label pass (1 plain + augmented) [1].")
+              help=f"Average the features of this many views in the label pass (1 plain + augmented) {_d('label_views')}.")
 @click.option("--exact-balance/--argmax", default=None,
               help="Round the transport plan so every cluster holds floor/ceil(N/K) samples, or take the "
-                   "paper's plain argmax of Q [exact-balance].")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes [4].")
-@click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
-@click.option("--seed", type=int, default=None, help="Random seed [0].")
+                   "paper's plain argmax of Q [exact-balance]; works under torchrun too.")
+@click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
+@click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
+@click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
 @click.option("--init", default=None, type=click.Path(dir_okay=False), help="Local backbone weights to start from.")
 @click.option("--strict", is_flag=True, default=None, help="Fail on the first undecodable sample instead of skipping it.")
 @click.option("--sync-bn", is_flag=True, default=None, help="Under torchrun: SyncBatchNorm over the global batch.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory [runs/sela; digits: runs/digits].")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help=f"Run directory {_d('out')}.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="JSON or TOML file of these options; command-line options win.")

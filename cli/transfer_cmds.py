@@ -6,27 +6,37 @@ import json
 
 import click
 
+from labelkit.config import AUGMENTATIONS, LR_SCHEDULES, TRANSFER_RECIPES, TransferConfig
+
+from ._options import default
+
+_DIGITS = TRANSFER_RECIPES["builtin:digits"]
+
+
+def _d(name: str) -> str:
+    return default(TransferConfig, name, _DIGITS)
+
 
 @click.command(short_help="Train any architecture from an artefact's labels.")
 @click.option("--labels", required=True, type=click.Path(dir_okay=False), help="The label artefact to learn from.")
 @click.option("--data", required=True, metavar="SPEC", help="The images the artefact labels (joined by sample id).")
-@click.option("--arch", default=None, help="Any timm model name, or alexnet / alexnet_small [alexnet].")
-@click.option("--heads", default=None, help="Artefact heads to learn: all, or a list like 0,3 [all].")
-@click.option("--epochs", type=int, default=None, help="Training epochs [90; digits: 30].")
-@click.option("--batch-size", type=int, default=None, help="Batch size [256].")
-@click.option("--lr", type=float, default=None, help="Learning rate [0.05].")
-@click.option("--lr-schedule", type=click.Choice(["step", "cosine", "constant"]), default=None,
-              help="step: /10 at 150, 300 and 350 of 400 parts of the run [step].")
-@click.option("--image-size", type=int, default=None, help="Input size in pixels [224; digits: 16].")
-@click.option("--augment", type=click.Choice(["paper", "heavy", "digits", "none"]), default=None,
-              help="paper; heavy adds equalize/autocontrast/sharpness, which fixed labels allow [paper].")
+@click.option("--arch", default=None, help=f"Any timm model name, or alexnet / alexnet_small {_d('arch')}.")
+@click.option("--heads", default=None, help=f"Artefact heads to learn: all, or a list like 0,3 {_d('heads')}.")
+@click.option("--epochs", type=int, default=None, help=f"Training epochs {_d('epochs')}.")
+@click.option("--batch-size", type=int, default=None, help=f"Global batch size {_d('batch_size')}.")
+@click.option("--lr", type=float, default=None, help=f"Learning rate {_d('lr')}.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=None,
+              help=f"step: /10 at 150, 300 and 350 of 400 parts of the run {_d('lr_schedule')}.")
+@click.option("--image-size", type=int, default=None, help=f"Input size in pixels {_d('image_size')}.")
+@click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
+              help=f"paper; heavy adds equalize/autocontrast/sharpness, which fixed labels allow {_d('augment')}.")
 @click.option("--min-coverage", type=click.FloatRange(0, 1), default=None,
-              help="Stop when fewer samples than this share join the labels by id [0.99].")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes [4].")
-@click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
-@click.option("--seed", type=int, default=None, help="Random seed [0].")
+              help=f"Stop when fewer samples than this share join the labels by id {_d('min_coverage')}.")
+@click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
+@click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
+@click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
 @click.option("--init", default=None, type=click.Path(dir_okay=False), help="Local backbone weights to start from.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory [runs/transfer].")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help=f"Run directory {_d('out')}.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML options file.")
 @click.option("--quiet", is_flag=True, help="No progress bars or epoch lines.")
@@ -41,7 +51,7 @@ def transfer(resume, config_file, quiet, **options) -> None:
     Multi-GPU: torchrun --nproc_per_node=8 -m labelkit transfer --labels … --data … --arch alexnet
     """
     from labelkit.config import resolve_config
-    from labelkit.transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+    from labelkit.transfer import run_transfer
 
     from ._progress import BarReporter
 

@@ -12,7 +12,23 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "resolve_config", "read_config_file"]
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "AUGMENTATIONS", "LR_SCHEDULES", "resolve_config", "read_config_file",
+           "default_workers"]
+
+# The choices of --augment and --lr-schedule; the command line offers exactly these.
+AUGMENTATIONS = ("paper", "heavy", "digits", "none")
+LR_SCHEDULES = ("step", "cosine", "constant")
+
+
+def default_workers() -> int:
+    """DataLoader workers when none are asked for: the CPUs this process may use, shared by the processes of
+    this node under torchrun, at most 8 (more rarely helps and each one holds a copy of the dataset object)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpus // per_node))
 
 
 @dataclass(frozen=True)
@@ -37,7 +53,7 @@ class SelaConfig:
     augment: str = "paper"  # paper | heavy | digits | none
     label_augment: bool = False  # augment the images of the label pass too
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
-    workers: int = 4
+    workers: int | None = None  # None: default_workers()
     device: str = "auto"
     seed: int = 0
     init: str | None = None
@@ -83,6 +99,43 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class TransferConfig:
+    """Everything that determines a ``labelkit transfer`` run."""
+
+    labels: str = ""
+    data: str = ""
+    arch: str = "alexnet"
+    heads: str = "all"
+    epochs: int = 90
+    batch_size: int = 256
+    lr: float = 0.05
+    lr_schedule: str = "step"
+    warmup: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    image_size: int = 224
+    augment: str = "paper"  # paper | heavy (+ equalize/autocontrast/sharpness) | digits | none
+    min_coverage: float = 0.99
+    workers: int | None = None  # None: labelkit.config.default_workers()
+    device: str = "auto"
+    seed: int = 0
+    init: str | None = None
+    strict: bool = False
+    out: str = "runs/transfer"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Defaults for a known data set, under config files and options (see labelkit.config.resolve_config).
+TRANSFER_RECIPES = {
+    "builtin:digits": {"image_size": 16, "augment": "digits", "epochs": 30, "batch_size": 64, "lr": 0.05,
+                       "lr_schedule": "cosine", "warmup": 0.05, "weight_decay": 5e-4, "workers": 0,
+                       "out": "runs/digits-transfer"},
+}
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """A JSON or TOML file of options (the same names as the command line, with underscores)."""
     path = Path(path)
@@ -118,6 +171,8 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
     if "clusters" in merged:
         value = merged["clusters"]
         merged["clusters"] = tuple(int(k) for k in (value if isinstance(value, (list, tuple)) else [value]))
+    if merged.get("workers") is None and "workers" in known:
+        merged["workers"] = default_workers()  # resolved here, so the stored config says what ran
     config = cls(**merged)
     _check(config)
     return config
@@ -134,12 +189,14 @@ def _check(config) -> None:
             raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
-        from .loading import AUGMENTATIONS
-
-        if config.augment not in AUGMENTATIONS:
-            raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.augment not in AUGMENTATIONS:
+        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
+    if config.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
     if config.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {config.lr}")

@@ -360,6 +360,11 @@ class ShardSource(Source):
             classes = [str(c) for c in range(int(targets.max()) + 1)]
         self.records = records
         super().__init__(spec, ids, targets, classes)
+        # each shard's sample indices in the order a stream yields them (tar order)
+        members: dict[str, list[int]] = {url: [] for url in self.urls}
+        for key in order:
+            members[records[key]["shard"]].append(self.index[key])
+        self.members = {url: np.asarray(rows, dtype=np.int64) for url, rows in members.items()}
 
     def iter_samples(self, shard_urls: list[str] | None = None, only: set[int] | None = None):
         """Stream the given shards (default: all) as ``(index, image or None, reason)``; with ``only``, just

@@ -17,6 +17,7 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collective tensors live (NCCL needs CUDA tensors)
 
     @property
     def enabled(self) -> bool:
@@ -37,6 +38,22 @@ class Distributed:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def agree(self, status: int) -> int:
+        """The smallest ``status`` over all ranks. The training loop calls it once per step with what this
+        rank can do (train, skip the batch, stop, or it has run out), so that all ranks then do the same and
+        none waits alone in a collective that the others never reach."""
+        if not self.enabled:
+            return status
+        import torch.distributed as dist
+
+        value = torch.tensor([status], dtype=torch.int64, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return int(value.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any."""
+        return self.agree(0 if flag else 1) == 0
 
     def gather_rows(self, rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's ``rows`` (sample indices) and ``values[..., rows]`` on every rank."""
@@ -81,4 +98,4 @@ def from_environment(device: torch.device) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank), device
+    return Distributed(rank, world, local_rank, device), device

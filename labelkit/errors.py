@@ -9,7 +9,13 @@ __all__ = [
     "ConfigError",
     "SolverError",
     "ImportSourceError",
+    "Preempted",
+    "PREEMPTED_EXIT_CODE",
 ]
+
+# Exit status of a run stopped by SIGTERM or SIGUSR1 after writing its checkpoint: EX_TEMPFAIL from
+# sysexits.h, "try again later" -- a requeue script resumes on it and treats every other non-zero as a failure.
+PREEMPTED_EXIT_CODE = 75
 
 
 class LabelkitError(Exception):
@@ -41,3 +47,9 @@ class SolverError(LabelkitError):
 
 class ImportSourceError(LabelkitError):
     """A file given to ``labelkit import`` cannot be turned into an artefact."""
+
+
+class Preempted(LabelkitError):
+    """The run was asked to stop (SIGTERM or SIGUSR1) and saved a checkpoint; ``--resume`` continues it."""
+
+    exit_code = PREEMPTED_EXIT_CODE

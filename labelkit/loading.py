@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .config import AUGMENTATIONS
 from .data import Source
 from .errors import ConfigError, DataError
 
-__all__ = ["train_transform", "eval_transform", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice"]
+__all__ = ["train_transform", "eval_transform", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice",
+           "batches_per_rank"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,9 +62,6 @@ def train_transform(
     return T.Compose(steps)
 
 
-AUGMENTATIONS = ("paper", "heavy", "digits", "none")
-
-
 def augmentation_preset(name: str, image_size: int):
     """Training augmentation by name: ``paper``; ``heavy`` (paper + one of equalize / autocontrast /
     sharpness, for fixed labels); ``digits`` (no flips, which change digits; crops, small rotations,
@@ -93,14 +92,28 @@ def eval_transform(image_size: int, crop_pct: float | None = None):
     return T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
+
+
+def _transform(transform, image, seed: int):
+    """Apply ``transform`` with torch's RNG seeded for this one sample: a sample's augmentation depends on
+    (seed, epoch, sample) only -- not on the worker that loads it, the batch it lands in or where a run
+    resumed -- and the caller's own RNG stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
 def rank_slice(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's share of ``indices``: disjoint, covering, no padding (sizes differ by at most one)."""
     return indices[rank::world]
 
 
 class _MapDataset(Dataset):
-    def __init__(self, source: Source, indices: np.ndarray, transform):
+    def __init__(self, source: Source, indices: np.ndarray, transform, seed: int, epoch: int):
         self.source, self.indices, self.transform = source, indices, transform
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -111,50 +124,92 @@ class _MapDataset(Dataset):
             image = self.source.load(i)
         except Exception as exc:  # PIL and the OS raise many types for bad files
             return i, None, f"cannot decode: {exc}"
-        return i, self.transform(image), None
+        return i, _transform(self.transform, image, _sample_seed(self.seed, self.epoch, i)), None
 
 
 class _ShardDataset(IterableDataset):
     """Streams shards; each (rank, worker) reads a disjoint part, shards when there are enough of them."""
 
-    def __init__(self, source, transform, rank, world, keep: np.ndarray | None, shuffle_buffer: int, seed: int):
+    def __init__(self, source, transform, rank, world, keep: np.ndarray | None, shuffle_buffer: int, seed: int,
+                 epoch: int, batch_size: int, skip_batches: int):
         self.source, self.transform = source, transform
         self.rank, self.world, self.keep = rank, world, keep
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.batch_size, self.skip_batches = batch_size, skip_batches
+
+    def _skipped_here(self, workers: int, worker: int) -> int:
+        """Samples this worker drops to resume at batch ``skip_batches``: the DataLoader takes batches from
+        the workers in turn, so worker w made batches w, w + W, ... of those already trained on."""
+        done = len(range(worker, self.skip_batches, workers))
+        return done * self.batch_size
 
     def _stream(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        parts, part = self.world * workers, self.rank * workers + worker
-        urls = list(self.source.urls)
-        if self.shuffle_buffer:
-            np.random.default_rng(self.seed).shuffle(urls)
-        if len(urls) >= parts:
-            urls, every = urls[part::parts], None
-        else:
-            every = parts  # too few shards for every worker: split sample by sample (each reads all)
+        order_seed = self.seed * 1000 + self.epoch if self.shuffle_buffer else None
+        urls, every, part = _shard_part(self.source.urls, self.rank, self.world, workers, worker, order_seed)
         for n, (i, image, reason) in enumerate(self.source.iter_samples(urls)):
             if every is not None and n % every != part:
                 continue
             if self.keep is not None and not self.keep[i]:
                 continue
-            if image is None:
-                yield i, None, reason
-                continue
-            try:
-                yield i, self.transform(image), None
-            except Exception as exc:
-                yield i, None, f"cannot transform: {exc}"
+            yield i, image, reason
 
     def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
         stream = self._stream()
         if self.shuffle_buffer:
             from webdataset import filters
 
-            info = get_worker_info()
-            stream = filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
-                                     seed=self.seed * 7919 + (info.id if info else 0) + 131 * self.rank)(stream)
-        return iter(stream)
+            seed = (self.seed * 1000 + self.epoch) * 7919 + worker + 131 * self.rank
+            stream = filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, seed=seed)(stream)
+        skip = self._skipped_here(workers, worker)
+        for n, (i, image, reason) in enumerate(stream):
+            if n < skip:
+                continue
+            if image is None:
+                yield i, None, reason
+                continue
+            try:
+                yield i, _transform(self.transform, image, _sample_seed(self.seed, self.epoch, i)), None
+            except Exception as exc:
+                yield i, None, f"cannot transform: {exc}"
+
+
+def _shard_part(urls, rank: int, world: int, workers: int, worker: int, order_seed: int | None):
+    """The shards one (rank, worker) reads, as ``(urls, every, part)``: whole shards when there are enough for
+    every reader (in a seeded order for training passes), else every shard with each reader keeping the
+    samples at stream positions ``n % every == part``."""
+    parts, part = world * workers, rank * workers + worker
+    urls = list(urls)
+    if order_seed is not None:
+        np.random.default_rng(order_seed).shuffle(urls)
+    if len(urls) >= parts:
+        return urls[part::parts], None, part
+    return urls, parts, part
+
+
+def batches_per_rank(source: Source, keep: np.ndarray | None, batch_size: int, *, world: int = 1, workers: int = 0,
+                     seed: int = 0, epoch: int = 0, shuffle: bool = False) -> int:
+    """Batches of ``batch_size`` that every rank of a pass can take -- the fewest any rank has, since ranks
+    step together: the length of a training epoch for its learning-rate schedule and progress bar."""
+    kept = np.ones(len(source), dtype=bool) if keep is None else keep
+    if source.map_style:
+        return max(1, math.ceil(int(kept.sum()) // world / batch_size))
+    readers = max(1, workers)
+    order_seed = seed * 1000 + epoch if shuffle else None
+    fewest = None
+    for rank in range(world):
+        batches = 0
+        for worker in range(readers):  # each worker batches its own stream
+            urls, every, part = _shard_part(source.urls, rank, world, readers, worker, order_seed)
+            rows = np.concatenate([source.members[url] for url in urls]) if urls else np.zeros(0, np.int64)
+            if every is not None:
+                rows = rows[part::every]
+            batches += math.ceil(int(kept[rows].sum()) / batch_size)
+        fewest = batches if fewest is None else min(fewest, batches)
+    return max(1, fewest)
 
 
 def _collate(batch):
@@ -206,6 +261,7 @@ def make_loader(
     world: int = 1,
     keep: np.ndarray | None = None,
     shuffle_buffer: int = 2000,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """A DataLoader over ``source`` yielding ``(indices, images, bad)``.
 
@@ -213,6 +269,10 @@ def make_loader(
         shuffle: a training pass (seeded by ``seed`` and ``epoch``); ``False`` for a labelling pass, which sees
             every kept sample exactly once across ``world`` ranks and the loader's workers.
         keep: boolean mask over samples; others are not read (e.g. samples skipped before).
+        skip_batches: start the pass at this batch of this rank's order (resuming mid-epoch): exact for
+            arrays and folders; for shards exact while every worker still has samples.
+
+    Random augmentation is drawn per sample from (seed, epoch, sample), so it does not depend on ``workers``.
     """
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
     common = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate, drop_last=False,
@@ -221,7 +281,8 @@ def make_loader(
         indices = np.arange(len(source)) if keep is None else np.flatnonzero(keep)
         if shuffle:
             indices = np.random.default_rng([seed, epoch]).permutation(indices)
-        indices = rank_slice(indices, rank, world)
-        return DataLoader(_MapDataset(source, indices, transform), shuffle=False, **common)
-    dataset = _ShardDataset(source, transform, rank, world, keep, shuffle_buffer if shuffle else 0, seed * 1000 + epoch)
+        indices = rank_slice(indices, rank, world)[skip_batches * batch_size:]
+        return DataLoader(_MapDataset(source, indices, transform, seed, epoch), shuffle=False, **common)
+    dataset = _ShardDataset(source, transform, rank, world, keep, shuffle_buffer if shuffle else 0, seed, epoch,
+                            batch_size, skip_batches)
     return DataLoader(dataset, **common)

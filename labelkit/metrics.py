@@ -37,6 +37,7 @@ __all__ = [
     "ari",
     "expected_mutual_info",
     "compare",
+    "agreement",
     "size_stats",
     "AVERAGES",
 ]
@@ -242,6 +243,29 @@ def _cluster_entropies(table: Contingency) -> np.ndarray:
     return terms.sum(1)
 
 
+def _accuracy(table: Contingency, counts: np.ndarray | None) -> float | None:
+    """Hungarian accuracy when there are as many clusters as classes (and the table is dense)."""
+    if counts is None or len(table.rows) != len(table.cols):
+        return None
+    from scipy import optimize
+
+    rows, cols = optimize.linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / table.n)
+
+
+def agreement(clusters: np.ndarray, reference: np.ndarray, *, accuracy: bool = False) -> dict:
+    """NMI, ARI and purity of two labellings (and Hungarian accuracy if asked) from one contingency table:
+    the figures a training log needs, without the exact AMI's expectation sum that :func:`compare` pays for."""
+    table = contingency(clusters, reference)
+    majority = table.table.max(axis=1)
+    majority = np.asarray(majority.todense()).ravel() if sparse.issparse(majority) else majority
+    result = {"nmi": nmi(table), "ari": ari(table), "purity": float(majority.sum() / table.n)}
+    if accuracy:
+        small = len(table.rows) * len(table.cols) <= _DENSE_LIMIT
+        result["accuracy"] = _accuracy(table, table.dense() if small else None)
+    return result
+
+
 def compare(clusters: np.ndarray, truth: np.ndarray, *, k: int | None = None, average: str = "arithmetic",
             entropy_bins: int = 20) -> dict:
     """All metrics of one head's ``clusters`` against ``truth`` (ground truth or another labelling)."""
@@ -249,12 +273,7 @@ def compare(clusters: np.ndarray, truth: np.ndarray, *, k: int | None = None, av
     h_truth, h_clusters = entropy(table.cols), entropy(table.rows)
     mi = mutual_info(table)
     counts = table.dense() if len(table.rows) * len(table.cols) <= _DENSE_LIMIT else None
-    accuracy = None
-    if counts is not None and len(table.rows) == len(table.cols):
-        from scipy.optimize import linear_sum_assignment
-
-        rows, cols = linear_sum_assignment(counts, maximize=True)
-        accuracy = float(counts[rows, cols].sum() / table.n)
+    accuracy = _accuracy(table, counts)
     majority = np.asarray(table.table.max(axis=1).todense()).ravel() if counts is None else counts.max(1)
     per_cluster = _cluster_entropies(table) if counts is not None else None
     result = {

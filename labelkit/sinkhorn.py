@@ -336,8 +336,6 @@ def solve(
         raise SolverError(f"nothing to label: N={int(n_total)}, K={k}")
     if k > n_total:
         raise SolverError(f"K={k} clusters cannot all be filled by N={int(n_total)} samples; need K <= N")
-    if exact_balance and group is not None:
-        raise SolverError("exact_balance is available in a single process only; gather the rows first")
 
     if buffer is not None:
         if buffer.dtype != torch.bfloat16 or buffer.numel() < n_local * k:
@@ -367,7 +365,8 @@ def solve(
         potentials -= potentials.max()
         labels, scores = _assign(source, kernel, v, potentials, lam, rows)
     if exact_balance:
-        labels = balanced_labels(source, potentials, lam, block_size)
+        labels, scores = balanced_labels(source, potentials, lam, block_size, group=group)
+        labels, scores = labels.to(potentials.device), scores.to(potentials.device)
     sizes = torch.bincount(labels, minlength=k).to(torch.float64)
     sizes = _all_reduce(sizes, group).to(torch.int64)
     return SinkhornResult(
@@ -495,47 +494,92 @@ def _optimal_omega(errors: list[float]) -> float:
     return float(min(1.9, 2.0 / (1.0 + math.sqrt(1.0 - rho))))
 
 
-def balanced_labels(source, potentials, lam, block, candidates: int = 8) -> torch.Tensor:
-    """Round the transport plan to labels with every cluster holding floor(N/K) or ceil(N/K) samples.
+def _candidates(source, potentials, lam, block, c) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``c`` best clusters under the plan and their log q(k | i) (comparable across rows)."""
+    pot = torch.as_tensor(potentials, dtype=torch.float32)
+    n = source.n
+    top_logq = np.empty((n, c), dtype=np.float32)
+    top_idx = np.empty((n, c), dtype=np.int64)
+    for start in range(0, n, block):
+        e = (source.block(start, start + block).float().cpu() * lam).add_(pot)
+        e -= torch.logsumexp(e, dim=1, keepdim=True)
+        values, idx = e.topk(c, dim=1)
+        top_logq[start : start + block], top_idx[start : start + block] = values.numpy(), idx.numpy()
+    return top_logq, top_idx
+
+
+def _log_q(source, rows: np.ndarray, potentials, lam) -> np.ndarray:
+    """Full rows of log q(k | i) for a few ``rows``."""
+    if len(rows) == 0:
+        return np.zeros((0, source.k), dtype=np.float32)
+    e = torch.cat([source.block(int(i), int(i) + 1).float().cpu() for i in rows]) * lam
+    e += torch.as_tensor(potentials, dtype=torch.float32)
+    return (e - torch.logsumexp(e, dim=1, keepdim=True)).numpy()
+
+
+def _gather(group, *arrays):
+    """Every rank's arrays concatenated in rank order (each array unchanged in one process)."""
+    if group is None:
+        return arrays
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, arrays, group=group)
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(len(arrays)))
+
+
+def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the transport plan to labels with every cluster holding floor(N/K) or ceil(N/K) samples; returns
+    the labels of this rank's rows and their scores q(label | i).
 
     Greedy under capacities: (sample, cluster) pairs among each row's ``candidates`` best are taken in order
     of decreasing plan score; once N mod K clusters are at ceil(N/K) the others close at floor(N/K). Rows left
-    without a place (rare, when all their candidates filled) go to the open clusters by score.
+    without a place (rare, when all their candidates filled) go to the open clusters by score. Across ranks,
+    every rank sends its rows' candidates (N x candidates, not N x K) and runs the same rounding.
     """
     if not isinstance(source, _Logits):
         source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
-    n, k = source.n, source.k
-    pot = torch.as_tensor(potentials, dtype=torch.float32)
+    k = source.k
     c = min(candidates, k)
-    top_scores = torch.empty((n, c), dtype=torch.float32)
-    top_idx = torch.empty((n, c), dtype=torch.int64)
-    for start in range(0, n, block):
-        e = (source.block(start, start + block).float().cpu() * lam).add_(pot)
-        e -= torch.logsumexp(e, dim=1, keepdim=True)  # log q(k | i): comparable across rows
-        top_scores[start : start + block], top_idx[start : start + block] = e.topk(c, dim=1)
-    order = torch.argsort(top_scores.view(-1), descending=True).numpy()
+    local_logq, local_idx = _candidates(source, potentials, lam, block, c)
+    sizes = _gather(group, np.array([source.n]))[0]
+    offset = int(sizes[: _rank(group)].sum())
+    top_logq, top_idx = _gather(group, local_logq, local_idx)
+    n = len(top_logq)
+    order = np.argsort(-top_logq.reshape(-1), kind="stable")
     rows, cols = np.divmod(order, c)
-    clusters = top_idx.numpy()[rows, cols]
+    clusters = top_idx[rows, cols]
     floor, extra = divmod(n, k)
     capacity = np.full(k, floor + (1 if extra else 0), dtype=np.int64)
     labels = np.full(n, -1, dtype=np.int64)
+    scores = np.zeros(n, dtype=np.float32)
     at_ceiling = 0
-    for row, cluster in zip(rows.tolist(), clusters.tolist()):
+    for row, col, cluster in zip(rows.tolist(), cols.tolist(), clusters.tolist()):
         if labels[row] >= 0 or capacity[cluster] == 0:
             continue
         labels[row] = cluster
+        scores[row] = top_logq[row, col]
         capacity[cluster] -= 1
         if extra and capacity[cluster] == 0:
             at_ceiling += 1
             if at_ceiling == extra:  # the remaining clusters may only reach floor(N/K)
                 capacity[capacity > 0] -= 1
                 extra = 0
-    left = np.flatnonzero(labels < 0)
-    if len(left):
-        e = (torch.cat([source.block(int(i), int(i) + 1).float().cpu() for i in left]) * lam).add_(pot)
-        for row, scores in zip(left.tolist(), e.numpy()):
-            open_clusters = np.flatnonzero(capacity > 0)
-            cluster = open_clusters[np.argmax(scores[open_clusters])]
-            labels[row] = cluster
-            capacity[cluster] -= 1
-    return torch.from_numpy(labels)
+    mine = np.flatnonzero(labels[offset : offset + source.n] < 0)
+    left, left_logq = _gather(group, mine + offset, _log_q(source, mine, potentials, lam))
+    for row, logq in zip(left.tolist(), left_logq):
+        open_clusters = np.flatnonzero(capacity > 0)
+        cluster = open_clusters[np.argmax(logq[open_clusters])]
+        labels[row] = cluster
+        scores[row] = logq[cluster]
+        capacity[cluster] -= 1
+    window = slice(offset, offset + source.n)
+    return torch.from_numpy(labels[window]), torch.from_numpy(np.exp(scores[window]))
+
+
+def _rank(group) -> int:
+    if group is None:
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank(group)

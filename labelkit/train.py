@@ -21,8 +21,9 @@ import json
 
 from ._io import atomic_path, write_text_atomic
 from .data import Source
+from .distributed import Distributed
 from .errors import ConfigError
-from .loading import SkipLog, make_loader
+from .loading import SkipLog, batches_per_rank, make_loader
 
 __all__ = [
     "Reporter",
@@ -103,11 +104,15 @@ def learning_rate(base: float, progress: float, schedule: str, warmup: float = 0
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float):
     """SGD with momentum; no weight decay on biases and normalisation parameters."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for _name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+
+
+# What a rank can do at a training step. The ranks agree on the smallest, so all of them do the same.
+_RAN_OUT, _STOP, _SKIP, _TRAIN = 0, 1, 2, 3
 
 
 def train_epoch(
@@ -118,33 +123,57 @@ def train_epoch(
     optimizer,
     *,
     epoch: int,
-    epochs: int,
-    lr: float,
-    schedule: str,
-    warmup: float,
-    batch_size: int,
-    workers: int,
-    seed: int,
+    config,
     device: torch.device,
     keep: np.ndarray | None,
     skips: SkipLog,
     reporter: Reporter,
-    rank: int = 0,
-    world: int = 1,
+    dist: Distributed | None = None,
+    start: int = 0,
+    partial: dict | None = None,
+    stop=lambda: False,
 ) -> dict:
-    """One epoch of cross-entropy averaged over heads; ``targets`` is (heads, N) over ``source`` indices."""
+    """One epoch of cross-entropy averaged over heads; ``targets`` is (heads, N) over ``source`` indices.
+
+    ``config`` gives epochs, lr, lr_schedule, warmup, batch_size (global), workers and seed. The pass begins at
+    batch ``start`` of the epoch's seeded order (``partial`` holds the sums of the batches before it). Before
+    each step the ranks agree -- one all-reduce of a number -- to train, to skip a batch that some rank cannot
+    use (fewer than two readable images: BatchNorm needs two), or to end the pass because a rank ran out of
+    samples or ``stop()`` said so. So every rank takes the same optimiser steps and none waits alone in a
+    collective. Returns the epoch's figures, and ``stopped``/``step``/``partial`` to resume a stopped pass.
+    """
+    dist = dist or Distributed()
     model.train()
-    loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=True, seed=seed,
-                         epoch=epoch, keep=keep, rank=rank, world=world)
-    steps = _batches(loader, source, keep, batch_size)
-    reporter.phase("train", steps)
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
-    for step, (indices, images, bad) in enumerate(loader):
-        skips.add(bad)
-        if images is None or len(indices) < 2:  # BatchNorm needs two samples
+    batch_size = max(1, config.batch_size // dist.world)
+    loader = make_loader(source, transform, batch_size=batch_size, workers=config.workers, shuffle=True,
+                         seed=config.seed, epoch=epoch, keep=keep, rank=dist.rank, world=dist.world,
+                         skip_batches=start)
+    steps = batches_per_rank(source, keep, batch_size, world=dist.world, workers=config.workers, seed=config.seed,
+                             epoch=epoch, shuffle=True)
+    reporter.phase("train", max(1, steps - start))
+    sums = dict(partial or {"loss": 0.0, "images": 0, "seconds": 0.0})
+    step, rate, stopped, begin = start, None, False, time.perf_counter()
+    batches = iter(loader)
+    while True:
+        indices = images = None
+        if stop():
+            status = _STOP
+        else:
+            indices, images, bad = next(batches, (None, None, []))
+            skips.add(bad)
+            status = _RAN_OUT if indices is None else _SKIP if images is None or len(indices) < 2 else _TRAIN
+        status = dist.agree(status)
+        if status == _RAN_OUT:
+            break
+        if status == _STOP:
+            stopped = True
+            break
+        step += 1
+        if status == _SKIP:
             reporter.advance()
             continue
-        rate = learning_rate(lr, (epoch + step / steps) / epochs, schedule, warmup)
+        rate = learning_rate(config.lr, (epoch + (step - 1) / steps) / config.epochs, config.lr_schedule,
+                             config.warmup)
         for group in optimizer.param_groups:
             group["lr"] = rate
         images = images.to(device, non_blocking=True)
@@ -158,21 +187,16 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         value = float(loss.detach())
-        total_loss += value * len(indices)
-        seen += len(indices)
+        sums["loss"] += value * len(indices)
+        sums["images"] += len(indices)
         reporter.advance(loss=value, lr=rate)
     reporter.end_phase()
-    seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "lr": rate if seen else lr, "images": seen, "seconds": seconds,
-            "images_per_s": seen / max(seconds, 1e-9)}
-
-
-def _batches(loader, source: Source, keep: np.ndarray | None, batch_size: int) -> int:
-    """Batches a pass will yield (for progress bars); streamed shards have no length, so it is counted."""
-    if source.map_style:
-        return max(1, len(loader))
-    samples = int(keep.sum()) if keep is not None else len(source)
-    return max(1, math.ceil(samples / batch_size))
+    sums["seconds"] += time.perf_counter() - begin
+    if rate is None:  # no step trained in this call: the rate the schedule gives here
+        rate = learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
+    return {"loss": sums["loss"] / max(sums["images"], 1), "lr": rate, "images": sums["images"],
+            "seconds": sums["seconds"], "images_per_s": sums["images"] / max(sums["seconds"], 1e-9),
+            "stopped": stopped, "step": step, "partial": sums}
 
 
 @torch.no_grad()
@@ -184,8 +208,7 @@ def extract_features(model_features, dim: int, source: Source, transform, *, bat
                          rank=rank, world=world)
     features = torch.zeros((len(source), dim), dtype=torch.float32)
     seen = np.zeros(len(source), dtype=bool)
-    steps = _batches(loader, source, keep, batch_size * world)
-    reporter.phase("label", steps)
+    reporter.phase("label", batches_per_rank(source, keep, batch_size, world=world, workers=workers))
     for indices, images, bad in loader:
         skips.add(bad)
         if images is not None:

@@ -167,7 +167,8 @@ def test_builtin_digits_loads_offline():
 
 def test_training_pass_shuffles_reproducibly():
     source = resolve("builtin:digits")
-    order = lambda epoch: next(iter(make_loader(source, train_transform(16), batch_size=64, shuffle=True, seed=3, epoch=epoch)))[0]
+    def order(epoch):
+        return next(iter(make_loader(source, train_transform(16), batch_size=64, shuffle=True, seed=3, epoch=epoch)))[0]
     assert order(0).tolist() == order(0).tolist()
     assert order(0).tolist() != order(1).tolist()
 
