@@ -33,7 +33,7 @@ def main() -> None:
 
     \b
     Typical use:
-      labelkit generate --data images/ --out runs/sela     # self-label a data set
+      labelkit generate --data images/ --clusters 10 --out runs/sela   # self-label a folder into 10 clusters
       labelkit metrics runs/sela/labels.parquet --truth images/
       labelkit info runs/sela/labels.parquet
     """

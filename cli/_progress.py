@@ -1,19 +1,62 @@
-"""tqdm progress bars and epoch lines for long library jobs (the library only calls Reporter hooks)."""
+"""How long library jobs look on the console: a start line, tqdm bars on a terminal, and a plain line per
+epoch and label step (the only progress written when the output goes to a file). The library itself only
+calls :class:`~labelkit.train.Reporter` hooks."""
 
 from __future__ import annotations
+
+import sys
 
 import click
 
 from labelkit.train import Reporter
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return ""
+
+
+def describe(plan: dict) -> str:
+    """The start line of a job, from the plan that the library announces."""
+    if plan["command"] == "eval":
+        weights = f"the run {plan['model']}" if plan["model"] else f"{plan['arch']} (not trained by labelkit)"
+        return (f"labelkit eval {plan['protocol']}: {weights} at {plan['image_size']} px on {plan['data']} "
+                f"({plural(plan['samples'], 'sample')})" + (f", tested on {plan['test']}" if plan["test"] else ""))
+    what = f"{plan['arch']} ({plan['parameters'] / 1e6:.1f} M parameters)"
+    line = f"labelkit {plan['command']}: {plan['data']} ({plural(plan['samples'], 'sample')}) with {what}"
+    if "heads" in plan:
+        line += f", heads {plan['heads']}"
+    line += f", {plural(plan['epochs'], 'epoch')}"
+    if "label_steps" in plan:
+        line += f", {plural(plan['label_steps'], 'label step')}"
+    line += f" -> {plan['out']} (checkpoint about {_size(plan['checkpoint_bytes'])})"
+    if "resume_epoch" in plan:
+        line += f"\nresuming at epoch {plan['resume_epoch'] + 1} of {plan['epochs']}"
+        if plan.get("resume_step"):
+            line += f", batch {plan['resume_step'] + 1}"
+    return line
+
+
 class BarReporter(Reporter):
+    """Bars when stderr is a terminal; ``quiet`` keeps only the start line."""
+
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
+        self.bars = not quiet and sys.stderr.isatty()  # carriage returns have no place in a log file
         self.bar = None
 
+    def begin(self, plan: dict) -> None:
+        click.echo(describe(plan), err=True)
+
     def phase(self, name: str, total: int) -> None:
-        if self.quiet:
+        if not self.bars:
             return
         from tqdm.auto import tqdm
 
@@ -39,9 +82,10 @@ class BarReporter(Reporter):
                        f"elapsed {_clock(record['elapsed_s'])}  eta {_clock(record['eta_s'])}", err=True)
         elif record["type"] == "label_step":
             heads = record["heads"]
-            iters = sum(h["iterations"] for h in heads)
-            line = f"  label step after epoch {record['epoch']}: {len(heads)} heads, {iters} Sinkhorn iterations, " \
-                   f"{record['seconds']:.1f} s, NMI to previous {heads[0]['nmi_previous']:.3f}"
+            iterations = [h["iterations"] for h in heads]
+            spread = f"{min(iterations)}" if min(iterations) == max(iterations) else f"{min(iterations)}-{max(iterations)}"
+            line = (f"  label step after epoch {record['epoch']}: {plural(len(heads), 'head')}, {spread} Sinkhorn "
+                    f"iterations per head, {record['seconds']:.1f} s, NMI to previous {heads[0]['nmi_previous']:.3f}")
             if "nmi" in heads[0]:
                 line += f", head 0 NMI to truth {heads[0]['nmi']:.3f}"
             click.echo(line, err=True)

@@ -38,7 +38,7 @@ def _print_summary(summary: dict) -> None:
 
 
 @click.command(short_help="Heads, K, rows, id, provenance and cluster sizes.")
-@click.argument("artefact", type=click.Path(dir_okay=False))
+@click.argument("artefact", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def info(artefact: str, as_json: bool) -> None:
     """Show heads, K, rows, id, provenance and cluster sizes of an artefact.
@@ -56,7 +56,7 @@ def info(artefact: str, as_json: bool) -> None:
 
 
 @click.command(short_help="Check an artefact (and its ids against local data).")
-@click.argument("artefact", type=click.Path(dir_okay=False))
+@click.argument("artefact", type=click.Path())
 @click.option("--data", "data_spec", default=None, metavar="SPEC",
               help="Also check the labels against a local copy of the data (ids in both, only in one, fingerprint).")
 def validate(artefact: str, data_spec: str | None) -> None:
@@ -77,20 +77,25 @@ def validate(artefact: str, data_spec: str | None) -> None:
                f"{art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
     if data_spec is None:
         return
-    from labelkit.data import compare_to_data
+    from labelkit.data import compare_to_data, describe_match
 
     report = compare_to_data(art, data_spec)
     click.echo(f"data {data_spec}: {report['data_count']:,} samples")
     click.echo(f"  in both            {report['in_both']:,}")
     click.echo(f"  only in artefact   {report['only_in_artefact']:,}  e.g. {report['examples_only_in_artefact']}")
     click.echo(f"  only in data       {report['only_in_data']:,}  e.g. {report['examples_only_in_data']}")
-    click.echo(f"  fingerprint        {'matches' if report['fingerprint_match'] else 'differs'}")
+    click.echo(f"  compared           {describe_match(report)}")
     if report["in_both"] == 0:
-        raise SystemExit(1)
+        raise click.ClickException(
+            f"no sample id of {artefact} is in {data_spec}: the artefact has e.g. "
+            f"{report['examples_only_in_artefact'][:1]}, the data e.g. {report['examples_only_in_data'][:1]}")
+    if report["content_match"] is False:
+        raise click.ClickException(f"{data_spec} has the artefact's sample ids but other contents; its labels "
+                                   "do not describe these images")
 
 
 @click.command()
-@click.argument("artefact", type=click.Path(dir_okay=False))
+@click.argument("artefact", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["csv", "npy", "json"]), required=True,
               help="csv: sample_id + one column per head; npy: (heads, N) int32 in sample-id order; json.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write.")
@@ -106,7 +111,7 @@ def export(artefact: str, fmt: str, out: str) -> None:
     click.echo(f"wrote {path}")
 
 
-@click.command(name="import", short_help="Artefact from released SeLa labels (.pth), CSV or .npy.")
+@click.command(name="import", short_help="Artefact from released SeLa labels (.pth), CSV, JSON export or .npy.")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Artefact (.parquet) to write.")
 @click.option("--keys", type=click.Path(dir_okay=False), default=None,
@@ -116,7 +121,7 @@ def export(artefact: str, fmt: str, out: str) -> None:
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
               help="K of every head (default: largest label + 1).")
 def import_(src: str, out: str, keys: str | None, image_root: str | None, clusters: int | None) -> None:
-    """Build an artefact from released SeLa labels (.pth), a label CSV, or a .npy array.
+    """Build an artefact from released SeLa labels (.pth), a label CSV, an `export --format json` file or .npy.
 
     Example: labelkit import resnet-10x3k.pth --image-root /datasets/imagenet/train --out sela-r50.parquet
     """

@@ -78,19 +78,19 @@ def generate(resume, config_file, quiet, **options) -> None:
     from labelkit.config import resolve_config
     from labelkit.sela import run_sela
 
-    from ._progress import BarReporter
+    from ._progress import BarReporter, plural
+    from ._resume import interrupted
 
     import os
 
-    config = resolve_config(options, config_file)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
-        run_sela(config, resume=resume, reporter=BarReporter(quiet=True))
+    config = resolve_config(options, config_file, resume=resume)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    with interrupted("generate", config.out):
+        run = run_sela(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None)
+    if not main_rank:
         return
-    click.echo(f"labelkit generate: {config.data} with {config.arch}, heads {list(config.head_clusters())}, "
-               f"{config.epochs} epochs, {config.label_steps} label steps -> {config.out}", err=True)
-    run = run_sela(config, resume=resume, reporter=BarReporter(quiet))
-    click.echo(f"wrote {run.artefact} ({run.labels.num_samples:,} samples, {run.labels.num_heads} heads) "
-               f"in {run.seconds:.0f} s")
+    click.echo(f"wrote {run.artefact} ({plural(run.labels.num_samples, 'sample')}, "
+               f"{plural(run.labels.num_heads, 'head')}) in {run.seconds:.0f} s")
     if run.skipped:
         click.echo(f"skipped {len(run.skipped)} undecodable sample(s), e.g. {run.skipped[0]['sample_id']}")
     if run.metrics:

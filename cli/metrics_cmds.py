@@ -16,11 +16,11 @@ def _fmt(value, digits=4):
 
 
 @click.command(short_help="Clustering metrics against ground truth or another artefact.")
-@click.argument("artefact", type=click.Path(dir_okay=False))
+@click.argument("artefact", type=click.Path())
 @click.option("--truth", default=None, metavar="SPEC",
               help="Ground truth: a data spec (class folders, shard cls, npz labels, builtin:NAME) or a "
                    "sample_id,label Parquet/CSV file.")
-@click.option("--against", default=None, type=click.Path(dir_okay=False),
+@click.option("--against", default=None, type=click.Path(),
               help="Another artefact (label stability between label steps or runs).")
 @click.option("--head", "heads", default="all", show_default=True, help="Head index, list (0,3) or all.")
 @click.option("--average", type=click.Choice(["arithmetic", "geometric", "min", "max"]), default="arithmetic",

@@ -18,8 +18,8 @@ def _d(name: str) -> str:
 
 
 @click.command(short_help="Train any architecture from an artefact's labels.")
-@click.option("--labels", required=True, type=click.Path(dir_okay=False), help="The label artefact to learn from.")
-@click.option("--data", required=True, metavar="SPEC", help="The images the artefact labels (joined by sample id).")
+@click.option("--labels", default=None, type=click.Path(), help="The label artefact (or a run directory) to learn from.")
+@click.option("--data", default=None, metavar="SPEC", help="The images the artefact labels (joined by sample id).")
 @click.option("--arch", default=None, help=f"Any timm model name, or alexnet / alexnet_small {_d('arch')}.")
 @click.option("--heads", default=None, help=f"Artefact heads to learn: all, or a list like 0,3 {_d('heads')}.")
 @click.option("--epochs", type=int, default=None, help=f"Training epochs {_d('epochs')}.")
@@ -54,16 +54,21 @@ def transfer(resume, config_file, quiet, **options) -> None:
     from labelkit.transfer import run_transfer
 
     from ._progress import BarReporter
+    from ._resume import interrupted
 
     import os
 
-    config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES)
+    config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES, resume=resume)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
-    run = run_transfer(config, resume=resume, reporter=BarReporter(quiet or not main_rank))
+    with interrupted("transfer", config.out):
+        run = run_transfer(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None)
     if not main_rank:
         return
     click.echo(f"joined {run.matched:,} samples ({run.missing_labels:,} without a label, "
                f"{run.missing_samples:,} labels without a sample)")
+    if run.join["undecodable"]:
+        click.echo(f"{run.join['undecodable']:,} sample(s) could not be decoded when the labels were made and "
+                   f"have none, e.g. {run.join['undecodable_examples'][0]}")
     if not run.fingerprint_match:
         click.echo("note: the data fingerprint differs from the artefact's (not the same file list)")
     click.echo(f"wrote {run.artefact} (parent {run.labels.metadata['parents'][0][:16]}…) in {run.seconds:.0f} s")
@@ -79,7 +84,7 @@ def transfer(resume, config_file, quiet, **options) -> None:
 @click.option("--split", type=float, default=0.2, show_default=True, help="Without --test: seeded stratified test share.")
 @click.option("--k", type=int, default=50, show_default=True, help="kNN neighbours.")
 @click.option("--temperature", type=float, default=0.1, show_default=True, help="kNN vote temperature.")
-@click.option("--image-size", type=int, default=None, help="Input size [the run's].")
+@click.option("--image-size", type=int, default=None, help="Input size [the run's; with --arch: 224].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and probe seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -90,11 +95,15 @@ def eval_(protocol, run, arch, init, data, test, split, k, temperature, image_si
     """
     from labelkit.evaluate import evaluate
 
+    from ._progress import BarReporter
+
     import os
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
     result = evaluate(protocol, data=data, model=run, arch=arch, init=init, test=test, split=split, k=k,
-                      temperature=temperature, image_size=image_size, seed=seed, device=device)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+                      temperature=temperature, image_size=image_size, seed=seed, device=device,
+                      reporter=BarReporter() if main_rank and not as_json else None)
+    if not main_rank:
         return
     if as_json:
         click.echo(json.dumps(result))

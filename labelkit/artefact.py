@@ -23,7 +23,7 @@ from . import format as fmt
 from ._io import atomic_path
 from .errors import ArtefactError
 
-__all__ = ["Artefact", "Head", "read_artefact", "check_artefact", "producer_versions"]
+__all__ = ["Artefact", "Head", "read_artefact", "check_artefact", "artefact_path", "producer_versions"]
 
 _MAX_LISTED = 5  # examples named in an error message
 
@@ -125,6 +125,8 @@ class Artefact:
         data_spec: str | None = None,
         data_fingerprint: str | None = None,
         data_count: int | None = None,
+        data_content: dict | None = None,
+        data_skipped: list[dict] | None = None,
         method: dict | None = None,
         parents: Iterable[str] = (),
         producer: dict | None = None,
@@ -138,6 +140,8 @@ class Artefact:
             scores: optional (heads, N) assignment confidences.
             data_spec, data_fingerprint, data_count: what the labels were made on; the fingerprint and count
                 default to those of ``sample_ids``.
+            data_content: the data's content fingerprint (:attr:`labelkit.data.Source.content`).
+            data_skipped: samples of the data that could not be decoded, ``{"sample_id", "reason"}`` each.
             method: how the labels were made, e.g. ``{"name": "sela", "config": {...}}``.
             parents: artefact ids this one derives from.
         """
@@ -199,6 +203,8 @@ class Artefact:
                 "spec": data_spec,
                 "fingerprint": data_fingerprint or fingerprint,
                 "count": int(data_count if data_count is not None else n),
+                **({"content": dict(data_content)} if data_content else {}),
+                **({"skipped": list(data_skipped)} if data_skipped else {}),
             },
             "producer": producer or producer_versions(),
             "method": method or {"name": "unknown"},
@@ -294,11 +300,20 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return f"metadata key {where!r}: {error.message}"
 
 
+def artefact_path(path: str | os.PathLike) -> Path:
+    """The artefact file that ``path`` names: the file itself, or a run directory's ``labels.parquet``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "labels.parquet").is_file():
+            return path / "labels.parquet"
+        raise ArtefactError(f"{path}: a directory without labels.parquet; give a label artefact or a finished "
+                            "run directory")
+    return path
+
+
 def _open(path: Path) -> tuple[pq.ParquetFile, list[str]]:
     if not path.exists():
         raise ArtefactError(f"{path}: no such file")
-    if path.is_dir():
-        raise ArtefactError(f"{path}: is a directory, expected a .parquet label artefact")
     try:
         return pq.ParquetFile(path), []
     except (pa.ArrowInvalid, OSError) as exc:
@@ -395,9 +410,9 @@ def _column_problems(table: pa.Table, meta: dict) -> list[str]:
 
 
 def check_artefact(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the artefact at ``path``; an empty list means valid."""
-    path = Path(path)
+    """Every problem found in the artefact at ``path`` (a file or a run directory); empty means valid."""
     try:
+        path = artefact_path(path)
         pfile, problems = _open(path)
         meta, problems = _read_metadata(pfile)
         if meta is None or problems:
@@ -411,8 +426,9 @@ def check_artefact(path: str | os.PathLike) -> list[str]:
 
 
 def read_artefact(path: str | os.PathLike) -> Artefact:
-    """Read and fully validate a label artefact; raises :class:`ArtefactError` naming what is wrong."""
-    path = Path(path)
+    """Read and fully validate a label artefact (a file, or a run directory's ``labels.parquet``); raises
+    :class:`ArtefactError` naming what is wrong."""
+    path = artefact_path(path)
     pfile, _ = _open(path)
     meta, problems = _read_metadata(pfile)
     if not problems:

@@ -156,8 +156,13 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 
-def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=SelaConfig, recipes=None):
-    """Defaults < recipe of the data < config file < options given (``None`` means not given)."""
+def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=SelaConfig, recipes=None,
+                   resume: bool = False):
+    """Defaults < recipe of the data < config file < options given (``None`` means not given).
+
+    With ``resume``, the configuration saved in the run directory (``--out``) comes between the recipe and the
+    config file, so a resumed run needs no option but ``--out``; an option given that differs from the saved
+    run is then reported by the run directory."""
     recipes = RECIPES if recipes is None else recipes
     known = {f.name for f in fields(cls)}
     given = {k: v for k, v in options.items() if v is not None}
@@ -166,7 +171,12 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
     if unknown:
         raise ConfigError(f"--config: unknown option(s) {unknown}; known: {sorted(known)}")
     data = given.get("data", from_file.get("data", cls.data))
-    merged = {**recipes.get(data, {}), **from_file, **given}
+    saved = {}
+    if resume:
+        out = given.get("out", from_file.get("out", recipes.get(data, {}).get("out", cls.out)))
+        saved = {k: v for k, v in saved_config(out).items() if k in known}
+        data = given.get("data", from_file.get("data", saved.get("data", data)))
+    merged = {**recipes.get(data, {}), **saved, **from_file, **given}
     merged = {k: v for k, v in merged.items() if k in known}
     if "clusters" in merged:
         value = merged["clusters"]
@@ -176,6 +186,17 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
     config = cls(**merged)
     _check(config)
     return config
+
+
+def saved_config(out: str | os.PathLike) -> dict:
+    """The resolved configuration stored in a run directory's ``config.json`` ({} when there is none)."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("config", {}))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
 
 
 def _check(config) -> None:
@@ -189,6 +210,10 @@ def _check(config) -> None:
             raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
+    if isinstance(config, TransferConfig):
+        for name, what in (("labels", "the label artefact to learn from"), ("data", "the images it labels")):
+            if not getattr(config, name):
+                raise ConfigError(f"--{name} is required: {what}")
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")

@@ -40,6 +40,8 @@ __all__ = [
     "BUILTINS",
     "IMAGE_EXTENSIONS",
     "compare_to_data",
+    "content_check",
+    "describe_match",
     "decode_image",
 ]
 
@@ -58,6 +60,7 @@ class Manifest:
     fingerprint: str
     classes: list[str] | None
     skipped: list[dict] = field(default_factory=list)
+    content: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +70,7 @@ class Manifest:
             "fingerprint": self.fingerprint,
             "classes": self.classes,
             "skipped": self.skipped,
+            "content": self.content,
         }
 
 
@@ -102,6 +106,7 @@ class Source:
         self.classes = classes
         self._index: dict[str, int] | None = None
         self._fingerprint: str | None = None
+        self._content: dict | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,6 +133,48 @@ class Source:
             self._fingerprint = fingerprint_ids(pa.array(self.ids, type=pa.string()))
         return self._fingerprint
 
+    @property
+    def content(self) -> dict:
+        """A cheap fingerprint of what the samples hold, beside their ids -- for files, their sizes (``stat``,
+        tar headers; nothing is read); for arrays, the bytes -- so that a copy with the same file names but
+        other pictures is told apart: ``{"method": "sizes" | "bytes", "sha256": ...}``."""
+        if self._content is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            method = self._content_into(digest)
+            self._content = {"method": method, "sha256": digest.hexdigest()}
+        return self._content
+
+    def _content_into(self, digest) -> str:
+        sizes = self.sizes()
+        for sample_id, size in zip(self.ids, sizes.tolist()):
+            digest.update(f"{sample_id}\t{size}\n".encode())
+        return "sizes"
+
+    def sizes(self) -> np.ndarray:
+        """Bytes of each sample's file (in id order)."""
+        raise NotImplementedError
+
+    def content_hash(self) -> str:
+        """sha256 over every sample's bytes in id order: the thorough check, which reads everything."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for sample_id, sample_digest in self.sample_digests():
+            digest.update(sample_id.encode() + b"\t" + sample_digest)
+        return digest.hexdigest()
+
+    def sample_digests(self) -> Iterator[tuple[str, bytes]]:
+        """(id, sha256 of the sample's bytes) in id order."""
+        import hashlib
+
+        for sample_id, data in self.iter_bytes():
+            yield sample_id, hashlib.sha256(data).digest()
+
+    def iter_bytes(self) -> Iterator[tuple[str, bytes]]:
+        raise NotImplementedError
+
     def positions_in(self, ids) -> np.ndarray:
         """For every sample, its position in ``ids`` (an Arrow string array or column), -1 where absent."""
         import pyarrow as pa
@@ -139,7 +186,8 @@ class Source:
         return where.fill_null(-1).to_numpy().astype(np.int64)
 
     def manifest(self, skipped: list[dict] | None = None) -> Manifest:
-        return Manifest(self.spec, self.kind, len(self), self.fingerprint, self.classes, list(skipped or []))
+        return Manifest(self.spec, self.kind, len(self), self.fingerprint, self.classes, list(skipped or []),
+                        self.content)
 
     def load(self, i: int):
         """The PIL image of sample ``i`` (map-style sources)."""
@@ -195,6 +243,13 @@ class FolderSource(Source):
     def load(self, i: int):
         return decode_image(self.root / self.ids[i])
 
+    def sizes(self) -> np.ndarray:
+        return np.array([os.stat(self.root / sample_id).st_size for sample_id in self.ids], dtype=np.int64)
+
+    def iter_bytes(self):
+        for sample_id in self.ids:
+            yield sample_id, (self.root / sample_id).read_bytes()
+
 
 class ArraySource(Source):
     """In-memory uint8 images: ``.npz`` files and the built-ins."""
@@ -226,6 +281,15 @@ class ArraySource(Source):
 
         array = self.images[i]
         return Image.fromarray(array).convert("RGB")
+
+    def _content_into(self, digest) -> str:
+        digest.update(repr(self.images.shape).encode())
+        digest.update(np.ascontiguousarray(self.images).data)  # in memory already: hashing is cheap
+        return "bytes"
+
+    def iter_bytes(self):
+        for sample_id, image in zip(self.ids, self.images):
+            yield sample_id, image.tobytes()
 
 
 def _load_npz(spec: str) -> ArraySource:
@@ -327,11 +391,12 @@ def _scan_shard(path: str, records: dict, order: list[str]) -> None:
                 if key is None or key.startswith("__"):
                     continue
                 if key not in records:
-                    records[key] = {"shard": path, "exts": set(), "cls": None}
+                    records[key] = {"shard": path, "exts": set(), "cls": None, "size": 0}
                     order.append(key)
                 elif records[key]["shard"] != path or ext in records[key]["exts"]:
                     raise DataError(f"{path}: duplicate sample id {key!r} (__key__ must be unique across the set)")
                 records[key]["exts"].add(ext.lower())
+                records[key]["size"] += member.size
                 if ext.lower() in ("cls", "cls.txt", "cls.id"):
                     handle = tar.extractfile(member)
                     text = handle.read().decode().strip() if handle else ""
@@ -365,6 +430,25 @@ class ShardSource(Source):
         for key in order:
             members[records[key]["shard"]].append(self.index[key])
         self.members = {url: np.asarray(rows, dtype=np.int64) for url, rows in members.items()}
+
+    def sizes(self) -> np.ndarray:
+        return np.array([self.records[sample_id]["size"] for sample_id in self.ids], dtype=np.int64)
+
+    def sample_digests(self):
+        import hashlib
+
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        found = {}  # shards are read in their own order; 32 bytes a sample are kept, not the samples
+        for url in self.urls:
+            with _open_shard(url) as stream:
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    digest = hashlib.sha256()
+                    for name, value in sorted((k, v) for k, v in sample.items() if not k.startswith("__")):
+                        digest.update(name.encode() + b"\0" + (value if isinstance(value, bytes) else str(value).encode()))
+                    found[sample["__key__"]] = digest.digest()
+        for sample_id in self.ids:
+            yield sample_id, found[sample_id]
 
     def iter_samples(self, shard_urls: list[str] | None = None, only: set[int] | None = None):
         """Stream the given shards (default: all) as ``(index, image or None, reason)``; with ``only``, just
@@ -424,4 +508,26 @@ def compare_to_data(artefact, spec: str) -> dict:
         "examples_only_in_data": only_data[:_MAX_EXAMPLES].to_pylist(),
         "fingerprint_match": artefact.metadata["data"]["fingerprint"] == source.fingerprint,
         "data_fingerprint": source.fingerprint,
+        **content_check(artefact, source),
     }
+
+
+def content_check(artefact, source: Source) -> dict:
+    """Whether the data holds what the artefact was made on, as far as its content fingerprint tells:
+    ``content_match`` is None when the artefact records none (format 1.0) or the ids differ anyway."""
+    recorded = artefact.metadata["data"].get("content")
+    if recorded is None or artefact.metadata["data"]["fingerprint"] != source.fingerprint:
+        return {"content_match": None, "content_method": recorded["method"] if recorded else None}
+    return {"content_match": recorded == source.content, "content_method": recorded["method"]}
+
+
+def describe_match(report: dict) -> str:
+    """What was compared, in words: ids, and the contents where the artefact allows."""
+    if not report["fingerprint_match"]:
+        return "ids differ (not the same list of samples)"
+    what = {"sizes": "file sizes", "bytes": "contents"}.get(report["content_method"], "contents")
+    if report["content_match"] is None:
+        return "ids match; contents not checked (the artefact records no content fingerprint)"
+    if report["content_match"]:
+        return f"ids match; {what} match"
+    return f"ids match but {what} differ: the same names hold other data"

@@ -118,10 +118,16 @@ def evaluate(protocol: str, *, data: str, model: str | None = None, arch: str | 
     """Evaluate a backbone on ``data`` (train) against ``test`` or a seeded, stratified ``split`` of ``data``."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if model and (arch or init):
+        raise ConfigError(f"--model {model} brings its own architecture and weights; drop --arch/--init, or drop --model")
     backbone, size, run_dir = load_backbone(model, arch, init, image_size)
     train_source = resolve(data)
     if not train_source.has_truth:
         raise DataError(f"{data}: evaluation needs ground-truth classes (class folders, shard cls, npz labels)")
+    if reporter is not None:
+        name = json.loads((run_dir / "config.json").read_text())["arch"] if run_dir else arch
+        reporter.begin({"command": "eval", "protocol": protocol, "arch": name, "model": model, "image_size": size,
+                        "data": data, "samples": len(train_source), "test": test})
     train_x, train_seen = features_of(backbone, train_source, size, cache=run_dir, device=device, workers=workers,
                                       reporter=reporter)
     train_y = train_source.targets

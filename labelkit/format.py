@@ -42,7 +42,7 @@ __all__ = [
     "json_schema_text",
 ]
 
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"  # 1.1: optional data.content and data.skipped
 READABLE_MAJOR = 1
 METADATA_KEY = "labelkit"
 ID_COLUMN = "sample_id"
@@ -92,6 +92,22 @@ METADATA_SCHEMA: dict = {
                 "spec": {"type": ["string", "null"], "description": "Data spec the labels were made on."},
                 "fingerprint": {**_SHA256, "description": "sha256 of the sorted sample ids of the data."},
                 "count": {"type": "integer", "minimum": 0},
+                "content": {
+                    "type": "object",
+                    "required": ["method", "sha256"],
+                    "description": "Cheap fingerprint of the samples' contents (format 1.1): 'sizes' of the files "
+                                   "by id, or the 'bytes' of in-memory arrays.",
+                    "properties": {"method": {"enum": ["sizes", "bytes"]}, "sha256": _SHA256},
+                },
+                "skipped": {
+                    "type": "array",
+                    "description": "Samples of the data that could not be decoded and so have no label (format 1.1).",
+                    "items": {
+                        "type": "object",
+                        "required": ["sample_id", "reason"],
+                        "properties": {"sample_id": {"type": "string"}, "reason": {"type": "string"}},
+                    },
+                },
             },
         },
         "producer": {

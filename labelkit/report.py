@@ -35,6 +35,7 @@ class Report:
     index: Path
     figures: list[Path]
     missing: list[str]
+    warning: str | None = None  # e.g. the data is not what the labels were made on
 
 
 def _class_colours(count: int) -> list[tuple[int, int, int]]:
@@ -129,8 +130,14 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
     if not 0 <= head < art.num_heads:
         raise ConfigError(f"--head {head}: this artefact has heads 0..{art.num_heads - 1}")
     if per_cluster < 1 or clusters < 1:
-        raise ConfigError("--per-cluster and --clusters must be at least 1")
+        raise ConfigError("--per-cluster and --show must be at least 1")
     source = resolve(data)
+    from .data import content_check
+
+    warning = None
+    if content_check(art, source)["content_match"] is False:
+        warning = (f"{data} has the artefact's sample ids but other contents: these images are not the ones "
+                   "the labels were made on")
     rows = source.positions_in(art.table.column("sample_id"))
     present = np.flatnonzero(rows >= 0)
     if len(present) == 0:
@@ -229,7 +236,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
                   f"data {html.escape(str(summary['data']['spec']))} · created {summary['created_at']}</p>"
                   f"<p>{len(present):,} of {len(source):,} images of {html.escape(data)} carry a label"
                   + (f"; {len(failed)} selected image(s) could not be read and were replaced" if failed else "")
-                  + "</p>")
+                  + "</p>" + (f'<p style="color:#b00"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ""))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>labelkit report: head {head}</title>
 <style>
@@ -247,4 +254,4 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 </body></html>
 """
     index = write_text_atomic(out / "index.html", page)
-    return Report(index=index, figures=figures, missing=[source.ids[i] for i in failed])
+    return Report(index=index, figures=figures, missing=[source.ids[i] for i in failed], warning=warning)

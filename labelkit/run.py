@@ -57,6 +57,7 @@ class Job:
         self._parts: dict[str, Any] = {}
         self._signal: str | None = None
         self._handlers: dict = {}
+        self.resumed = False
 
     # -- process and signal lifetime -----------------------------------------------------------------------
 
@@ -95,6 +96,7 @@ class Job:
         resumed."""
         self._parts = parts
         saved = self.run_dir.restore(record)
+        self.resumed = saved is not None
         if saved is None:
             return False
         missing = sorted(set(parts) - set(saved))
@@ -108,6 +110,22 @@ class Job:
         if self.step:
             torch.set_rng_state(saved["rng"])
         return True
+
+    def announce(self, model: torch.nn.Module, **details) -> dict:
+        """Tell the reporter what the job is about to do: data, model and checkpoint size, resume point."""
+        parameters = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        plan = {"command": self.kind, "data": self.config.data, "samples": len(self.source), "arch": self.config.arch,
+                "parameters": parameters, "checkpoint_bytes": state + trainable,  # weights + SGD momentum
+                "epochs": self.config.epochs, "out": str(self.run_dir.out), **details}
+        if self.resumed:
+            plan.update(resume_epoch=self.epoch, resume_step=self.step)
+        self.reporter.begin(plan)
+        return plan
+
+    def finish(self) -> None:
+        self.run_dir.finish()
 
     @property
     def resumed_mid_epoch(self) -> bool:

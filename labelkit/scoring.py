@@ -30,11 +30,19 @@ def _read_label_table(path: Path) -> tuple[pa.Array, np.ndarray]:
     names = table.column_names
     id_col = fmt.ID_COLUMN if fmt.ID_COLUMN in names else names[0]
     label_col = "label" if "label" in names else next((n for n in names if n != id_col), None)
-    if label_col is None or not pa.types.is_integer(table.schema.field(label_col).type):
-        raise DataError(f"{path}: expected columns sample_id,label with integer labels; found {names}")
+    if label_col is None:
+        raise DataError(f"{path}: expected columns sample_id,label; found {names}")
     if table.column(label_col).null_count or table.column(id_col).null_count:
         raise DataError(f"{path}: empty sample_id or label values")
-    return table.column(id_col).combine_chunks().cast(pa.string()), table.column(label_col).to_numpy()
+    labels = table.column(label_col).combine_chunks()
+    if pa.types.is_integer(labels.type):
+        labels = labels.to_numpy()
+    elif pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type):
+        # class names: numbered in sorted order, as class folders are
+        labels = pc.index_in(labels, value_set=pc.unique(labels).sort()).to_numpy().astype(np.int64)
+    else:
+        raise DataError(f"{path}: column {label_col!r} holds {labels.type}; labels must be integers or class names")
+    return table.column(id_col).combine_chunks().cast(pa.string()), labels
 
 
 def load_truth(spec: str) -> tuple[pa.Array, np.ndarray]:
@@ -52,17 +60,17 @@ def load_truth(spec: str) -> tuple[pa.Array, np.ndarray]:
     return ids, source.targets[keep]
 
 
-def parse_heads(heads: str | None, available: int) -> list[int]:
-    """``all``/None, or a comma-separated list like ``0,3``."""
+def parse_heads(heads: str | None, available: int, option: str = "--head") -> list[int]:
+    """``all``/None, or a comma-separated list like ``0,3``; errors name ``option``."""
     if heads is None or heads == "all":
         return list(range(available))
     try:
         chosen = [int(h) for h in str(heads).split(",") if h.strip()]
     except ValueError:
-        raise ConfigError(f"--head must be 'all' or numbers like 0,3; got {heads!r}") from None
+        raise ConfigError(f"{option} must be 'all' or numbers like 0,3; got {heads!r}") from None
     bad = [h for h in chosen if not 0 <= h < available]
     if bad or not chosen:
-        raise ConfigError(f"--head {heads}: heads go from 0 to {available - 1}")
+        raise ConfigError(f"{option} {heads}: the artefact has heads 0 to {available - 1}")
     return chosen
 
 
@@ -104,7 +112,9 @@ def score_artefact(
     matched = int(matched_mask.sum())
     coverage = matched / art.num_samples
     if matched == 0:
-        raise DataError(f"no sample id of the artefact ({art.num_samples:,}) is in the reference; is it the same data?")
+        raise DataError(f"no sample id of the artefact ({art.num_samples:,}) is in the reference "
+                        f"({len(truth_ids):,}): the artefact has e.g. {ids[0].as_py()!r}, the reference e.g. "
+                        f"{truth_ids[0].as_py()!r}; is it the same data?")
     if coverage < min_coverage:
         raise DataError(
             f"only {matched:,} of {art.num_samples:,} samples ({coverage:.1%}) have a reference label, below "

@@ -150,7 +150,8 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
     with Job(config, kind="generate", resume=resume, reporter=reporter) as job:
         ks = config.head_clusters()
         if max(ks) > len(job.source):
-            raise ConfigError(f"--clusters {max(ks)} is more than the {len(job.source)} samples of {config.data}")
+            raise ConfigError(f"--clusters {max(ks)} is more than the {len(job.source)} samples of {config.data}; "
+                              "give a K below the number of samples, e.g. --clusters 10")
         seed_everything(config.seed)
         model = SelaModel(create_backbone(config.arch, config.image_size, config.init), ks, config.head_temperature)
         model = model.to(job.device)
@@ -160,6 +161,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         state = SelaState.initial(len(job.source), ks, config.seed)
         resumed = job.start(_run_record(config, ks, dim), model=model, optimizer=optimizer, sela=state)
+        job.announce(model, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps)))
         train_model = job.parallel(model)
         schedule = set(label_schedule(config.epochs, config.label_steps))
         transform = augmentation(config)
@@ -174,7 +176,9 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
                 job.log({"type": "label_step", "epoch": epoch + 1, **_label_step(job, model, dim, state, ks)})
             job.end_epoch()
         job.merge_skips()
-        return _finish(job, model, state, ks)
+        run = _finish(job, model, state, ks)
+        job.finish()
+        return run
 
 
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
@@ -184,8 +188,8 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     labels = state.labels[:, rows].numpy()
     artefact = Artefact.build(
         [source.ids[i] for i in rows], labels, ks, scores=state.scores[:, rows].numpy(), data_spec=config.data,
-        data_fingerprint=manifest.fingerprint, data_count=manifest.count,
-        method={"name": "sela", "config": config.to_dict()})
+        data_fingerprint=manifest.fingerprint, data_count=manifest.count, data_content=manifest.content,
+        data_skipped=manifest.skipped, method={"name": "sela", "config": config.to_dict()})
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:
         artefact.write(path)

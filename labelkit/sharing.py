@@ -152,6 +152,22 @@ def _load_csv(path: Path) -> tuple[list[str] | None, np.ndarray]:
     return keys, labels
 
 
+def _load_export_json(path: Path) -> tuple[list[str], np.ndarray, list[int]]:
+    """Ids, labels (heads, N) and K per head from a file written by ``export --format json``."""
+    try:
+        document = json.loads(path.read_text())
+        ids, heads = document["sample_ids"], document["heads"]
+        names = [h["name"] for h in document["metadata"]["heads"]]
+        ks = [int(h["k"]) for h in document["metadata"]["heads"]]
+        labels = np.array([heads[name] for name in names], dtype=np.int64)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ImportSourceError(f"{path}: not a labelkit JSON export (sample_ids, heads, metadata.heads): "
+                                f"{type(exc).__name__}: {exc}") from None
+    if labels.ndim != 2 or labels.shape[1] != len(ids):
+        raise ImportSourceError(f"{path}: {len(ids)} sample ids but head columns of other lengths")
+    return [str(i) for i in ids], labels, ks
+
+
 def import_labels(
     source: str | os.PathLike,
     *,
@@ -174,6 +190,9 @@ def import_labels(
         labels = _load_checkpoint(source)
     elif suffix in (".csv", ".tsv", ".txt"):
         file_keys, labels = _load_csv(source)
+    elif suffix == ".json":
+        file_keys, labels, exported_k = _load_export_json(source)
+        clusters = clusters if clusters is not None else exported_k
     elif suffix == ".npy":
         try:
             labels = np.load(source, allow_pickle=False)
@@ -182,7 +201,7 @@ def import_labels(
         if not np.issubdtype(labels.dtype, np.integer):
             raise ImportSourceError(f"{source}: labels must be integers, got dtype {labels.dtype}")
     else:
-        raise ImportSourceError(f"{source}: unknown label file type {suffix!r}; expected .pth, .pt, .csv or .npy")
+        raise ImportSourceError(f"{source}: unknown label file type {suffix!r}; expected .pth, .pt, .csv, .json or .npy")
 
     if labels.ndim == 1:
         labels = labels[None, :]

@@ -43,6 +43,11 @@ __all__ = [
 class Reporter:
     """Progress hooks; the default does nothing. The CLI subclasses it with tqdm bars and epoch lines."""
 
+    def begin(self, plan: dict) -> None:
+        """A job has resolved its data and model and is about to start; ``plan`` says what it will do
+        (``command``, ``data``, ``samples``, ``arch``, ``parameters``, ``checkpoint_bytes``, ``epochs``, ``out``,
+        ``resume_epoch``/``resume_step`` when resuming, and the command's own entries)."""
+
     def phase(self, name: str, total: int) -> None:
         """A pass of ``total`` batches begins (``train``, ``label``, ``solve``)."""
 
@@ -253,6 +258,7 @@ class RunDir:
     def __init__(self, config, resume: bool, reporter: Reporter, writer: bool = True):
         self.out = Path(config.out)
         self.writer = writer  # under torchrun only rank 0 writes
+        self.weights = self.out / "model.safetensors"
         self.reporter = reporter
         self.resume = resume
         self.history = self.out / "history.jsonl"
@@ -261,6 +267,8 @@ class RunDir:
         if writer and stored.exists():
             previous = json.loads(stored.read_text()).get("config", {})
             if not resume:
+                if self.finished:
+                    raise ConfigError(f"{self.out} already holds a finished run; choose another --out")
                 raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             ours = config.to_dict()
             changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and previous.get(k) != ours[k])
@@ -273,6 +281,9 @@ class RunDir:
 
     def restore(self, record: dict) -> dict | None:
         """Write ``config.json`` (``record``); return the checkpoint to resume from, if resuming."""
+        if self.resume and self.writer and self.finished:
+            raise ConfigError(f"{self.out} holds a finished run (labels.parquet, model.safetensors); there is "
+                              "nothing to resume: choose another --out")
         saved = load_checkpoint(self.checkpoint) if self.resume and self.checkpoint.exists() else None
         self.lines = saved["history_lines"] if saved else 0
         if not self.writer:
@@ -281,6 +292,17 @@ class RunDir:
         write_text_atomic(self.history, "".join(line + "\n" for line in kept))
         write_text_atomic(self.out / "config.json", json.dumps(record, indent=2))
         return saved
+
+    @property
+    def finished(self) -> bool:
+        """The run wrote its results and dropped its checkpoint."""
+        return (self.out / "labels.parquet").is_file() and self.weights.is_file() and not self.checkpoint.exists()
+
+    def finish(self) -> None:
+        """Results are written: the checkpoint (weights and optimizer state, often the largest file of the
+        run) is no longer needed to resume anything."""
+        if self.writer:
+            self.checkpoint.unlink(missing_ok=True)
 
     def log(self, record: dict) -> None:
         if not self.writer:
@@ -308,7 +330,7 @@ class RunDir:
         from safetensors.torch import save_file
 
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        path = self.out / "model.safetensors"
+        path = self.weights
         with atomic_path(path) as tmp:
             save_file(weights, str(tmp), metadata={"arch": arch, "labelkit": kind})
         return path

@@ -35,16 +35,22 @@ class TransferRun:
     missing_samples: int
     fingerprint_match: bool
     seconds: float
+    join: dict
 
 
 def join_labels(artefact: Artefact, source, min_coverage: float) -> tuple[np.ndarray, dict]:
     """Row of the artefact for every sample of ``source`` (-1: no label), joined by sample id."""
     rows = source.positions_in(artefact.table.column("sample_id"))
     matched = int((rows >= 0).sum())
-    report = {"matched": matched, "samples_without_label": len(source) - matched,
+    # samples the labelling run could not decode have no label by design: not missing, but counted apart
+    undecodable = {item["sample_id"] for item in artefact.metadata["data"].get("skipped", [])}
+    unlabelled = [source.ids[i] for i in np.flatnonzero(rows < 0)]
+    skipped = sorted(i for i in unlabelled if i in undecodable)
+    report = {"matched": matched, "samples_without_label": len(unlabelled) - len(skipped),
               "labels_without_sample": artefact.num_samples - matched,
+              "undecodable": len(skipped), "undecodable_examples": skipped[:5],
               "fingerprint_match": artefact.metadata["data"]["fingerprint"] == source.fingerprint}
-    coverage = matched / max(len(source), artefact.num_samples)
+    coverage = matched / max(len(source) - len(skipped), artefact.num_samples)
     if matched == 0 or coverage < min_coverage:
         raise DataError(
             f"only {matched:,} samples join the artefact by id: {report['samples_without_label']:,} samples of "
@@ -91,7 +97,7 @@ def _predict(job: Job, model, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Reporter | None = None) -> TransferRun:
     """Train ``config.arch`` from scratch on the chosen heads of ``config.labels``; see the module docstring."""
     parent = read_artefact(config.labels)
-    heads = parse_heads(config.heads, parent.num_heads)
+    heads = parse_heads(config.heads, parent.num_heads, option="--heads")
     with Job(config, kind="transfer", resume=resume, reporter=reporter) as job:
         source = job.source
         rows, report = join_labels(parent, source, config.min_coverage)
@@ -109,6 +115,7 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
                   "producer": producer_versions()}
         if not job.start(record, model=model, optimizer=optimizer):
             job.log({"type": "join", **report})
+        job.announce(model, heads=ks, parent=parent.artefact_id, matched=report["matched"])
         transform = augmentation_preset(config.augment, config.image_size)
         train_model = job.parallel(model)
         for epoch in job.epochs():
@@ -121,13 +128,16 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         manifest = source.manifest(job.skips.as_list())
         artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
                                   data_spec=config.data, data_fingerprint=manifest.fingerprint,
-                                  data_count=manifest.count, method={"name": "transfer", "config": config.to_dict()},
+                                  data_count=manifest.count, data_content=manifest.content,
+                                  data_skipped=manifest.skipped, method={"name": "transfer", "config": config.to_dict()},
                                   parents=[parent.artefact_id])
         path = job.run_dir.out / "labels.parquet"
         if job.run_dir.writer:
             artefact.write(path)
             job.run_dir.save_weights(model, config.arch, "transfer")
+        job.finish()
         return TransferRun(out=job.run_dir.out, artefact=path, labels=artefact, matched=report["matched"],
                            missing_labels=report["samples_without_label"],
                            missing_samples=report["labels_without_sample"],
-                           fingerprint_match=report["fingerprint_match"], seconds=time.perf_counter() - job.started)
+                           fingerprint_match=report["fingerprint_match"], seconds=time.perf_counter() - job.started,
+                           join=report)

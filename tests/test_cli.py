@@ -93,7 +93,7 @@ def test_validate_against_data(runner, tmp_path):
     result = runner.invoke(main, ["validate", path, "--data", str(tmp_path / "d.npz")])
     assert result.exit_code == 0
     assert "in both            2" in result.output and "only in artefact   1" in result.output
-    assert "fingerprint        differs" in result.output
+    assert "compared           ids differ" in result.output
 
 
 def test_export_and_import_round_trip(runner, artefact_path, tmp_path):

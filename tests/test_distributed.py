@@ -27,6 +27,30 @@ def _torchrun(data, out, *extra):
                             start_new_session=True)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a scheduler's cgroup kill does. torchrun starts each
+    worker in a session of its own, so killing torchrun's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    for member in reversed(tree):  # workers first, so torchrun cannot restart them
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
     data = _blobs(tmp_path / "blobs.npz", n=300, size=16)
     reference = _torchrun(data, tmp_path / "reference")
@@ -42,7 +66,7 @@ def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and '"epoch": 3,' not in (history.read_text() if history.exists() else ""):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     import torch
 

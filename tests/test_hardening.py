@@ -156,7 +156,8 @@ def test_workers_default_to_what_the_machine_has():
     assert 0 <= resolve_config({"data": "folder/"}).workers <= cpus
     from labelkit.transfer import TRANSFER_RECIPES, TransferConfig
 
-    assert 0 <= resolve_config({"data": "folder/"}, cls=TransferConfig, recipes=TRANSFER_RECIPES).workers <= cpus
+    transfer = resolve_config({"data": "folder/", "labels": "l.parquet"}, cls=TransferConfig, recipes=TRANSFER_RECIPES)
+    assert 0 <= transfer.workers <= cpus
 
 
 def test_label_steps_log_cheap_metrics_computed_once(tmp_path, monkeypatch):
