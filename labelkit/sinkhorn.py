@@ -24,9 +24,10 @@ How it is computed:
   sum_k |col_k - N/K|) / N, the same quantity at every N (the paper's summed change of beta tightens with N).
 * **Labels** come from the float32 logits and the final potentials, argmax_k lam * z_ik + g_k + log v_k, not
   from the bf16 kernel. ``exact_balance=True`` rounds Q under capacities so that every cluster gets
-  floor(N/K) or ceil(N/K) samples (the paper's hard constraint).
+  floor(N/K) or ceil(N/K) samples (the paper's hard constraint); scores are q(label | i) of the chosen label.
 * **Distributed.** With a process group each rank passes its own rows; one all-reduce of a (K+1)-vector per
-  iteration (cluster sums and the row error). Every rank sees the same potentials and stops together.
+  iteration (cluster sums and the row error). Every rank sees the same potentials and stops together. The
+  exact-balance rounding gathers each row's 8 best candidates (N x 8) and every rank rounds the same way.
 """
 
 from __future__ import annotations
