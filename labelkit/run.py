@@ -25,7 +25,7 @@ from .data import resolve
 from .distributed import from_environment
 from .errors import ConfigError, Preempted
 from .loading import SkipLog
-from .train import Reporter, RunDir, resolve_device, train_epoch
+from .train import Reporter, RunDir, resolve_device, seed_everything, train_epoch
 
 __all__ = ["Job", "STOP_SIGNALS"]
 
@@ -127,10 +127,6 @@ class Job:
     def finish(self) -> None:
         self.run_dir.finish()
 
-    @property
-    def resumed_mid_epoch(self) -> bool:
-        return self.step > 0
-
     def checkpoint(self) -> None:
         self.run_dir.save({"epoch": self.epoch, "step": self.step, "partial": self._partial,
                            "rng": torch.get_rng_state(), "skipped": dict(self.skips.skipped),
@@ -139,6 +135,13 @@ class Job:
 
     def log(self, record: dict) -> None:
         self.run_dir.log(record)
+
+    def provenance(self) -> dict:
+        """What the data was, for :meth:`Artefact.build`: spec, id fingerprint and count, content fingerprint,
+        and the samples that could not be decoded."""
+        manifest = self.source.manifest(self.skips.as_list())
+        return {"data_spec": self.config.data, "data_fingerprint": manifest.fingerprint, "data_count": manifest.count,
+                "data_content": manifest.content, "data_skipped": manifest.skipped}
 
     def merge_skips(self):
         """Share the samples each rank found undecodable; returns the mask of all of them."""
@@ -163,6 +166,8 @@ class Job:
     def train_epoch(self, model, transform, targets: torch.Tensor, optimizer, keep) -> dict:
         """Train the current epoch from the current position, log its line; on a stop signal, checkpoint
         the position and raise :class:`Preempted`."""
+        if self.step == 0:  # an epoch's randomness depends on (seed, epoch); mid-epoch, the checkpoint's RNG state
+            seed_everything(self.config.seed * 1000 + self.epoch)
         stats = train_epoch(model, self.source, transform, targets, optimizer, epoch=self.epoch, config=self.config,
                             device=self.device, keep=keep, skips=self.skips, reporter=self.reporter, dist=self.dist,
                             start=self.step, partial=self._partial, stop=self._stop_requested)

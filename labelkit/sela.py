@@ -169,8 +169,6 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             job.log({"type": "label_step", "epoch": 0, **_label_step(job, model, dim, state, ks)})
             job.checkpoint_or_stop()
         for epoch in job.epochs():
-            if not job.resumed_mid_epoch:
-                seed_everything(config.seed * 1000 + epoch)  # each epoch's randomness depends on (seed, epoch)
             job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask())  # step 1
             if epoch + 1 in schedule:
                 job.log({"type": "label_step", "epoch": epoch + 1, **_label_step(job, model, dim, state, ks)})
@@ -184,12 +182,9 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     config, source = job.config, job.source
     rows = np.flatnonzero(~job.skips.mask())
-    manifest = source.manifest(job.skips.as_list())
     labels = state.labels[:, rows].numpy()
-    artefact = Artefact.build(
-        [source.ids[i] for i in rows], labels, ks, scores=state.scores[:, rows].numpy(), data_spec=config.data,
-        data_fingerprint=manifest.fingerprint, data_count=manifest.count, data_content=manifest.content,
-        data_skipped=manifest.skipped, method={"name": "sela", "config": config.to_dict()})
+    artefact = Artefact.build([source.ids[i] for i in rows], labels, ks, scores=state.scores[:, rows].numpy(),
+                              method={"name": "sela", "config": config.to_dict()}, **job.provenance())
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:
         artefact.write(path)

@@ -118,19 +118,14 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         job.announce(model, heads=ks, parent=parent.artefact_id, matched=report["matched"])
         transform = augmentation_preset(config.augment, config.image_size)
         train_model = job.parallel(model)
-        for epoch in job.epochs():
-            if not job.resumed_mid_epoch:
-                seed_everything(config.seed * 1000 + epoch)
+        for _ in job.epochs():
             job.train_epoch(train_model, transform, targets, optimizer, keep=labelled & ~job.skips.mask())
             job.end_epoch()
         predicted, scores, done = _predict(job, model, labelled & ~job.skips.mask())
         done = done[~job.merge_skips()[done]]  # a sample unreadable now gets no label, whatever it had before
-        manifest = source.manifest(job.skips.as_list())
         artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
-                                  data_spec=config.data, data_fingerprint=manifest.fingerprint,
-                                  data_count=manifest.count, data_content=manifest.content,
-                                  data_skipped=manifest.skipped, method={"name": "transfer", "config": config.to_dict()},
-                                  parents=[parent.artefact_id])
+                                  method={"name": "transfer", "config": config.to_dict()},
+                                  parents=[parent.artefact_id], **job.provenance())
         path = job.run_dir.out / "labels.parquet"
         if job.run_dir.writer:
             artefact.write(path)
