@@ -26,7 +26,7 @@ def _clusters(ctx, param, value):
 
 
 @click.command(short_help="Self-label a data set with SeLa (artefact + checkpoint).")
-@click.option("--data", default=None, metavar="SPEC", help=f"Folder, shards, .npz or builtin:NAME {_d('data')}.")
+@click.option("--data", default=None, metavar="SPEC", help=f"Folder, shards, .npz, embedding table (.npy/.parquet/LAION folder) or builtin:NAME {_d('data')}.")
 @click.option("--arch", default=None, help=f"Any timm model name, or alexnet / alexnet_small {_d('arch')}.")
 @click.option("--clusters", callback=_clusters, default=None, metavar="K[,K…]", help=f"Clusters per head {_d('clusters')}.")
 @click.option("--heads", type=int, default=None, help=f"Number of heads T {_d('heads')}.")
@@ -51,7 +51,20 @@ def _clusters(ctx, param, value):
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
-@click.option("--init", default=None, type=click.Path(dir_okay=False), help="Local backbone weights to start from.")
+@click.option("--init", default=None, type=click.Path(dir_okay=False),
+              help="Local backbone weights: safetensors, a timm/torchvision state dict, or a run's model.safetensors.")
+@click.option("--pretrained", is_flag=True, default=None,
+              help="timm's own pretrained weights and input configuration (from timm's local cache).")
+@click.option("--freeze", is_flag=True, default=None,
+              help="Fix the backbone: cache its features once and train the heads alone (implied for embedding tables).")
+@click.option("--views", type=int, default=None, help=f"With --freeze: cached views per image, 1 plain + augmented {_d('views')}.")
+@click.option("--pca", type=int, default=None, help="With fixed features: PCA-whiten them to this width, 0 keeps all [98% of the variance, at most 128].")
+@click.option("--head-hidden", type=int, default=None, help="With fixed features: a hidden layer of this width under the heads.")
+@click.option("--neighbours", type=int, default=None,
+              help=f"With fixed features: train each sample towards the labels of its k nearest neighbours too {_d('neighbours')}.")
+@click.option("--feature-cache", default=None, type=click.Path(file_okay=False),
+              help="Folder of cached frozen features, shared between runs [OUT/features].")
+@click.option("--skip-bad", is_flag=True, default=None, help="Embedding tables: leave out NaN/inf vectors (recorded) instead of failing.")
 @click.option("--strict", is_flag=True, default=None, help="Fail on the first undecodable sample instead of skipping it.")
 @click.option("--sync-bn", is_flag=True, default=None, help="Under torchrun: SyncBatchNorm over the global batch.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help=f"Run directory {_d('out')}.")

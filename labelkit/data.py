@@ -12,6 +12,8 @@ Specs:
 * ``shards/train-{000000..000146}.tar`` -- WebDataset shards (path, glob, brace pattern or URL); ids are
   ``__key__`` and must be unique across the set; ground truth from ``cls`` when present.
 * ``arrays.npz`` -- ``images`` (N,H,W) or (N,H,W,C) uint8 and optional ``labels`` (N,); ids ``000042``.
+* ``vectors.npy``, ``table.parquet``, an ``.npz`` of ``embeddings``, a LAION ``img_emb/`` folder --
+  precomputed vectors, see :mod:`labelkit.embeddings`.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Source:
     """
 
     kind = "abstract"
+    has_pixels = True  # False: precomputed vectors (labelkit.embeddings), no images to decode
     map_style = True  # samples can be loaded by index (False: streamed, as shards)
 
     def __init__(self, spec: str, ids: list[str], targets: np.ndarray | None, classes: list[str] | None):
@@ -479,6 +482,10 @@ def resolve(spec: str) -> Source:
         raise DataError("empty data spec; give a folder, shard pattern, .npz file or builtin:NAME")
     if spec.startswith("builtin:"):
         return _load_builtin(spec)
+    from .embeddings import is_embedding_spec, load_embeddings
+
+    if is_embedding_spec(spec):
+        return load_embeddings(spec)
     if spec.lower().endswith(".npz"):
         return _load_npz(spec)
     if ".tar" in spec.lower() or "{" in spec or _URL.match(spec):

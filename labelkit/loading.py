@@ -19,7 +19,7 @@ from .config import AUGMENTATIONS
 from .data import Source
 from .errors import ConfigError, DataError
 
-__all__ = ["train_transform", "eval_transform", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice",
+__all__ = ["train_transform", "eval_transform", "pretrained_transforms", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice",
            "batches_per_rank"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +38,8 @@ def train_transform(
     grayscale_p: float = 0.2,
     rotate: float = 0.0,
     heavy: bool = False,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
 ):
     """The paper's augmentation: random resized crop, horizontal flip, colour jitter, random grayscale.
 
@@ -59,28 +61,28 @@ def train_transform(
         steps.append(T.RandomGrayscale(grayscale_p))
     if heavy:
         steps.append(T.RandomChoice([T.RandomEqualize(1.0), T.RandomAutocontrast(1.0), T.RandomAdjustSharpness(2.0, 1.0)]))
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
 
-def augmentation_preset(name: str, image_size: int):
+def augmentation_preset(name: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Training augmentation by name: ``paper``; ``heavy`` (paper + one of equalize / autocontrast /
     sharpness, for fixed labels); ``digits`` (no flips, which change digits; crops, small rotations,
     brightness and contrast); ``none`` (the eval transform)."""
     if name == "paper":
-        return train_transform(image_size)
+        return train_transform(image_size, mean=mean, std=std)
     if name == "heavy":
-        return train_transform(image_size, heavy=True)
+        return train_transform(image_size, heavy=True, mean=mean, std=std)
     if name == "digits":
         # brightness and contrast jitter keep clusters from forming by ink intensity
         return train_transform(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
-                               colour_jitter=False, grayscale_p=0.0, rotate=12.0)
+                               colour_jitter=False, grayscale_p=0.0, rotate=12.0, mean=mean, std=std)
     if name == "none":
-        return eval_transform(image_size)
+        return eval_transform(image_size, mean=mean, std=std)
     raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")
 
 
-def eval_transform(image_size: int, crop_pct: float | None = None):
+def eval_transform(image_size: int, crop_pct: float | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Resize and centre-crop (``crop_pct`` 0.875 from 128 px up, none below, where crops cut the object)."""
     from torchvision import transforms as T
 
@@ -90,7 +92,18 @@ def eval_transform(image_size: int, crop_pct: float | None = None):
         resize = [T.Resize((image_size, image_size), antialias=True)]
     else:
         resize = [T.Resize(int(math.floor(image_size / crop_pct)), antialias=True), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def pretrained_transforms(backbone, augment: str) -> tuple[object, object, dict]:
+    """(plain, augmented) transforms for a backbone with pretrained weights, from timm's own pretrained
+    configuration (input size, interpolation, crop, mean, std), and that configuration."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    plain = timm.data.create_transform(**cfg, is_training=False)
+    size = int(cfg["input_size"][-1])
+    return plain, augmentation_preset(augment, size, tuple(cfg["mean"]), tuple(cfg["std"])), cfg
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -144,11 +144,13 @@ def labelkit_cnn(pretrained: bool = False, **kwargs) -> SmallCNN:
 _TAKES_IMG_SIZE = {"alexnet", "alexnet_small", "labelkit_cnn"}
 
 
-def create_backbone(arch: str, image_size: int, init: str | None = None, in_chans: int = 3) -> nn.Module:
-    """A timm backbone without classifier (``num_classes=0``) and without pretrained weights.
+def create_backbone(arch: str, image_size: int, init: str | None = None, in_chans: int = 3,
+                    pretrained: bool = False) -> nn.Module:
+    """A timm backbone without classifier (``num_classes=0``).
 
-    Models with a fixed input size (ViTs) get ``image_size``; ``init`` loads local weights (safetensors or a
-    tensor checkpoint, read with ``weights_only=True``).
+    Models with a fixed input size (ViTs) get ``image_size``. ``pretrained`` takes timm's own weights from its
+    local cache (labelkit never downloads: with no cached copy the error names ``--init``); ``init`` loads
+    local weights on top (see :func:`load_weights`).
     """
     names = timm.list_models()
     if arch not in names:
@@ -159,28 +161,68 @@ def create_backbone(arch: str, image_size: int, init: str | None = None, in_chan
     cfg = timm.models.get_pretrained_cfg(arch)
     if arch in _TAKES_IMG_SIZE or (cfg is not None and cfg.fixed_input_size):
         kwargs["img_size"] = image_size
-    model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # hub offline, no cached file, no weights for this name: each its own type
+        if not pretrained:
+            raise
+        raise ConfigError(f"--pretrained: timm's weights for {arch} are not in the local cache and labelkit does "
+                          f"not download ({type(exc).__name__}); fetch them once with timm where there is a "
+                          "network, or give local weights with --init FILE") from None
     if init:
         load_weights(model, init)
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load local weights into ``model``; keys of a labelkit run (``backbone.``) are matched too."""
+# keys under which a backbone's weights sit in the checkpoints labelkit reads
+_PREFIXES = ("backbone.net.", "backbone.", "module.", "model.", "")
+
+
+def load_weights(model: nn.Module, path: str) -> dict:
+    """Load local weights into ``model``: safetensors, a timm or torchvision state dict (also inside
+    ``state_dict``/``model``), or a labelkit run's ``model.safetensors``. Classifier weights (shapes that do
+    not fit) are dropped. Returns what was loaded, dropped and left missing; no key at all matching this
+    architecture is an error."""
     if not os.path.isfile(path):
         raise ConfigError(f"--init {path}: no such file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    if any(key.startswith("backbone.") for key in state):
-        state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if len(missing) == len(model.state_dict()):
-        raise ConfigError(f"--init {path}: no weight matches this architecture")
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as exc:
+        raise ConfigError(f"--init {path}: not a readable weights file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"--init {path}: not a state dict of tensors")
+    own = model.state_dict()
+
+    def strip(prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    # the prefix under which most keys fit this architecture
+    state = max((strip(p) for p in _PREFIXES), key=lambda s: sum(k in own for k in s))
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    wrong_shape = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if not fits:
+        raise ConfigError(f"--init {path}: no weight matches this architecture (its keys look like "
+                          f"{sorted(state)[:3]}, the model's like {sorted(own)[:3]})")
+    body = [k for k in wrong_shape if not _is_classifier(k)]
+    if body:
+        raise ConfigError(f"--init {path}: {len(body)} weight(s) do not fit this architecture, e.g. "
+                          f"{body[0]} is {tuple(state[body[0]].shape)} in the file but "
+                          f"{tuple(own[body[0]].shape)} here")
+    model.load_state_dict(fits, strict=False)
+    return {"loaded": len(fits), "missing": sorted(set(own) - set(fits)),
+            "unused": sorted(set(state) - set(fits))}
+
+
+def _is_classifier(key: str) -> bool:
+    return key.split(".")[0] in ("fc", "head", "classifier", "last_linear", "heads")
 
 
 def feature_dim(backbone: nn.Module) -> int:

@@ -19,14 +19,15 @@ import torch
 from .artefact import Artefact, producer_versions
 from .config import SelaConfig
 from .errors import ConfigError
-from .loading import augmentation_preset, eval_transform
+from .features import FeatureTrunk, Whiten, cached_views, neighbours, train_heads_epoch
+from .loading import augmentation_preset, eval_transform, pretrained_transforms
 from .metrics import agreement
 from .models import SelaModel, create_backbone, feature_dim
 from .run import Job
 from .sinkhorn import kernel_buffer, solve
-from .train import Reporter, extract_features, make_optimizer, seed_everything
+from .train import Reporter, extract_features, learning_rate, make_optimizer, seed_everything
 
-__all__ = ["run_sela", "label_schedule", "SelaRun", "SelaState", "augmentation"]
+__all__ = ["run_sela", "label_schedule", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
 
 
 def label_schedule(epochs: int, steps: int) -> list[int]:
@@ -105,7 +106,14 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
     features /= len(views)
     labelled = ~job.merge_skips()  # every rank learns which samples any rank could not read
     rows = torch.from_numpy(np.flatnonzero(seen & labelled))  # this rank's share
-    features = features[rows].to(job.device)
+    return _solve_heads(job, model, features[rows].to(job.device), rows, labelled, state, ks)
+
+
+def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch.Tensor, labelled: np.ndarray,
+                 state: SelaState, ks: list[int]) -> dict:
+    """One Sinkhorn solve per head on ``features`` (this rank's ``rows``), warm-started; the new labels and
+    scores go into ``state``; returns the label step's record."""
+    config, dist, source = job.config, job.dist, job.source
     everyone = np.flatnonzero(labelled)
     previous = state.labels[:, everyone].numpy()
     buffer = kernel_buffer(len(rows), max(ks), device=job.device)
@@ -153,7 +161,10 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             raise ConfigError(f"--clusters {max(ks)} is more than the {len(job.source)} samples of {config.data}; "
                               "give a K below the number of samples, e.g. --clusters 10")
         seed_everything(config.seed)
-        model = SelaModel(create_backbone(config.arch, config.image_size, config.init), ks, config.head_temperature)
+        if config.frozen or not job.source.has_pixels:
+            return _run_frozen(job, ks)
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        model = SelaModel(backbone, ks, config.head_temperature)
         model = model.to(job.device)
         if job.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -177,6 +188,135 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         run = _finish(job, model, state, ks)
         job.finish()
         return run
+
+
+def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, dict]:
+    """The fixed features to label: an embedding table's vectors, or the cached views of a frozen backbone.
+    Returns (the backbone or None, (V, N, D) views, where they came from)."""
+    config, source = job.config, job.source
+    if not source.has_pixels:
+        job.skips.skipped.update(source.check_finite(config.skip_bad))
+        return None, torch.from_numpy(source.vectors())[None], {"type": "features", "source": "embeddings"}
+    net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+    if config.pretrained:  # timm's own input size, interpolation, crop, mean and std for these weights
+        plain, augmented, _ = pretrained_transforms(net, config.augment)
+    else:
+        plain, augmented = eval_transform(config.image_size), augmentation(config)
+    views, record = cached_views(job, net, plain, augmented, feature_dim(net))
+    return net, views, record
+
+
+class FrozenBackbone(torch.nn.Module):
+    """What the heads of a frozen run read, as one module for ``predict``: the fixed backbone (none for an
+    embedding table), the PCA whitening and the trainable trunk."""
+
+    def __init__(self, net: torch.nn.Module | None, whiten: Whiten, trunk: FeatureTrunk):
+        super().__init__()
+        self.net, self.whiten, self.trunk = net, whiten, trunk
+        self.num_features = self.head_hidden_size = trunk.head_hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.whiten(self.net(x) if self.net is not None else x))
+
+
+def frozen_model(record: dict, net: torch.nn.Module | None) -> SelaModel:
+    """The model of a frozen run from its ``config.json`` record (weights not loaded)."""
+    frozen = record["frozen"]
+    trunk = FeatureTrunk(frozen["width"], frozen.get("hidden"))
+    backbone = FrozenBackbone(net, Whiten(frozen["in_dim"], frozen["width"]), trunk)
+    return SelaModel(backbone, record["clusters"], record.get("head_temperature"))
+
+
+def _seed_prototypes(heads: SelaModel, features: torch.Tensor, keep: np.ndarray, seed: int) -> None:
+    """Start every head from k-means centroids of the (L2-normalised) features it reads, each head its own
+    seed, on a sample of max(20,000, 40 K) rows. Heads started at random fit whatever partition their random
+    hyperplanes make, and on fixed features SeLa settles near that start; centroids are a start that follows
+    the data, which SeLa then refines under the equal-size constraint."""
+    rng = np.random.default_rng([seed, 1])
+    kept = np.flatnonzero(keep)
+    with torch.no_grad():
+        for h, head in enumerate(heads.heads):
+            k = head.out_features
+            rows = np.sort(rng.choice(kept, min(len(kept), max(20_000, 40 * k)), replace=False))
+            x = torch.nn.functional.normalize(heads.features(features[torch.from_numpy(rows)].float()), dim=1)
+            centres = _kmeans(x, k, seed * 1000 + h)
+            head.weight.copy_(centres * head.weight.norm(dim=1, keepdim=True))
+            if head.bias is not None:
+                head.bias.zero_()
+
+
+def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 20) -> torch.Tensor:
+    """Unit-norm centroids of ``x``: scikit-learn's KMeans (k-means++ seeding, best of 3) while that is cheap;
+    for large problems, where k-means++ seeding alone takes minutes, ``rounds`` Lloyd rounds from K random
+    samples (empty clusters re-seeded)."""
+    if len(x) * k <= 2e7:
+        from sklearn.cluster import KMeans
+
+        centres = torch.from_numpy(KMeans(k, n_init=3, max_iter=100, random_state=seed).fit(x.numpy()).cluster_centers_)
+        return torch.nn.functional.normalize(centres.float(), dim=1)
+    rng = np.random.default_rng(seed)
+    centres = x[torch.from_numpy(rng.choice(len(x), k, replace=False))]
+    for _ in range(rounds):
+        assigned = (x @ centres.T).argmax(1)
+        sums = torch.zeros_like(centres).index_add_(0, assigned, x)
+        empty = torch.from_numpy(np.flatnonzero(torch.bincount(assigned, minlength=k).numpy() == 0))
+        sums[empty] = x[torch.from_numpy(rng.choice(len(x), len(empty), replace=False))]
+        centres = torch.nn.functional.normalize(sums, dim=1)
+    return centres
+
+
+def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
+    """SeLa with the backbone fixed: step 1 trains the heads on cached views, step 2 solves on the plain view."""
+    config, source = job.config, job.source
+    if job.dist.enabled:
+        raise ConfigError("--freeze and embedding tables train heads in one process; run without torchrun")
+    net, views, origin = _frozen_features(job)
+    keep = ~job.skips.mask()
+    whiten = Whiten.fit(views[0][torch.from_numpy(np.flatnonzero(keep))].float(), config.pca, config.seed)
+    with torch.no_grad():  # whitened once; the heads train on these
+        views = torch.stack([torch.cat([whiten(view[i:i + 65536].float()) for i in range(0, len(view), 65536)])
+                             for view in views])
+    heads = SelaModel(FeatureTrunk(whiten.num_features, config.head_hidden), ks, config.head_temperature)
+    model = SelaModel(FrozenBackbone(net, whiten, heads.backbone), ks, config.head_temperature)
+    model.heads = heads.heads  # one set of heads: trained through ``heads``, saved and predicted through ``model``
+    heads.eval()
+    _seed_prototypes(heads, views[0], keep, config.seed)
+    optimizer = make_optimizer(heads, config.lr, config.momentum, config.weight_decay)
+    state = SelaState.initial(len(source), ks, config.seed)
+    record = _run_record(config, ks, whiten.num_features)
+    record.update(frozen={"in_dim": int(whiten.mean.numel()), "width": whiten.num_features,
+                          "hidden": config.head_hidden, "pixels": net is not None})
+    resumed = job.start(record, model=heads, optimizer=optimizer, sela=state)
+    arch = f"{config.arch} (frozen)" if net is not None else "heads on vectors"
+    job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps)), arch=arch,
+                 views=int(views.shape[0]), width=whiten.num_features)
+    job.log(origin)
+    near = neighbours(views[0], config.neighbours) if config.neighbours else None
+    rows = torch.from_numpy(np.flatnonzero(keep))
+    schedule = set(label_schedule(config.epochs, config.label_steps))
+
+    def label_step() -> dict:
+        heads.eval()
+        with torch.no_grad():
+            features = torch.cat([heads.features(views[0][rows[i:i + 65536]]) for i in range(0, len(rows), 65536)])
+        return _solve_heads(job, heads, features, rows, keep, state, ks)
+
+    def lr_at(epoch: int, step: int, steps: int) -> float:
+        return learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
+
+    if not resumed and 0 in schedule:  # the first labels come from the untrained heads
+        job.log({"type": "label_step", "epoch": 0, **label_step()})
+        job.checkpoint_or_stop()
+    for epoch in job.epochs():
+        stats = train_heads_epoch(heads, views, state.labels, optimizer, epoch=epoch, config=config, keep=keep,
+                                  lr_at=lr_at, near=near, reporter=job.reporter)  # step 1, the heads only
+        job.run_dir.log_epoch(epoch, config.epochs, stats, job.started)
+        if epoch + 1 in schedule:
+            job.log({"type": "label_step", "epoch": epoch + 1, **label_step()})  # step 2
+        job.end_epoch()
+    run = _finish(job, model, state, ks)
+    job.finish()
+    return run
 
 
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:

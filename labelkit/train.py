@@ -207,10 +207,11 @@ def train_epoch(
 @torch.no_grad()
 def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
                      device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
-                     rank: int = 0, world: int = 1) -> tuple[torch.Tensor, np.ndarray]:
-    """One pass over every (kept) sample exactly once; returns (N, dim) float32 features and a seen mask."""
+                     rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """One pass over every (kept) sample exactly once; returns (N, dim) float32 features and a seen mask.
+    A random ``transform`` draws each sample's randomness from (``seed``, ``epoch``, sample)."""
     loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=False, keep=keep,
-                         rank=rank, world=world)
+                         rank=rank, world=world, seed=seed, epoch=epoch)
     features = torch.zeros((len(source), dim), dtype=torch.float32)
     seen = np.zeros(len(source), dtype=bool)
     reporter.phase("label", batches_per_rank(source, keep, batch_size, world=world, workers=workers))

@@ -1,0 +1,238 @@
+"""SeLa on fixed features: a frozen backbone's cached views, or an embedding table.
+
+With the backbone fixed, step 1 of SeLa trains the T heads only and step 2 solves on the same features, so
+the features are computed once: V views per image (the plain view, then V - 1 augmented ones standing in for
+augmentation), stored as float16 in a memory-mapped cache keyed by everything they depend on. The heads read
+PCA-whitened features: whitening makes every direction of the feature space count the same (what clustering
+of pretrained features needs: raw features are dominated by a few high-variance directions), and the reduced
+width is what makes 50 epochs over 100,000 samples take minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import atomic_path
+from .errors import ConfigError
+
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "train_heads_epoch", "neighbours", "weights_digest"]
+
+
+class Whiten(nn.Module):
+    """A fixed PCA whitening, ``(x - mean) @ projection``: the top ``dim`` principal directions, each scaled
+    to unit variance. Fitted once on the features; stored with the heads so that ``predict`` repeats it."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("projection", torch.eye(in_dim, dim))
+        self.num_features = self.head_hidden_size = dim
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, dim: int | None, seed: int = 0, sample: int = 100_000,
+            scale: bool = True, variance: float = 0.98, cap: int = 128) -> "Whiten":
+        """Fit on (a seeded sample of at most ``sample`` rows of) ``features``. ``dim`` None keeps the
+        directions that hold ``variance`` of the total, at most ``cap`` (whitening gives every kept direction
+        unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every direction
+        with non-negligible variance."""
+        n, in_dim = features.shape
+        rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False)))
+        x = features[rows].double().numpy()
+        mean = x.mean(0)
+        centred = x - mean
+        values, vectors = np.linalg.eigh(centred.T @ centred / max(len(x) - 1, 1))  # ascending
+        values, vectors = torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+        mean = torch.from_numpy(mean)
+        useful = int((values > values[0] * 1e-6).sum())
+        if dim is None:
+            share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
+            dim = min(cap, int((share < variance).sum()) + 1)
+        dim = min(dim or in_dim, useful, len(rows) - 1 if len(rows) > 1 else 1)
+        whiten = cls(in_dim, dim)
+        whiten.mean.copy_(mean.float())
+        norm = values[:dim].clamp_min(1e-12).sqrt() if scale else values[0].sqrt()
+        whiten.projection.copy_((vectors[:, :dim] / norm).float())
+        return whiten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.projection
+
+
+class FeatureTrunk(nn.Module):
+    """What the heads read from whitened features: the features themselves, or one hidden layer
+    (Linear + BatchNorm + ReLU) when ``hidden`` is given (``--head-hidden``)."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        self.layer = (nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
+                      if hidden else nn.Identity())
+        self.num_features = self.head_hidden_size = hidden or dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Views of features on disk: ``DIR/<key>.npy`` float16 (V, N, D), memory-mapped, plus ``<key>.json``
+    recording what the key covers and which samples could not be read. A cache is used only when every part
+    of its key matches; a partial or damaged file is never read (written under a temporary name, renamed when
+    complete)."""
+
+    def __init__(self, folder: str | Path, parts: dict):
+        self.folder = Path(folder)
+        self.parts = json.loads(json.dumps(parts, sort_keys=True))  # as it reads back from the record
+        self.key = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:24]
+        self.path = self.folder / f"{self.key}.npy"
+        self.record = self.folder / f"{self.key}.json"
+
+    def load(self) -> tuple[torch.Tensor, dict] | None:
+        """(views, skipped samples) when a complete cache with exactly this key exists."""
+        if not (self.path.is_file() and self.record.is_file()):
+            return None
+        try:
+            record = json.loads(self.record.read_text())
+            if record.get("parts") != self.parts:
+                return None
+            views = _read_only(self.path)
+        except (ValueError, OSError):
+            return None
+        return views, dict(record.get("skipped", {}))
+
+    def write(self, shape: tuple[int, int, int], fill, skipped) -> torch.Tensor:
+        """Create the (V, N, D) float16 file, let ``fill(array)`` write it view by view (off the heap), then
+        publish it with its record; ``skipped()`` gives the unreadable samples once it is filled."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+            fill(array)
+            array.flush()
+            del array
+        with atomic_path(self.record) as tmp:
+            Path(tmp).write_text(json.dumps({"parts": self.parts, "skipped": skipped()}, sort_keys=True, indent=1))
+        return _read_only(self.path)
+
+
+def _read_only(path: Path) -> torch.Tensor:
+    """A memory-mapped .npy as a tensor; the map is read-only and labelkit never writes through it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.load(path, mmap_mode="r"))
+
+
+def neighbours(features: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
+    """The ``k`` nearest neighbours (cosine) of every row, itself excluded: (N, k) int64. Exact, in blocks of
+    rows, so memory stays at block x N."""
+    x = nn.functional.normalize(features.float(), dim=1)
+    n = len(x)
+    out = torch.empty((n, k), dtype=torch.int64)
+    for start in range(0, n, block):
+        sims = x[start:start + block] @ x.T
+        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -math.inf
+        out[start:start + block] = sims.topk(k, dim=1).indices
+    return out
+
+
+def train_heads_epoch(model: nn.Module, views: torch.Tensor, targets: torch.Tensor, optimizer, *, epoch: int,
+                      config, keep: np.ndarray, lr_at, near: torch.Tensor | None = None,
+                      reporter=None) -> dict:
+    """Step 1 of SeLa with the backbone fixed: one epoch of the heads on cached (V, N, D) views.
+
+    Each sample is seen once, in one view drawn at random (the cached stand-in for augmentation). With
+    ``near`` (N, k) neighbours, a sample is also trained towards the labels of one random neighbour
+    (SCAN's prior: neighbours in a good feature space share a class), at half the weight.
+    """
+    model.train()
+    rng = np.random.default_rng([config.seed, epoch])
+    order = rng.permutation(np.flatnonzero(keep))
+    batch = config.batch_size
+    steps = max(1, math.ceil(len(order) / batch))
+    total, seen = 0.0, 0
+    started = time.perf_counter()
+    if reporter is not None:
+        reporter.phase("train", steps)
+    for step in range(steps):
+        rows = torch.from_numpy(order[step * batch:(step + 1) * batch])
+        if len(rows) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+            continue  # BatchNorm cannot train on one sample
+        view = torch.from_numpy(rng.integers(0, views.shape[0], len(rows)))
+        x = views[view, rows].float()
+        rate = lr_at(epoch, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        logits = model(x)
+        loss = sum(nn.functional.cross_entropy(out, targets[h, rows]) for h, out in enumerate(logits))
+        if near is not None:
+            other = near[rows, torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
+            loss = loss + 0.5 * sum(nn.functional.cross_entropy(out, targets[h, other]) for h, out in enumerate(logits))
+        loss = loss / len(logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(rows)
+        seen += len(rows)
+        if reporter is not None:
+            reporter.advance(loss=float(loss.detach()))
+    if reporter is not None:
+        reporter.end_phase()
+    seconds = time.perf_counter() - started
+    return {"loss": total / max(seen, 1), "lr": rate, "images": seen, "seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9), "stopped": False}
+
+
+def check_width(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"--{name} must be a positive integer, got {value}")
+
+
+def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch.Tensor, dict]:
+    """(V, N, D) float16 features of a frozen ``net``: view 0 through ``plain``, views 1..V-1 through
+    ``augmented`` (each sample's randomness drawn from (seed, view, sample)), from the cache when its key --
+    data ids and content, arch, weights, transforms, views, seed -- matches exactly, else computed once and
+    cached. Samples that could not be decoded go into the job's skip log either way. Returns the views and a
+    record of where they came from."""
+    from .train import extract_features
+
+    config, source = job.config, job.source
+    count = config.views
+    parts = {"format": 1, "data": source.fingerprint, "content": source.content, "arch": config.arch,
+             "weights": weights_digest(net), "plain": repr(plain), "views": count,
+             "augmented": repr(augmented) if count > 1 else None, "seed": config.seed if count > 1 else None}
+    cache = FeatureCache(config.feature_cache or Path(config.out) / "features", parts)
+    found = cache.load()
+    if found is not None:
+        views, skipped = found
+        job.skips.skipped.update(skipped)
+        return views, {"type": "features", "cache": str(cache.path), "reused": True, "views": count}
+    net = net.to(job.device).eval()
+    started = time.perf_counter()
+
+    def fill(array):
+        for v in range(count):
+            features, _ = extract_features(net, dim, source, plain if v == 0 else augmented,
+                                           batch_size=config.batch_size, workers=config.workers,
+                                           device=job.device, skips=job.skips, reporter=job.reporter,
+                                           keep=~job.skips.mask(), seed=config.seed, epoch=v)
+            array[v] = features.numpy()
+
+    views = cache.write((count, len(source), dim), fill, lambda: dict(job.skips.skipped))
+    return views, {"type": "features", "cache": str(cache.path), "reused": False, "views": count,
+                   "seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,258 @@
+"""Fixed features: embedding tables as data, frozen backbones with a feature cache, --init/--pretrained, predict."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from labelkit.artefact import read_artefact
+from labelkit.cli import main
+from labelkit.data import resolve
+from labelkit.errors import ConfigError, DataError
+from labelkit.metrics import agreement
+from labelkit.models import create_backbone, load_weights
+
+
+def blobs(n=600, d=24, k=4, seed=0, spread=0.6):
+    """Well separated, anisotropic Gaussian blobs with unequal spreads."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((k, d)) * 3
+    labels = np.arange(n) % k
+    scales = rng.uniform(0.5, 1.5, (k, d)) * spread
+    x = means[labels] + rng.standard_normal((n, d)) * scales[labels]
+    return x.astype(np.float32), labels
+
+
+def run(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+# -- embedding tables -----------------------------------------------------------------------------------------
+
+
+def test_npy_with_key_file_sorts_rows_by_key(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.save(tmp_path / "v.npy", x)
+    (tmp_path / "v.keys.txt").write_text("d\nb\na\nc\n")
+    source = resolve(str(tmp_path / "v.npy"))
+    assert source.ids == ["a", "b", "c", "d"] and not source.has_pixels
+    np.testing.assert_array_equal(source.vectors(), x[[2, 1, 3, 0]])
+    np.testing.assert_array_equal(source.vectors(np.array([3, 0])), x[[0, 2]])
+
+
+def test_npy_without_keys_uses_row_numbers(tmp_path):
+    np.save(tmp_path / "v.npy", np.ones((3, 2), np.float32))
+    assert resolve(str(tmp_path / "v.npy")).ids == ["000000", "000001", "000002"]
+
+
+def test_parquet_list_and_fixed_size_list(tmp_path):
+    x, y = blobs(n=8, d=3)
+    for name, vectors in (("list", pa.array(x.tolist(), pa.list_(pa.float32()))),
+                          ("fixed", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 3))):
+        table = pa.table({"key": [f"s{i}" for i in range(8)], "embedding": vectors, "label": pa.array(y)})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        source = resolve(str(tmp_path / f"{name}.parquet"))
+        np.testing.assert_allclose(source.vectors(), x)
+        np.testing.assert_array_equal(source.targets, y)
+
+
+def test_parquet_mixed_lengths_names_rows(tmp_path):
+    table = pa.table({"key": ["a", "b", "c"], "embedding": pa.array([[1.0, 2.0], [1.0], [3.0, 4.0]])})
+    pq.write_table(table, tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"mixed lengths.*rows \[1\]"):
+        resolve(str(tmp_path / "t.parquet"))
+
+
+def test_parquet_without_vectors_or_keys(tmp_path):
+    pq.write_table(pa.table({"key": ["a"], "x": [1]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="no list column"):
+        resolve(str(tmp_path / "a.parquet"))
+    pq.write_table(pa.table({"name": ["a"], "embedding": [[1.0]]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match="no key column"):
+        resolve(str(tmp_path / "b.parquet"))
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    np.save(tmp_path / "v.npy", np.ones((3, 2), np.float32))
+    (tmp_path / "v.keys.txt").write_text("a\nb\na\n")
+    with pytest.raises(DataError, match="duplicate"):
+        resolve(str(tmp_path / "v.npy"))
+
+
+def laion(root, parts):
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    for number, (vectors, keys) in enumerate(parts):
+        np.save(root / "img_emb" / f"img_emb_{number}.npy", vectors)
+        pq.write_table(pa.table({"key": keys}), root / "metadata" / f"metadata_{number}.parquet")
+
+
+def test_laion_layout(tmp_path):
+    a, b = np.zeros((2, 3), np.float32), np.ones((3, 3), np.float32)
+    laion(tmp_path / "l", [(a, ["x1", "x0"]), (b, ["y0", "y1", "y2"])])
+    source = resolve(str(tmp_path / "l"))
+    assert source.ids == ["x0", "x1", "y0", "y1", "y2"]
+    np.testing.assert_array_equal(source.vectors()[:, 0], [0, 0, 1, 1, 1])
+
+
+def test_laion_keys_missing(tmp_path):
+    laion(tmp_path / "l", [(np.zeros((2, 3), np.float32), ["a"])])
+    with pytest.raises(DataError, match="1 keys for the 2 rows"):
+        resolve(str(tmp_path / "l"))
+    laion(tmp_path / "m", [(np.zeros((1, 3), np.float32), ["a"])])
+    (tmp_path / "m" / "metadata" / "metadata_0.parquet").rename(tmp_path / "m" / "metadata" / "metadata_7.parquet")
+    with pytest.raises(DataError, match="do not pair up"):
+        resolve(str(tmp_path / "m"))
+
+
+def test_nan_vectors_fail_by_name_or_are_skipped(tmp_path):
+    x, y = blobs(n=200)
+    x[[5, 17]] = np.nan
+    x[30, 2] = np.inf
+    np.savez(tmp_path / "t.npz", embeddings=x, labels=y)
+    out = tmp_path / "run"
+    common = ["generate", "--data", str(tmp_path / "t.npz"), "--clusters", "4", "--heads", "1", "--epochs", "2",
+              "--label-steps", "2", "--quiet", "--out", str(out)]
+    result = CliRunner().invoke(main, common)
+    assert result.exit_code == 1 and "3 vector(s) hold NaN or inf" in result.output and "000005" in result.output
+    assert not (out / "labels.parquet").exists()
+    result = run([*common, "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    artefact = read_artefact(out / "labels.parquet")
+    assert artefact.num_samples == 197
+    skipped = {s["sample_id"]: s["reason"] for s in artefact.metadata["data"]["skipped"]}
+    assert skipped == {"000005": "vector holds NaN", "000017": "vector holds NaN", "000030": "vector holds inf"}
+
+
+# -- heads on fixed features ----------------------------------------------------------------------------------
+
+
+def test_generate_on_embedding_table_beats_kmeans_start(tmp_path):
+    from sklearn.cluster import KMeans
+
+    x, y = blobs(n=800, d=32, k=8, spread=1.6, seed=1)
+    np.savez(tmp_path / "t.npz", embeddings=x, labels=y)
+    out = tmp_path / "run"
+    result = run(["generate", "--data", str(tmp_path / "t.npz"), "--clusters", "8", "--heads", "2",
+                  "--epochs", "20", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    artefact = read_artefact(out / "labels.parquet")
+    config = artefact.metadata["method"]["config"]
+    assert config["lam"] == 5.0 and config["head_temperature"] == 0.1  # the fixed-feature recipe
+    kmeans = KMeans(8, n_init=1, random_state=0).fit_predict(x)
+    baseline = agreement(kmeans, y)["nmi"]
+    nmis = [agreement(artefact.labels(h), y[np.argsort([f"{i:06d}" for i in range(800)])])["nmi"] for h in range(2)]
+    assert min(nmis) >= 0.9 and max(nmis) >= baseline - 0.02, (nmis, baseline)
+    record = json.loads((out / "config.json").read_text())
+    assert record["frozen"]["pixels"] is False and record["frozen"]["in_dim"] == 32
+
+
+def test_frozen_backbone_caches_views_and_reuses_them(tmp_path):
+    cache = tmp_path / "cache"
+    common = ["generate", "--freeze", "--views", "2", "--epochs", "3", "--label-steps", "2", "--quiet",
+              "--feature-cache", str(cache)]
+    assert run([*common, "--out", str(tmp_path / "a")]).exit_code == 0
+    files = sorted(cache.glob("*.npy"))
+    assert len(files) == 1
+    views = np.load(files[0], mmap_mode="r")
+    assert views.dtype == np.float16 and views.shape[:2] == (2, 1797)
+    assert not np.array_equal(views[0], views[1])  # the augmented view differs from the plain one
+    assert run([*common, "--out", str(tmp_path / "b")]).exit_code == 0
+    history = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert [r["reused"] for r in history if r["type"] == "features"] == [True]
+    a, b = read_artefact(tmp_path / "a" / "labels.parquet"), read_artefact(tmp_path / "b" / "labels.parquet")
+    assert a.artefact_id == b.artefact_id
+    # another seed changes the augmented view, so the cache key: a second file, never the first one reused
+    assert run([*common, "--seed", "1", "--out", str(tmp_path / "c")]).exit_code == 0
+    assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_feature_cache_with_another_key_is_not_trusted(tmp_path):
+    from labelkit.features import FeatureCache
+
+    cache = FeatureCache(tmp_path, {"data": "x", "weights": "w1"})
+    cache.write((1, 2, 3), lambda array: array.fill(1.0), lambda: {})
+    assert cache.load() is not None
+    other = FeatureCache(tmp_path, {"data": "x", "weights": "w2"})
+    assert other.load() is None
+    record = json.loads(cache.record.read_text())
+    record["parts"]["weights"] = "tampered"
+    cache.record.write_text(json.dumps(record))
+    assert cache.load() is None
+
+
+# -- weights --------------------------------------------------------------------------------------------------
+
+
+def test_init_from_a_run_and_from_a_classifier_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_backbone("resnet18", 32)
+    state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    state["heads.0.weight"] = torch.zeros(10, 512)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    target = create_backbone("resnet18", 32)
+    report = load_weights(target, str(tmp_path / "model.safetensors"))
+    assert report["missing"] == []
+    torch.testing.assert_close(target.conv1.weight, source.conv1.weight)
+    # a torchvision-style classifier checkpoint: fc of another width is dropped, the rest loads
+    classifier = {**source.state_dict(), "fc.weight": torch.zeros(7, 512), "fc.bias": torch.zeros(7)}
+    torch.save({"state_dict": classifier}, tmp_path / "tv.pth")
+    report = load_weights(create_backbone("resnet18", 32), str(tmp_path / "tv.pth"))
+    assert report["unused"] == ["fc.bias", "fc.weight"] and report["missing"] == []
+
+
+def test_init_that_does_not_fit_names_a_key(tmp_path):
+    state = create_backbone("resnet18", 32).state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match=r"layer1\.0\.conv1\.weight is \(3, 3, 3, 3\)"):
+        load_weights(create_backbone("resnet18", 32), str(tmp_path / "bad.pt"))
+    torch.save(create_backbone("labelkit_cnn", 16).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="no weight matches"):
+        load_weights(create_backbone("resnet18", 32), str(tmp_path / "other.pt"))
+
+
+def test_pretrained_without_cache_names_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ConfigError, match="--init FILE"):
+        create_backbone("resnet18", 32, pretrained=True)
+    with pytest.raises(ConfigError, match="--init FILE"):
+        create_backbone("labelkit_cnn", 16, pretrained=True)
+
+
+# -- predict --------------------------------------------------------------------------------------------------
+
+
+def test_predict_embeddings_matches_the_runs_heads(tmp_path):
+    x, y = blobs(n=400, d=16, k=4)
+    np.savez(tmp_path / "t.npz", embeddings=x, labels=y)
+    out = tmp_path / "run"
+    assert run(["generate", "--data", str(tmp_path / "t.npz"), "--clusters", "4", "--heads", "2", "--epochs", "10",
+                "--quiet", "--out", str(out)]).exit_code == 0
+    first = run(["predict", "--model", str(out), "--data", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p1.parquet")])
+    assert first.exit_code == 0, first.output
+    run(["predict", "--model", str(out), "--data", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p2.parquet")])
+    p1, p2 = read_artefact(tmp_path / "p1.parquet"), read_artefact(tmp_path / "p2.parquet")
+    parent = read_artefact(out / "labels.parquet")
+    assert p1.artefact_id == p2.artefact_id
+    assert p1.metadata["parents"] == [parent.artefact_id]
+    assert agreement(p1.labels(0), parent.labels(0))["nmi"] > 0.9
+    images = run(["predict", "--model", str(out), "--data", "builtin:digits", "--out", str(tmp_path / "p3.parquet")])
+    assert images.exit_code == 1 and "trained on embedding vectors" in images.output
+
+
+def test_predict_images_with_a_frozen_and_a_trained_run(tmp_path):
+    out = tmp_path / "frozen"
+    assert run(["generate", "--freeze", "--epochs", "3", "--label-steps", "2", "--quiet", "--out", str(out)]).exit_code == 0
+    result = run(["predict", "--model", str(out), "--data", "builtin:digits", "--out", str(tmp_path / "p.parquet")])
+    assert result.exit_code == 0, result.output
+    predicted, parent = read_artefact(tmp_path / "p.parquet"), read_artefact(out / "labels.parquet")
+    assert predicted.num_samples == 1797 and predicted.num_heads == parent.num_heads
+    assert agreement(predicted.labels(0), parent.labels(0))["nmi"] > 0.5
