@@ -35,7 +35,10 @@ def _d(name: str) -> str:
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
-@click.option("--init", default=None, type=click.Path(dir_okay=False), help="Local backbone weights to start from.")
+@click.option("--init", default=None, type=click.Path(dir_okay=False),
+              help="Local backbone weights: safetensors, a timm/torchvision state dict, or a run's model.safetensors.")
+@click.option("--pretrained", is_flag=True, default=None,
+              help="Start from timm's own pretrained weights (from timm's local cache).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help=f"Run directory {_d('out')}.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML options file.")
@@ -79,6 +82,7 @@ def transfer(resume, config_file, quiet, **options) -> None:
 @click.option("--model", "run", default=None, type=click.Path(file_okay=False), help="A generate or transfer run directory.")
 @click.option("--arch", default=None, help="Instead of --model: a bare timm arch (untrained unless --init).")
 @click.option("--init", default=None, type=click.Path(dir_okay=False), help="Weights for --arch.")
+@click.option("--pretrained", is_flag=True, help="With --arch: timm's own pretrained weights (from its local cache).")
 @click.option("--data", required=True, metavar="SPEC", help="Training data with ground-truth classes.")
 @click.option("--test", default=None, metavar="SPEC", help="Test data (ids disjoint from --data).")
 @click.option("--split", type=float, default=0.2, show_default=True, help="Without --test: seeded stratified test share.")
@@ -88,7 +92,7 @@ def transfer(resume, config_file, quiet, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and probe seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(protocol, run, arch, init, data, test, split, k, temperature, image_size, seed, device, as_json) -> None:
+def eval_(protocol, run, arch, init, pretrained, data, test, split, k, temperature, image_size, seed, device, as_json) -> None:
     """Measure frozen features: weighted kNN (k=50, T=0.1) or a linear probe, top-1 and top-5.
 
     Example: labelkit eval knn --model runs/digits-transfer --data builtin:digits
@@ -100,7 +104,7 @@ def eval_(protocol, run, arch, init, data, test, split, k, temperature, image_si
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
-    result = evaluate(protocol, data=data, model=run, arch=arch, init=init, test=test, split=split, k=k,
+    result = evaluate(protocol, data=data, model=run, arch=arch, init=init, pretrained=pretrained, test=test, split=split, k=k,
                       temperature=temperature, image_size=image_size, seed=seed, device=device,
                       reporter=BarReporter() if main_rank and not as_json else None)
     if not main_rank:

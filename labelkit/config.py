@@ -116,13 +116,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Defaults for heads on fixed features (--freeze, or an embedding table), under a data recipe, config files and
 # options: cosine heads read PCA-whitened features, and lam is lower because cosine logits are bounded: at
 # 25 / 0.1 the kernel exp(250 cos) is so peaked that the solve needs many times the iterations for the same
-# labels (measured on a Gaussian mixture: NMI equal within 0.01 for lam 2.5 to 25).
+# labels (measured on a Gaussian mixture: NMI equal within 0.01 for lam 2.5 to 25). lam / temperature = 25
+# is SwAV's 1 / epsilon = 20-25 on cosine scores.
 FROZEN_RECIPE: dict[str, Any] = {
     "clusters": (100,),
     "heads": 5,
     "epochs": 50,
-    "label_steps": 8,
-    "lam": 5.0,
+    "label_steps": 6,
+    "lam": 2.5,
     "batch_size": 1024,
     "lr": 0.5,
     "lr_schedule": "cosine",
@@ -153,6 +154,7 @@ class TransferConfig:
     device: str = "auto"
     seed: int = 0
     init: str | None = None
+    pretrained: bool = False  # timm's own pretrained weights (from its local cache)
     strict: bool = False
     out: str = "runs/transfer"
 

@@ -20,7 +20,7 @@ import torch
 from .data import Source, resolve
 from .errors import ConfigError, DataError
 from .loading import SkipLog, eval_transform
-from .models import SelaModel, create_backbone, feature_dim
+from .models import create_backbone, feature_dim
 from .train import Reporter, extract_features, resolve_device
 
 __all__ = ["load_backbone", "features_of", "knn_accuracy", "linear_accuracy", "evaluate", "PROTOCOLS"]
@@ -29,24 +29,22 @@ PROTOCOLS = ("knn", "linear")
 
 
 def load_backbone(run: str | None = None, arch: str | None = None, init: str | None = None,
-                  image_size: int | None = None) -> tuple[torch.nn.Module, int, Path | None]:
-    """The frozen backbone of a ``generate``/``transfer`` run directory, or a bare timm arch (+ ``init``)."""
+                  image_size: int | None = None, pretrained: bool = False) -> tuple[torch.nn.Module, int, Path | None]:
+    """The frozen backbone of a ``generate``/``transfer`` run directory (for a ``--freeze`` run: its fixed
+    backbone), or a bare timm arch (+ timm's ``pretrained`` weights and/or ``init``)."""
     if run:
-        run_dir = Path(run)
-        config_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
-        if not config_path.is_file() or not weights.is_file():
-            raise ConfigError(f"--model {run}: not a finished labelkit run (needs config.json and model.safetensors)")
-        record = json.loads(config_path.read_text())
-        size = image_size or record["image_size"]
-        model = SelaModel(create_backbone(record["arch"], size), record["clusters"], record.get("head_temperature"))
-        from safetensors.torch import load_file
+        from .predict import load_run_model
 
-        model.load_state_dict(load_file(str(weights)))
-        return model.backbone.eval(), size, run_dir
+        model, record = load_run_model(run)
+        if "frozen" in record:
+            if not record["frozen"]["pixels"]:
+                raise ConfigError(f"--model {run} was trained on embedding vectors and has no image backbone")
+            return model.backbone.net, image_size or record["image_size"], Path(run)
+        return model.backbone, image_size or record["image_size"], Path(run)
     if not arch:
-        raise ConfigError("give --model RUN_DIR, or --arch NAME (with --init FILE for its weights)")
+        raise ConfigError("give --model RUN_DIR, or --arch NAME (with --pretrained or --init FILE for its weights)")
     size = image_size or 224
-    return create_backbone(arch, size, init).eval(), size, None
+    return create_backbone(arch, size, init, pretrained=pretrained).eval(), size, None
 
 
 def features_of(backbone, source: Source, image_size: int, *, cache: Path | None, batch_size: int = 256,
@@ -112,15 +110,17 @@ def linear_accuracy(train_x, train_y, test_x, test_y, *, seed: int = 0) -> tuple
 
 
 def evaluate(protocol: str, *, data: str, model: str | None = None, arch: str | None = None, init: str | None = None,
+             pretrained: bool = False,
              test: str | None = None, split: float = 0.2, k: int = 50, temperature: float = 0.1,
              image_size: int | None = None, seed: int = 0, device: str = "auto", workers: int = 0,
              reporter: Reporter | None = None) -> dict:
     """Evaluate a backbone on ``data`` (train) against ``test`` or a seeded, stratified ``split`` of ``data``."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if model and (arch or init):
-        raise ConfigError(f"--model {model} brings its own architecture and weights; drop --arch/--init, or drop --model")
-    backbone, size, run_dir = load_backbone(model, arch, init, image_size)
+    if model and (arch or init or pretrained):
+        raise ConfigError(f"--model {model} brings its own architecture and weights; drop --arch/--init/--pretrained, "
+                          "or drop --model")
+    backbone, size, run_dir = load_backbone(model, arch, init, image_size, pretrained)
     train_source = resolve(data)
     if not train_source.has_truth:
         raise DataError(f"{data}: evaluation needs ground-truth classes (class folders, shard cls, npz labels)")

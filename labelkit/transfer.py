@@ -107,7 +107,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
             targets[i, rows >= 0] = torch.from_numpy(parent.labels(h)[rows[rows >= 0]].astype(np.int64))
         labelled = rows >= 0
         seed_everything(config.seed)
-        model = SelaModel(create_backbone(config.arch, config.image_size, config.init), ks).to(job.device)
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        model = SelaModel(backbone, ks).to(job.device)
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         record = {"kind": "transfer", "config": config.to_dict(), "arch": config.arch,
                   "image_size": config.image_size, "clusters": ks, "heads": heads, "head_temperature": None,

@@ -143,7 +143,7 @@ def test_generate_on_embedding_table_beats_kmeans_start(tmp_path):
     assert result.exit_code == 0, result.output
     artefact = read_artefact(out / "labels.parquet")
     config = artefact.metadata["method"]["config"]
-    assert config["lam"] == 5.0 and config["head_temperature"] == 0.1  # the fixed-feature recipe
+    assert config["lam"] == 2.5 and config["head_temperature"] == 0.1  # the fixed-feature recipe
     kmeans = KMeans(8, n_init=1, random_state=0).fit_predict(x)
     baseline = agreement(kmeans, y)["nmi"]
     nmis = [agreement(artefact.labels(h), y[np.argsort([f"{i:06d}" for i in range(800)])])["nmi"] for h in range(2)]
@@ -256,3 +256,7 @@ def test_predict_images_with_a_frozen_and_a_trained_run(tmp_path):
     predicted, parent = read_artefact(tmp_path / "p.parquet"), read_artefact(out / "labels.parquet")
     assert predicted.num_samples == 1797 and predicted.num_heads == parent.num_heads
     assert agreement(predicted.labels(0), parent.labels(0))["nmi"] > 0.5
+    # eval measures the fixed backbone of a frozen run
+    result = run(["eval", "knn", "--model", str(out), "--data", "builtin:digits", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["top1"] > 0.5
