@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import click
+
 
 def default(cls, name: str, recipe: dict | None = None, recipe_name: str = "digits") -> str:
     """``[value]`` for a config field, with the recipe's value beside it where a recipe changes it."""
@@ -24,3 +26,12 @@ def _show(name: str, value) -> str:
     if value is True:
         return "on"
     return str(value)
+
+
+def weights_options(command):
+    """``--init`` and ``--pretrained``: where a job's backbone weights come from (generate and transfer)."""
+    command = click.option("--pretrained", is_flag=True, default=None,
+                           help="timm's own pretrained weights (from timm's local cache; never downloaded).")(command)
+    return click.option("--init", default=None, type=click.Path(dir_okay=False),
+                        help="Local backbone weights: safetensors, a timm/torchvision state dict, or a run's "
+                             "model.safetensors.")(command)

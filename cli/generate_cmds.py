@@ -6,7 +6,7 @@ import click
 
 from labelkit.config import AUGMENTATIONS, LR_SCHEDULES, RECIPES, SelaConfig
 
-from ._options import default
+from ._options import default, weights_options
 
 _DIGITS = RECIPES["builtin:digits"]
 
@@ -51,10 +51,7 @@ def _clusters(ctx, param, value):
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
-@click.option("--init", default=None, type=click.Path(dir_okay=False),
-              help="Local backbone weights: safetensors, a timm/torchvision state dict, or a run's model.safetensors.")
-@click.option("--pretrained", is_flag=True, default=None,
-              help="timm's own pretrained weights and input configuration (from timm's local cache).")
+@weights_options
 @click.option("--freeze", is_flag=True, default=None,
               help="Fix the backbone: cache its features once and train the heads alone (implied for embedding tables).")
 @click.option("--views", type=int, default=None, help=f"With --freeze: cached views per image, 1 plain + augmented {_d('views')}.")

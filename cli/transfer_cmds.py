@@ -8,7 +8,7 @@ import click
 
 from labelkit.config import AUGMENTATIONS, LR_SCHEDULES, TRANSFER_RECIPES, TransferConfig
 
-from ._options import default
+from ._options import default, weights_options
 
 _DIGITS = TRANSFER_RECIPES["builtin:digits"]
 
@@ -35,10 +35,7 @@ def _d(name: str) -> str:
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
-@click.option("--init", default=None, type=click.Path(dir_okay=False),
-              help="Local backbone weights: safetensors, a timm/torchvision state dict, or a run's model.safetensors.")
-@click.option("--pretrained", is_flag=True, default=None,
-              help="Start from timm's own pretrained weights (from timm's local cache).")
+@weights_options
 @click.option("--out", default=None, type=click.Path(file_okay=False), help=f"Run directory {_d('out')}.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML options file.")
