@@ -74,9 +74,7 @@ class SelaConfig:
     @property
     def frozen(self) -> bool:
         """Heads on fixed features: a frozen backbone, or an embedding table (which has no backbone)."""
-        from .embeddings import is_embedding_spec
-
-        return self.freeze or is_embedding_spec(self.data)
+        return _frozen(self.data, {"freeze": self.freeze})
 
     def head_clusters(self) -> list[int]:
         ks = list(self.clusters)

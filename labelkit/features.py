@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
-from .errors import ConfigError
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "train_heads_epoch", "neighbours", "weights_digest"]
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "train_heads_epoch", "neighbours", "weights_digest",
+           "cached_views"]
 
 
 class Whiten(nn.Module):
@@ -197,10 +197,6 @@ def train_heads_epoch(model: nn.Module, views: torch.Tensor, targets: torch.Tens
     return {"loss": total / max(seen, 1), "lr": rate, "images": seen, "seconds": seconds,
             "images_per_s": seen / max(seconds, 1e-9), "stopped": False}
 
-
-def check_width(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value}")
 
 
 def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch.Tensor, dict]:

@@ -161,7 +161,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             raise ConfigError(f"--clusters {max(ks)} is more than the {len(job.source)} samples of {config.data}; "
                               "give a K below the number of samples, e.g. --clusters 10")
         seed_everything(config.seed)
-        if config.frozen or not job.source.has_pixels:
+        if config.frozen:
             return _run_frozen(job, ks)
         backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
         model = SelaModel(backbone, ks, config.head_temperature)
