@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from labelkit.config import AUGMENTATIONS, LR_SCHEDULES, RECIPES, SelaConfig
+from labelkit.config import AUGMENTATIONS, LABEL_SPACINGS, LR_SCHEDULES, RECIPE_NAMES, RECIPES, STARTS, SelaConfig
 
 from ._options import default, weights_options
 
@@ -26,6 +26,13 @@ def _clusters(ctx, param, value):
 
 
 @click.command(short_help="Self-label a data set with SeLa (artefact + checkpoint).")
+@click.option("--recipe", type=click.Choice(RECIPE_NAMES), default=None,
+              help="Defaults to build on: auto (chosen from the data and this machine), paper (the paper's ImageNet "
+                   "setting) or digits [the data's own recipe; auto for data without one].")
+@click.option("--budget", default=None, metavar="DURATION",
+              help="Finish within this time (15m, 2h, 1h30m): a probe on the real data sets the epochs [15m on a CPU "
+                   "with the auto recipe; none otherwise].")
+@click.option("--dry-run", is_flag=True, help="Print the plan (recipe, reasons, time, memory, disk) and exit.")
 @click.option("--data", default=None, metavar="SPEC", help=f"Folder, shards, .npz, embedding table (.npy/.parquet/LAION folder) or builtin:NAME {_d('data')}.")
 @click.option("--arch", default=None, help=f"Any timm model name, or alexnet / alexnet_small {_d('arch')}.")
 @click.option("--clusters", callback=_clusters, default=None, metavar="K[,K…]", help=f"Clusters per head {_d('clusters')}.")
@@ -42,6 +49,10 @@ def _clusters(ctx, param, value):
 @click.option("--image-size", type=int, default=None, help=f"Input size in pixels {_d('image_size')}.")
 @click.option("--augment", type=click.Choice(AUGMENTATIONS), default=None,
               help=f"Training augmentation; heavy adds equalize/autocontrast/sharpness {_d('augment')}.")
+@click.option("--start", type=click.Choice(STARTS), default=None,
+              help=f"First labels: random, or graph (spectral clusters of the images' kNN graph) {_d('start')}.")
+@click.option("--label-spacing", type=click.Choice(LABEL_SPACINGS), default=None,
+              help=f"Label steps at (i/M)^2 of training (the paper's) or evenly {_d('label_spacing')}.")
 @click.option("--label-augment/--no-label-augment", default=None, help=f"Augment the label pass too {_d('label_augment')}.")
 @click.option("--label-views", type=int, default=None,
               help=f"Average the features of this many views in the label pass (1 plain + augmented) {_d('label_views')}.")
@@ -69,7 +80,7 @@ def _clusters(ctx, param, value):
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="JSON or TOML file of these options; command-line options win.")
 @click.option("--quiet", is_flag=True, help="No progress bars or epoch lines.")
-def generate(resume, config_file, quiet, **options) -> None:
+def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> None:
     """Self-label a data set with SeLa and write a label artefact and a checkpoint.
 
     With no options it runs the digits recipe on builtin:digits (about 2 minutes on 2 CPU cores) and prints
@@ -85,7 +96,7 @@ def generate(resume, config_file, quiet, **options) -> None:
       srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-backend=c10d \\
            --rdzv-endpoint=$MASTER_ADDR:29500 -m labelkit generate …
     """
-    from labelkit.config import resolve_config
+    from labelkit.plan import make_plan
     from labelkit.sela import run_sela
 
     from ._progress import BarReporter, plural
@@ -93,10 +104,17 @@ def generate(resume, config_file, quiet, **options) -> None:
 
     import os
 
-    config = resolve_config(options, config_file, resume=resume)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    plan = make_plan(options, config_file, recipe=recipe, budget=budget, resume=resume)
+    config = plan.config
+    if main_rank and (dry_run or not quiet):
+        for line in plan.lines():
+            click.echo(line, err=not dry_run)
+    if dry_run:
+        return
     with interrupted("generate", config.out):
-        run = run_sela(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None)
+        run = run_sela(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None,
+                       plan=None if resume else plan.record())
     if not main_rank:
         return
     click.echo(f"wrote {run.artefact} ({plural(run.labels.num_samples, 'sample')}, "

@@ -12,12 +12,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "AUGMENTATIONS", "LR_SCHEDULES", "FROZEN_RECIPE", "resolve_config", "read_config_file",
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "AUGMENTATIONS", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "resolve_config", "read_config_file",
            "default_workers"]
 
 # The choices of --augment and --lr-schedule; the command line offers exactly these.
-AUGMENTATIONS = ("paper", "heavy", "digits", "none")
+AUGMENTATIONS = ("paper", "heavy", "digits", "grey", "none")
 LR_SCHEDULES = ("step", "cosine", "constant")
+STARTS = ("random", "graph")
+RECIPE_NAMES = ("auto", "paper", "digits")  # see labelkit.plan
+LABEL_SPACINGS = ("quadratic", "even")
 
 
 def default_workers() -> int:
@@ -50,8 +53,10 @@ class SelaConfig:
     weight_decay: float = 1e-5
     image_size: int = 224
     head_temperature: float | None = None  # None: the paper's linear heads; t: cosine heads, logits cos / t
-    augment: str = "paper"  # paper | heavy | digits | none
+    augment: str = "paper"  # paper | heavy | digits | grey | none
     label_augment: bool = False  # augment the images of the label pass too
+    start: str = "random"  # first labels: random (the paper), or graph (spectral clusters of the thumbnails)
+    label_spacing: str = "quadratic"  # label steps at (i/M)^2 of training (the paper's), or even
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int | None = None  # None: default_workers()
     device: str = "auto"
@@ -252,6 +257,10 @@ def _check(config) -> None:
         config.head_clusters()
         if config.label_views < 1:
             raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
+        if config.start not in STARTS:
+            raise ConfigError(f"--start must be one of {', '.join(STARTS)}, got {config.start!r}")
+        if config.label_spacing not in LABEL_SPACINGS:
+            raise ConfigError(f"--label-spacing must be one of {', '.join(LABEL_SPACINGS)}, got {config.label_spacing!r}")
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
         for name in ("views", "pca", "head_hidden", "neighbours"):

@@ -65,6 +65,16 @@ class Distributed:
         dist.all_gather_object(parts, (rows, values))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=-1)
 
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather_dict(self, local: dict) -> dict:
         if not self.enabled:
             return dict(local)

@@ -126,6 +126,8 @@ METADATA_SCHEMA: dict = {
                 "name": {"type": "string", "minLength": 1, "description": "sela, import, transfer, …"},
                 "config": {"type": "object", "description": "Fully resolved configuration."},
                 "source": {"type": "string", "description": "File name the labels were imported from."},
+                "recipe": {"type": "object", "description": "How the configuration was chosen (labelkit.plan): "
+                           "recipe name, the reason for each choice, the time budget and the estimates."},
                 "sha256": _SHA256,
             },
         },

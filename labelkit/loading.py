@@ -67,7 +67,7 @@ def train_transform(
 
 def augmentation_preset(name: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Training augmentation by name: ``paper``; ``heavy`` (paper + one of equalize / autocontrast /
-    sharpness, for fixed labels); ``digits`` (no flips, which change digits; crops, small rotations,
+    sharpness, for fixed labels); ``grey`` (paper without colour jitter); ``digits`` (no flips, which change digits; crops, small rotations,
     brightness and contrast); ``none`` (the eval transform)."""
     if name == "paper":
         return train_transform(image_size, mean=mean, std=std)
@@ -77,6 +77,8 @@ def augmentation_preset(name: str, image_size: int, mean=IMAGENET_MEAN, std=IMAG
         # brightness and contrast jitter keep clusters from forming by ink intensity
         return train_transform(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
                                colour_jitter=False, grayscale_p=0.0, rotate=12.0, mean=mean, std=std)
+    if name == "grey":  # the paper's geometry; for grey photos, where colour jitter has nothing to act on
+        return train_transform(image_size, colour_jitter=False, grayscale_p=0.0, mean=mean, std=std)
     if name == "none":
         return eval_transform(image_size, mean=mean, std=std)
     raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")

@@ -58,6 +58,8 @@ class Job:
         self._signal: str | None = None
         self._handlers: dict = {}
         self.resumed = False
+        self.plan: dict | None = None  # how the configuration was chosen (labelkit.plan), recorded with the run
+        self.stopped_early: int | None = None  # the epoch after which --budget ended training, if it did
 
     # -- process and signal lifetime -----------------------------------------------------------------------
 

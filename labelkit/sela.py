@@ -20,6 +20,7 @@ from .artefact import Artefact, producer_versions
 from .config import SelaConfig
 from .errors import ConfigError
 from .features import FeatureTrunk, Whiten, cached_views, neighbours, train_heads_epoch
+from .graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
 from .loading import augmentation_preset, eval_transform, pretrained_transforms
 from .metrics import agreement
 from .models import SelaModel, create_backbone, feature_dim
@@ -30,14 +31,16 @@ from .train import Reporter, extract_features, learning_rate, make_optimizer, se
 __all__ = ["run_sela", "label_schedule", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
 
 
-def label_schedule(epochs: int, steps: int) -> list[int]:
+def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
     """Epochs after which the labels are re-solved: the i-th of M at t_i = ((i - 1) / (M - 1))^2 of training
-    (paper, appendix A.1). Epoch 0 means before any training (on the randomly initialised network); the last
-    comes after the final epoch. Dense early, sparse late, at most one per epoch.
+    (paper, appendix A.1), or at even intervals (``spacing="even"``: for runs that start from meaningful labels,
+    which need no burst of early steps). Epoch 0 means before any training; the last comes after the final
+    epoch. At most one per epoch.
     """
     if steps == 1:
         return [epochs]
-    return sorted({round(epochs * ((i - 1) / (steps - 1)) ** 2) for i in range(1, steps + 1)})
+    power = 1 if spacing == "even" else 2
+    return sorted({round(epochs * ((i - 1) / (steps - 1)) ** power) for i in range(1, steps + 1)})
 
 
 def augmentation(config: SelaConfig):
@@ -81,10 +84,13 @@ class SelaState:
         self.potentials = list(saved["potentials"])
 
 
-def _run_record(config: SelaConfig, ks: list[int], dim: int) -> dict:
-    return {"kind": "sela", "config": config.to_dict(), "arch": config.arch, "image_size": config.image_size,
-            "clusters": ks, "head_temperature": config.head_temperature, "feature_dim": dim,
-            "producer": producer_versions()}
+def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None = None) -> dict:
+    record = {"kind": "sela", "config": config.to_dict(), "arch": config.arch, "image_size": config.image_size,
+              "clusters": ks, "head_temperature": config.head_temperature, "feature_dim": dim,
+              "producer": producer_versions()}
+    if plan:
+        record["plan"] = plan
+    return record
 
 
 def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int]) -> dict:
@@ -107,6 +113,40 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
     labelled = ~job.merge_skips()  # every rank learns which samples any rank could not read
     rows = torch.from_numpy(np.flatnonzero(seen & labelled))  # this rank's share
     return _solve_heads(job, model, features[rows].to(job.device), rows, labelled, state, ks)
+
+
+def _graph_start(job: Job, state: SelaState, ks: list[int]) -> dict:
+    """The first labels of every head from the spectral embedding of the thumbnails' kNN graph
+    (:mod:`labelkit.graph`); rank 0 computes them, every rank receives them."""
+    config, dist, source = job.config, job.dist, job.source
+    computed = None
+    if dist.main:
+        side = min(config.image_size, GRAPH_THUMBNAIL)
+        transform = eval_transform(side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        pixels, seen = extract_features(Thumbnail(grey=False), 3 * side * side, source, transform,
+                                        batch_size=config.batch_size * 2, workers=config.workers,
+                                        device=torch.device("cpu"), skips=job.skips, reporter=job.reporter,
+                                        keep=~job.skips.mask())
+        rows = np.flatnonzero(seen & ~job.skips.mask())
+        held = pixels.numel() * pixels.element_size()
+        x = pixels[torch.from_numpy(rows)].view(len(rows), 3, -1)
+        grey = bool(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]))
+        del pixels
+        job.reporter.phase("graph", 1)
+        labels, info = spectral_labels((x[:, 0] if grey else x.flatten(1)).numpy(), ks, config.seed)
+        job.reporter.advance()
+        job.reporter.end_phase()
+        info.update(grey=grey, thumbnail=side, memory_bytes=2 * held)  # the pixels and their selected rows
+        computed = rows, labels, info, dict(job.skips.skipped)
+    rows, labels, info, skipped = dist.broadcast(computed)
+    job.skips.skipped.update(skipped)
+    state.labels[:, torch.from_numpy(rows)] = torch.from_numpy(labels)
+    if source.has_truth:  # measured only
+        truth = source.targets[rows]
+        known = truth >= 0
+        info["heads"] = [{"head": h, "k": ks[h], "nmi": agreement(labels[h][known], truth[known])["nmi"]}
+                         for h in range(len(ks))]
+    return info
 
 
 def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch.Tensor, labelled: np.ndarray,
@@ -147,15 +187,21 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
         heads.append(info)
         job.reporter.advance(head=h)
     job.reporter.end_phase()
+    held = features.numel() * features.element_size() + buffer.numel() * buffer.element_size()
     del buffer
-    return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads}
+    return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
+            "memory_bytes": held}
 
 
-def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | None = None) -> SelaRun:
+def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | None = None,
+             plan: dict | None = None) -> SelaRun:
     """Run SeLa as configured and write ``labels.parquet``, ``model.safetensors``, ``config.json`` and
     ``history.jsonl`` into ``config.out``. Checkpoints every epoch and on SIGTERM/SIGUSR1 (then raises
-    :class:`~labelkit.errors.Preempted`); ``resume`` continues a stopped or killed run."""
+    :class:`~labelkit.errors.Preempted`); ``resume`` continues a stopped or killed run. ``plan`` (see
+    :meth:`labelkit.plan.Plan.record`) is kept in ``config.json`` and the artefact: the recipe, its reasons and
+    the estimates."""
     with Job(config, kind="generate", resume=resume, reporter=reporter) as job:
+        job.plan = plan
         ks = config.head_clusters()
         if max(ks) > len(job.source):
             raise ConfigError(f"--clusters {max(ks)} is more than the {len(job.source)} samples of {config.data}; "
@@ -171,19 +217,32 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         dim = feature_dim(model.backbone)
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         state = SelaState.initial(len(job.source), ks, config.seed)
-        resumed = job.start(_run_record(config, ks, dim), model=model, optimizer=optimizer, sela=state)
-        job.announce(model, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps)))
+        resumed = job.start(_run_record(config, ks, dim, job.plan), model=model, optimizer=optimizer, sela=state)
+        job.announce(model, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)))
         train_model = job.parallel(model)
-        schedule = set(label_schedule(config.epochs, config.label_steps))
+        schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
         transform = augmentation(config)
-        if not resumed and 0 in schedule:  # the first labels come from the untrained network
+        if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
+            job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
+            job.checkpoint_or_stop()
+        elif not resumed and 0 in schedule:  # the first labels come from the untrained network
             job.log({"type": "label_step", "epoch": 0, **_label_step(job, model, dim, state, ks)})
             job.checkpoint_or_stop()
+        deadline = (job.plan or {}).get("deadline")
         for epoch in job.epochs():
+            began = time.time()
             job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask())  # step 1
             if epoch + 1 in schedule:
                 job.log({"type": "label_step", "epoch": epoch + 1, **_label_step(job, model, dim, state, ks)})
             job.end_epoch()
+            # --budget: stop between epochs when another one (and a last label step) would end past the deadline
+            if deadline and epoch + 1 < config.epochs and time.time() + (time.time() - began) > deadline:
+                if epoch + 1 not in schedule:
+                    job.log({"type": "label_step", "epoch": epoch + 1, **_label_step(job, model, dim, state, ks)})
+                job.log({"type": "budget", "epoch": epoch + 1, "epochs": config.epochs,
+                         "message": f"stopped after epoch {epoch + 1} of {config.epochs}: the next would pass the budget"})
+                job.stopped_early = epoch + 1
+                break
         job.merge_skips()
         run = _finish(job, model, state, ks)
         job.finish()
@@ -283,17 +342,17 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     _seed_prototypes(heads, views[0], keep, config.seed)
     optimizer = make_optimizer(heads, config.lr, config.momentum, config.weight_decay)
     state = SelaState.initial(len(source), ks, config.seed)
-    record = _run_record(config, ks, whiten.num_features)
+    record = _run_record(config, ks, whiten.num_features, job.plan)
     record.update(frozen={"in_dim": int(whiten.mean.numel()), "width": whiten.num_features,
                           "hidden": config.head_hidden, "pixels": net is not None})
     resumed = job.start(record, model=heads, optimizer=optimizer, sela=state)
     arch = f"{config.arch} (frozen)" if net is not None else "heads on vectors"
-    job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps)), arch=arch,
+    job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)), arch=arch,
                  views=int(views.shape[0]), width=whiten.num_features)
     job.log(origin)
     near = neighbours(views[0], config.neighbours) if config.neighbours else None
     rows = torch.from_numpy(np.flatnonzero(keep))
-    schedule = set(label_schedule(config.epochs, config.label_steps))
+    schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
 
     def label_step() -> dict:
         heads.eval()
@@ -319,12 +378,21 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     return run
 
 
+def _method(config: SelaConfig, plan: dict | None, stopped_early: int | None = None) -> dict:
+    method = {"name": "sela", "config": config.to_dict()}
+    if plan:  # how the configuration was chosen: recipe, reasons, budget and the estimate
+        method["recipe"] = {k: plan[k] for k in ("recipe", "reasons", "budget_s", "estimate") if k in plan}
+    if stopped_early:  # the config says what was planned; this says where the budget ended it
+        method.setdefault("recipe", {})["stopped_after_epoch"] = stopped_early
+    return method
+
+
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     config, source = job.config, job.source
     rows = np.flatnonzero(~job.skips.mask())
     labels = state.labels[:, rows].numpy()
     artefact = Artefact.build([source.ids[i] for i in rows], labels, ks, scores=state.scores[:, rows].numpy(),
-                              method={"name": "sela", "config": config.to_dict()}, **job.provenance())
+                              method=_method(config, job.plan, job.stopped_early), **job.provenance())
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:
         artefact.write(path)

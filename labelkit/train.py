@@ -249,6 +249,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 RESUMABLE_CHANGES = {"out", "workers", "device", "strict"}
 
 
+def _saved_record(out: Path) -> dict:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 class RunDir:
     """A run directory: refuses to mix runs, keeps ``history.jsonl`` in step with ``checkpoint.pt``.
 
@@ -291,6 +298,8 @@ class RunDir:
             return saved
         kept = self.history.read_text().splitlines()[: self.lines] if saved and self.history.exists() else []
         write_text_atomic(self.history, "".join(line + "\n" for line in kept))
+        if saved and "plan" not in record:  # the plan was made when the run started; a resume keeps it
+            record = {**record, **{k: v for k, v in _saved_record(self.out).items() if k == "plan"}}
         write_text_atomic(self.out / "config.json", json.dumps(record, indent=2))
         return saved
 

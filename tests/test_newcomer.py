@@ -86,7 +86,7 @@ def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(labelkit.sela, "run_sela", interrupted)
-    result = _cli("generate", "--data", "x.npz", "--out", tmp_path / "r")
+    result = _cli("generate", "--data", "builtin:digits", "--out", tmp_path / "r")  # the plan reads the data first
     assert result.exit_code == 130
     assert f"labelkit generate --out {tmp_path / 'r'} --resume" in result.output
 

@@ -1,0 +1,182 @@
+"""The auto recipe, the time budget, the plan and --dry-run, and the graph start."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from labelkit.config import resolve_config
+from labelkit.errors import ConfigError, DataError
+from labelkit.plan import BudgetError, Plan, _check_memory, auto_recipe, make_plan, parse_duration, profile_data
+from labelkit.sela import label_schedule
+
+from conftest import write_image
+
+
+def _digit_folder(root, count=120, size=20, seed=0):
+    """Grey images of two kinds (a bar and a ring) with noise: a folder that is easy to cluster."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    shapes = [(np.abs(xx) < 2) * 200.0, (np.abs(np.hypot(xx, yy) - size / 3) < 1.5) * 200.0]
+    for i in range(count):
+        kind = i % 2
+        pixels = np.roll(shapes[kind], rng.integers(-2, 3, 2), axis=(0, 1)) + rng.normal(0, 10, (size, size))
+        path = root / str(kind) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.mark.parametrize("text, seconds", [("15m", 900), ("2h", 7200), ("1h30m", 5400), ("90s", 90), ("10", 600),
+                                           ("1.5h", 5400), (" 2 m ", 120)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "", "15 minutes please", "0m", "m", "-5m"])
+def test_an_unreadable_budget_is_one_line_naming_the_option(text):
+    with pytest.raises(ConfigError, match="--budget"):
+        parse_duration(text)
+
+
+def test_even_label_spacing_solves_after_every_epoch():
+    assert label_schedule(10, 11, "even") == list(range(11))
+    assert label_schedule(10, 11) != list(range(11))  # the paper's quadratic spacing is the default
+
+
+def test_profile_sees_small_grey_images(tmp_path):
+    from labelkit.data import resolve
+
+    profile = profile_data(resolve(str(_digit_folder(tmp_path / "d", count=30))))
+    assert profile["samples"] == 30 and profile["grey"] and profile["side_median"] == 20
+
+
+def test_auto_recipe_fits_small_grey_images_and_colour_photos():
+    cpu = {"device": "cpu", "cores": 2}
+    small, why = auto_recipe({"samples": 10_000, "side_median": 28, "grey": True}, cpu, clusters_given=True)
+    assert (small["arch"], small["image_size"], small["augment"], small["start"]) == ("labelkit_cnn", 16, "digits", "graph")
+    assert set(why) >= {"arch", "image_size", "augment", "start"}
+    photos, _ = auto_recipe({"samples": 5_000, "side_median": 375, "grey": False}, cpu, clusters_given=True)
+    assert photos["augment"] == "paper" and photos["image_size"] < 224 and photos["arch"] != "labelkit_cnn"
+    gpu, _ = auto_recipe({"samples": 5_000, "side_median": 375, "grey": False},
+                         {"device": "cuda", "cores": 8}, clusters_given=True)
+    assert gpu["image_size"] == 224
+    huge, _ = auto_recipe({"samples": 2_000_000, "side_median": 375, "grey": False}, cpu, clusters_given=True)
+    assert huge["start"] == "random"
+
+
+def test_without_k_the_heads_over_cluster_and_truth_is_never_used():
+    recipe, why = auto_recipe({"samples": 10_000, "side_median": 28, "grey": True}, {"device": "cpu", "cores": 2},
+                              clusters_given=False)
+    assert recipe["clusters"] == (10, 30, 100) and recipe["heads"] == 3 and "never" in why["clusters"]
+
+
+def test_builtin_digits_keeps_its_recipe():
+    plan = make_plan({}, probe=False)
+    assert plan.recipe == "digits" and plan.config == resolve_config({})
+    assert plan.budget is None  # no default budget outside the auto recipe
+
+
+def test_options_given_win_over_the_auto_recipe_and_need_no_reason(tmp_path):
+    data = _digit_folder(tmp_path / "d")
+    plan = make_plan({"data": str(data), "arch": "resnet18", "image_size": 24, "epochs": 2, "clusters": (2,),
+                      "out": str(tmp_path / "run")}, budget="1h")
+    assert (plan.config.arch, plan.config.image_size, plan.config.epochs) == ("resnet18", 24, 2)
+    assert "arch" not in plan.reasons and "augment" in plan.reasons
+    assert plan.estimate["seconds"] > 0 and plan.probe["train_images_per_s"] > 0
+
+
+PROBE = {"train_images_per_s": 100.0, "label_images_per_s": 1000.0, "solve_s_per_step": 0.1, "startup_s": 2.0,
+         "graph_s": 1.0, "feature_dim": 128, "thumbnail_pixels": 768, "checkpoint_bytes": 10**6}
+
+
+def test_the_budget_sets_the_epochs(tmp_path, monkeypatch):
+    import labelkit.plan
+
+    monkeypatch.setattr(labelkit.plan, "_probe", lambda config, source: dict(PROBE))
+    data = str(_digit_folder(tmp_path / "d"))  # 120 images: 1.2 s an epoch, 0.22 s a label step
+    short = make_plan({"data": data, "clusters": (2,)}, budget="30s")
+    long = make_plan({"data": data, "clusters": (2,)}, budget="10m")
+    # 0.8 x 30 s, less start-up, graph start and the last label step, over 1.42 s per epoch and label step
+    assert short.config.epochs == 14 and long.config.epochs == labelkit.plan.AUTO_MAX_EPOCHS
+    assert short.config.label_steps == short.config.epochs + 1  # graph start: a label step after every epoch
+    assert short.estimate["label_steps"] == 14 and short.estimate["seconds"] <= 0.8 * 30
+    # the larger of the label step (float32 features + bf16 kernel) and the graph start's thumbnails (twice)
+    assert short.estimate["label_memory"] == max(120 * 128 * 4 + 120 * 2 * 2, 2 * 120 * 768 * 4)
+
+
+def test_a_budget_too_short_for_one_epoch_is_one_line(tmp_path, monkeypatch):
+    import labelkit.plan
+
+    monkeypatch.setattr(labelkit.plan, "_probe", lambda config, source: dict(PROBE))
+    data = str(_digit_folder(tmp_path / "d"))
+    with pytest.raises(BudgetError, match="too short for one epoch"):
+        make_plan({"data": data, "clusters": (2,)}, budget="4s")
+
+
+def test_images_of_wildly_different_sizes_ask_for_an_image_size(tmp_path):
+    root = tmp_path / "mixed"
+    write_image(root / "a.png", size=(16, 16))
+    write_image(root / "b.png", size=(600, 400), seed=1)
+    with pytest.raises(DataError, match="wildly different sizes.*--image-size"):
+        make_plan({"data": str(root)})
+    assert make_plan({"data": str(root), "image_size": 32, "clusters": (2,)}, probe=False).config.image_size == 32
+
+
+def test_a_label_step_larger_than_memory_stops_up_front():
+    plan = Plan(config=resolve_config({}), recipe="auto", machine={"device": "cpu", "ram_available": 10**9})
+    with pytest.raises(BudgetError, match="--clusters"):
+        _check_memory(plan, 2 * 10**9)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    from labelkit.cli import main as cli
+
+    data = _digit_folder(tmp_path / "d")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["generate", "--data", str(data), "--clusters", "2", "--dry-run", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "plan: recipe auto" in result.output and "estimate:" in result.output and "start: graph" in result.output
+    assert not out.exists()
+    bad = CliRunner().invoke(cli, ["generate", "--data", str(data), "--budget", "soon", "--out", str(out)])
+    assert bad.exit_code != 0 and "--budget 'soon'" in bad.output and not out.exists()
+
+
+def test_spectral_labels_beat_kmeans_on_the_pixels_of_digits():
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from labelkit.graph import spectral_labels
+
+    x, truth = load_digits(return_X_y=True)
+    kmeans = normalized_mutual_info_score(truth, KMeans(10, n_init=3, random_state=0).fit_predict(x))  # 0.74
+    scores = []
+    for seed in range(3):
+        labels, info = spectral_labels(x, [10, 20], seed=seed)
+        assert labels.shape == (2, len(x)) and labels[1].max() == 19 and info["neighbours"] == 10
+        scores.append(normalized_mutual_info_score(truth, labels[0]))
+    assert min(scores) > kmeans + 0.05  # measured: 0.877, 0.892, 0.892
+
+
+def test_an_auto_run_starts_from_the_graph_and_records_its_plan(tmp_path):
+    from labelkit.artefact import read_artefact
+    from labelkit.cli import main as cli
+
+    data = _digit_folder(tmp_path / "d")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["generate", "--data", str(data), "--clusters", "2", "--epochs", "2",
+                                      "--budget", "10m", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    start = next(r for r in history if r["type"] == "start")
+    assert start["grey"] and start["heads"][0]["nmi"] > 0.9  # bars and rings are apart in the pixels already
+    steps = [r["epoch"] for r in history if r["type"] == "label_step"]
+    assert steps == [1, 2]  # the start replaced the label step at epoch 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["plan"]["recipe"] == "auto" and record["config"]["start"] == "graph"
+    method = read_artefact(out / "labels.parquet").metadata["method"]
+    assert method["recipe"]["recipe"] == "auto" and "augment" in method["recipe"]["reasons"]
