@@ -54,7 +54,7 @@ def main() -> None:
     except ImportError:
         umap = None
         print("umap-learn is not installed (pip install umap-learn): no UMAP baseline", file=sys.stderr)
-    if umap is not None:
+    if umap is not None and args.umap_seeds:
         umap.UMAP(n_components=10, n_neighbors=15, min_dist=0.0, random_state=0).fit_transform(x[:500])  # JIT warm-up
         for seed in range(args.umap_seeds):
             start = time.perf_counter()

@@ -37,10 +37,11 @@ def _d(name: str) -> str:
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
 @weights_options
 @click.option("--out", default=None, type=click.Path(file_okay=False), help=f"Run directory {_d('out')}.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (time, memory, disk, probed on this machine) and exit.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML options file.")
 @click.option("--quiet", is_flag=True, help="No progress bars or epoch lines.")
-def transfer(resume, config_file, quiet, **options) -> None:
+def transfer(dry_run, resume, config_file, quiet, **options) -> None:
     """Train an architecture from scratch on an artefact's labels (label transfer, SeLa section 4.3).
 
     Writes model.safetensors, config.json, history.jsonl and labels.parquet: the trained model's own
@@ -60,6 +61,13 @@ def transfer(resume, config_file, quiet, **options) -> None:
 
     config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES, resume=resume)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    if main_rank and (dry_run or not quiet) and not resume:
+        from labelkit.plan import plan_transfer
+
+        for line in plan_transfer(config).lines():
+            click.echo(line, err=not dry_run)
+    if dry_run:
+        return
     with interrupted("transfer", config.out):
         run = run_transfer(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None)
     if not main_rank:

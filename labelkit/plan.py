@@ -26,12 +26,12 @@ import torch
 from .config import RECIPE_NAMES, RECIPES, SelaConfig, resolve_config
 from .errors import ConfigError, DataError
 
-__all__ = ["Plan", "make_plan", "parse_duration", "profile_data", "machine_info", "auto_recipe", "RECIPE_NAMES",
+__all__ = ["Plan", "make_plan", "plan_transfer", "parse_duration", "profile_data", "machine_info", "auto_recipe", "RECIPE_NAMES",
            "DEFAULT_CPU_BUDGET"]
 
 DEFAULT_CPU_BUDGET = 15 * 60  # seconds: a run on a CPU ends within this unless --budget says otherwise
 SMALL_SIDE = 64  # images at most this many pixels on their shorter side are "small" (digits, icons, CIFAR)
-AUTO_MAX_EPOCHS = 20  # with the graph start, labels settle in 10-20 epochs (10k-image folder: NMI 0.917 after 10 epochs, 0.904 after 37)
+AUTO_MAX_EPOCHS = 12  # with the graph start, more epochs drifted: a 10k-image folder gave NMI 0.933 after 12, 0.895 after 20
 AUTO_MIN_EPOCHS = 3
 BUDGET_SHARE = 0.8  # plan to this share of --budget; the run stops early, between epochs, if it must
 
@@ -239,23 +239,30 @@ class Plan:
     def lines(self) -> list[str]:
         """The plan as a person reads it."""
         c, e = self.config, self.estimate
-        out = [f"plan: recipe {self.recipe} for {c.data} ({self.profile.get('samples', 0):,} samples"
+        what = f"recipe {self.recipe}" if isinstance(c, SelaConfig) else "transfer"
+        out = [f"plan: {what} for {c.data} ({self.profile.get('samples', 0):,} samples"
                + (f", {self.profile['side_median']} px {'grey' if self.profile['grey'] else 'colour'}"
                   if "side_median" in self.profile else "") + f") on {self.machine.get('device', '?')}"
                + (f" ({self.machine['cores']} cores)" if self.machine.get("device") == "cpu" else "")]
-        out.append(f"  {c.arch} at {c.image_size} px, heads {c.head_clusters()}, {c.epochs} epochs, "
-                   f"{e.get('label_steps', c.label_steps)} label steps, batch {c.batch_size}, augment {c.augment}, "
-                   f"start {c.start}")
+        if isinstance(c, SelaConfig):
+            out.append(f"  {c.arch} at {c.image_size} px, heads {c.head_clusters()}, {c.epochs} epochs, "
+                       f"{e.get('label_steps', c.label_steps)} label steps, batch {c.batch_size}, augment {c.augment}, "
+                       f"start {c.start}")
+        else:
+            out.append(f"  {c.arch} at {c.image_size} px trained on {c.labels} (heads {c.heads}), {c.epochs} epochs, "
+                       f"batch {c.batch_size}, augment {c.augment}")
         for name, reason in self.reasons.items():
             out.append(f"  {name}: {reason}")
         if e:
             budget = f" (budget {_clock(self.budget)})" if self.budget else ""
-            out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; label step peak memory "
+            step = "label step" if isinstance(c, SelaConfig) else "prediction pass"
+            out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; {step} peak memory "
                        f"{_bytes(e['label_memory'])}; disk {_bytes(e['disk'])}")
             if self.probe:
                 out.append(f"  probe: {self.probe['train_images_per_s']:.0f} img/s training, "
-                           f"{self.probe['label_images_per_s']:.0f} img/s label pass, solve "
-                           f"{self.probe['solve_s_per_step']:.2f} s per label step")
+                           f"{self.probe['label_images_per_s']:.0f} img/s label pass"
+                           + (f", solve {self.probe['solve_s_per_step']:.2f} s per label step"
+                              if isinstance(c, SelaConfig) else ""))
         return out
 
 
@@ -409,13 +416,13 @@ def _check_memory(plan: Plan, needed: int) -> None:
                           "lower --clusters or --heads, or use --freeze with --pca to label smaller features")
 
 
-def _probe(config: SelaConfig, source) -> dict:
+def _probe(config, source, ks: list[int] | None = None) -> dict:
     """Time this run's own pieces on this machine: a few training batches through the real loader and
     augmentation, a label pass batch, and one solve on a sample; returns throughputs and sizes."""
     from .graph import GRAPH_THUMBNAIL
     from .loading import eval_transform, make_loader
     from .models import SelaModel, create_backbone, feature_dim
-    from .sela import augmentation
+    from .loading import augmentation_preset
     from .sinkhorn import solve
     from .train import resolve_device
 
@@ -424,14 +431,15 @@ def _probe(config: SelaConfig, source) -> dict:
     state = torch.get_rng_state()
     torch.manual_seed(config.seed)
     try:
-        ks = config.head_clusters()
+        solves = ks is None  # a SeLa run solves; a transfer run (ks given: its heads' K) does not
+        ks = config.head_clusters() if solves else ks
         backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
-        model = SelaModel(backbone, ks, config.head_temperature).to(device)
+        model = SelaModel(backbone, ks, getattr(config, "head_temperature", None)).to(device)
         dim = feature_dim(model.backbone)
         startup = time.perf_counter() - started
         batch = min(config.batch_size, max(8, len(source) // 4))  # at least one timed batch after the first
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        loader = make_loader(source, augmentation(config), batch_size=batch, workers=config.workers, shuffle=True,
+        loader = make_loader(source, augmentation_preset(config.augment, config.image_size), batch_size=batch, workers=config.workers, shuffle=True,
                              keep=None, rank=0, world=1, seed=config.seed, epoch=0)
         timed, images, t0 = 0, 0, None
         for i, (_indices, x, _bad) in enumerate(loader):
@@ -466,7 +474,7 @@ def _probe(config: SelaConfig, source) -> dict:
         label_rate = seen / (time.perf_counter() - t1) if seen else 1.0
         rows = min(len(source), 20_000)
         solve_s = 0.0
-        for k in sorted(set(ks)):
+        for k in sorted(set(ks)) if solves else []:
             logits = torch.randn(rows, k) * 2
             t2 = time.perf_counter()
             solve(logits, lam=config.lam, tol=config.sinkhorn_tol, exact_balance=config.exact_balance)
@@ -482,3 +490,29 @@ def _probe(config: SelaConfig, source) -> dict:
             "graph_s": round(len(source) / label_rate + 4.5e-4 * len(source), 2),
             "feature_dim": int(dim), "thumbnail_pixels": 3 * side * side, "checkpoint_bytes": int(checkpoint),
             "probe_s": round(time.perf_counter() - started, 2)}
+
+
+def plan_transfer(config, *, probe: bool = True) -> Plan:
+    """The plan of a ``transfer`` run: its configuration and, probed on this machine, the estimated wall time
+    (training epochs and the final prediction pass), the prediction pass's memory and the disk use."""
+    from .artefact import read_artefact
+    from .data import resolve
+    from .scoring import parse_heads
+
+    parent = read_artefact(config.labels)
+    ks = [parent.heads[h].k for h in parse_heads(config.heads, parent.num_heads, option="--heads")]
+    source = resolve(config.data)
+    n = len(source)
+    plan = Plan(config, recipe="transfer", machine=machine_info(config.device), profile={"samples": n})
+    if not probe or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return plan
+    plan.probe = _probe(config, source, ks=ks)
+    per_epoch = n / plan.probe["train_images_per_s"]
+    predict = n / plan.probe["label_images_per_s"]
+    seconds = plan.probe["startup_s"] + config.epochs * per_epoch + predict
+    memory = n * (plan.probe["feature_dim"] * 4 + sum(ks) * 4)  # features, or each head's scores, of every sample
+    disk = 2 * plan.probe["checkpoint_bytes"] + n * (len(ks) * 8 + 24) + 4096 * config.epochs
+    plan.estimate = {"seconds": round(seconds, 1), "label_memory": int(memory), "disk": int(disk),
+                     "label_steps": 0, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(predict, 2)}
+    _check_memory(plan, memory)
+    return plan

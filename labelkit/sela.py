@@ -218,9 +218,11 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         state = SelaState.initial(len(job.source), ks, config.seed)
         resumed = job.start(_run_record(config, ks, dim, job.plan), model=model, optimizer=optimizer, sela=state)
-        job.announce(model, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)))
-        train_model = job.parallel(model)
         schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
+        if config.start == "graph":  # the graph start takes the place of the label step at epoch 0
+            schedule.discard(0)
+        job.announce(model, heads=ks, label_steps=len(schedule))
+        train_model = job.parallel(model)
         transform = augmentation(config)
         if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
             job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
