@@ -32,7 +32,6 @@ __all__ = ["Plan", "make_plan", "plan_transfer", "parse_duration", "profile_data
 DEFAULT_CPU_BUDGET = 15 * 60  # seconds: a run on a CPU ends within this unless --budget says otherwise
 SMALL_SIDE = 64  # images at most this many pixels on their shorter side are "small" (digits, icons, CIFAR)
 AUTO_MAX_EPOCHS = 12  # with the graph start, more epochs drifted: a 10k-image folder gave NMI 0.933 after 12, 0.895 after 20
-AUTO_MIN_EPOCHS = 3
 BUDGET_SHARE = 0.8  # plan to this share of --budget; the run stops early, between epochs, if it must
 
 
@@ -245,8 +244,8 @@ class Plan:
                   if "side_median" in self.profile else "") + f") on {self.machine.get('device', '?')}"
                + (f" ({self.machine['cores']} cores)" if self.machine.get("device") == "cpu" else "")]
         if isinstance(c, SelaConfig):
-            out.append(f"  {c.arch} at {c.image_size} px, heads {c.head_clusters()}, {c.epochs} epochs, "
-                       f"{e.get('label_steps', c.label_steps)} label steps, batch {c.batch_size}, augment {c.augment}, "
+            out.append(f"  {c.arch} at {c.image_size} px, heads {c.head_clusters()}, {_plural(c.epochs, 'epoch')}, "
+                       f"{_plural(e.get('label_steps', c.label_steps), 'label step')}, batch {c.batch_size}, augment {c.augment}, "
                        f"start {c.start}")
         else:
             out.append(f"  {c.arch} at {c.image_size} px trained on {c.labels} (heads {c.heads}), {c.epochs} epochs, "
@@ -264,6 +263,10 @@ class Plan:
                            + (f", solve {self.probe['solve_s_per_step']:.2f} s per label step"
                               if isinstance(c, SelaConfig) else ""))
         return out
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _clock(seconds: float | None) -> str:
@@ -385,19 +388,20 @@ def _fit_budget(plan: Plan, *, epochs_given: bool, steps_given: bool) -> None:
                               "--image-size or --arch")
         cap = AUTO_MAX_EPOCHS if plan.recipe == "auto" else config.epochs
         epochs = min(epochs, cap)
-        if plan.recipe == "auto":
-            epochs = max(epochs, min(AUTO_MIN_EPOCHS, epochs))
         if every or not steps_given:
             steps = epochs + 1 if every else max(1, round(steps * epochs / max(1, config.epochs)))
         plan.config = dataclasses.replace(config, epochs=epochs, label_steps=steps)
-        plan.reasons["epochs"] = (f"{epochs} epochs and {steps} label steps fit the {_clock(plan.budget)} budget at the "
-                                  "probed speed" + (f" (at most {cap})" if epochs == cap else ""))
     from .sela import label_schedule
 
     count = len(label_schedule(plan.config.epochs, plan.config.label_steps, plan.config.label_spacing))
     if plan.config.start == "graph":
         count -= 1 if 0 in label_schedule(plan.config.epochs, plan.config.label_steps, plan.config.label_spacing) else 0
     seconds = fixed + plan.config.epochs * per_epoch + count * per_step
+    if "epochs" in plan.reasons or (plan.budget is not None and not epochs_given):
+        plan.reasons["epochs"] = (f"{_plural(plan.config.epochs, 'epoch')} and {_plural(count, 'label step')} fit the "
+                                  f"{_clock(plan.budget)} budget at the probed speed"
+                                  + (" (the recipe's most)" if plan.config.epochs == AUTO_MAX_EPOCHS
+                                     and plan.recipe == "auto" else ""))
     label_memory = n * probe["feature_dim"] * 4 + n * max(ks) * 2  # float32 features + the bf16 kernel
     if plan.config.start == "graph":
         label_memory = max(label_memory, n * probe["thumbnail_pixels"] * 4 * 2)
