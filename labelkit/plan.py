@@ -366,6 +366,7 @@ def _fit_budget(plan: Plan, *, epochs_given: bool, steps_given: bool) -> None:
     probe = _probe(config, source)
     plan.probe = probe
     n = len(source)
+    plan.profile.setdefault("samples", n)
     ks = config.head_clusters()
     fixed = probe["startup_s"] + (probe["graph_s"] if config.start == "graph" else 0.0)
     per_step = n / probe["label_images_per_s"] + probe["solve_s_per_step"]

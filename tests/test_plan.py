@@ -140,6 +140,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     result = CliRunner().invoke(cli, ["generate", "--data", str(data), "--clusters", "2", "--dry-run", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "plan: recipe auto" in result.output and "estimate:" in result.output and "start: graph" in result.output
+    assert "(120 samples, 20 px grey)" in result.output
     assert not out.exists()
     bad = CliRunner().invoke(cli, ["generate", "--data", str(data), "--budget", "soon", "--out", str(out)])
     assert bad.exit_code != 0 and "--budget 'soon'" in bad.output and not out.exists()
