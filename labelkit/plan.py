@@ -309,6 +309,7 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
     data = chosen.get("data", SelaConfig.data)
     name = recipe or ("digits" if data in RECIPES else "auto")
     base = resolve_config(options, config_file, recipes=_recipes_for(name, data))
+    source = None  # resolved once (a folder or shard scan can take a while) and shared by profile and probe
     if base.frozen or name != "auto":
         plan = Plan(base, recipe=name if not base.frozen else f"{name} (fixed features)")
     else:
@@ -329,7 +330,8 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
         plan.reasons["budget"] = f"{_clock(seconds)} (the default on a CPU; --budget changes it)"
     plan.budget = seconds
     if probe and not plan.config.frozen and not distributed:
-        _fit_budget(plan, epochs_given="epochs" in chosen, steps_given="label_steps" in chosen)
+        _fit_budget(plan, source or resolve(plan.config.data), epochs_given="epochs" in chosen,
+                    steps_given="label_steps" in chosen)
     return plan
 
 
@@ -357,12 +359,9 @@ def _check_sizes(profile: dict, chosen: dict) -> None:
                         "image is resized to it) or sort them into separate folders")
 
 
-def _fit_budget(plan: Plan, *, epochs_given: bool, steps_given: bool) -> None:
+def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) -> None:
     """Probe this machine, set the epochs (and label steps) to fit the budget, and estimate the run."""
-    from .data import resolve
-
     config = plan.config
-    source = resolve(config.data)
     probe = _probe(config, source)
     plan.probe = probe
     n = len(source)
