@@ -30,11 +30,15 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"parents    {', '.join(p[:16] + '…' for p in parents) if parents else '-'}")
     click.echo(f"heads      {summary['num_heads']}")
     click.echo(f"  {'head':<8}{'K':>7}{'min size':>10}{'max size':>10}{'mean':>10}{'empty':>7}")
-    for head in summary["heads"]:
+    voted = (method.get("consensus") or {}).get("head")
+    for h, head in enumerate(summary["heads"]):
         click.echo(
             f"  {head['name']:<8}{head['k']:>7}{head['size_min']:>10}{head['size_max']:>10}"
-            f"{head['size_mean']:>10.1f}{head['empty']:>7}"
+            f"{head['size_mean']:>10.1f}{head['empty']:>7}" + ("  consensus of the others" if h == voted else "")
         )
+    which = (method.get("quality") or {}).get("recommended_k")
+    if which:
+        click.echo(f"which K    {which['k']} recommended (label-free; labelkit metrics ARTEFACT shows the table)")
 
 
 @click.command(short_help="Heads, K, rows, id, provenance and cluster sizes.")

@@ -59,6 +59,17 @@ def _clusters(ctx, param, value):
 @click.option("--exact-balance/--argmax", default=None,
               help="Round the transport plan so every cluster holds floor/ceil(N/K) samples, or take the "
                    "paper's plain argmax of Q [exact-balance]; works under torchrun too.")
+@click.option("--prior", default=None, metavar="PRIOR",
+              help="Cluster sizes each label step solves for: uniform (the paper's equal sizes), powerlaw:ALPHA "
+                   "(sizes ~ rank^-ALPHA, largest to the most-predicted cluster) or sizes:S1,S2,… (relative, "
+                   "one per cluster) [uniform].")
+@click.option("--balance", type=float, default=None, metavar="TAU",
+              help="Relax the sizes: a KL penalty TAU instead of a hard constraint, so sizes follow the data; "
+                   "smaller is looser (0.1 loose, 10 nearly equal); every cluster keeps 20% of its prior size "
+                   "[off: sizes held exactly].")
+@click.option("--consensus/--no-consensus", default=None,
+              help="Append the heads' consensus (aligned by Hungarian matching, then voted) as one more head "
+                   f"{_d('consensus')}.")
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
@@ -83,7 +94,7 @@ def _clusters(ctx, param, value):
 def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> None:
     """Self-label a data set with SeLa and write a label artefact and a checkpoint.
 
-    With no options it runs the digits recipe on builtin:digits (about 2 minutes on 2 CPU cores) and prints
+    With no options it runs the digits recipe on builtin:digits (about 9 minutes on 2 CPU cores) and prints
     the NMI against the true digits.
 
     \b
@@ -122,9 +133,25 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
     if run.skipped:
         click.echo(f"skipped {len(run.skipped)} undecodable sample(s), e.g. {run.skipped[0]['sample_id']}")
     if run.metrics:
-        for m in run.metrics:
+        first = run.consensus["head"] if run.consensus else None
+        order = ([first] if first is not None else []) + [m["head"] for m in run.metrics if m["head"] != first]
+        for h in order:
+            m = run.metrics[h]
             acc = f"  accuracy {m['accuracy']:.3f}" if m["accuracy"] is not None else ""
-            click.echo(f"head {m['head']} (K={m['k']}): NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  purity {m['purity']:.3f}{acc}")
+            name = f"consensus, head {h}" if h == first else f"head {h}"
+            click.echo(f"{name} (K={m['k']}): NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  purity {m['purity']:.3f}{acc}")
+    elif run.consensus:
+        c = run.consensus
+        click.echo(f"consensus, head {c['head']} (K={c['k']}): heads agree with it on {c['mean_score']:.1%} of votes")
+    which = (run.quality or {}).get("recommended_k")
+    if which:
+        click.echo("which K (no ground truth used): k-means = AMI with k-means of K clusters on the label step's "
+                   "features, heads = AMI between heads of that K")
+        click.echo(f"  {'K':>6} {'k-means':>9} {'heads':>9} {'stability':>9} {'probe acc':>9} {'balance':>9}")
+        for row in which["table"]:
+            cells = [row[name] for name in ("agreement_kmeans", "agreement_heads", "stability", "generalisation", "balance")]
+            text = " ".join("        -" if v is None else f"{v:>9.3f}" for v in cells)
+            click.echo(f"  {row['k']:>6} {text}{'   <- recommended' if row['k'] == which['k'] else ''}")
 
 
 COMMANDS = [generate]

@@ -33,12 +33,20 @@ def _fmt(value, digits=4):
 def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plot) -> None:
     """NMI, AMI, ARI, accuracy, purity, per-cluster entropy and cluster sizes, per head.
 
+    With neither --truth nor --against: label-free quality per head (agreement with the other heads of its K,
+    stability, linear-probe generalisation, size balance) and, when heads differ in K, the K to keep.
+
+    \b
     Example: labelkit metrics runs/sela/labels.parquet --truth builtin:digits --plot metrics.png
+    Example: labelkit metrics runs/sela/labels.parquet
     """
     from labelkit.artefact import read_artefact
-    from labelkit.scoring import score_artefact
+    from labelkit.scoring import label_free, score_artefact
 
     art = read_artefact(artefact)
+    if truth is None and against is None:
+        _label_free(artefact, label_free(art, heads), as_json)
+        return
     result = score_artefact(art, truth=truth, against=against, heads=heads, min_coverage=min_coverage, average=average)
     if plot:
         from labelkit.plots import metrics_figure
@@ -62,4 +70,50 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
         click.echo(f"wrote {plot}")
 
 
-COMMANDS = [metrics]
+def _label_free(path: str, result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{path}: label-free quality of {result['n']:,} samples (no ground truth)")
+    click.echo(f"{'head':>4} {'K':>6} {'k-means':>8} {'heads':>8} {'stability':>9} {'probe acc':>9} {'balance':>8}")
+    for h in result["heads"]:
+        click.echo(f"{h['head']:>4} {h['k']:>6} {_fmt(h['agreement_kmeans'], 3):>8} {_fmt(h['agreement_heads'], 3):>8} "
+                   f"{_fmt(h['stability'], 3):>9} {_fmt(h['generalisation'], 3):>9} {_fmt(h['balance'], 3):>8}")
+    which = result["recommended_k"]
+    if which:
+        click.echo(f"recommended K: {which['k']} (its labels agree most with an independent clustering: AMI "
+                   f"{next(r['agreement'] for r in which['table'] if r['k'] == which['k']):.3f})")
+    click.echo("k-means: AMI with k-means of K clusters on the run's features (as the run recorded it); heads: mean "
+               "AMI with the other heads of that K; stability: NMI with the previous label step; probe acc: "
+               "cross-validated linear probe; balance: size entropy / log K")
+
+
+@click.command(short_help="Consensus labels of an artefact's heads (aligned, then voted).")
+@click.argument("artefact", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Artefact to write (.parquet).")
+@click.option("--k", "k", type=int, default=None, help="K of the consensus [that of the reference head, else head 0].")
+@click.option("--reference", type=int, default=None,
+              help="Head the others are aligned to [the head of that K agreeing most with the others].")
+@click.option("--head", "heads", default="all", show_default=True, help="Heads that vote: a list (0,1,3) or all.")
+def consensus(artefact, out, k, reference, heads) -> None:
+    """Align the heads of an artefact (Hungarian matching for the same K, contingency for others) and vote.
+
+    The result has one head and a score column (the share of heads that agree with each label); its parent
+    is ARTEFACT.
+
+    Example: labelkit consensus runs/digits/labels.parquet --out consensus.parquet
+    """
+    from labelkit.artefact import read_artefact
+    from labelkit.consensus import consensus_artefact
+    from labelkit.scoring import parse_heads
+
+    art = read_artefact(artefact)
+    voting = None if heads == "all" else parse_heads(heads, art.num_heads)
+    result, info = consensus_artefact(art, k=k, reference=reference, heads=voting)
+    result.write(out)
+    click.echo(f"wrote {out}: consensus of heads {info.heads} (K={info.k}, reference head {info.reference}); "
+               f"{info.scores.mean():.1%} of votes agree with it; NMI of each head with it: "
+               + ", ".join(f"{a:.3f}" for a in info.agreement))
+
+
+COMMANDS = [metrics, consensus]

@@ -128,6 +128,21 @@ METADATA_SCHEMA: dict = {
                 "source": {"type": "string", "description": "File name the labels were imported from."},
                 "recipe": {"type": "object", "description": "How the configuration was chosen (labelkit.plan): "
                            "recipe name, the reason for each choice, the time budget and the estimates."},
+                "quality": {
+                    "type": "object",
+                    "description": "Label-free quality (labelkit.quality): per head the agreement (AMI) with "
+                                   "peers of the same K, stability against the previous label step, linear-probe "
+                                   "generalisation and size balance; the recommended K when heads differ in K.",
+                    "properties": {"heads": {"type": "array", "items": {"type": "object", "required": ["head", "k"]}},
+                                   "recommended_k": {"type": "object", "required": ["k"]}},
+                },
+                "consensus": {
+                    "type": "object",
+                    "description": "How the consensus labels were voted (labelkit.consensus): the head that holds "
+                                   "them (in a generate artefact), the reference head, the voting heads and each "
+                                   "one's NMI with the result; the score column is the share of heads that agree.",
+                    "required": ["reference", "k", "heads"],
+                },
                 "sha256": _SHA256,
             },
         },

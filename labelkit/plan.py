@@ -246,7 +246,8 @@ class Plan:
         if isinstance(c, SelaConfig):
             out.append(f"  {c.arch} at {c.image_size} px, heads {c.head_clusters()}, {_plural(c.epochs, 'epoch')}, "
                        f"{_plural(e.get('label_steps', c.label_steps), 'label step')}, batch {c.batch_size}, augment {c.augment}, "
-                       f"start {c.start}")
+                       f"start {c.start}" + (f", prior {c.prior}" if c.prior != "uniform" else "")
+                       + (f", balance {c.balance:g}" if c.balance is not None else ""))
         else:
             out.append(f"  {c.arch} at {c.image_size} px trained on {c.labels} (heads {c.heads}), {c.epochs} epochs, "
                        f"batch {c.batch_size}, augment {c.augment}")
@@ -368,7 +369,7 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
     plan.profile.setdefault("samples", n)
     ks = config.head_clusters()
     fixed = probe["startup_s"] + (probe["graph_s"] if config.start == "graph" else 0.0)
-    per_step = n / probe["label_images_per_s"] + probe["solve_s_per_step"]
+    per_step = config.label_views * n / probe["label_images_per_s"] + probe["solve_s_per_step"]
     per_epoch = n / probe["train_images_per_s"]
     every = config.label_spacing == "even" and config.label_steps >= config.epochs
     epochs, steps = config.epochs, config.label_steps
@@ -427,6 +428,7 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
     from .loading import eval_transform, make_loader
     from .models import SelaModel, create_backbone, feature_dim
     from .loading import augmentation_preset
+    from .sela import solver_options
     from .sinkhorn import solve
     from .train import resolve_device
 
@@ -481,7 +483,7 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
         for k in sorted(set(ks)) if solves else []:
             logits = torch.randn(rows, k) * 2
             t2 = time.perf_counter()
-            solve(logits, lam=config.lam, tol=config.sinkhorn_tol, exact_balance=config.exact_balance)
+            solve(logits, lam=config.lam, tol=config.sinkhorn_tol, **solver_options(config, k, rows))
             solve_s += (time.perf_counter() - t2) * ks.count(k) * len(source) / rows
         checkpoint = sum(p.numel() * p.element_size() * 2 for p in model.parameters())
     finally:

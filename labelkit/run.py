@@ -60,6 +60,9 @@ class Job:
         self.resumed = False
         self.plan: dict | None = None  # how the configuration was chosen (labelkit.plan), recorded with the run
         self.stopped_early: int | None = None  # the epoch after which --budget ended training, if it did
+        # the last label step's features (this rank's rows) and the labels before it: label-free quality
+        self.label_features: tuple | None = None
+        self.previous_labels = None
 
     # -- process and signal lifetime -----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from .artefact import Artefact, read_artefact
 from .errors import ConfigError, DataError
 from .metrics import compare, size_stats
 
-__all__ = ["load_truth", "score_artefact", "parse_heads"]
+__all__ = ["load_truth", "score_artefact", "parse_heads", "label_free"]
 
 
 def _read_label_table(path: Path) -> tuple[pa.Array, np.ndarray]:
@@ -74,6 +74,34 @@ def parse_heads(heads: str | None, available: int, option: str = "--head") -> li
     return chosen
 
 
+def label_free(artefact: Artefact | str | os.PathLike, heads: str | None = None) -> dict:
+    """Per-head quality without ground truth (:mod:`labelkit.quality`): agreement between heads of the same K
+    and size balance from the labels; stability, linear-probe generalisation and k-means agreement as the run
+    that made the artefact recorded them (they need its features). A consensus head is no independent peer:
+    it is left out of the agreement and of the choice of K."""
+    from .quality import head_quality, recommend_k
+
+    art = artefact if isinstance(artefact, Artefact) else read_artefact(artefact)
+    ks = [h.k for h in art.heads]
+    voted = (art.metadata["method"].get("consensus") or {}).get("head")
+    own = [h for h in range(art.num_heads) if h != voted]
+    rows = {h: row for h, row in zip(own, head_quality(art.label_matrix()[own], [ks[h] for h in own]))}
+    recorded = {r["head"]: r for r in (art.metadata["method"].get("quality") or {}).get("heads", [])}
+    for h, row in rows.items():
+        row["head"] = h
+        saved = recorded.get(h, {})
+        for name in ("agreement_kmeans", "stability", "generalisation"):
+            row[name] = saved.get(name)
+        if row["agreement_kmeans"] is not None:  # judged as the run judged it, against k-means on its features
+            row["agreement"] = row["agreement_kmeans"]
+    if voted is not None:
+        rows[voted] = head_quality(art.labels(voted)[None], [ks[voted]])[0]
+        rows[voted]["head"] = voted
+    chosen = parse_heads(heads, art.num_heads)
+    return {"artefact_id": art.artefact_id, "n": art.num_samples, "heads": [rows[h] for h in chosen],
+            "recommended_k": recommend_k([rows[h] for h in own])}
+
+
 def score_artefact(
     artefact: Artefact | str | os.PathLike,
     *,
@@ -89,7 +117,7 @@ def score_artefact(
     Against another artefact, head h is compared with its head h (or its only head).
     """
     if (truth is None) == (against is None):
-        raise ConfigError("give exactly one of --truth SPEC or --against ARTEFACT")
+        raise ConfigError("give one of --truth SPEC or --against ARTEFACT, not both (neither: label_free)")
     if not 0.0 <= min_coverage <= 1.0:
         raise ConfigError(f"--min-coverage must lie in [0, 1], got {min_coverage}")
     art = artefact if isinstance(artefact, Artefact) else read_artefact(artefact)

@@ -17,18 +17,20 @@ import numpy as np
 import torch
 
 from .artefact import Artefact, producer_versions
-from .config import SelaConfig
+from .config import SelaConfig, solver_prior
+from .consensus import consensus_labels
 from .errors import ConfigError
 from .features import FeatureTrunk, Whiten, cached_views, neighbours, train_heads_epoch
 from .graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
 from .loading import augmentation_preset, eval_transform, pretrained_transforms
 from .metrics import agreement
+from .quality import head_quality, recommend_k
 from .models import SelaModel, create_backbone, feature_dim
 from .run import Job
 from .sinkhorn import kernel_buffer, solve
 from .train import Reporter, extract_features, learning_rate, make_optimizer, seed_everything
 
-__all__ = ["run_sela", "label_schedule", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
+__all__ = ["run_sela", "label_schedule", "solver_options", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
 
 
 def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
@@ -58,6 +60,8 @@ class SelaRun:
     seconds: float
     skipped: list[dict]
     history: Path
+    quality: dict | None = None  # label-free quality per head and the recommended K (labelkit.quality)
+    consensus: dict | None = None  # the consensus head, when one was appended
 
 
 @dataclass
@@ -91,6 +95,13 @@ def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None =
     if plan:
         record["plan"] = plan
     return record
+
+
+def solver_options(config: SelaConfig, k: int, n: int) -> dict:
+    """Prior, balance and rounding of a head's solve: exact-balance rounding is for equal sizes only."""
+    equal = config.prior.strip().lower() == "uniform" and config.balance is None
+    return {"prior": solver_prior(config, k, n), "balance": config.balance, "floor": config.balance_floor,
+            "exact_balance": config.exact_balance and equal}
 
 
 def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int]) -> dict:
@@ -156,6 +167,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     config, dist, source = job.config, job.dist, job.source
     everyone = np.flatnonzero(labelled)
     previous = state.labels[:, everyone].numpy()
+    job.previous_labels = state.labels.clone()
+    job.label_features = (rows.numpy(), features)
     buffer = kernel_buffer(len(rows), max(ks), device=job.device)
     job.reporter.phase("solve", len(ks))
     heads = []
@@ -166,8 +179,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
         with warnings.catch_warnings():  # an unconverged solve is recorded in the history instead
             warnings.simplefilter("ignore", RuntimeWarning)
             result = solve(features=features, weight=weight.detach().float(), bias=bias,
-                           lam=config.lam, tol=config.sinkhorn_tol, warm_start=state.potentials[h],
-                           exact_balance=config.exact_balance, buffer=buffer, device=job.device, group=dist.group)
+                           lam=config.lam, tol=config.sinkhorn_tol, warm_start=state.potentials[h], buffer=buffer,
+                           device=job.device, group=dist.group, **solver_options(config, ks[h], len(everyone)))
         state.potentials[h] = torch.from_numpy(result.potentials)
         gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([result.labels.astype(np.float64),
                                                                           result.scores.astype(np.float64)]))
@@ -389,12 +402,41 @@ def _method(config: SelaConfig, plan: dict | None, stopped_early: int | None = N
     return method
 
 
+def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
+    """Label-free quality of every head on this rank's rows of the last label step, and the K to keep."""
+    if job.label_features is None or not job.dist.main:
+        return None
+    rows, features = job.label_features
+    previous = job.previous_labels[:, rows].numpy() if job.previous_labels is not None else None
+    heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.float().cpu().numpy(),
+                         previous=previous, seed=job.config.seed)
+    record = {"heads": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]}
+    which = recommend_k(heads)
+    if which:
+        record["recommended_k"] = which
+    return record
+
+
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     config, source = job.config, job.source
     rows = np.flatnonzero(~job.skips.mask())
     labels = state.labels[:, rows].numpy()
-    artefact = Artefact.build([source.ids[i] for i in rows], labels, ks, scores=state.scores[:, rows].numpy(),
-                              method=_method(config, job.plan, job.stopped_early), **job.provenance())
+    scores = state.scores[:, rows].numpy()
+    method = _method(config, job.plan, job.stopped_early)
+    quality = _quality(job, state, ks)
+    if quality:
+        method["quality"] = quality
+        job.log({"type": "quality", **quality})
+    heads_k = list(ks)
+    if config.consensus and len(ks) > 1:  # appended as one more head, after the heads it was voted from
+        agreed = consensus_labels(labels, ks)
+        labels = np.concatenate([labels, agreed.labels[None]])
+        scores = np.concatenate([scores, agreed.scores[None]])
+        heads_k.append(agreed.k)
+        method["consensus"] = {"head": len(ks), **agreed.record()}
+        job.log({"type": "consensus", **method["consensus"]})
+    artefact = Artefact.build([source.ids[i] for i in rows], labels, heads_k, scores=scores, method=method,
+                              **job.provenance())
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:
         artefact.write(path)
@@ -403,7 +445,8 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     if source.has_truth:
         truth = source.targets[rows]
         known = truth >= 0
-        metrics = [dict(agreement(head[known], truth[known], accuracy=True), head=h, k=ks[h])
+        metrics = [dict(agreement(head[known], truth[known], accuracy=True), head=h, k=heads_k[h])
                    for h, head in enumerate(labels)]
     return SelaRun(out=job.run_dir.out, artefact=path, labels=artefact, metrics=metrics,
-                   seconds=time.perf_counter() - job.started, skipped=job.skips.as_list(), history=job.run_dir.history)
+                   seconds=time.perf_counter() - job.started, skipped=job.skips.as_list(), history=job.run_dir.history,
+                   quality=quality, consensus=method.get("consensus"))

@@ -25,6 +25,14 @@ How it is computed:
 * **Labels** come from the float32 logits and the final potentials, argmax_k lam * z_ik + g_k + log v_k, not
   from the bf16 kernel. ``exact_balance=True`` rounds Q under capacities so that every cluster gets
   floor(N/K) or ceil(N/K) samples (the paper's hard constraint); scores are q(label | i) of the chosen label.
+* **Priors and relaxed balance.** The column marginals b need not be N/K: ``prior="powerlaw:a"`` asks for
+  sizes proportional to rank^-a, the largest size going to the cluster that currently holds the most mass
+  (re-matched during the first iterations, then fixed), and explicit counts fix each cluster's size.
+  ``balance=tau`` relaxes the column constraint into a KL penalty tau * KL(col | b) (unbalanced optimal
+  transport, Chizat et al. 2018): the column step becomes v = (b / t)^phi with phi = tau lam / (tau lam + 1),
+  so cluster sizes follow the data, and a cluster e times its prior size costs tau nats per sample. ``floor``
+  keeps every relaxed cluster at a share of its prior size (the column step is clamped there), so none
+  vanishes. The stopping rule measures each column against the mass the step asks of it.
 * **Distributed.** With a process group each rank passes its own rows; one all-reduce of a (K+1)-vector per
   iteration (cluster sums and the row error). Every rank sees the same potentials and stops together. The
   exact-balance rounding gathers each row's 8 best candidates (N x 8) and every rank rounds the same way.
@@ -43,7 +51,7 @@ import torch
 
 from .errors import SolverError
 
-__all__ = ["solve", "SinkhornResult", "kernel_buffer", "balanced_labels"]
+__all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "balanced_labels"]
 
 _BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
 _EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38: the smallest exponent whose exp is a normal float32 and bfloat16
@@ -82,6 +90,70 @@ class SinkhornResult:
     seconds: float
     rebuilds: int = 1
     errors: list[float] = field(default_factory=list)
+    targets: np.ndarray | None = None  # float64 (K,) the column marginals b solved for (after matching a prior)
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Cluster sizes to solve for: ``uniform`` (N/K each, SeLa's equipartition), ``powerlaw`` (sizes
+    proportional to rank^-alpha, matched to clusters by their current mass) or ``counts`` (one size per cluster,
+    summing to N)."""
+
+    kind: str = "uniform"
+    alpha: float | None = None
+    counts: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> "Prior":
+        """``None``, ``"uniform"``, ``"powerlaw:1.2"``, a Prior, or a sequence/array of counts."""
+        if value is None or isinstance(value, Prior):
+            return value or cls()
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "uniform":
+                return cls()
+            if text.startswith("powerlaw:"):
+                try:
+                    alpha = float(text.split(":", 1)[1])
+                except ValueError:
+                    raise SolverError(f"prior {value!r}: powerlaw needs a number, e.g. powerlaw:1.0") from None
+                if not (alpha > 0 and math.isfinite(alpha)):
+                    raise SolverError(f"prior {value!r}: the power-law exponent must be > 0")
+                return cls("powerlaw", alpha=alpha)
+            raise SolverError(f"prior {value!r}: give uniform, powerlaw:ALPHA or a list of cluster sizes")
+        counts = np.asarray(value, dtype=np.float64).reshape(-1)
+        if not np.isfinite(counts).all() or (counts <= 0).any():
+            zero = np.flatnonzero(~(counts > 0))
+            raise SolverError(f"prior counts must all be positive; cluster {int(zero[0]) if len(zero) else '?'} "
+                              f"has {counts[zero[0]] if len(zero) else 'a non-finite size'}")
+        return cls("counts", counts=tuple(counts.tolist()))
+
+    @property
+    def uniform(self) -> bool:
+        return self.kind == "uniform"
+
+    def targets(self, k: int, n: float) -> np.ndarray:
+        """The K column marginals, largest first for a power law (matched to clusters later)."""
+        if self.kind == "uniform":
+            return np.full(k, n / k)
+        if self.kind == "powerlaw":
+            sizes = np.arange(1, k + 1, dtype=np.float64) ** -self.alpha
+            sizes *= n / sizes.sum()
+            if sizes[-1] < 1.0:
+                raise SolverError(f"prior powerlaw:{self.alpha:g} over K={k} clusters gives the smallest one "
+                                  f"{sizes[-1]:.2g} samples of N={int(n)}; lower the exponent or K")
+            return sizes
+        counts = np.asarray(self.counts)
+        if len(counts) != k:
+            raise SolverError(f"prior counts have {len(counts)} values but there are K={k} clusters")
+        if abs(counts.sum() - n) > 0.5:
+            raise SolverError(f"prior counts sum to {counts.sum():g} but there are N={int(n)} samples")
+        return counts.copy()
+
+    def __str__(self) -> str:
+        if self.kind == "powerlaw":
+            return f"powerlaw:{self.alpha:g}"
+        return "uniform" if self.uniform else "counts"
 
 
 def kernel_buffer(n: int, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -296,6 +368,9 @@ def solve(
     group=None,
     absorb_at: float = 60.0,
     anneal: bool = True,
+    prior: Prior | str | Any = None,
+    balance: float | None = None,
+    floor: float = 0.2,
 ) -> SinkhornResult:
     """Label N samples into K equal-sized clusters by Sinkhorn-Knopp on P^lam (SeLa, eq. 8).
 
@@ -318,6 +393,11 @@ def solve(
         absorb_at: re-stabilise when a scaling's log exceeds this.
         anneal: when the first iterations show a kernel too peaked to solve directly, solve at lam/8, lam/4,
             lam/2 and lam in turn, each warm-starting the next.
+        prior: cluster sizes: ``"uniform"`` (default, N/K each), ``"powerlaw:ALPHA"`` or K counts summing to N
+            (see :class:`Prior`).
+        balance: None (default) holds the cluster sizes to the prior exactly; tau > 0 relaxes them with a KL
+            penalty of strength tau (unbalanced optimal transport; large tau approaches the hard constraint).
+        floor: with ``balance``, every cluster keeps at least this share of its prior size.
     """
     t0 = time.perf_counter()
     source_tensor = logits if logits is not None else features
@@ -330,6 +410,14 @@ def solve(
         raise SolverError(f"omega must lie in [1, 2), got {omega}")
     if lam <= 0 or not math.isfinite(lam):
         raise SolverError(f"lam must be a positive number, got {lam}")
+    prior = Prior.parse(prior)
+    if balance is not None and not (balance > 0 and math.isfinite(balance)):
+        raise SolverError(f"balance must be a positive number (the KL penalty tau), got {balance}")
+    if not 0.0 <= floor < 1.0:
+        raise SolverError(f"floor must lie in [0, 1), the share of a cluster's prior size it keeps; got {floor}")
+    if exact_balance and (not prior.uniform or balance is not None):
+        raise SolverError("exact_balance rounds to equal cluster sizes; it applies to the uniform prior with no "
+                          "balance relaxation only")
     if block_size is None:
         block_size = max(16, min(n_local, (1 << 20) // max(k, 1))) if device.type == "cpu" else 1 << 16
     n_total = _all_reduce(torch.tensor([n_local], dtype=torch.float64, device=device), group).item()
@@ -337,6 +425,7 @@ def solve(
         raise SolverError(f"nothing to label: N={int(n_total)}, K={k}")
     if k > n_total:
         raise SolverError(f"K={k} clusters cannot all be filled by N={int(n_total)} samples; need K <= N")
+    columns = _Columns(prior, balance, floor, k, n_total, device)
 
     if buffer is not None:
         if buffer.dtype != torch.bfloat16 or buffer.numel() < n_local * k:
@@ -354,7 +443,7 @@ def solve(
     rows = _Rows(n_local, block_size, device, k)
     with rows:
         g, v, iterations, errors, converged, rebuilds = _solve_annealed(
-            source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, anneal)
+            source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, anneal, columns)
         if not converged:
             warnings.warn(
                 f"Sinkhorn stopped at max_iter={max_iter} with marginal error {errors[-1]:.2e} > tol={tol:g}; "
@@ -381,15 +470,44 @@ def solve(
         seconds=time.perf_counter() - t0,
         rebuilds=rebuilds,
         errors=errors,
+        targets=columns.b.cpu().numpy(),
     )
 
 
-def _solve_annealed(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, anneal):
+class _Columns:
+    """The column step: what mass each cluster should hold, given the cluster sums t = u M of this iteration.
+
+    Hard marginals (``balance`` None) ask for b exactly; relaxed ones for b^phi t^(1-phi), the proximal step of
+    tau KL(. | b) at entropic regularisation 1/lam, clamped below at ``floor`` b. A power-law prior re-matches
+    its sorted sizes to the clusters by current mass until it is ``fixed``.
+    """
+
+    def __init__(self, prior: Prior, balance, floor, k, n_total, device):
+        self.prior, self.balance, self.floor = prior, balance, floor
+        self.sorted = torch.as_tensor(prior.targets(k, n_total), dtype=torch.float64, device=device)
+        self.b = self.sorted.clone()
+        self.fixed = prior.kind != "powerlaw"
+
+    def phi(self, lam: float) -> float:
+        return 1.0 if self.balance is None else self.balance * lam / (self.balance * lam + 1.0)
+
+    def desired(self, mass: torch.Tensor, t: torch.Tensor, g: torch.Tensor, phi: float) -> torch.Tensor:
+        """``mass`` = v t is each column's current mass; ``g`` the column potentials the kernel was built with."""
+        if not self.fixed:  # the largest size to the cluster holding the most mass, and so on down
+            self.b = torch.empty_like(self.sorted).index_copy_(0, torch.argsort(mass, descending=True), self.sorted)
+        if phi == 1.0:
+            return self.b
+        # the proximal step needs the sums of P^lam itself; the stored kernel carries exp(g) in its columns
+        log_t = torch.where(t > 0, t, torch.full_like(t, 1e-300)).log() - g
+        return torch.maximum((phi * self.b.log() + (1.0 - phi) * log_t).exp(), self.floor * self.b)
+
+
+def _solve_annealed(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, anneal, columns):
     """Solve at ``lam`` directly; if that converges too slowly, anneal: solve at lam/8, lam/4, lam/2 and then
     lam, each stage warm-started from the last (the potentials scale with lambda). This is epsilon-scaling,
     the standard remedy for peaked kernels; on a trained digits head it cut the iterations about 20x."""
     start = g.clone()
-    result = _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group,
+    result = _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, columns,
                       bail_rate=_BAIL_RATE if anneal else None)
     if result[4] or not anneal or result[2] >= max_iter:
         return result
@@ -397,7 +515,7 @@ def _solve_annealed(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_t
     g = start / 8
     for stage in (lam / 8, lam / 4, lam / 2, lam):
         g, v, its, errs, converged, builds = _iterate(source, kernel, g, stage, tol, max_iter - iterations, omega,
-                                                      absorb_at, n_total, rows, group)
+                                                      absorb_at, n_total, rows, group, columns)
         iterations, errors, rebuilds = iterations + its, errors + errs, rebuilds + builds
         if iterations >= max_iter:
             break
@@ -406,7 +524,7 @@ def _solve_annealed(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_t
     return g, v, iterations, errors, converged, rebuilds
 
 
-def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, bail_rate=None):
+def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, columns, bail_rate=None):
     """The Sinkhorn loop; returns potentials g and scalings v, iterations, errors, converged, rebuilds.
 
     With ``bail_rate``, stops early (not converged) when the first iterations shrink the error by less than
@@ -431,7 +549,9 @@ def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, r
         g -= torch.where(low, col_max.double(), torch.zeros_like(g))
         col_max = build()
 
-    target = n_total / k
+    phi = columns.phi(lam)
+    if columns.prior.kind == "powerlaw":
+        columns.fixed = False  # each stage re-matches the sizes during its first iterations
     # start each column's scaling where its largest entry reaches 1: a free first guess at the potentials
     v = torch.exp(-col_max.double().clamp(min=-absorb_at))
     u = torch.ones(source.n, dtype=torch.float64, device=device)
@@ -444,6 +564,9 @@ def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, r
         cluster_sums, row_error = _sweep(kernel, u, v, w, rows)
         sums = _all_reduce(torch.cat([cluster_sums, row_error.reshape(1)]), group)
         t = sums[:k]
+        if iterations > _PROBE:
+            columns.fixed = True
+        target = columns.desired(v * t, t, g, phi)
         error = float(((v * t - target).abs().sum() + sums[k]) / n_total)
         errors.append(error)
         if not math.isfinite(error):

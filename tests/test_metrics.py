@@ -132,8 +132,10 @@ def test_against_another_artefact_is_label_stability(tmp_path):
     art, path, noisy, truth = _digits_artefact(tmp_path)
     same = score_artefact(path, against=path)
     assert all(h["nmi"] == 1.0 and h["ari"] == 1.0 for h in same["heads"])
-    with pytest.raises(ConfigError, match="exactly one of"):
+    with pytest.raises(ConfigError, match="give one of --truth SPEC or --against ARTEFACT, not both"):
         score_artefact(path)
+    with pytest.raises(ConfigError, match="not both"):
+        score_artefact(path, truth="builtin:digits", against=path)
 
 
 def test_metrics_command_json_and_plot(tmp_path):
@@ -153,5 +155,7 @@ def test_metrics_command_json_and_plot(tmp_path):
     assert Image.open(tmp_path / "m.png").size[0] > 500
     table = runner.invoke(main, ["metrics", path, "--truth", "builtin:digits"])
     assert table.exit_code == 0 and "NMI" in table.output
-    missing = runner.invoke(main, ["metrics", path])
-    assert missing.exit_code == 1 and "exactly one of" in missing.output
+    label_free = runner.invoke(main, ["metrics", path])  # no reference: the label-free table
+    assert label_free.exit_code == 0 and "label-free quality" in label_free.output
+    both = runner.invoke(main, ["metrics", path, "--truth", "builtin:digits", "--against", path])
+    assert both.exit_code == 1 and "not both" in both.output

@@ -180,13 +180,13 @@ def test_bad_input_is_a_clear_error(kwargs, message):
         solve(**kwargs)
 
 
-def _distributed_worker(rank, world, init, logits, out):
+def _distributed_worker(rank, world, init, logits, out, kwargs=None):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         part = np.array_split(np.arange(len(logits)), world)[rank]
-        result = solve(logits[part], group=dist.group.WORLD, tol=1e-4)
+        result = solve(logits[part], group=dist.group.WORLD, tol=1e-4, **(kwargs or {}))
         torch.save({"labels": torch.from_numpy(result.labels), "rows": torch.from_numpy(part),
                     "iterations": result.iterations, "sizes": torch.from_numpy(result.sizes)}, f"{out}.{rank}")
     finally:
@@ -194,14 +194,15 @@ def _distributed_worker(rank, world, init, logits, out):
 
 
 @pytest.mark.distributed
-def test_distributed_solve_equals_single_process(tmp_path):
+@pytest.mark.parametrize("kwargs", [{}, {"prior": "powerlaw:0.8", "balance": 1.0}], ids=["uniform", "powerlaw-relaxed"])
+def test_distributed_solve_equals_single_process(tmp_path, kwargs):
     import torch.multiprocessing as mp
 
     features, weight = realistic(3001, 25)
     logits = features @ weight.T
-    single = solve(logits, tol=1e-4)
+    single = solve(logits, tol=1e-4, **kwargs)
     init = f"file://{tmp_path}/rendezvous"
-    mp.spawn(_distributed_worker, args=(2, init, logits, str(tmp_path / "out")), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, init, logits, str(tmp_path / "out"), kwargs), nprocs=2, join=True)
     labels = np.empty(3001, dtype=np.int32)
     for rank in range(2):
         part = torch.load(tmp_path / f"out.{rank}")
