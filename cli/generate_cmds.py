@@ -94,7 +94,7 @@ def _clusters(ctx, param, value):
 def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> None:
     """Self-label a data set with SeLa and write a label artefact and a checkpoint.
 
-    With no options it runs the digits recipe on builtin:digits (about 9 minutes on 2 CPU cores) and prints
+    With no options it runs the digits recipe on builtin:digits (about 8 minutes on 2 CPU cores) and prints
     the NMI against the true digits.
 
     \b
