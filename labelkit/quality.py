@@ -23,10 +23,11 @@ import numpy as np
 
 from .metrics import ami, contingency, entropy, nmi
 
-__all__ = ["head_quality", "recommend_k", "probe_accuracy"]
+__all__ = ["head_quality", "recommend_k", "probe_accuracy", "QUALITY_ROWS"]
 
 _PROBE_ROWS = 10_000  # a linear probe on more rows says the same, slower
 _KMEANS_ROWS = 20_000
+QUALITY_ROWS = _KMEANS_ROWS  # rows that head_quality reads at most: callers may keep just that many
 # multiply-adds a figure may cost (rows x K x D, times the iterations or folds it takes) before it is left out:
 # the quality check of a [3000 x 10] ImageNet run must not take longer than a label step
 _WORK = 1e10

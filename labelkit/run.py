@@ -60,7 +60,7 @@ class Job:
         self.resumed = False
         self.plan: dict | None = None  # how the configuration was chosen (labelkit.plan), recorded with the run
         self.stopped_early: int | None = None  # the epoch after which --budget ended training, if it did
-        # the last label step's features (this rank's rows) and the labels before it: label-free quality
+        # a sample of the last label step's rows, their features and labels before it: label-free quality
         self.label_features: tuple | None = None
         self.previous_labels = None
 

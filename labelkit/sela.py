@@ -24,7 +24,7 @@ from .features import FeatureTrunk, Whiten, cached_views, neighbours, train_head
 from .graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
 from .loading import augmentation_preset, eval_transform, pretrained_transforms
 from .metrics import agreement
-from .quality import head_quality, recommend_k
+from .quality import QUALITY_ROWS, head_quality, recommend_k
 from .models import SelaModel, create_backbone, feature_dim
 from .run import Job
 from .sinkhorn import kernel_buffer, solve
@@ -167,8 +167,11 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     config, dist, source = job.config, job.dist, job.source
     everyone = np.flatnonzero(labelled)
     previous = state.labels[:, everyone].numpy()
-    job.previous_labels = state.labels.clone()
-    job.label_features = (rows.numpy(), features)
+    # what the label-free quality of the last step reads: a sample of the rows (it subsamples to that many
+    # anyway), so that N x D features are not held through the next epochs
+    sample = np.sort(np.random.default_rng(config.seed).permutation(len(rows))[:QUALITY_ROWS])
+    job.label_features = (rows.numpy()[sample], features[torch.from_numpy(sample)].float().cpu())
+    job.previous_labels = state.labels[:, rows[torch.from_numpy(sample)]].clone()
     buffer = kernel_buffer(len(rows), max(ks), device=job.device)
     job.reporter.phase("solve", len(ks))
     heads = []
@@ -407,9 +410,8 @@ def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
     if job.label_features is None or not job.dist.main:
         return None
     rows, features = job.label_features
-    previous = job.previous_labels[:, rows].numpy() if job.previous_labels is not None else None
-    heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.float().cpu().numpy(),
-                         previous=previous, seed=job.config.seed)
+    heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.numpy(),
+                         previous=job.previous_labels.numpy(), seed=job.config.seed)
     record = {"heads": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]}
     which = recommend_k(heads)
     if which:
