@@ -262,36 +262,39 @@ def saved_config(out: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
 
 
+def _prior_sizes(config: "SelaConfig") -> list[float] | None:
+    """The relative sizes of a ``sizes:S1,S2,…`` prior; None for a named prior."""
+    text = config.prior.strip().lower()
+    if not text.startswith("sizes:"):
+        return None
+    try:
+        return [float(v) for v in text[len("sizes:"):].split(",")]
+    except ValueError:
+        raise ConfigError(f"--prior {config.prior!r}: sizes must be numbers, e.g. sizes:5,3,2") from None
+
+
 def solver_prior(config: "SelaConfig", k: int, n: float):
     """The solver's prior for a head of K clusters over N samples (``sizes:`` lists become counts summing to N)."""
-    text = config.prior.strip().lower()
-    if text.startswith("sizes:"):
-        sizes = [float(v) for v in text[len("sizes:"):].split(",")]
-        total = sum(sizes)
-        return [v * n / total for v in sizes]
-    return text
+    sizes = _prior_sizes(config)
+    if sizes is None:
+        return config.prior.strip().lower()
+    total = sum(sizes)
+    return [v * n / total for v in sizes]
 
 
 def _check_prior(config: "SelaConfig") -> None:
     from .errors import SolverError
     from .sinkhorn import Prior
 
-    text = config.prior.strip().lower()
+    sizes = _prior_sizes(config)
     try:
-        if text.startswith("sizes:"):
-            try:
-                sizes = [float(v) for v in text[len("sizes:"):].split(",")]
-            except ValueError:
-                raise ConfigError(f"--prior {config.prior!r}: sizes must be numbers, e.g. sizes:5,3,2") from None
-            Prior.parse(sizes)
-            wrong = sorted({k for k in config.head_clusters() if k != len(sizes)})
-            if wrong:
-                raise ConfigError(f"--prior lists {len(sizes)} sizes but heads have K={wrong}; give one size per "
-                                  "cluster and heads of that K (--clusters)")
-        else:
-            Prior.parse(text)
+        Prior.parse(sizes if sizes is not None else config.prior.strip().lower())
     except SolverError as exc:
         raise ConfigError(f"--prior: {exc}") from None
+    wrong = sorted({k for k in config.head_clusters() if sizes is not None and k != len(sizes)})
+    if wrong:
+        raise ConfigError(f"--prior lists {len(sizes)} sizes but heads have K={wrong}; give one size per "
+                          "cluster and heads of that K (--clusters)")
     if config.balance is not None and not config.balance > 0:
         raise ConfigError(f"--balance must be a positive number (the KL penalty tau; larger is stricter), got "
                           f"{config.balance}")

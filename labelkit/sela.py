@@ -99,8 +99,9 @@ def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None =
 
 def solver_options(config: SelaConfig, k: int, n: int) -> dict:
     """Prior, balance and rounding of a head's solve: exact-balance rounding is for equal sizes only."""
-    equal = config.prior.strip().lower() == "uniform" and config.balance is None
-    return {"prior": solver_prior(config, k, n), "balance": config.balance, "floor": config.balance_floor,
+    prior = solver_prior(config, k, n)
+    equal = prior == "uniform" and config.balance is None
+    return {"prior": prior, "balance": config.balance, "floor": config.balance_floor,
             "exact_balance": config.exact_balance and equal}
 
 
