@@ -4,6 +4,7 @@ calls :class:`~labelkit.train.Reporter` hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -94,3 +95,32 @@ class BarReporter(Reporter):
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def download_bar(source: str):
+    """A ``progress(done, total)`` callback for downloads (``sela:NAME`` imports): a byte bar on a terminal,
+    a start and an end line otherwise; ``None`` for local files, which need none."""
+    if not source.startswith("sela:"):
+        yield None
+        return
+    state = {}
+
+    def progress(done: int, total: int | None) -> None:
+        if "bar" not in state:
+            from tqdm.auto import tqdm
+
+            resumed = f", resuming at {_size(done)}" if done else ""
+            click.echo(f"downloading {source} ({_size(total) if total else 'size unknown'}{resumed})", err=True)
+            state["bar"] = tqdm(total=total, initial=done, unit="B", unit_scale=True, leave=False,
+                                disable=None, dynamic_ncols=True)
+            state["done"] = done
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+
+    try:
+        yield progress
+    finally:
+        if "bar" in state:
+            state["bar"].close()
+            click.echo(f"downloaded {_size(state['done'])}", err=True)

@@ -32,10 +32,13 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"  {'head':<8}{'K':>7}{'min size':>10}{'max size':>10}{'mean':>10}{'empty':>7}")
     voted = (method.get("consensus") or {}).get("head")
     for h, head in enumerate(summary["heads"]):
-        click.echo(
-            f"  {head['name']:<8}{head['k']:>7}{head['size_min']:>10}{head['size_max']:>10}"
-            f"{head['size_mean']:>10.1f}{head['empty']:>7}" + ("  consensus of the others" if h == voted else "")
-        )
+        if head["size_min"] is None:
+            sizes = f"{'-':>10}{'-':>10}{'-':>10}{'-':>7}"
+        else:
+            sizes = f"{head['size_min']:>10}{head['size_max']:>10}{head['size_mean']:>10.1f}{head['empty']:>7}"
+        click.echo(f"  {head['name']:<8}{head['k']:>7}{sizes}" + ("  consensus of the others" if h == voted else ""))
+    if summary.get("read", {}).get("footer_only"):
+        click.echo("sizes      not read: only the footer of this remote file was fetched (--full reads the labels)")
     which = (method.get("quality") or {}).get("recommended_k")
     if which:
         click.echo(f"which K    {which['k']} recommended (label-free; labelkit metrics ARTEFACT shows the table)")
@@ -44,15 +47,21 @@ def _print_summary(summary: dict) -> None:
 @click.command(short_help="Heads, K, rows, id, provenance and cluster sizes.")
 @click.argument("artefact", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def info(artefact: str, as_json: bool) -> None:
-    """Show heads, K, rows, id, provenance and cluster sizes of an artefact.
+@click.option("--full/--footer", default=None,
+              help="Read the labels for cluster sizes (default: yes for local files; for URLs only the footer).")
+def info(artefact: str, as_json: bool, full: bool | None) -> None:
+    """Show heads, K, rows, id, provenance and cluster sizes of an artefact (a path, a run directory or
+    an fsspec URL: https://, s3://, gs://, hf://datasets/...).
 
     Example: labelkit info runs/sela/labels.parquet --json
     """
-    from labelkit.artefact import read_artefact
+    from labelkit.artefact import read_artefact, read_header
+    from labelkit.remote import is_url
     from labelkit.sharing import summarize
 
-    summary = summarize(read_artefact(artefact))
+    if full is None:
+        full = not is_url(artefact)
+    summary = summarize(read_artefact(artefact) if full else read_header(artefact))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -63,75 +72,132 @@ def info(artefact: str, as_json: bool) -> None:
 @click.argument("artefact", type=click.Path())
 @click.option("--data", "data_spec", default=None, metavar="SPEC",
               help="Also check the labels against a local copy of the data (ids in both, only in one, fingerprint).")
-def validate(artefact: str, data_spec: str | None) -> None:
-    """Check an artefact; exit 0 when valid, else exit 1 listing every problem.
+@click.option("--full/--footer", default=None,
+              help="Check every row (ids, label ranges, artefact id). Default: yes for local files; for URLs only "
+                   "the footer (metadata, columns, types, row count) unless --full or --data is given.")
+def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
+    """Check an artefact (path, run directory or fsspec URL); exit 0 when valid, else exit 1 listing every
+    problem.
 
     Example: labelkit validate labels.parquet --data /datasets/imagenet/train
     """
-    from labelkit.artefact import check_artefact, read_artefact
+    from labelkit.artefact import read_artefact, read_header
+    from labelkit.errors import ArtefactError
+    from labelkit.remote import is_url, redact
 
-    problems = check_artefact(artefact)
+    if full is None:
+        full = not is_url(artefact) or data_spec is not None
+    shown = redact(artefact)
+    try:  # one read serves the check and the summary (a URL is fetched once)
+        if full:
+            art, problems = read_artefact(artefact), []
+        else:
+            header = read_header(artefact)
+            problems = list(header.problems)
+    except ArtefactError as exc:
+        problems = exc.problems or [str(exc)]
     if problems:
-        click.echo(f"{artefact}: INVALID ({len(problems)} problem{'s' if len(problems) > 1 else ''})", err=True)
+        click.echo(f"{shown}: INVALID ({len(problems)} problem{'s' if len(problems) > 1 else ''})", err=True)
         for problem in problems:
             click.echo(f"  - {problem}", err=True)
         raise SystemExit(1)
-    art = read_artefact(artefact)
-    click.echo(f"{artefact}: valid label artefact v{art.metadata['format_version']}, "
+    if not full:
+        click.echo(f"{shown}: footer valid (metadata v{header.metadata['format_version']}, columns, types, "
+                   f"{header.num_rows:,} rows, {len(header.heads)} head(s), id {header.metadata['artefact_id'][:16]}…); "
+                   "values not read: --full checks every row against the artefact id")
+        return
+    click.echo(f"{shown}: valid label artefact v{art.metadata['format_version']}, "
                f"{art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
     if data_spec is None:
         return
     from labelkit.data import compare_to_data, describe_match
 
     report = compare_to_data(art, data_spec)
-    click.echo(f"data {data_spec}: {report['data_count']:,} samples")
+    click.echo(f"data {redact(data_spec)}: {report['data_count']:,} samples")
     click.echo(f"  in both            {report['in_both']:,}")
     click.echo(f"  only in artefact   {report['only_in_artefact']:,}  e.g. {report['examples_only_in_artefact']}")
     click.echo(f"  only in data       {report['only_in_data']:,}  e.g. {report['examples_only_in_data']}")
     click.echo(f"  compared           {describe_match(report)}")
     if report["in_both"] == 0:
         raise click.ClickException(
-            f"no sample id of {artefact} is in {data_spec}: the artefact has e.g. "
+            f"no sample id of {shown} is in {redact(data_spec)}: the artefact has e.g. "
             f"{report['examples_only_in_artefact'][:1]}, the data e.g. {report['examples_only_in_data'][:1]}")
     if report["content_match"] is False:
-        raise click.ClickException(f"{data_spec} has the artefact's sample ids but other contents; its labels "
+        raise click.ClickException(f"{redact(data_spec)} has the artefact's sample ids but other contents; its labels "
                                    "do not describe these images")
 
 
 @click.command()
 @click.argument("artefact", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "json"]), required=True,
-              help="csv: sample_id + one column per head; npy: (heads, N) int32 in sample-id order; json.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write.")
-def export(artefact: str, fmt: str, out: str) -> None:
-    """Export labels for tools outside labelkit.
+@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "json", "hub"]), required=True,
+              help="csv: sample_id + one column per head; npy: (heads, N) int32 in sample-id order; json; "
+                   "hub: a Hugging Face Hub dataset folder (data/*.parquet + README.md card).")
+@click.option("--out", required=True, type=click.Path(), help="File to write (a folder for --format hub).")
+@click.option("--repo", default=None, metavar="USER/NAME", help="hub: the Hub repository, for the card's snippets.")
+@click.option("--license", "license_", default="unknown", show_default=True,
+              help="hub: the card's license id (that of the images' terms, e.g. cc-by-4.0, other).")
+@click.option("--pretty-name", default=None, help="hub: the card's title.")
+@click.option("--source-dataset", "source_datasets", multiple=True,
+              help="hub: a data set the labels describe, e.g. extended|imagenet-1k (repeatable).")
+@click.option("--truth", default=None, metavar="SPEC", help="hub: also measure and show metrics against this truth.")
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=None,
+              help="hub: rows per Parquet file (default 5,000,000).")
+def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, source_datasets, truth,
+           rows_per_file) -> None:
+    """Export labels for tools outside labelkit, or as a folder ready to upload to the Hugging Face Hub.
 
+    \b
     Example: labelkit export labels.parquet --format csv --out labels.csv
+    Example: labelkit export runs/sela --format hub --out hub/ --repo me/digits-selflabels
+             hf upload me/digits-selflabels hub/ --repo-type dataset
     """
     from labelkit.artefact import read_artefact
-    from labelkit.sharing import export_artefact
+    from labelkit.sharing import HUB_ROWS_PER_FILE, export_artefact, export_hub
 
-    path = export_artefact(read_artefact(artefact), fmt, out)
-    click.echo(f"wrote {path}")
+    art = read_artefact(artefact)
+    if fmt != "hub":
+        path = export_artefact(art, fmt, out)
+        click.echo(f"wrote {path}")
+        return
+    scores = None
+    if truth:
+        from labelkit.scoring import score_artefact
+
+        scores = score_artefact(art, truth=truth)
+    path = export_hub(art, out, repo=repo, license=license_, pretty_name=pretty_name,
+                      source_datasets=list(source_datasets) or None, truth=scores,
+                      rows_per_file=rows_per_file or HUB_ROWS_PER_FILE)
+    files = sorted(p.name for p in (path / "data").iterdir())
+    click.echo(f"wrote {path}/README.md and {len(files)} Parquet file(s) under {path}/data/")
+    click.echo(f"upload: hf upload {repo or 'USER/NAME'} {path} --repo-type dataset")
 
 
-@click.command(name="import", short_help="Artefact from released SeLa labels (.pth), CSV, JSON export or .npy.")
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.command(name="import", short_help="Artefact from released SeLa labels (sela:NAME, .pth, CSV), JSON or .npy.")
+@click.argument("src")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Artefact (.parquet) to write.")
 @click.option("--keys", type=click.Path(dir_okay=False), default=None,
               help="Text file with one sample id a line, in the order of the label columns.")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
               help="Image tree whose ImageFolder order the labels follow (class folders, then files, sorted).")
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
-              help="K of every head (default: largest label + 1).")
+              help="K of every head (default: the release's K, else largest label + 1).")
 def import_(src: str, out: str, keys: str | None, image_root: str | None, clusters: int | None) -> None:
-    """Build an artefact from released SeLa labels (.pth), a label CSV, an `export --format json` file or .npy.
+    """Build an artefact from released SeLa labels, a label CSV, an `export --format json` file or .npy.
 
-    Example: labelkit import resnet-10x3k.pth --image-root /datasets/imagenet/train --out sela-r50.parquet
+    SRC is a file, or sela:NAME for a label set released with the SeLa paper, downloaded once to the cache
+    ($LABELKIT_CACHE, else ~/.cache/labelkit; $LABELKIT_SELA_MIRROR replaces the download site):
+    sela:resnet50-10x3k, sela:resnet50-1k, sela:resnet18-1k, sela:resnet-10x3k-csv, sela:alexnet-10x3k-csv.
+
+    \b
+    Example: labelkit import sela:resnet50-10x3k --image-root /datasets/imagenet/train --out sela-r50.parquet
+    Example: labelkit import labels.csv --keys ids.txt --out labels.parquet
     """
     from labelkit.sharing import import_labels
 
-    art = import_labels(src, keys=keys, image_root=image_root, clusters=clusters)
+    from ._progress import download_bar
+
+    with download_bar(src) as progress:
+        art = import_labels(src, keys=keys, image_root=image_root, clusters=clusters, progress=progress)
     art.write(out)
     click.echo(f"wrote {out}: {art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
 

@@ -57,8 +57,10 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
         out["heads"] = [{k: h.get(k) for k in _JSON_KEYS} for h in result["heads"]]
         click.echo(json.dumps(out, indent=2))
         return
-    reference = f"truth {truth}" if truth else f"artefact {against}"
-    click.echo(f"{artefact} vs {reference}: {result['matched']:,} of {result['n']:,} samples matched "
+    from labelkit.remote import redact
+
+    reference = f"truth {redact(truth)}" if truth else f"artefact {redact(against)}"
+    click.echo(f"{redact(artefact)} vs {reference}: {result['matched']:,} of {result['n']:,} samples matched "
                f"({result['coverage']:.1%})")
     click.echo(f"{'head':>4} {'K':>6} {'NMI':>7} {'AMI':>7} {'ARI':>7} {'acc':>7} {'purity':>7} "
                f"{'H/clust':>7} {'sizes min..max':>15} {'empty':>6}")
@@ -74,7 +76,9 @@ def _label_free(path: str, result: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{path}: label-free quality of {result['n']:,} samples (no ground truth)")
+    from labelkit.remote import redact
+
+    click.echo(f"{redact(path)}: label-free quality of {result['n']:,} samples (no ground truth)")
     click.echo(f"{'head':>4} {'K':>6} {'k-means':>8} {'heads':>8} {'stability':>9} {'probe acc':>9} {'balance':>8}")
     for h in result["heads"]:
         click.echo(f"{h['head']:>4} {h['k']:>6} {_fmt(h['agreement_kmeans'], 3):>8} {_fmt(h['agreement_heads'], 3):>8} "

@@ -5,13 +5,14 @@ The format itself is defined in :mod:`labelkit.format`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jsonschema
 import numpy as np
@@ -20,10 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import format as fmt
+from . import remote
 from ._io import atomic_path
 from .errors import ArtefactError
 
-__all__ = ["Artefact", "Head", "read_artefact", "check_artefact", "artefact_path", "producer_versions"]
+__all__ = ["Artefact", "ArtefactHeader", "Head", "read_artefact", "read_header", "check_artefact", "artefact_path",
+           "artefact_files",
+           "producer_versions"]
 
 _MAX_LISTED = 5  # examples named in an error message
 
@@ -200,14 +204,14 @@ class Artefact:
             "num_samples": n,
             "heads": [{"name": name, "k": k} for name, k, _ in heads],
             "data": {
-                "spec": data_spec,
+                "spec": remote.redact(data_spec) if data_spec else data_spec,
                 "fingerprint": data_fingerprint or fingerprint,
                 "count": int(data_count if data_count is not None else n),
                 **({"content": dict(data_content)} if data_content else {}),
                 **({"skipped": list(data_skipped)} if data_skipped else {}),
             },
             "producer": producer or producer_versions(),
-            "method": method or {"name": "unknown"},
+            "method": remote.redact_all(method or {"name": "unknown"}),
             "parents": list(parents),
             "created_at": _now(),
         }
@@ -300,27 +304,68 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return f"metadata key {where!r}: {error.message}"
 
 
-def artefact_path(path: str | os.PathLike) -> Path:
-    """The artefact file that ``path`` names: the file itself, or a run directory's ``labels.parquet``."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "labels.parquet").is_file():
-            return path / "labels.parquet"
-        raise ArtefactError(f"{path}: a directory without labels.parquet; give a label artefact or a finished "
-                            "run directory")
-    return path
+def artefact_files(path: str | os.PathLike) -> list[Path | str]:
+    """The Parquet file(s) that ``path`` names: the file itself, a run directory's ``labels.parquet``, or the
+    ``data/*.parquet`` files of a Hub export (``export --format hub``, e.g. ``hf://datasets/user/repo``).
+    URLs (``https://``, ``s3://``, ``hf://``, …) stay strings; an http URL ending in ``/`` names a run
+    directory (plain http cannot list a folder)."""
+    try:
+        if not remote.is_dir(path):
+            return [path if remote.is_url(path) else Path(path)]
+        if remote.is_url(path):
+            if remote.is_http(path):
+                return [remote.join(path, "labels.parquet")]
+            fs, root = remote.filesystem(path)
+            if fs.isfile(f"{root.rstrip('/')}/labels.parquet"):
+                return [remote.join(path, "labels.parquet")]
+            parts = [fs.unstrip_protocol(p) for p in sorted(fs.glob(f"{root.rstrip('/')}/data/*.parquet"))]
+        else:
+            if (Path(path) / "labels.parquet").is_file():
+                return [Path(path) / "labels.parquet"]
+            parts = sorted((Path(path) / "data").glob("*.parquet"))
+    except ImportError as exc:
+        raise ArtefactError(str(exc)) from None
+    if not parts:
+        raise ArtefactError(f"{_shown(path)}: a directory without labels.parquet or data/*.parquet; give a label "
+                            "artefact, a finished run directory or a Hub export")
+    return parts
 
 
-def _open(path: Path) -> tuple[pq.ParquetFile, list[str]]:
-    if not path.exists():
+def artefact_path(path: str | os.PathLike) -> Path | str:
+    """The one artefact file that ``path`` names (see :func:`artefact_files`)."""
+    parts = artefact_files(path)
+    if len(parts) > 1:
+        raise ArtefactError(f"{_shown(path)}: {len(parts)} Parquet files; read it with read_artefact")
+    return parts[0]
+
+
+def _shown(path: Path | str | os.PathLike) -> str:
+    return remote.redact(path) if remote.is_url(path) else str(path)
+
+
+@contextlib.contextmanager
+def _open(path: Path | str, block_size: int = remote.STREAM_BLOCK) -> Iterator[tuple[pq.ParquetFile, int]]:
+    """The Parquet file at a path or URL (footer read; column data is fetched only when asked for) and its
+    size in bytes."""
+    if not remote.is_url(path) and not Path(path).exists():
         raise ArtefactError(f"{path}: no such file")
     try:
-        return pq.ParquetFile(path), []
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ArtefactError(
-            f"{path}: not a readable Parquet file (truncated, or not a label artefact): {exc}",
-            [f"not a readable Parquet file: {exc}"],
-        ) from None
+        with remote.open_input(path, block_size) as handle:
+            try:
+                pfile = pq.ParquetFile(handle)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ArtefactError(
+                    f"{_shown(path)}: not a readable Parquet file (truncated, or not a label artefact): {exc}",
+                    [f"not a readable Parquet file: {exc}"],
+                ) from None
+            yield pfile, handle.seek(0, os.SEEK_END)
+    except FileNotFoundError:
+        raise ArtefactError(f"{_shown(path)}: no such file") from None
+    except ImportError as exc:
+        raise ArtefactError(str(exc)) from None
+    except PermissionError as exc:
+        raise ArtefactError(f"{_shown(path)}: access denied ({type(exc).__name__}); check the credentials "
+                            "this filesystem reads (environment, config file or login)") from None
 
 
 def _read_metadata(pfile: pq.ParquetFile) -> tuple[dict | None, list[str]]:
@@ -352,37 +397,57 @@ def _newer_minor(meta: dict) -> bool:
     return have[:2] > ours[:2]
 
 
-def _column_problems(table: pa.Table, meta: dict) -> list[str]:
-    problems = []
-    names = table.column_names
+def _schema_problems(schema: pa.Schema, num_rows: int, meta: dict) -> list[str]:
+    """What the footer alone can tell: columns, their types and the row count against the metadata."""
+    names = schema.names
     if fmt.ID_COLUMN not in names:
         return [f"missing column '{fmt.ID_COLUMN}'"]
-    id_type = table.schema.field(fmt.ID_COLUMN).type
+    id_type = schema.field(fmt.ID_COLUMN).type
     if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         return [f"column '{fmt.ID_COLUMN}' must be string, found {id_type}"]
-    ids = table.column(fmt.ID_COLUMN).combine_chunks()
-    problems += _id_problems(ids)
-    if table.num_rows != meta.get("num_samples"):
-        problems.append(f"metadata says num_samples={meta.get('num_samples')} but the file has {table.num_rows} rows")
-    if table.num_rows > 1 and not ids.null_count:
-        unsorted = pc.less(ids[1:], ids[:-1])
-        if pc.any(unsorted).as_py():
-            row = int(np.flatnonzero(unsorted.to_numpy(zero_copy_only=False))[0]) + 1
-            problems.append(f"rows are not sorted by sample_id (first out of order at row {row})")
+    problems = []
+    if num_rows != meta.get("num_samples"):
+        problems.append(f"metadata says num_samples={meta.get('num_samples')} but the file has {num_rows} rows")
     expected = {fmt.ID_COLUMN}
-    heads = []
     for i, head in enumerate(meta.get("heads", [])):
-        name, k = head["name"], int(head["k"])
+        name = head["name"]
         if name != fmt.head_column(i):
             problems.append(f"heads[{i}] is named {name!r}; expected {fmt.head_column(i)!r}")
         expected.add(name)
         if name not in names:
             problems.append(f"missing column {name!r} declared in metadata 'heads'")
-            continue
+        elif schema.field(name).type != pa.int32():
+            problems.append(f"column {name!r} must be int32, found {schema.field(name).type}")
+        score = fmt.score_column(i)
+        if score in names:
+            expected.add(score)
+            if schema.field(score).type != pa.float32():
+                problems.append(f"column {score!r} must be float32, found {schema.field(score).type}")
+    extra = [c for c in names if c not in expected]
+    if extra and not _newer_minor(meta):
+        problems.append(f"unexpected column(s) {extra}: not part of format {meta['format_version']}")
+    return problems
+
+
+def _column_problems(table: pa.Table, meta: dict) -> list[str]:
+    problems = _schema_problems(table.schema, table.num_rows, meta)
+    names = table.column_names
+    if fmt.ID_COLUMN not in names or not pa.types.is_string(table.schema.field(fmt.ID_COLUMN).type) and \
+            not pa.types.is_large_string(table.schema.field(fmt.ID_COLUMN).type):
+        return problems
+    ids = table.column(fmt.ID_COLUMN).combine_chunks()
+    problems += _id_problems(ids)
+    if table.num_rows > 1 and not ids.null_count:
+        unsorted = pc.less(ids[1:], ids[:-1])
+        if pc.any(unsorted).as_py():
+            row = int(np.flatnonzero(unsorted.to_numpy(zero_copy_only=False))[0]) + 1
+            problems.append(f"rows are not sorted by sample_id (first out of order at row {row})")
+    heads = []
+    for head in meta.get("heads", []):
+        name, k = head["name"], int(head["k"])
+        if name not in names or table.schema.field(name).type != pa.int32():
+            continue  # reported by _schema_problems
         col = table.column(name)
-        if col.type != pa.int32():
-            problems.append(f"column {name!r} must be int32, found {col.type}")
-            continue
         if col.null_count:
             problems.append(f"column {name!r} has {col.null_count} null value(s)")
             continue
@@ -391,14 +456,6 @@ def _column_problems(table: pa.Table, meta: dict) -> list[str]:
         if problem:
             problems.append(problem)
         heads.append((name, k, labels))
-        score = fmt.score_column(i)
-        if score in names:
-            expected.add(score)
-            if table.schema.field(score).type != pa.float32():
-                problems.append(f"column {score!r} must be float32, found {table.schema.field(score).type}")
-    extra = [c for c in names if c not in expected]
-    if extra and not _newer_minor(meta):
-        problems.append(f"unexpected column(s) {extra}: not part of format {meta['format_version']}")
     if heads and len(heads) == len(meta.get("heads", [])) and not ids.null_count:
         actual = fmt.compute_artefact_id(ids.cast(pa.string()), heads)
         if actual != meta["artefact_id"]:
@@ -409,36 +466,83 @@ def _column_problems(table: pa.Table, meta: dict) -> list[str]:
     return problems
 
 
-def check_artefact(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the artefact at ``path`` (a file or a run directory); empty means valid."""
+@dataclass(frozen=True)
+class ArtefactHeader:
+    """What an artefact's footer holds -- its metadata, row count and size -- read without its columns."""
+
+    path: str
+    metadata: dict
+    num_rows: int
+    file_bytes: int
+    problems: tuple[str, ...]
+
+    @property
+    def heads(self) -> list[Head]:
+        return [Head(h["name"], int(h["k"])) for h in self.metadata["heads"]]
+
+
+def read_header(path: str | os.PathLike) -> ArtefactHeader:
+    """Metadata and footer-level checks of an artefact, reading only the Parquet footer(s) (for a URL: a few
+    small range requests, whatever the file's size). Raises :class:`ArtefactError` when there is no valid
+    labelkit metadata; ``problems`` lists what the footer shows wrong with the columns."""
+    parts = artefact_files(path)
+    meta, schema, num_rows, size = None, None, 0, 0
+    for part in parts:
+        with _open(part, block_size=remote.METADATA_BLOCK) as (pfile, part_size):
+            part_meta, problems = _read_metadata(pfile)
+            if part_meta is None or problems:
+                raise ArtefactError(f"{_shown(part)}: invalid label artefact: {problems[0]}", problems)
+            if meta is not None and part_meta != meta:
+                raise ArtefactError(f"{_shown(part)}: its metadata differs from {_shown(parts[0])}'s; the files "
+                                    "of one artefact must all carry the same metadata")
+            meta, schema = part_meta, pfile.schema_arrow
+            num_rows += pfile.metadata.num_rows
+            size += part_size
+    problems = _schema_problems(schema, num_rows, meta)
+    return ArtefactHeader(_shown(path), meta, num_rows, size, tuple(problems))
+
+
+def _read_parts(parts: list) -> tuple[dict | None, pa.Table | None, list[str]]:
+    """(metadata, table, problems) of the file(s) of one artefact; the table is None when the metadata is bad."""
+    meta, tables = None, []
+    for part in parts:
+        with _open(part) as (pfile, _):
+            part_meta, problems = _read_metadata(pfile)
+            if part_meta is None or problems:
+                return None, None, problems
+            if meta is not None and part_meta != meta:
+                return None, None, [f"{_shown(part)}: metadata differs from {_shown(parts[0])}'s"]
+            meta = part_meta
+            try:
+                tables.append(pfile.read())
+            except (pa.ArrowException, OSError) as exc:
+                where = f"{_shown(part)} " if len(parts) > 1 else ""
+                return meta, None, [f"{where}could not be read to the end (truncated or corrupt): {exc}"]
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    return meta, table, _column_problems(table, meta)
+
+
+def check_artefact(path: str | os.PathLike, full: bool = True) -> list[str]:
+    """Every problem found in the artefact at ``path`` (a file, run directory, Hub export or URL); empty means
+    valid. With ``full=False`` only the footer is read: metadata, columns, types and row count, not the values."""
     try:
-        path = artefact_path(path)
-        pfile, problems = _open(path)
-        meta, problems = _read_metadata(pfile)
-        if meta is None or problems:
-            return problems
-        table = pfile.read()
+        if not full:
+            return list(read_header(path).problems)
+        return _read_parts(artefact_files(path))[2]
     except ArtefactError as exc:
         return exc.problems or [str(exc)]
     except (pa.ArrowException, OSError) as exc:
         return [f"the file could not be read to the end (truncated or corrupt): {exc}"]
-    return _column_problems(table, meta)
 
 
 def read_artefact(path: str | os.PathLike) -> Artefact:
-    """Read and fully validate a label artefact (a file, or a run directory's ``labels.parquet``); raises
-    :class:`ArtefactError` naming what is wrong."""
-    path = artefact_path(path)
-    pfile, _ = _open(path)
-    meta, problems = _read_metadata(pfile)
-    if not problems:
-        try:
-            table = pfile.read()
-        except (pa.ArrowException, OSError) as exc:
-            raise ArtefactError(f"{path}: could not be read to the end (truncated or corrupt): {exc}") from None
-        problems = _column_problems(table, meta)
+    """Read and fully validate a label artefact (a file, a run directory's ``labels.parquet``, a Hub export's
+    ``data/*.parquet``, at a path or an fsspec URL, streamed once); raises :class:`ArtefactError` naming
+    what is wrong."""
+    shown = _shown(path)
+    meta, table, problems = _read_parts(artefact_files(path))
     if problems:
-        more = f" (+{len(problems) - 1} more; see `labelkit validate {path}`)" if len(problems) > 1 else ""
-        raise ArtefactError(f"{path}: invalid label artefact: {problems[0]}{more}", problems)
+        more = f" (+{len(problems) - 1} more; see `labelkit validate {shown}`)" if len(problems) > 1 else ""
+        raise ArtefactError(f"{shown}: invalid label artefact: {problems[0]}{more}", problems)
     table = table.replace_schema_metadata(None)
     return Artefact(table, meta)

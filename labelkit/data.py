@@ -254,6 +254,68 @@ class FolderSource(Source):
             yield sample_id, (self.root / sample_id).read_bytes()
 
 
+class RemoteFolderSource(Source):
+    """An image folder at an fsspec URL (``s3://bucket/train/``, ``gs://…``, ``hf://datasets/…``, ``file://``,
+    or an http server with index pages): the same ids, classes and content fingerprint as a local copy."""
+
+    kind = "folder"
+
+    def __init__(self, spec: str):
+        from . import remote
+
+        try:
+            fs, root = remote.filesystem(spec)
+        except ImportError as exc:
+            raise DataError(str(exc)) from None
+        self._fs = (os.getpid(), fs)
+        self.root = root.rstrip("/")
+        shown = remote.redact(spec)
+        try:
+            found = fs.find(self.root, detail=True)
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"{shown}: cannot list this folder: {exc}") from None
+        files = {}
+        for path, entry in found.items():
+            rel = path[len(self.root):].lstrip("/") if path.startswith(self.root) else None
+            if rel is None:  # http listings give full URLs
+                rel = path.split(self.root, 1)[-1].lstrip("/")
+            if rel.lower().endswith(IMAGE_EXTENSIONS) and entry.get("type", "file") == "file":
+                files[rel] = path, entry.get("size")
+        if not files:
+            raise DataError(f"{shown}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in this folder")
+        ids = sorted(files)
+        self._paths = [files[i][0] for i in ids]
+        self._sizes = [files[i][1] for i in ids]
+        classes = sorted({i.split("/", 1)[0] for i in ids if "/" in i})
+        class_index = {name: c for c, name in enumerate(classes)}
+        targets = None
+        if classes:
+            targets = np.array([class_index[i.split("/", 1)[0]] if "/" in i else -1 for i in ids], np.int64)
+        super().__init__(spec, ids, targets, classes or None)
+
+    @property
+    def fs(self):
+        """This process's filesystem: a loader worker forked from the parent opens its own connections."""
+        if self._fs[0] != os.getpid():
+            from . import remote
+
+            self._fs = (os.getpid(), remote.filesystem(self.spec)[0])
+        return self._fs[1]
+
+    def load(self, i: int):
+        return decode_image(self.fs.cat_file(self._paths[i]))
+
+    def sizes(self) -> np.ndarray:
+        missing = [i for i, size in enumerate(self._sizes) if size is None]
+        for i in missing:  # some listings (http) carry no sizes
+            self._sizes[i] = self.fs.size(self._paths[i])
+        return np.array(self._sizes, dtype=np.int64)
+
+    def iter_bytes(self):
+        for sample_id, path in zip(self.ids, self._paths):
+            yield sample_id, self.fs.cat_file(path)
+
+
 class ArraySource(Source):
     """In-memory uint8 images: ``.npz`` files and the built-ins."""
 
@@ -355,7 +417,10 @@ def _expand_shards(spec: str) -> list[str]:
     urls = []
     for part in braceexpand(spec):
         if _URL.match(part) and not part.lower().startswith("file:"):
-            urls.append(part)
+            if glob.has_magic(part) and not part.lower().startswith("pipe:"):
+                urls.extend(_glob_url(spec, part))
+            else:
+                urls.append(part)
             continue
         part = part[5:] if part.lower().startswith("file:") else part
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
@@ -368,6 +433,21 @@ def _expand_shards(spec: str) -> list[str]:
     return urls
 
 
+def _glob_url(spec: str, pattern: str) -> list[str]:
+    from . import remote
+
+    try:
+        fs, path = remote.filesystem(pattern)
+    except ImportError as exc:
+        raise DataError(str(exc)) from None
+    try:
+        matches = sorted(fs.glob(path))
+    except NotImplementedError:
+        raise DataError(f"{remote.redact(spec)}: this filesystem cannot list files; give the shards as a brace "
+                        "pattern, e.g. train-{000000..000146}.tar") from None
+    return [fs.unstrip_protocol(m) for m in matches]
+
+
 def _split_key(name: str) -> tuple[str | None, str | None]:
     from webdataset.tariterators import base_plus_ext
 
@@ -375,12 +455,18 @@ def _split_key(name: str) -> tuple[str | None, str | None]:
 
 
 def _open_shard(url: str):
-    """A binary stream of a local shard or of any URL webdataset's ``gopen`` accepts (``pipe:``, http …)."""
-    if _URL.match(url):
+    """A binary stream of a local shard, a ``pipe:`` command (webdataset's ``gopen``), or any fsspec URL
+    (read through fsspec: no curl subprocess, the filesystem's own credentials)."""
+    if url.lower().startswith("pipe:"):
         from webdataset import gopen
 
         return gopen(url, "rb")
-    return open(url, "rb")
+    if _URL.match(url) and not url.lower().startswith("file:"):
+        from . import remote
+
+        fs, path = remote.filesystem(url)
+        return fs.open(path, "rb", block_size=remote.STREAM_BLOCK)
+    return open(url[5:] if url.lower().startswith("file:") else url, "rb")
 
 
 def _scan_shard(path: str, records: dict, order: list[str]) -> None:
@@ -488,8 +574,12 @@ def resolve(spec: str) -> Source:
         return load_embeddings(spec)
     if spec.lower().endswith(".npz"):
         return _load_npz(spec)
-    if ".tar" in spec.lower() or "{" in spec or _URL.match(spec):
+    if ".tar" in spec.lower() or "{" in spec or spec.lower().startswith("pipe:"):
         return ShardSource(spec)
+    from .remote import is_url
+
+    if is_url(spec):
+        return RemoteFolderSource(spec)
     return FolderSource(spec)
 
 

@@ -125,7 +125,13 @@ METADATA_SCHEMA: dict = {
             "properties": {
                 "name": {"type": "string", "minLength": 1, "description": "sela, import, transfer, …"},
                 "config": {"type": "object", "description": "Fully resolved configuration."},
-                "source": {"type": "string", "description": "File name the labels were imported from."},
+                "source": {"type": "string", "description": "File name, or sela:NAME for a released SeLa label set, "
+                           "that the labels were imported from."},
+                "url": {"type": "string", "description": "Where an imported release was downloaded from (no "
+                        "credentials or query string)."},
+                "release": {"type": "string", "description": "What the imported release is (model, heads, K)."},
+                "layout": {"type": "string", "description": "How an imported label file was laid out, as "
+                           "detected (orientation, header, key or index column, delimiter)."},
                 "recipe": {"type": "object", "description": "How the configuration was chosen (labelkit.plan): "
                            "recipe name, the reason for each choice, the time budget and the estimates."},
                 "quality": {

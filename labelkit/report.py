@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ._io import atomic_path, write_text_atomic
+from . import remote
 from .artefact import read_artefact
 from .data import resolve
 from .errors import ConfigError, DataError
@@ -247,7 +248,7 @@ img {{ image-rendering: pixelated; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; }}
 .legend span {{ border: 4px solid; padding: 0 6px; margin-right: 4px; display: inline-block; }}
 </style></head><body>
-<h1>Self-labels of head {head} ({html.escape(Path(str(artefact)).name)})</h1>
+<h1>Self-labels of head {head} ({html.escape(Path(remote.redact(str(artefact))).name)})</h1>
 {provenance}{metrics_html}{legend}
 {''.join(blocks)}
 {''.join(extra)}

@@ -35,3 +35,89 @@ def image_tree(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def _make_handler(root, counter):
+    import http.server
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        """A static file server that honours ``Range: bytes=a-b`` (as S3, the Hub and CDNs do) and counts the
+        body bytes it sends, so tests can check how much of a file a command read."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            path = self.translate_path(self.path)
+            if os.path.isdir(path) or "Range" not in self.headers:
+                return super().send_head()
+            if counter.get("no_range"):
+                return super().send_head()
+            try:
+                handle = open(path, "rb")
+            except OSError:
+                self.send_error(404)
+                return None
+            size = os.fstat(handle.fileno()).st_size
+            spec = self.headers["Range"].split("=", 1)[1].split(",")[0].strip()
+            first, _, last = spec.partition("-")
+            if first == "":
+                start, end = max(0, size - int(last)), size - 1
+            else:
+                start, end = int(first), min(int(last) if last else size - 1, size - 1)
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.end_headers()
+                handle.close()
+                return None
+            self.send_response(206)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            handle.seek(start)
+            self._remaining = end - start + 1
+            return handle
+
+        def copyfile(self, source, outputfile):
+            remaining = getattr(self, "_remaining", None)
+            self._remaining = None
+            while remaining is None or remaining > 0:
+                block = source.read(1 << 16 if remaining is None else min(1 << 16, remaining))
+                if not block:
+                    break
+                if counter.get("fail_after") is not None and counter["sent"] >= counter["fail_after"]:
+                    counter["fail_after"] = None  # drop the connection once, mid-body
+                    raise ConnectionResetError("test server: connection dropped")
+                outputfile.write(block)
+                counter["sent"] += len(block)
+                counter["requests_bytes"].append(len(block))
+                if remaining is not None:
+                    remaining -= len(block)
+
+    return Handler
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A folder served over http://127.0.0.1:PORT/ by a Range-capable server; yields (root, base_url,
+    counter) where counter["sent"] is the number of body bytes served so far."""
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+    counter = {"sent": 0, "requests_bytes": [], "fail_after": None}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(root, counter))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", counter
+    finally:
+        server.shutdown()
+        server.server_close()
