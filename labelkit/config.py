@@ -78,6 +78,7 @@ class SelaConfig:
     balance: float | None = None  # None: sizes held to the prior; tau: relaxed by a KL penalty of strength tau
     balance_floor: float = 0.2  # with --balance: every cluster keeps at least this share of its prior size
     consensus: bool = False  # append the heads' consensus (labelkit.consensus) to the artefact as one more head
+    label_memory: str | None = None  # bytes the label step's kernel may take (e.g. 4GB); None: half of what is free
     out: str = "runs/sela"
 
     @property
@@ -282,6 +283,25 @@ def solver_prior(config: "SelaConfig", k: int, n: float):
     return [v * n / total for v in sizes]
 
 
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def memory_bytes(text: str | int | None, option: str = "--label-memory") -> int | None:
+    """``4GB``, ``512MiB``, ``1.5g`` or a plain byte count as bytes; None or ``auto`` stays None."""
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ConfigError(f"{option} {text!r}: give a size such as 4GB, 512MiB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise ConfigError(f"{option} must be positive, got {text!r}")
+    return value
+
+
 def _check_prior(config: "SelaConfig") -> None:
     from .errors import SolverError
     from .sinkhorn import Prior
@@ -300,6 +320,7 @@ def _check_prior(config: "SelaConfig") -> None:
                           f"{config.balance}")
     if not 0.0 <= config.balance_floor < 1.0:
         raise ConfigError(f"balance_floor must lie in [0, 1), got {config.balance_floor}")
+    memory_bytes(config.label_memory)
 
 
 def _check(config) -> None:

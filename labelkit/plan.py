@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RECIPE_NAMES, RECIPES, SelaConfig, resolve_config
+from .config import RECIPE_NAMES, RECIPES, SelaConfig, memory_bytes, resolve_config
 from .errors import ConfigError, DataError
+from .sinkhorn import system_memory_available
 
 __all__ = ["Plan", "make_plan", "plan_transfer", "parse_duration", "profile_data", "machine_info", "auto_recipe", "RECIPE_NAMES",
            "DEFAULT_CPU_BUDGET"]
@@ -96,7 +97,7 @@ def machine_info(device: str = "auto") -> dict:
 
     resolved = resolve_device(device)
     info: dict[str, Any] = {"device": resolved.type, "cores": _cores(),
-                            "ram_available": _available_ram()}
+                            "ram_available": system_memory_available()}
     if resolved.type == "cuda":
         free, total = torch.cuda.mem_get_info(resolved)
         info.update(gpu=torch.cuda.get_device_name(resolved), gpu_free=int(free), gpu_total=int(total))
@@ -108,20 +109,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 # -- the auto recipe -----------------------------------------------------------------------------------------
@@ -258,6 +245,13 @@ class Plan:
             step = "label step" if isinstance(c, SelaConfig) else "prediction pass"
             out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; {step} peak memory "
                        f"{_bytes(e['label_memory'])}; disk {_bytes(e['disk'])}")
+            if "kernel" in e:
+                n_k = e["kernel_bytes"]["stored"]
+                how = {"stored": f"stored in memory ({_bytes(n_k)})",
+                       "disk": f"on scratch disk ({_bytes(n_k)} in {c.out}; {_bytes(e['kernel_bytes']['disk'])} in memory)",
+                       "stream": f"streamed: recomputed from the features every iteration "
+                                 f"({_bytes(e['kernel_bytes']['stream'])} in memory; stored it would take {_bytes(n_k)})"}
+                out.append(f"  label kernel: {how[e['kernel']]}; same labels on every path")
             if self.probe:
                 out.append(f"  probe: {self.probe['train_images_per_s']:.0f} img/s training, "
                            f"{self.probe['label_images_per_s']:.0f} img/s label pass"
@@ -403,12 +397,21 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
                                   f"{_clock(plan.budget)} budget at the probed speed"
                                   + (" (the recipe's most)" if plan.config.epochs == AUTO_MAX_EPOCHS
                                      and plan.recipe == "auto" else ""))
-    label_memory = n * probe["feature_dim"] * 4 + n * max(ks) * 2  # float32 features + the bf16 kernel
+    from .sinkhorn import fit_block, kernel_path
+
+    # float32 features, and the bf16 kernel when it is stored (streamed: one block of rows per thread)
+    device = "cuda" if plan.machine.get("device") == "cuda" else "cpu"
+    path = kernel_path(n, max(ks), device, memory_bytes(config.label_memory), scratch=config.out)
+    kernels = {"stored": n * max(ks) * 2, "disk": min(n, fit_block(n, max(ks), device, memory_bytes(config.label_memory)))
+               * max(ks) * 6 * torch.get_num_threads(),
+               "stream": min(n, fit_block(n, max(ks), device, memory_bytes(config.label_memory)))
+               * max(ks) * 6 * torch.get_num_threads()}
+    label_memory = n * probe["feature_dim"] * 4 + kernels[path]
     if plan.config.start == "graph":
         label_memory = max(label_memory, n * probe["thumbnail_pixels"] * 4 * 2)
     disk = 2 * probe["checkpoint_bytes"] + n * (len(ks) * 8 + 24) + 4096 * (plan.config.epochs + count)
     plan.estimate = {"seconds": round(seconds, 1), "label_memory": int(label_memory), "disk": int(disk),
-                     "label_steps": count, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
+                     "kernel": path, "kernel_bytes": {name: int(b) for name, b in kernels.items()}, "label_steps": count, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
     _check_memory(plan, label_memory)
 
 
@@ -429,7 +432,7 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
     from .models import SelaModel, create_backbone, feature_dim
     from .loading import augmentation_preset
     from .sela import solver_options
-    from .sinkhorn import solve
+    from .sinkhorn import kernel_path, solve
     from .train import resolve_device
 
     started = time.perf_counter()
@@ -480,10 +483,14 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
         label_rate = seen / (time.perf_counter() - t1) if seen else 1.0
         rows = min(len(source), 20_000)
         solve_s = 0.0
+        # the path the run will take at full size, timed on a sample of rows from features of the run's width
+        path = kernel_path(len(source), max(ks), device, memory_bytes(getattr(config, "label_memory", None)),
+                           scratch=config.out)
         for k in sorted(set(ks)) if solves else []:
-            logits = torch.randn(rows, k) * 2
+            features, weight = torch.randn(rows, dim), torch.randn(k, dim) * (2 / dim**0.5)
             t2 = time.perf_counter()
-            solve(logits, lam=config.lam, tol=config.sinkhorn_tol, **solver_options(config, k, rows))
+            solve(features=features, weight=weight, lam=config.lam, tol=config.sinkhorn_tol, kernel=path,
+                  **solver_options(config, k, rows))
             solve_s += (time.perf_counter() - t2) * ks.count(k) * len(source) / rows
         checkpoint = sum(p.numel() * p.element_size() * 2 for p in model.parameters())
     finally:
@@ -494,7 +501,7 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
             # the graph start: one thumbnail pass (decoding dominates, as in the label pass) and the spectral
             # embedding (measured: 4.8 s for 10,782 samples on 2 cores, close to linear in N)
             "graph_s": round(len(source) / label_rate + 4.5e-4 * len(source), 2),
-            "feature_dim": int(dim), "thumbnail_pixels": 3 * side * side, "checkpoint_bytes": int(checkpoint),
+            "feature_dim": int(dim), "kernel": path if solves else None, "thumbnail_pixels": 3 * side * side, "checkpoint_bytes": int(checkpoint),
             "probe_s": round(time.perf_counter() - started, 2)}
 
 

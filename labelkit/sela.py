@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .artefact import Artefact, producer_versions
-from .config import SelaConfig, solver_prior
+from .config import SelaConfig, memory_bytes, solver_prior
 from .consensus import consensus_labels
 from .errors import ConfigError
 from .features import FeatureTrunk, Whiten, cached_views, neighbours, train_heads_epoch
@@ -27,7 +27,7 @@ from .metrics import agreement
 from .quality import QUALITY_ROWS, head_quality, recommend_k
 from .models import SelaModel, create_backbone, feature_dim
 from .run import Job
-from .sinkhorn import kernel_buffer, solve
+from .sinkhorn import kernel_buffer, kernel_path, solve
 from .train import Reporter, extract_features, learning_rate, make_optimizer, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "solver_options", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
@@ -173,7 +173,9 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     sample = np.sort(np.random.default_rng(config.seed).permutation(len(rows))[:QUALITY_ROWS])
     job.label_features = (rows.numpy()[sample], features[torch.from_numpy(sample)].float().cpu())
     job.previous_labels = state.labels[:, rows[torch.from_numpy(sample)]].clone()
-    buffer = kernel_buffer(len(rows), max(ks), device=job.device)
+    memory = memory_bytes(config.label_memory)
+    path = kernel_path(len(rows), max(ks), job.device, memory, scratch=config.out)
+    buffer = kernel_buffer(len(rows), max(ks), device=job.device) if path == "stored" else None
     job.reporter.phase("solve", len(ks))
     heads = []
     start = time.perf_counter()
@@ -184,13 +186,15 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
             warnings.simplefilter("ignore", RuntimeWarning)
             result = solve(features=features, weight=weight.detach().float(), bias=bias,
                            lam=config.lam, tol=config.sinkhorn_tol, warm_start=state.potentials[h], buffer=buffer,
-                           device=job.device, group=dist.group, **solver_options(config, ks[h], len(everyone)))
+                           kernel=path, memory=memory, scratch=config.out, device=job.device, group=dist.group,
+                           **solver_options(config, ks[h], len(everyone)))
         state.potentials[h] = torch.from_numpy(result.potentials)
         gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([result.labels.astype(np.float64),
                                                                           result.scores.astype(np.float64)]))
         state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
         state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
-        info = {"head": h, "k": ks[h], "iterations": result.iterations, "seconds": round(result.seconds, 3),
+        info = {"head": h, "k": ks[h], "kernel": result.kernel, "iterations": result.iterations,
+                "seconds": round(result.seconds, 3),
                 "error": result.error, "converged": result.converged, "size_min": int(result.sizes.min()),
                 "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum())}
         if dist.main:  # the figures go to the history, which rank 0 writes
@@ -204,7 +208,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
         heads.append(info)
         job.reporter.advance(head=h)
     job.reporter.end_phase()
-    held = features.numel() * features.element_size() + buffer.numel() * buffer.element_size()
+    held = features.numel() * features.element_size() + (0 if buffer is None else buffer.numel() * buffer.element_size())
     del buffer
     return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
             "memory_bytes": held}

@@ -41,6 +41,7 @@ How it is computed:
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ import torch
 
 from .errors import SolverError
 
-__all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "balanced_labels"]
+__all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "kernel_path", "available_memory", "balanced_labels",
+           "KERNEL_PATHS", "fit_block"]
 
 _BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
 _EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38: the smallest exponent whose exp is a normal float32 and bfloat16
@@ -78,6 +80,8 @@ class SinkhornResult:
         seconds: wall time, kernel construction included.
         rebuilds: kernel constructions (1 + re-stabilisations).
         errors: marginal error after every iteration.
+        targets: the column marginals solved for.
+        kernel: which path ran, ``"stored"`` or ``"stream"``.
     """
 
     labels: np.ndarray
@@ -91,6 +95,7 @@ class SinkhornResult:
     rebuilds: int = 1
     errors: list[float] = field(default_factory=list)
     targets: np.ndarray | None = None  # float64 (K,) the column marginals b solved for (after matching a prior)
+    kernel: str = "stored"  # "stored" (N x K bfloat16 held) or "stream" (recomputed from the logits every pass)
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,100 @@ class Prior:
         return "uniform" if self.uniform else "counts"
 
 
+KERNEL_PATHS = ("auto", "stored", "disk", "stream")
+
+
+def system_memory_available() -> int | None:
+    """The system's available memory (``MemAvailable``, which counts reclaimable caches), None if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes free for new data on ``device``: CUDA's free memory, or the system's available memory on the CPU
+    (16 GiB assumed where the system does not say)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return system_memory_available() or 1 << 34
+
+
+def default_block(n: int, k: int, device: torch.device) -> int:
+    """Rows per block: about 4 MB of float32 per block on the CPU (cache-sized), 65,536 rows on a GPU."""
+    return max(16, min(n, (1 << 20) // max(k, 1))) if device.type == "cpu" else 1 << 16
+
+
+def _per_row(k: int, device: torch.device) -> int:
+    """Working bytes per row of a block, over all threads: a float32 block and its bfloat16 rounding."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return k * (4 + 2) * threads
+
+
+def fit_block(n: int, k: int, device: str | torch.device = "cpu", memory: int | None = None,
+              block_size: int | None = None) -> int:
+    """Rows per block: the default, made smaller when ``memory`` bytes cannot hold it; an error when they
+    cannot hold 16 rows."""
+    device = torch.device(device)
+    block = block_size or default_block(n, k, device)
+    if memory is None:
+        return block
+    room = memory // _per_row(k, device)
+    if room < min(n, 16):
+        need = min(n, 16) * _per_row(k, device)
+        raise SolverError(f"a label memory of {memory / 2**20:.2f} MiB is too small for one block of rows: 16 rows "
+                          f"x K={k} need {need / 2**20:.2f} MiB on {device}; give at least that")
+    return int(min(block, room))
+
+
+def kernel_path(n: int, k: int, device: str | torch.device = "cpu", memory: int | None = None,
+                block_size: int | None = None, kernel: str = "auto", buffer: torch.Tensor | None = None,
+                scratch: str | os.PathLike | None = None) -> str:
+    """``"stored"``, ``"disk"`` or ``"stream"``: which kernel :func:`solve` uses for an (n, k) problem under
+    ``memory`` bytes (default: half the device's available memory): in memory when it fits, else on the
+    ``scratch`` disk on a CPU with room there, else recomputed every pass."""
+    device = torch.device(device)
+    if kernel not in KERNEL_PATHS:
+        raise SolverError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
+    block = fit_block(n, k, device, memory, block_size)
+    if kernel != "auto":
+        return kernel
+    if buffer is not None and buffer.numel() >= n * k:
+        return "stored"  # the caller already paid for it
+    budget = memory if memory is not None else available_memory(device) // 2
+    if n * k * 2 + min(n, block) * _per_row(k, device) <= budget:
+        return "stored"
+    # beyond memory: on a GPU recomputing a block is one GEMM, cheaper than any disk; on a CPU the GEMM costs
+    # 2D flops an entry where the disk costs 2 bytes (measured on 2 cores, D = 128: 6 ns an entry recomputed,
+    # 1.3 ns read back), so the kernel goes to scratch disk when there is room
+    if device.type == "cpu" and _disk_room(scratch) >= 1.1 * n * k * 2:
+        return "disk"
+    return "stream"
+
+
+def _disk_room(folder: str | os.PathLike | None) -> int:
+    import shutil
+    import tempfile
+
+    from pathlib import Path
+
+    path = Path(folder or tempfile.gettempdir()).absolute()
+    while not path.exists() and path != path.parent:  # a run directory not made yet: the disk it will be on
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
 def kernel_buffer(n: int, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """A bfloat16 (n, k) buffer that several solves (one per head) can share."""
     return torch.empty((n, k), dtype=torch.bfloat16, device=device)
@@ -191,6 +290,22 @@ class _Logits:
             self.n, self.k = self.features.shape[0], self.weight.shape[0]
             self.logits = None
 
+    def exponent(self, lam: float, g: torch.Tensor):
+        """A function (start, stop, out) -> out = lam z + g for rows start:stop, with lam and g folded into
+        the head for features (one GEMM with a bias, no separate passes over the block)."""
+        if self.logits is not None:
+            def rows(start, stop, out):
+                torch.mul(self.block(start, stop), lam, out=out)  # out of place: blocks may be the caller's
+                return out.add_(g)
+            return rows
+        weight_t = (self.weight.T * lam).contiguous()
+        shift = g if self.bias is None else self.bias * lam + g
+
+        def rows(start, stop, out):
+            x = self.features[start:stop].to(device=self.device, dtype=self.dtype, non_blocking=True)
+            return torch.addmm(shift, x, weight_t, out=out)
+        return rows
+
     def block(self, start: int, stop: int) -> torch.Tensor:
         if self.logits is not None:
             return self.logits[start:stop].to(device=self.device, dtype=self.dtype, non_blocking=True)
@@ -200,6 +315,10 @@ class _Logits:
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    from .featurefile import FeatureFile
+
+    if isinstance(value, FeatureFile):
+        return value  # read by row blocks from disk; a tensor of those rows each time  # type: ignore[return-value]
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
@@ -262,30 +381,109 @@ class _Rows:
             yield start, min(start + self.block, hi)
 
 
-def _build_kernel(source, kernel, g, lam, rows: _Rows, group):
-    """kernel[i, k] = exp(lam z_ik + g_k - r_i) in bf16; returns the column maxima of the exponent."""
-    g32 = g.to(torch.float32)
+class _DiskStore:
+    """The bfloat16 kernel in a scratch file, written and read by row blocks (``os.pwrite``/``os.preadv``:
+    thread-safe, and the pages stay in the OS cache rather than in the process). The file is unlinked as soon
+    as it is created, so it vanishes when the solve ends, even after a crash."""
 
-    def part(lo, hi):
-        col_max = torch.full((source.k,), -math.inf, dtype=torch.float32, device=kernel.device)
-        work = torch.empty((min(rows.block, hi - lo), source.k), dtype=torch.float32, device=kernel.device)
-        for start, stop in rows.blocks(lo, hi):
-            e = work[: stop - start]
-            torch.mul(source.block(start, stop), lam, out=e)  # out of place: blocks may be the caller's
-            e.add_(g32)
-            e.sub_(e.amax(dim=1, keepdim=True))
-            torch.maximum(col_max, e.amax(dim=0), out=col_max)
-            # exp is 5x slower on arguments below float32's range; clamp, then zero what was clamped
-            e.clamp_(min=_EXP_MIN).exp_().masked_fill_(e <= _EXP_FLOOR, 0.0)
-            kernel[start:stop] = e
+    def __init__(self, n: int, k: int, folder: str | os.PathLike | None):
+        import tempfile
+
+        self.n, self.k = n, k
+        folder = folder or tempfile.gettempdir()
+        try:
+            self.fd, path = tempfile.mkstemp(prefix=".labelkit-kernel-", suffix=".bf16", dir=folder)
+        except OSError as exc:
+            raise SolverError(f"cannot create the label kernel's scratch file in {folder}: {exc}") from None
+        os.unlink(path)
+        self.folder = folder
+
+    def __setitem__(self, rows: slice, block: torch.Tensor) -> None:
+        data = block.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+        try:
+            os.pwrite(self.fd, data, rows.start * self.k * 2)
+        except OSError as exc:
+            raise SolverError(f"writing the label kernel ({self.n * self.k * 2 / 1e9:.1f} GB) to {self.folder} "
+                              f"failed: {exc.strerror or exc}; free space there, or give --label-memory more") from None
+
+    def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        raw = torch.empty((stop - start, self.k), dtype=torch.bfloat16)
+        view = memoryview(raw.view(torch.uint8).numpy()).cast("B")
+        done, offset = 0, start * self.k * 2
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise SolverError("the label kernel's scratch file ended early; was it truncated?")
+            done += got
+        return out.copy_(raw)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _Kernel:
+    """The stabilised kernel M = exp(lam z + g - r) (``r`` makes each row's largest entry 1), by row blocks.
+
+    Stored: built once per set of potentials into an N x K bfloat16 tensor and read back by blocks; on disk:
+    the same bytes in a scratch file.
+    Streamed: never held; every read recomputes the block from the logits (or from the features and the
+    head: one GEMM) and rounds it through bfloat16, so both give the same numbers, iterations and labels.
+    Memory is then O(block x K) instead of O(N x K), at the price of recomputing the logits every pass.
+    """
+
+    def __init__(self, source: "_Logits", storage: torch.Tensor | None, device: torch.device):
+        self.source = source
+        self.data = storage
+        self.device = device
+        self.g32: torch.Tensor | None = None
+        self.lam = 1.0
+
+    @property
+    def streamed(self) -> bool:
+        return self.data is None
+
+    def _exponent(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        self._rows(start, stop, out)
+        return out.sub_(out.amax(dim=1, keepdim=True))
+
+    @staticmethod
+    def _exp_(e: torch.Tensor) -> torch.Tensor:
+        # exp is 5x slower on arguments below float32's range; clamp, then zero what was clamped
+        return e.clamp_(min=_EXP_MIN).exp_().masked_fill_(e <= _EXP_FLOOR, 0.0)
+
+    def build(self, g: torch.Tensor, lam: float, rows: "_Rows", group) -> torch.Tensor:
+        """Set the potentials (storing the kernel when stored); returns the column maxima of the exponent."""
+        self.g32, self.lam = g.to(torch.float32), lam
+        self._rows = self.source.exponent(lam, self.g32)
+        k = self.source.k
+
+        def part(lo, hi):
+            col_max = torch.full((k,), -math.inf, dtype=torch.float32, device=self.device)
+            work = torch.empty((min(rows.block, hi - lo), k), dtype=torch.float32, device=self.device)
+            for start, stop in rows.blocks(lo, hi):
+                e = self._exponent(start, stop, work[: stop - start])
+                torch.maximum(col_max, e.amax(dim=0), out=col_max)
+                if self.data is not None:
+                    self.data[start:stop] = self._exp_(e)
+            return col_max
+
+        col_max = torch.stack(rows.map(part)).amax(dim=0)
+        if group is not None:
+            import torch.distributed as dist
+
+            _all_reduce(col_max, group, dist.ReduceOp.MAX)
         return col_max
 
-    col_max = torch.stack(rows.map(part)).amax(dim=0)
-    if group is not None:
-        import torch.distributed as dist
-
-        _all_reduce(col_max, group, dist.ReduceOp.MAX)
-    return col_max
+    def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop of the kernel as float32, written into ``out`` (stop - start, K)."""
+        if isinstance(self.data, _DiskStore):
+            return self.data.read(start, stop, out)
+        if self.data is not None:
+            return out.copy_(self.data[start:stop])  # bf16 -> f32 into a reused buffer: no allocation per block
+        self._exp_(self._exponent(start, stop, out))
+        return out.copy_(out.to(torch.bfloat16))  # the stored kernel's rounding: identical arithmetic
 
 
 def _sweep(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +491,7 @@ def _sweep(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns the cluster sums and the row error sum_i |u_i (M v)_i - 1| of the (over-relaxed) row step.
     """
-    k = kernel.shape[1]
+    k = kernel.source.k
     v32 = v.to(torch.float32)
 
     def part(lo, hi):
@@ -301,8 +499,7 @@ def _sweep(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
         sums = torch.zeros(k, dtype=torch.float64, device=kernel.device)
         row_error = torch.zeros((), dtype=torch.float64, device=kernel.device)
         for start, stop in rows.blocks(lo, hi):
-            m = widened[: stop - start]
-            m.copy_(kernel[start:stop])  # bf16 -> f32 into a reused buffer: no allocation per block
+            m = kernel.read(start, stop, widened[: stop - start])
             s = (m @ v32).double()
             new = s.reciprocal()
             if w != 1.0:
@@ -322,8 +519,9 @@ def _row_scalings(kernel, u, rows: _Rows) -> None:
     """u = 1 / (M 1): the row scalings of a freshly built kernel with v = 1."""
 
     def part(lo, hi):
+        widened = torch.empty((min(rows.block, hi - lo), kernel.source.k), dtype=torch.float32, device=kernel.device)
         for start, stop in rows.blocks(lo, hi):
-            u[start:stop] = kernel[start:stop].float().sum(1).double().reciprocal_()
+            u[start:stop] = kernel.read(start, stop, widened[: stop - start]).sum(1).double().reciprocal_()
 
     rows.map(part)
 
@@ -336,9 +534,10 @@ def _assign(source, kernel, v, potentials, lam, rows: _Rows):
     scores = torch.empty(source.n, dtype=torch.float32, device=pot.device)
 
     def part(lo, hi):
+        widened = torch.empty((min(rows.block, hi - lo), source.k), dtype=torch.float32, device=pot.device)
         for start, stop in rows.blocks(lo, hi):
             idx = (source.block(start, stop).float() * lam).add_(pot).argmax(dim=1)
-            m = kernel[start:stop].float()
+            m = kernel.read(start, stop, widened[: stop - start])
             row_mass = m @ v32
             chosen = m.gather(1, idx[:, None]).squeeze(1) * v32[idx]
             labels[start:stop] = idx
@@ -371,6 +570,9 @@ def solve(
     prior: Prior | str | Any = None,
     balance: float | None = None,
     floor: float = 0.2,
+    kernel: str = "auto",
+    memory: int | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> SinkhornResult:
     """Label N samples into K equal-sized clusters by Sinkhorn-Knopp on P^lam (SeLa, eq. 8).
 
@@ -398,6 +600,12 @@ def solve(
         balance: None (default) holds the cluster sizes to the prior exactly; tau > 0 relaxes them with a KL
             penalty of strength tau (unbalanced optimal transport; large tau approaches the hard constraint).
         floor: with ``balance``, every cluster keeps at least this share of its prior size.
+        kernel: ``"stored"`` holds the N x K bfloat16 kernel (or uses ``buffer``); ``"disk"`` keeps the same
+            bytes in a scratch file; ``"stream"`` recomputes each row block from the logits or features on
+            every pass and holds O(block x K); ``"auto"`` (default) stores it when it fits ``memory``, else
+            uses the disk on a CPU with room, else streams. Every path gives the same labels.
+        memory: bytes the kernel may take (default: :func:`available_memory` of the device, halved).
+        scratch: folder for the ``"disk"`` kernel (default: the system's temporary folder).
     """
     t0 = time.perf_counter()
     source_tensor = logits if logits is not None else features
@@ -418,8 +626,7 @@ def solve(
     if exact_balance and (not prior.uniform or balance is not None):
         raise SolverError("exact_balance rounds to equal cluster sizes; it applies to the uniform prior with no "
                           "balance relaxation only")
-    if block_size is None:
-        block_size = max(16, min(n_local, (1 << 20) // max(k, 1))) if device.type == "cpu" else 1 << 16
+    block_size = fit_block(n_local, k, device, memory, block_size)
     n_total = _all_reduce(torch.tensor([n_local], dtype=torch.float64, device=device), group).item()
     if n_total == 0 or k == 0:
         raise SolverError(f"nothing to label: N={int(n_total)}, K={k}")
@@ -427,12 +634,20 @@ def solve(
         raise SolverError(f"K={k} clusters cannot all be filled by N={int(n_total)} samples; need K <= N")
     columns = _Columns(prior, balance, floor, k, n_total, device)
 
-    if buffer is not None:
-        if buffer.dtype != torch.bfloat16 or buffer.numel() < n_local * k:
-            raise SolverError(f"buffer must be bfloat16 with at least {n_local * k} elements")
-        kernel = buffer.view(-1)[: n_local * k].view(n_local, k)
-    else:
-        kernel = torch.empty((n_local, k), dtype=torch.bfloat16, device=device)
+    path = kernel_path(n_local, k, device, memory, block_size, kernel, buffer, scratch)
+    storage = None
+    if path == "disk":
+        if device.type != "cpu":
+            raise SolverError(f"kernel='disk' is for the CPU; on {device} use 'stream'")
+        storage = _DiskStore(n_local, k, scratch)
+    elif path == "stored":
+        if buffer is not None:
+            if buffer.dtype != torch.bfloat16 or buffer.numel() < n_local * k:
+                raise SolverError(f"buffer must be bfloat16 with at least {n_local * k} elements")
+            storage = buffer.view(-1)[: n_local * k].view(n_local, k)
+        else:
+            storage = torch.empty((n_local, k), dtype=torch.bfloat16, device=device)
+    kernel = _Kernel(source, storage, device)
 
     g = torch.zeros(k, dtype=torch.float64, device=device)
     if warm_start is not None:
@@ -441,19 +656,23 @@ def solve(
             raise SolverError(f"warm_start has {previous.shape[0]} potentials but there are {k} clusters")
         g = torch.as_tensor(previous, dtype=torch.float64, device=device).clone()
     rows = _Rows(n_local, block_size, device, k)
-    with rows:
-        g, v, iterations, errors, converged, rebuilds = _solve_annealed(
-            source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, anneal, columns)
-        if not converged:
-            warnings.warn(
-                f"Sinkhorn stopped at max_iter={max_iter} with marginal error {errors[-1]:.2e} > tol={tol:g}; "
-                "labels are usable but clusters may be less balanced (raise max_iter or tol)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        potentials = g + v.log()
-        potentials -= potentials.max()
-        labels, scores = _assign(source, kernel, v, potentials, lam, rows)
+    try:
+        with rows:
+            g, v, iterations, errors, converged, rebuilds = _solve_annealed(
+                source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, rows, group, anneal, columns)
+            if not converged:
+                warnings.warn(
+                    f"Sinkhorn stopped at max_iter={max_iter} with marginal error {errors[-1]:.2e} > tol={tol:g}; "
+                    "labels are usable but clusters may be less balanced (raise max_iter or tol)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            potentials = g + v.log()
+            potentials -= potentials.max()
+            labels, scores = _assign(source, kernel, v, potentials, lam, rows)
+    finally:
+        if isinstance(storage, _DiskStore):
+            storage.close()
     if exact_balance:
         labels, scores = balanced_labels(source, potentials, lam, block_size, group=group)
         labels, scores = labels.to(potentials.device), scores.to(potentials.device)
@@ -471,6 +690,7 @@ def solve(
         rebuilds=rebuilds,
         errors=errors,
         targets=columns.b.cpu().numpy(),
+        kernel=path,
     )
 
 
@@ -536,7 +756,7 @@ def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, r
     def build():
         nonlocal rebuilds
         rebuilds += 1
-        return _build_kernel(source, kernel, g, lam, rows, group)
+        return kernel.build(g, lam, rows, group)
 
     col_max = build()
     if not bool(torch.isfinite(col_max).all()):

@@ -175,3 +175,17 @@ def test_generate_on_webdataset_shards(tmp_path):
     art = read_artefact(run.artefact)
     assert art.num_samples == 60 and art.sample_ids[0] == "img0000"
     assert run.metrics is not None  # cls is ground truth
+
+
+def test_a_label_memory_budget_moves_the_kernel_out_of_memory_and_changes_no_label(tmp_path):
+    stored = run_sela(_tiny(tmp_path, out=str(tmp_path / "stored")))
+    streamed = run_sela(_tiny(tmp_path, out=str(tmp_path / "streamed"), label_memory="1500"))  # 120 x 6 bf16 would be 1,440 bytes
+    a, b = read_artefact(tmp_path / "stored"), read_artefact(tmp_path / "streamed")
+    assert (a.label_matrix() == b.label_matrix()).all()
+    history = [json.loads(line) for line in (tmp_path / "streamed" / "history.jsonl").read_text().splitlines()]
+    kernels = {h["kernel"] for r in history if r.get("type") == "label_step" for h in r["heads"]}
+    assert kernels == {"disk"} and stored is not None and streamed is not None  # a CPU with scratch room
+    assert not list((tmp_path / "streamed").glob(".labelkit-kernel-*"))
+    assert b.metadata["method"]["config"]["label_memory"] == "1500"
+    with pytest.raises(ConfigError, match="--label-memory '4 parsecs'"):
+        _tiny(tmp_path, label_memory="4 parsecs")

@@ -173,6 +173,8 @@ def test_stopping_rule_means_the_same_at_every_n():
         ({"features": torch.zeros(4, 3), "weight": torch.zeros(2, 5)}, "do not fit"),
         ({}, "either logits"),
         ({"logits": torch.zeros(4, 2), "warm_start": np.zeros(3)}, "warm_start has 3"),
+        ({"logits": torch.zeros(4, 2), "kernel": "tape"}, "kernel must be one of"),
+        ({"logits": torch.zeros(5000, 300), "memory": 20_000}, "too small for one block of rows"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, message):
@@ -194,7 +196,8 @@ def _distributed_worker(rank, world, init, logits, out, kwargs=None):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kwargs", [{}, {"prior": "powerlaw:0.8", "balance": 1.0}], ids=["uniform", "powerlaw-relaxed"])
+@pytest.mark.parametrize("kwargs", [{}, {"prior": "powerlaw:0.8", "balance": 1.0}, {"kernel": "stream"}],
+                         ids=["uniform", "powerlaw-relaxed", "streamed"])
 def test_distributed_solve_equals_single_process(tmp_path, kwargs):
     import torch.multiprocessing as mp
 
@@ -219,3 +222,45 @@ def test_cuda_matches_cpu():
     cpu = solve(features @ weight.T)
     gpu = solve((features @ weight.T).cuda())
     assert (cpu.labels == gpu.labels).mean() >= 0.999
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"lam": 200.0},  # peaked: annealing and re-stabilisation (kernel rebuilds) on both paths
+    {"prior": "powerlaw:1", "balance": 1.0},
+    {"exact_balance": True},
+], ids=["plain", "peaked", "powerlaw-relaxed", "exact"])
+@pytest.mark.parametrize("path", ["stream", "disk"])
+def test_streamed_and_disk_kernels_give_the_stored_kernels_solve(kwargs, path, tmp_path):
+    features, weight = realistic(6000, 120)
+    bias = torch.randn(120) * 0.1
+    stored = solve(features=features, weight=weight, bias=bias, kernel="stored", **kwargs)
+    streamed = solve(features=features, weight=weight, bias=bias, kernel=path, scratch=tmp_path, **kwargs)
+    assert (stored.kernel, streamed.kernel) == ("stored", path)
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+    assert streamed.iterations == stored.iterations and streamed.rebuilds == stored.rebuilds
+    assert (streamed.labels == stored.labels).all()
+    np.testing.assert_array_equal(streamed.scores, stored.scores)
+    np.testing.assert_array_equal(streamed.potentials, stored.potentials)
+    warm = solve(features=features, weight=weight, bias=bias, kernel=path, warm_start=streamed, **kwargs)
+    again = solve(features=features, weight=weight, bias=bias, kernel="stored", warm_start=stored, **kwargs)
+    assert (warm.labels == again.labels).all() and warm.iterations == again.iterations
+    logits = solve(features @ weight.T + bias, kernel="stream", **kwargs)
+    assert (logits.labels == streamed.labels).mean() > 0.999  # the head folded into one GEMM rounds differently
+
+
+def test_auto_leaves_memory_when_the_kernel_does_not_fit_the_budget(tmp_path, monkeypatch):
+    from labelkit import sinkhorn
+    from labelkit.sinkhorn import kernel_path
+
+    features, weight = realistic(20000, 100)
+    fits = solve(features=features, weight=weight, memory=64 << 20)
+    tight = solve(features=features, weight=weight, memory=2 << 20, scratch=tmp_path)  # the kernel is 4 MB
+    assert (fits.kernel, tight.kernel) == ("stored", "disk")
+    assert (fits.labels == tight.labels).all()
+    assert kernel_path(1_281_167, 3000, memory=16 << 30) == "stored"
+    assert kernel_path(1_281_167, 3000, "cuda", memory=4 << 30) == "stream"  # a GEMM beats any disk
+    monkeypatch.setattr(sinkhorn, "_disk_room", lambda folder: 1 << 30)  # a full scratch disk
+    assert kernel_path(1_281_167, 3000, memory=4 << 30, scratch=tmp_path) == "stream"
+    monkeypatch.setattr(sinkhorn, "_disk_room", lambda folder: 1 << 40)
+    assert kernel_path(1_281_167, 3000, memory=4 << 30, scratch=tmp_path) == "disk"
