@@ -527,7 +527,8 @@ def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tupl
               "## Provenance", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in _provenance_rows(meta)]
     lines += ["", "## Label quality", ""] + _quality_section(meta, truth)
-    lines += ["## Cluster sizes", "", "| head | K | smallest | median | largest | empty |", "|---|---|---|---|---|---|"]
+    lines += ["## Cluster sizes", "", "![cluster sizes of every head, largest first](images/cluster_sizes.png)", "",
+              "| head | K | smallest | median | largest | empty |", "|---|---|---|---|---|---|"]
     for i, head in enumerate(heads):
         sizes = artefact.cluster_sizes(i)
         lines.append(f"| {i} | {head.k} | {int(sizes.min()):,} | {int(np.median(sizes)):,} | {int(sizes.max()):,} | "
@@ -588,6 +589,10 @@ def export_hub(artefact: Artefact, out: str | os.PathLike, *, repo: str | None =
             pq.write_table(table.slice(start, stop - start), staging / name, compression="zstd",
                            use_dictionary=[c for c in table.column_names if c != fmt.ID_COLUMN])
             files.append((name, (staging / name).stat().st_size))
+        from .plots import sizes_figure
+
+        sizes_figure([artefact.cluster_sizes(h) for h in range(artefact.num_heads)],
+                     staging / "images" / "cluster_sizes.png")
         card = ("---\n" + _card_yaml(artefact, files, license, pretty_name, list(source_datasets)) + "---\n\n"
                 + _card_body(artefact, repo, pretty_name, files, truth))
         (staging / "README.md").write_text(card)

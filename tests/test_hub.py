@@ -65,6 +65,8 @@ def test_card_yaml_parses_and_matches_the_files(tmp_path):
     assert f"| 1 | 20 | {sizes.min():,} | {int(np.median(sizes)):,} | {sizes.max():,} | 0 |" in body
     for reader in ("DuckDB", "polars", "pandas", "load_dataset", "sample_id"):
         assert reader in body
+    figure = re.search(r"!\[[^\]]*\]\(([^)]+)\)", body).group(1)
+    assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the card's figure is in the folder
 
 
 def test_hub_folder_reads_back_as_the_same_artefact_everywhere(tmp_path):
