@@ -68,8 +68,9 @@ def _clusters(ctx, param, value):
                    "smaller is looser (0.1 loose, 10 nearly equal); every cluster keeps 20% of its prior size "
                    "[off: sizes held exactly].")
 @click.option("--label-memory", default=None, metavar="SIZE",
-              help="Memory the label step's N x K kernel may take, e.g. 4GB; beyond it the kernel is streamed "
-                   "(recomputed from the features every iteration: same labels, slower) [half of what is free].")
+              help="Memory the label step's N x K kernel may take, e.g. 4GB; beyond it the kernel goes to scratch "
+                   "disk in the run directory (CPU) or is recomputed every iteration (GPU): same labels, slower "
+                   "[half of what is free].")
 @click.option("--consensus/--no-consensus", default=None,
               help="Append the heads' consensus (aligned by Hungarian matching, then voted) as one more head "
                    f"{_d('consensus')}.")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "sha256_file", "write_text_atomic"]
+__all__ = ["atomic_path", "sha256_file", "write_text_atomic", "pread_into"]
 
 
 @contextlib.contextmanager
@@ -50,3 +50,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def pread_into(fd: int, buffer, offset: int) -> int:
+    """Fill ``buffer`` (a writable bytes-like object) from ``fd`` at ``offset`` with positional reads, which
+    are safe from several threads at once; returns the bytes read, fewer only where the file ends."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done

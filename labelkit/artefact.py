@@ -347,8 +347,6 @@ def _shown(path: Path | str | os.PathLike) -> str:
 def _open(path: Path | str, block_size: int = remote.STREAM_BLOCK) -> Iterator[tuple[pq.ParquetFile, int]]:
     """The Parquet file at a path or URL (footer read; column data is fetched only when asked for) and its
     size in bytes."""
-    if not remote.is_url(path) and not Path(path).exists():
-        raise ArtefactError(f"{path}: no such file")
     try:
         with remote.open_input(path, block_size) as handle:
             try:
@@ -397,14 +395,21 @@ def _newer_minor(meta: dict) -> bool:
     return have[:2] > ours[:2]
 
 
+def _id_column_problem(schema: pa.Schema) -> str | None:
+    if fmt.ID_COLUMN not in schema.names:
+        return f"missing column '{fmt.ID_COLUMN}'"
+    id_type = schema.field(fmt.ID_COLUMN).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        return f"column '{fmt.ID_COLUMN}' must be string, found {id_type}"
+    return None
+
+
 def _schema_problems(schema: pa.Schema, num_rows: int, meta: dict) -> list[str]:
     """What the footer alone can tell: columns, their types and the row count against the metadata."""
     names = schema.names
-    if fmt.ID_COLUMN not in names:
-        return [f"missing column '{fmt.ID_COLUMN}'"]
-    id_type = schema.field(fmt.ID_COLUMN).type
-    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
-        return [f"column '{fmt.ID_COLUMN}' must be string, found {id_type}"]
+    problem = _id_column_problem(schema)
+    if problem:
+        return [problem]
     problems = []
     if num_rows != meta.get("num_samples"):
         problems.append(f"metadata says num_samples={meta.get('num_samples')} but the file has {num_rows} rows")
@@ -432,8 +437,7 @@ def _schema_problems(schema: pa.Schema, num_rows: int, meta: dict) -> list[str]:
 def _column_problems(table: pa.Table, meta: dict) -> list[str]:
     problems = _schema_problems(table.schema, table.num_rows, meta)
     names = table.column_names
-    if fmt.ID_COLUMN not in names or not pa.types.is_string(table.schema.field(fmt.ID_COLUMN).type) and \
-            not pa.types.is_large_string(table.schema.field(fmt.ID_COLUMN).type):
+    if _id_column_problem(table.schema):
         return problems
     ids = table.column(fmt.ID_COLUMN).combine_chunks()
     problems += _id_problems(ids)
@@ -481,43 +485,46 @@ class ArtefactHeader:
         return [Head(h["name"], int(h["k"])) for h in self.metadata["heads"]]
 
 
+def _each_part(parts: list, block_size: int) -> Iterator[tuple[Path | str, pq.ParquetFile, int, dict | None, list[str]]]:
+    """(part, Parquet file, its bytes, metadata, problems) of each file of one artefact, open while it is
+    handled; ``problems`` says when a file's metadata is invalid or differs from the first file's."""
+    first = None
+    for part in parts:
+        with _open(part, block_size) as (pfile, size):
+            meta, problems = _read_metadata(pfile)
+            if meta is not None and not problems and first is not None and meta != first:
+                problems = [f"{_shown(part)}: its metadata differs from {_shown(parts[0])}'s; the files of one "
+                            "artefact must all carry the same metadata"]
+            first = first or meta
+            yield part, pfile, size, meta, problems
+
+
 def read_header(path: str | os.PathLike) -> ArtefactHeader:
     """Metadata and footer-level checks of an artefact, reading only the Parquet footer(s) (for a URL: a few
     small range requests, whatever the file's size). Raises :class:`ArtefactError` when there is no valid
     labelkit metadata; ``problems`` lists what the footer shows wrong with the columns."""
-    parts = artefact_files(path)
-    meta, schema, num_rows, size = None, None, 0, 0
-    for part in parts:
-        with _open(part, block_size=remote.METADATA_BLOCK) as (pfile, part_size):
-            part_meta, problems = _read_metadata(pfile)
-            if part_meta is None or problems:
-                raise ArtefactError(f"{_shown(part)}: invalid label artefact: {problems[0]}", problems)
-            if meta is not None and part_meta != meta:
-                raise ArtefactError(f"{_shown(part)}: its metadata differs from {_shown(parts[0])}'s; the files "
-                                    "of one artefact must all carry the same metadata")
-            meta, schema = part_meta, pfile.schema_arrow
-            num_rows += pfile.metadata.num_rows
-            size += part_size
-    problems = _schema_problems(schema, num_rows, meta)
-    return ArtefactHeader(_shown(path), meta, num_rows, size, tuple(problems))
+    num_rows = size = 0
+    for part, pfile, part_size, meta, problems in _each_part(artefact_files(path), remote.METADATA_BLOCK):
+        if problems:
+            raise ArtefactError(f"{_shown(part)}: invalid label artefact: {problems[0]}", problems)
+        schema, metadata = pfile.schema_arrow, meta
+        num_rows += pfile.metadata.num_rows
+        size += part_size
+    problems = _schema_problems(schema, num_rows, metadata)
+    return ArtefactHeader(_shown(path), metadata, num_rows, size, tuple(problems))
 
 
 def _read_parts(parts: list) -> tuple[dict | None, pa.Table | None, list[str]]:
     """(metadata, table, problems) of the file(s) of one artefact; the table is None when the metadata is bad."""
-    meta, tables = None, []
-    for part in parts:
-        with _open(part) as (pfile, _):
-            part_meta, problems = _read_metadata(pfile)
-            if part_meta is None or problems:
-                return None, None, problems
-            if meta is not None and part_meta != meta:
-                return None, None, [f"{_shown(part)}: metadata differs from {_shown(parts[0])}'s"]
-            meta = part_meta
-            try:
-                tables.append(pfile.read())
-            except (pa.ArrowException, OSError) as exc:
-                where = f"{_shown(part)} " if len(parts) > 1 else ""
-                return meta, None, [f"{where}could not be read to the end (truncated or corrupt): {exc}"]
+    tables = []
+    for part, pfile, _, meta, problems in _each_part(parts, remote.STREAM_BLOCK):
+        if problems:
+            return None, None, problems
+        try:
+            tables.append(pfile.read())
+        except (pa.ArrowException, OSError) as exc:
+            where = f"{_shown(part)} " if len(parts) > 1 else ""
+            return meta, None, [f"{where}could not be read to the end (truncated or corrupt): {exc}"]
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     return meta, table, _column_problems(table, meta)
 

@@ -276,9 +276,7 @@ class RemoteFolderSource(Source):
             raise DataError(f"{shown}: cannot list this folder: {exc}") from None
         files = {}
         for path, entry in found.items():
-            rel = path[len(self.root):].lstrip("/") if path.startswith(self.root) else None
-            if rel is None:  # http listings give full URLs
-                rel = path.split(self.root, 1)[-1].lstrip("/")
+            rel = path.split(self.root, 1)[-1].lstrip("/")  # http listings give full URLs, others paths
             if rel.lower().endswith(IMAGE_EXTENSIONS) and entry.get("type", "file") == "file":
                 files[rel] = path, entry.get("size")
         if not files:
@@ -461,12 +459,12 @@ def _open_shard(url: str):
         from webdataset import gopen
 
         return gopen(url, "rb")
-    if _URL.match(url) and not url.lower().startswith("file:"):
+    if _URL.match(url):  # file: specs were turned into paths by _expand_shards
         from . import remote
 
         fs, path = remote.filesystem(url)
         return fs.open(path, "rb", block_size=remote.STREAM_BLOCK)
-    return open(url[5:] if url.lower().startswith("file:") else url, "rb")
+    return open(url, "rb")
 
 
 def _scan_shard(path: str, records: dict, order: list[str]) -> None:

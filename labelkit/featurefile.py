@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, pread_into
 from .errors import DataError
 
 __all__ = ["FeatureFile", "write_features"]
@@ -89,13 +89,9 @@ class FeatureFile:
         count = max(0, stop - start)
         buffer = bytearray(count * self.dim * self.dtype.itemsize)
         offset = self._offset + (self.lo + start) * self.dim * self.dtype.itemsize
-        done = 0
-        view = memoryview(buffer)
-        while done < len(buffer):
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got == 0:
-                raise DataError(f"features file {self.path}: ended early at byte {offset + done:,} (changed while read?)")
-            done += got
+        done = pread_into(self._fd, buffer, offset)
+        if done < len(buffer):
+            raise DataError(f"features file {self.path}: ended early at byte {offset + done:,} (changed while read?)")
         if not buffer:
             return torch.empty((0, self.dim), dtype=_DTYPES[self.dtype])
         return torch.frombuffer(buffer, dtype=_DTYPES[self.dtype]).view(count, self.dim)

@@ -397,21 +397,21 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
                                   f"{_clock(plan.budget)} budget at the probed speed"
                                   + (" (the recipe's most)" if plan.config.epochs == AUTO_MAX_EPOCHS
                                      and plan.recipe == "auto" else ""))
-    from .sinkhorn import fit_block, kernel_path
+    from .sinkhorn import kernel_path, working_bytes
 
-    # float32 features, and the bf16 kernel when it is stored (streamed: one block of rows per thread)
+    # float32 features, and the bf16 kernel when it is stored (on disk or streamed: one block of rows per thread)
     device = "cuda" if plan.machine.get("device") == "cuda" else "cpu"
-    path = kernel_path(n, max(ks), device, memory_bytes(config.label_memory), scratch=config.out)
-    kernels = {"stored": n * max(ks) * 2, "disk": min(n, fit_block(n, max(ks), device, memory_bytes(config.label_memory)))
-               * max(ks) * 6 * torch.get_num_threads(),
-               "stream": min(n, fit_block(n, max(ks), device, memory_bytes(config.label_memory)))
-               * max(ks) * 6 * torch.get_num_threads()}
+    memory = memory_bytes(config.label_memory)
+    path = kernel_path(n, max(ks), device, memory, scratch=config.out)
+    working = working_bytes(n, max(ks), device, memory)
+    kernels = {"stored": n * max(ks) * 2, "disk": working, "stream": working}
     label_memory = n * probe["feature_dim"] * 4 + kernels[path]
     if plan.config.start == "graph":
         label_memory = max(label_memory, n * probe["thumbnail_pixels"] * 4 * 2)
     disk = 2 * probe["checkpoint_bytes"] + n * (len(ks) * 8 + 24) + 4096 * (plan.config.epochs + count)
     plan.estimate = {"seconds": round(seconds, 1), "label_memory": int(label_memory), "disk": int(disk),
-                     "kernel": path, "kernel_bytes": {name: int(b) for name, b in kernels.items()}, "label_steps": count, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
+                     "kernel": path, "kernel_bytes": {name: int(b) for name, b in kernels.items()},
+                     "label_steps": count, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
     _check_memory(plan, label_memory)
 
 

@@ -30,8 +30,7 @@ _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    """True for ``scheme://…`` strings (fsspec URLs); local paths, including ``file:`` ones, are False only
-    when they carry no scheme."""
+    """True for ``scheme://…`` strings (fsspec URLs, ``file://`` included); False for plain paths."""
     return isinstance(path, str) and bool(_SCHEME.match(path))
 
 

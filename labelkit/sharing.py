@@ -104,6 +104,7 @@ def _is_int(text: str) -> bool:
 
 
 _WIDE = 1000  # more fields than this on one line: heads are rows (no one saves a thousand heads as columns)
+_SNIFF_BYTES = 256 * 1024
 
 
 def _is_header(first: list[str], second: list[str] | None) -> bool:
@@ -126,7 +127,7 @@ def _is_index(values) -> bool:
 def _sniff(path: Path) -> tuple[str, list[str], list[str] | None, bool]:
     """(delimiter, first line's cells, second line's cells or None, wide) from the head of a CSV file."""
     with open(path, newline="") as handle:
-        sample = handle.read(256 * 1024)
+        sample = handle.read(_SNIFF_BYTES)
     if not sample.strip():
         raise ImportSourceError(f"{path}: empty CSV file")
     lines = sample.splitlines()
@@ -136,10 +137,11 @@ def _sniff(path: Path) -> tuple[str, list[str], list[str] | None, bool]:
         delimiter = ","  # a single column has no delimiter to sniff
     rows = list(csv.reader(io.StringIO("\n".join(lines[:2])), delimiter=delimiter))
     first = [cell.strip() for cell in rows[0]]
-    if "\n" not in sample and len(first) > 1:
-        first = first[:-1]  # the sample ends inside the first line: its last field may be cut short
-    second = [cell.strip() for cell in rows[1]] if len(rows) > 1 and "\n" in sample else None
-    wide = len(first) > _WIDE or ("\n" not in sample and len(sample) >= 256 * 1024)
+    cut = "\n" not in sample  # the sample ends inside the first line
+    if cut and len(first) > 1:
+        first = first[:-1]  # its last field may be cut short
+    second = [cell.strip() for cell in rows[1]] if len(rows) > 1 and not cut else None
+    wide = len(first) > _WIDE or (cut and len(sample) >= _SNIFF_BYTES)
     return delimiter, first, second, wide
 
 

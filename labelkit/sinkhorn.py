@@ -50,10 +50,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import pread_into
 from .errors import SolverError
 
 __all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "kernel_path", "available_memory", "balanced_labels",
-           "KERNEL_PATHS", "fit_block"]
+           "KERNEL_PATHS", "fit_block", "working_bytes"]
 
 _BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
 _EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38: the smallest exponent whose exp is a normal float32 and bfloat16
@@ -81,7 +82,7 @@ class SinkhornResult:
         rebuilds: kernel constructions (1 + re-stabilisations).
         errors: marginal error after every iteration.
         targets: the column marginals solved for.
-        kernel: which path ran, ``"stored"`` or ``"stream"``.
+        kernel: which path ran, ``"stored"``, ``"disk"`` or ``"stream"``.
     """
 
     labels: np.ndarray
@@ -95,7 +96,7 @@ class SinkhornResult:
     rebuilds: int = 1
     errors: list[float] = field(default_factory=list)
     targets: np.ndarray | None = None  # float64 (K,) the column marginals b solved for (after matching a prior)
-    kernel: str = "stored"  # "stored" (N x K bfloat16 held) or "stream" (recomputed from the logits every pass)
+    kernel: str = "stored"  # "stored" (N x K bfloat16 held), "disk" (in a scratch file) or "stream" (recomputed)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,13 @@ def fit_block(n: int, k: int, device: str | torch.device = "cpu", memory: int | 
     return int(min(block, room))
 
 
+def working_bytes(n: int, k: int, device: str | torch.device = "cpu", memory: int | None = None,
+                  block_size: int | None = None) -> int:
+    """Memory every path needs beside the kernel itself: one block of rows per thread."""
+    device = torch.device(device)
+    return min(n, fit_block(n, k, device, memory, block_size)) * _per_row(k, device)
+
+
 def kernel_path(n: int, k: int, device: str | torch.device = "cpu", memory: int | None = None,
                 block_size: int | None = None, kernel: str = "auto", buffer: torch.Tensor | None = None,
                 scratch: str | os.PathLike | None = None) -> str:
@@ -224,13 +232,13 @@ def kernel_path(n: int, k: int, device: str | torch.device = "cpu", memory: int 
     device = torch.device(device)
     if kernel not in KERNEL_PATHS:
         raise SolverError(f"kernel must be one of {', '.join(KERNEL_PATHS)}, got {kernel!r}")
-    block = fit_block(n, k, device, memory, block_size)
+    working = working_bytes(n, k, device, memory, block_size)  # also checks that the budget holds a block
     if kernel != "auto":
         return kernel
     if buffer is not None and buffer.numel() >= n * k:
         return "stored"  # the caller already paid for it
     budget = memory if memory is not None else available_memory(device) // 2
-    if n * k * 2 + min(n, block) * _per_row(k, device) <= budget:
+    if n * k * 2 + working <= budget:
         return "stored"
     # beyond memory: on a GPU recomputing a block is one GEMM, cheaper than any disk; on a CPU the GEMM costs
     # 2D flops an entry where the disk costs 2 bytes (measured on 2 cores, D = 128: 6 ns an entry recomputed,
@@ -408,13 +416,8 @@ class _DiskStore:
 
     def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         raw = torch.empty((stop - start, self.k), dtype=torch.bfloat16)
-        view = memoryview(raw.view(torch.uint8).numpy()).cast("B")
-        done, offset = 0, start * self.k * 2
-        while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
-            if got == 0:
-                raise SolverError("the label kernel's scratch file ended early; was it truncated?")
-            done += got
+        if pread_into(self.fd, raw.view(torch.uint8).numpy(), start * self.k * 2) < raw.numel() * 2:
+            raise SolverError("the label kernel's scratch file ended early; was it truncated?")
         return out.copy_(raw)
 
     def close(self) -> None:
@@ -433,16 +436,14 @@ class _Kernel:
     Memory is then O(block x K) instead of O(N x K), at the price of recomputing the logits every pass.
     """
 
-    def __init__(self, source: "_Logits", storage: torch.Tensor | None, device: torch.device):
+    def __init__(self, source: "_Logits", storage: "torch.Tensor | _DiskStore | None", device: torch.device):
         self.source = source
         self.data = storage
         self.device = device
-        self.g32: torch.Tensor | None = None
-        self.lam = 1.0
 
-    @property
-    def streamed(self) -> bool:
-        return self.data is None
+    def close(self) -> None:
+        if isinstance(self.data, _DiskStore):
+            self.data.close()
 
     def _exponent(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         self._rows(start, stop, out)
@@ -455,8 +456,7 @@ class _Kernel:
 
     def build(self, g: torch.Tensor, lam: float, rows: "_Rows", group) -> torch.Tensor:
         """Set the potentials (storing the kernel when stored); returns the column maxima of the exponent."""
-        self.g32, self.lam = g.to(torch.float32), lam
-        self._rows = self.source.exponent(lam, self.g32)
+        self._rows = self.source.exponent(lam, g.to(torch.float32))
         k = self.source.k
 
         def part(lo, hi):
@@ -671,8 +671,7 @@ def solve(
             potentials -= potentials.max()
             labels, scores = _assign(source, kernel, v, potentials, lam, rows)
     finally:
-        if isinstance(storage, _DiskStore):
-            storage.close()
+        kernel.close()
     if exact_balance:
         labels, scores = balanced_labels(source, potentials, lam, block_size, group=group)
         labels, scores = labels.to(potentials.device), scores.to(potentials.device)
