@@ -2,6 +2,7 @@
 
 Run:
   .venv/bin/python bench/frozen.py gmm [--n 100000] [--dim 768] [--components 100] [--clusters 100] [--heads 5]
+                                       [--neighbours K] [--no-kmeans]
   .venv/bin/python bench/frozen.py digits [--init runs/digits/model.safetensors] [--data SPEC]
 
 ``gmm`` draws an embedding table from an anisotropic Gaussian mixture with unequal spreads (fixed seed), runs
@@ -61,10 +62,11 @@ def gmm(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "table.npz"
         np.savez(table, embeddings=x, labels=truth)
-        run, seconds = generate(data=str(table), clusters=(args.clusters,), heads=args.heads, out=str(Path(tmp) / "run"))
+        run, seconds = generate(data=str(table), clusters=(args.clusters,), heads=args.heads, out=str(Path(tmp) / "run"),
+                                neighbours=args.neighbours or None)
         ours = [m["nmi"] for m in run.metrics]
     print(f"N={args.n:,} D={args.dim} components={args.components}, heads [{args.clusters} x {args.heads}]")
-    print(f"labelkit generate: {seconds:.0f} s, NMI per head {', '.join(f'{v:.3f}' for v in ours)}")
+    print(f"labelkit generate{f' --neighbours {args.neighbours}' if args.neighbours else ''}: {seconds:.0f} s, NMI per head {', '.join(f'{v:.3f}' for v in ours)}")
     if args.kmeans:
         labels, km_seconds = kmeans(x, args.clusters)
         print(f"KMeans(K={args.clusters}) on the same vectors: {km_seconds:.0f} s, NMI {nmi(labels, truth):.3f}")
@@ -106,6 +108,7 @@ def main() -> None:
     g.add_argument("--components", type=int, default=100)
     g.add_argument("--clusters", type=int, default=100)
     g.add_argument("--heads", type=int, default=5)
+    g.add_argument("--neighbours", type=int, default=0)
     g.add_argument("--no-kmeans", dest="kmeans", action="store_false")
     d = commands.add_parser("digits")
     d.add_argument("--data", default="builtin:digits")

@@ -19,7 +19,7 @@ import torch
 from ._io import atomic_path, pread_into
 from .errors import DataError
 
-__all__ = ["FeatureFile", "write_features"]
+__all__ = ["FeatureFile", "FeatureWriter", "write_features"]
 
 _DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 _FLOAT16_MAX = 65504.0
@@ -96,6 +96,15 @@ class FeatureFile:
             return torch.empty((0, self.dim), dtype=_DTYPES[self.dtype])
         return torch.frombuffer(buffer, dtype=_DTYPES[self.dtype]).view(count, self.dim)
 
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """The rows at ascending ``indices`` (of this view), read as runs of consecutive rows."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = torch.empty((len(indices), self.dim), dtype=_DTYPES[self.dtype])
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(indices)]):
+            out[lo:hi] = self[int(indices[lo]):int(indices[hi - 1]) + 1]
+        return out
+
     def __del__(self):
         fd = getattr(self, "_fd", None)
         if fd is not None:
@@ -143,3 +152,93 @@ def write_features(path: str | os.PathLike, blocks: Iterable, rows: int, dim: in
         if written != rows:
             raise DataError(f"features file {path}: {written:,} rows written but {rows:,} announced")
     return path
+
+
+_HEADER_BYTES = 128  # a 2-D float16/float32 .npy header of any realistic shape fits, padded, in 128 bytes
+
+
+def _npy_header(rows: int, dim: int, dtype: np.dtype) -> bytes:
+    """A version 1.0 ``.npy`` header of exactly :data:`_HEADER_BYTES` bytes (the dict padded with spaces, as the
+    format allows), so that the shape can be written last, over the space reserved for it."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, dim)})
+    size = _HEADER_BYTES - len(np.lib.format.MAGIC_PREFIX) - 2 - 2
+    text = text.ljust(size - 1) + "\n"
+    if len(text) != size:
+        raise DataError(f"features file: a shape of ({rows}, {dim}) does not fit the reserved .npy header")
+    return np.lib.format.magic(1, 0) + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+class FeatureWriter:
+    """An (N, D) features file filled by a labelling pass: rows appended in the order samples arrive, each
+    the mean of its views, with positional writes (the rows never sit on the heap). :meth:`finish` writes
+    the header and publishes the file atomically; until then only a temporary file exists.
+
+    ``add(samples, block, views)`` adds ``block / views`` to the rows of ``samples`` (new samples get new
+    rows), so a pass per view gives each row the mean of that sample's views.
+    """
+
+    def __init__(self, path: str | os.PathLike, samples: int, dim: int, dtype: np.dtype = np.float16):
+        self.path, self.dim, self.dtype = Path(path), dim, np.dtype(dtype)
+        if self.dtype not in _DTYPES:
+            raise DataError(f"features file dtype must be float16 or float32, got {self.dtype}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._row = np.full(samples, -1, dtype=np.int64)  # sample -> row of the file
+        self.samples: list[np.ndarray] = []  # sample of each row, in row order
+        self.rows = 0
+
+    def _offset(self, row: int) -> int:
+        return _HEADER_BYTES + row * self.dim * self.dtype.itemsize
+
+    def add(self, samples: np.ndarray, block: torch.Tensor, views: int = 1) -> None:
+        samples = np.asarray(samples, dtype=np.int64)
+        values = block.detach().float().cpu() / views
+        if values.shape != (len(samples), self.dim):
+            raise DataError(f"features file {self.path}: a block of shape {tuple(values.shape)} for {len(samples)} "
+                            f"samples of width {self.dim}")
+        if not len(samples):
+            return
+        # NaN stays NaN (the solver names it); a finite value beyond float16 would become inf, so it is an error
+        if self.dtype == np.float16 and values.nan_to_num(nan=0.0).abs().max().item() * views > _FLOAT16_MAX:
+            raise DataError(f"features file {self.path}: features beyond float16's range ({_FLOAT16_MAX:g}); "
+                            "the label step cannot keep them on disk as float16")
+        new = self._row[samples] < 0
+        self._row[samples[new]] = np.arange(self.rows, self.rows + int(new.sum()))
+        if new.any():
+            self.samples.append(samples[new])
+            self.rows += int(new.sum())
+        where = self._row[samples]
+        breaks = np.flatnonzero(np.diff(where) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(samples)]):
+            first, count = int(where[lo]), hi - lo
+            chunk = values[lo:hi]
+            if not new[lo:hi].all():  # rows that a view before this one wrote: add to them
+                old = bytearray(count * self.dim * self.dtype.itemsize)
+                pread_into(self._fd, old, self._offset(first))
+                chunk = chunk + torch.frombuffer(old, dtype=_DTYPES[self.dtype]).view(count, self.dim).float()
+            data = chunk.to(_DTYPES[self.dtype]).numpy().tobytes()
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], self._offset(first) + written)
+
+    def finish(self) -> tuple[FeatureFile, np.ndarray]:
+        """Publish the file; returns it and the sample of each of its rows."""
+        os.ftruncate(self._fd, self._offset(self.rows))
+        os.pwrite(self._fd, _npy_header(self.rows, self.dim, self.dtype), 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self._tmp, self.path)
+        samples = np.concatenate(self.samples) if self.samples else np.zeros(0, dtype=np.int64)
+        return FeatureFile(self.path), samples
+
+    def abandon(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            self.abandon()

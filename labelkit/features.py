@@ -22,8 +22,8 @@ from torch import nn
 
 from ._io import atomic_path
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "train_heads_epoch", "neighbours", "weights_digest",
-           "cached_views"]
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "train_heads_epoch", "neighbours", "spherical_kmeans",
+           "weights_digest", "cached_views"]
 
 
 class Whiten(nn.Module):
@@ -45,10 +45,13 @@ class Whiten(nn.Module):
         with non-negligible variance."""
         n, in_dim = features.shape
         rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False)))
-        x = features[rows].double().numpy()
-        mean = x.mean(0)
-        centred = x - mean
-        values, vectors = np.linalg.eigh(centred.T @ centred / max(len(x) - 1, 1))  # ascending
+        x = features[rows].float()
+        mean = x.double().mean(0)
+        centred = x - mean.float()
+        # the covariance product in float32 (the cost), its eigenvectors in float64
+        covariance = (centred.T @ centred).double().numpy() / max(len(x) - 1, 1)
+        values, vectors = np.linalg.eigh(covariance)  # ascending
+        mean = mean.numpy()
         values, vectors = torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
         mean = torch.from_numpy(mean)
         useful = int((values > values[0] * 1e-6).sum())
@@ -138,17 +141,110 @@ def _read_only(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.load(path, mmap_mode="r"))
 
 
-def neighbours(features: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
-    """The ``k`` nearest neighbours (cosine) of every row, itself excluded: (N, k) int64. Exact, in blocks of
-    rows, so memory stays at block x N."""
+def neighbours(features: torch.Tensor, k: int, *, exact_below: int = 50_000, seed: int = 0,
+               block: int = 4096, probes: int = 32) -> torch.Tensor:
+    """The ``k`` nearest neighbours (cosine) of every row, itself excluded: (N, k) int64.
+
+    Exact (blocks of rows against all rows, memory block x N) up to ``exact_below`` rows, where its N^2 cost is
+    still seconds; above, an inverted-file search: a spherical k-means makes about sqrt(N) cells, every row is
+    listed under its ``probes`` nearest cells, and the rows whose nearest cell is c search the list of c. Two
+    near rows are found when one's nearest cell is among the other's ``probes``; the cost is about
+    probes x N^1.5 instead of N^2 (``bench/neighbours.py`` measures the recall and the time).
+    """
     x = nn.functional.normalize(features.float(), dim=1)
     n = len(x)
+    k = min(k, n - 1)
+    if n <= exact_below:
+        return _search(x, torch.arange(n), torch.arange(n), k, block)
+    cells = max(2, round(math.sqrt(n)))
+    probes = min(probes, cells)
+    centres = spherical_kmeans(x, cells, seed, sample=min(n, 64 * cells), rounds=10)
+    nearest = torch.cat([(x[i:i + 65536] @ centres.T).topk(probes, dim=1).indices for i in range(0, n, 65536)])
+    listed = torch.argsort(nearest.reshape(-1), stable=True)  # (row, rank) pairs grouped by cell
+    list_rows = listed // probes
+    list_bounds = _bounds(nearest.reshape(-1), cells)
+    home = torch.argsort(nearest[:, 0], stable=True)
+    home_bounds = _bounds(nearest[:, 0], cells)
     out = torch.empty((n, k), dtype=torch.int64)
-    for start in range(0, n, block):
-        sims = x[start:start + block] @ x.T
-        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -math.inf
-        out[start:start + block] = sims.topk(k, dim=1).indices
+    for c in range(cells):
+        members = home[home_bounds[c]:home_bounds[c + 1]]
+        if len(members) == 0:
+            continue
+        candidates = list_rows[list_bounds[c]:list_bounds[c + 1]]
+        if len(candidates) <= k:  # a stray tiny neighbourhood: search everything
+            candidates = torch.arange(n)
+        out[members] = _search(x, members, candidates, k, block)
     return out
+
+
+def _bounds(cell: torch.Tensor, cells: int) -> torch.Tensor:
+    """Where each cell's run starts and ends once ``cell`` is sorted: (cells + 1,)."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(cell, minlength=cells).cumsum(0)])
+
+
+def _search(x: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """The ``k`` most similar of ``candidates`` (row numbers of ``x``) for each of ``queries``, self excluded."""
+    pool = x[candidates]
+    where = torch.full((len(x),), -1, dtype=torch.int64)
+    where[candidates] = torch.arange(len(candidates))
+    out = torch.empty((len(queries), k), dtype=torch.int64)
+    for start in range(0, len(queries), block):
+        rows = queries[start:start + block]
+        sims = x[rows] @ pool.T
+        own = where[rows]
+        inside = torch.nonzero(own >= 0).squeeze(1)
+        sims[inside, own[inside]] = -math.inf
+        out[start:start + block] = candidates[sims.topk(k, dim=1).indices]
+    return out
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, seed: int, *, sample: int | None = None,
+                     rounds: int = 20) -> torch.Tensor:
+    """Unit-norm centroids of unit-norm rows ``x``: ``rounds`` Lloyd rounds on cosine similarity from k random
+    rows of a seeded ``sample`` (empty clusters re-seeded from random rows). Cheap at any k, unlike k-means++."""
+    rng = np.random.default_rng(seed)
+    if sample is not None and sample < len(x):
+        x = x[torch.from_numpy(np.sort(rng.choice(len(x), sample, replace=False)))]
+    centres = x[torch.from_numpy(rng.choice(len(x), k, replace=False))]
+    for _ in range(rounds):
+        assigned = torch.cat([(x[i:i + 65536] @ centres.T).argmax(1) for i in range(0, len(x), 65536)])
+        sums = torch.zeros_like(centres).index_add_(0, assigned, x)
+        empty = torch.from_numpy(np.flatnonzero(torch.bincount(assigned, minlength=k).numpy() == 0))
+        sums[empty] = x[torch.from_numpy(rng.choice(len(x), len(empty), replace=False))]
+        centres = nn.functional.normalize(sums, dim=1)
+    return centres
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``logits`` against integer ``target`` with one pass of exponentials: the forward
+    pass keeps the softmax, and the gradient is that softmax minus the one-hot target. Same value and gradient
+    as ``nn.functional.cross_entropy``, whose log-softmax backward takes the exponentials again -- on heads over
+    cached features the exp passes are a large share of a step (``bench/frozen.py epoch`` times both)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(dim=1, keepdim=True)
+        p = (logits - top).exp_()
+        total = p.sum(dim=1, keepdim=True)
+        p.div_(total)
+        ctx.save_for_backward(p, target)
+        ctx.used = False
+        picked = logits.gather(1, target[:, None]) - top - total.log()  # log p of the target, without underflow
+        return -picked.mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("labelkit's cross_entropy turns its saved softmax into the gradient; backward runs once")
+        ctx.used = True
+        p, target = ctx.saved_tensors
+        p[torch.arange(len(target)), target] -= 1  # in place: a copy of the softmax would cost most of the gain
+        return p.mul_(grad / len(target)), None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, as ``nn.functional.cross_entropy`` with integer targets (see :class:`_CrossEntropy`)."""
+    return _CrossEntropy.apply(logits, target)
 
 
 def train_heads_epoch(model: nn.Module, views: torch.Tensor, targets: torch.Tensor, optimizer, *, epoch: int,
@@ -179,10 +275,10 @@ def train_heads_epoch(model: nn.Module, views: torch.Tensor, targets: torch.Tens
         for group in optimizer.param_groups:
             group["lr"] = rate
         logits = model(x)
-        loss = sum(nn.functional.cross_entropy(out, targets[h, rows]) for h, out in enumerate(logits))
+        loss = sum(cross_entropy(out, targets[h, rows]) for h, out in enumerate(logits))
         if near is not None:
             other = near[rows, torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
-            loss = loss + 0.5 * sum(nn.functional.cross_entropy(out, targets[h, other]) for h, out in enumerate(logits))
+            loss = loss + 0.5 * sum(cross_entropy(out, targets[h, other]) for h, out in enumerate(logits))
         loss = loss / len(logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

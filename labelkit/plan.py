@@ -226,14 +226,23 @@ class Plan:
         """The plan as a person reads it."""
         c, e = self.config, self.estimate
         what = f"recipe {self.recipe}" if isinstance(c, SelaConfig) else "transfer"
-        out = [f"plan: {what} for {c.data} ({self.profile.get('samples', 0):,} samples"
-               + (f", {self.profile['side_median']} px {'grey' if self.profile['grey'] else 'colour'}"
-                  if "side_median" in self.profile else "") + f") on {self.machine.get('device', '?')}"
+        seen = [f"{self.profile['samples']:,} samples"] if "samples" in self.profile else []
+        if "side_median" in self.profile:
+            seen.append(f"{self.profile['side_median']} px {'grey' if self.profile['grey'] else 'colour'}")
+        out = [f"plan: {what} for {c.data}" + (f" ({', '.join(seen)})" if seen else "")
+               + f" on {self.machine.get('device', '?')}"
                + (f" ({self.machine['cores']} cores)" if self.machine.get("device") == "cpu" else "")]
         if isinstance(c, SelaConfig):
-            out.append(f"  {c.arch} at {c.image_size} px, heads {c.head_clusters()}, {_plural(c.epochs, 'epoch')}, "
-                       f"{_plural(e.get('label_steps', c.label_steps), 'label step')}, batch {c.batch_size}, augment {c.augment}, "
-                       f"start {c.start}" + (f", prior {c.prior}" if c.prior != "uniform" else "")
+            if not c.frozen:
+                what_trains = f"{c.arch} at {c.image_size} px"
+            elif c.freeze:  # heads on a fixed backbone's cached views; the start is k-means of the features
+                what_trains = f"heads on {c.arch} (frozen) at {c.image_size} px, {_plural(c.views, 'view')}"
+            else:
+                what_trains = "heads on the vectors"
+            out.append(f"  {what_trains}, heads {c.head_clusters()}, {_plural(c.epochs, 'epoch')}, "
+                       f"{_plural(e.get('label_steps', c.label_steps), 'label step')}, batch {c.batch_size}"
+                       + ("" if c.frozen else f", augment {c.augment}, start {c.start}")
+                       + (f", prior {c.prior}" if c.prior != "uniform" else "")
                        + (f", balance {c.balance:g}" if c.balance is not None else ""))
         else:
             out.append(f"  {c.arch} at {c.image_size} px trained on {c.labels} (heads {c.heads}), {c.epochs} epochs, "
@@ -252,6 +261,10 @@ class Plan:
                        "stream": f"streamed: recomputed from the features every iteration "
                                  f"({_bytes(e['kernel_bytes']['stream'])} in memory; stored it would take {_bytes(n_k)})"}
                 out.append(f"  label kernel: {how[e['kernel']]}; same labels on every path")
+            if e.get("features") == "disk":
+                out.append(f"  label features: float16 in {c.out}/label_features.npy during each label step, read "
+                           "by blocks (they do not fit the label memory beside the kernel; float16 can move a near-tied "
+                           "label)")
             if self.probe:
                 out.append(f"  probe: {self.probe['train_images_per_s']:.0f} img/s training, "
                            f"{self.probe['label_images_per_s']:.0f} img/s label pass"
@@ -397,20 +410,23 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
                                   f"{_clock(plan.budget)} budget at the probed speed"
                                   + (" (the recipe's most)" if plan.config.epochs == AUTO_MAX_EPOCHS
                                      and plan.recipe == "auto" else ""))
-    from .sinkhorn import kernel_path, working_bytes
+    from .sinkhorn import features_on_disk, kernel_path, working_bytes
 
-    # float32 features, and the bf16 kernel when it is stored (on disk or streamed: one block of rows per thread)
+    # float32 features (or, beyond the label memory, a float16 file read by blocks), and the bf16 kernel when
+    # it is stored (on disk or streamed: one block of rows per thread)
     device = "cuda" if plan.machine.get("device") == "cuda" else "cpu"
     memory = memory_bytes(config.label_memory)
     path = kernel_path(n, max(ks), device, memory, scratch=config.out)
     working = working_bytes(n, max(ks), device, memory)
     kernels = {"stored": n * max(ks) * 2, "disk": working, "stream": working}
-    label_memory = n * probe["feature_dim"] * 4 + kernels[path]
+    spilled = features_on_disk(n, probe["feature_dim"], max(ks), device, memory, scratch=config.out)
+    label_memory = (0 if spilled else n * probe["feature_dim"] * 4) + kernels[path]
     if plan.config.start == "graph":
         label_memory = max(label_memory, n * probe["thumbnail_pixels"] * 4 * 2)
     disk = 2 * probe["checkpoint_bytes"] + n * (len(ks) * 8 + 24) + 4096 * (plan.config.epochs + count)
+    disk += n * probe["feature_dim"] * 2 if spilled else 0
     plan.estimate = {"seconds": round(seconds, 1), "label_memory": int(label_memory), "disk": int(disk),
-                     "kernel": path, "kernel_bytes": {name: int(b) for name, b in kernels.items()},
+                     "kernel": path, "features": "disk" if spilled else "memory", "kernel_bytes": {name: int(b) for name, b in kernels.items()},
                      "label_steps": count, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
     _check_memory(plan, label_memory)
 

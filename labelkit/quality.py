@@ -34,17 +34,23 @@ _WORK = 1e10
 _TIE = 0.01  # agreements closer than this do not rank two K
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 3) -> float:
-    """Mean held-out accuracy of a ridge-regression classifier on standardised ``features`` (``folds``-fold)."""
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, folds: int = 3) -> float | None:
+    """Mean held-out accuracy of a ridge-regression classifier on standardised ``features`` (``folds``-fold,
+    fewer when the smallest cluster is smaller), leaving out clusters of one row, which no fold can hold out
+    (at K = 1000 a sample of 10,000 rows has a few); None when fewer than half the rows, or fewer than two
+    clusters, remain."""
     from sklearn.linear_model import RidgeClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    labels = np.asarray(labels)
+    common = np.bincount(labels)[labels] >= 2
+    if common.sum() < len(labels) / 2 or len(np.unique(labels[common])) < 2:
+        return None
+    features, labels = features[common], labels[common]
     counts = np.bincount(labels)
     folds = int(min(folds, counts[counts > 0].min()))
-    if folds < 2:
-        return float("nan")
     model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
     split = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return float(cross_val_score(model, features, labels, cv=split).mean())

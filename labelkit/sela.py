@@ -20,14 +20,16 @@ from .artefact import Artefact, producer_versions
 from .config import SelaConfig, memory_bytes, solver_prior
 from .consensus import consensus_labels
 from .errors import ConfigError
-from .features import FeatureTrunk, Whiten, cached_views, neighbours, train_heads_epoch
+from .features import FeatureTrunk, Whiten, cached_views, neighbours, spherical_kmeans, train_heads_epoch
 from .graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
 from .loading import augmentation_preset, eval_transform, pretrained_transforms
 from .metrics import agreement
 from .quality import QUALITY_ROWS, head_quality, recommend_k
 from .models import SelaModel, create_backbone, feature_dim
 from .run import Job
-from .sinkhorn import kernel_buffer, kernel_path, solve
+from .featurefile import FeatureFile, FeatureWriter, write_features
+from .loading import rank_slice
+from .sinkhorn import features_on_disk, kernel_buffer, kernel_path, solve
 from .train import Reporter, extract_features, learning_rate, make_optimizer, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "solver_options", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
@@ -114,17 +116,42 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
     views = [augmentation(config) if config.label_augment else eval_transform(config.image_size)]
     views += [augmentation(config)] * (config.label_views - 1)
     keep = ~job.skips.mask()
-    features, seen = None, None
-    for transform in views:
-        view, view_seen = extract_features(model.features, dim, source, transform, batch_size=config.batch_size * 2,
-                                           workers=config.workers, device=job.device, skips=job.skips,
-                                           reporter=job.reporter, keep=keep, rank=dist.rank, world=dist.world)
-        features = view if features is None else features.add_(view)
-        seen = view_seen if seen is None else seen & view_seen
-    features /= len(views)
+    here = len(rank_slice(np.flatnonzero(keep), dist.rank, dist.world))
+    writer = None
+    if features_on_disk(here, dim, max(ks), job.device, memory_bytes(config.label_memory), scratch=config.out):
+        name = "label_features.npy" if dist.world == 1 else f"label_features-rank{dist.rank}.npy"
+        writer = FeatureWriter(Path(config.out) / name, len(source), dim)
+    try:
+        features, seen = None, None
+        for transform in views:
+            view, view_seen = extract_features(model.features, dim, source, transform, batch_size=config.batch_size * 2,
+                                               workers=config.workers, device=job.device, skips=job.skips,
+                                               reporter=job.reporter, keep=keep, rank=dist.rank, world=dist.world,
+                                               sink=writer, views=len(views))
+            if writer is None:
+                features = view if features is None else features.add_(view)
+            seen = view_seen if seen is None else seen & view_seen
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
     labelled = ~job.merge_skips()  # every rank learns which samples any rank could not read
-    rows = torch.from_numpy(np.flatnonzero(seen & labelled))  # this rank's share
-    return _solve_heads(job, model, features[rows].to(job.device), rows, labelled, state, ks)
+    if writer is None:
+        features /= len(views)
+        rows = torch.from_numpy(np.flatnonzero(seen & labelled))  # this rank's share
+        return _solve_heads(job, model, features[rows].to(job.device), rows, labelled, state, ks)
+    file, order = writer.finish()  # rows in the order the pass met them; some may have failed another view
+    wanted = np.flatnonzero((seen & labelled)[order])
+    try:
+        if len(wanted) < len(order):
+            compact = file.path.with_name("compact-" + file.path.name)
+            blocks = (file.take(wanted[i:i + 65536]) for i in range(0, len(wanted), 65536))
+            file.path.unlink()
+            file = FeatureFile(write_features(compact, blocks, len(wanted), dim))
+        record = _solve_heads(job, model, file, torch.from_numpy(order[wanted]), labelled, state, ks)
+    finally:
+        file.path.unlink(missing_ok=True)  # written for this step only: N x D float16 need not outlive it
+    return {**record, "features": "disk"}
 
 
 def _graph_start(job: Job, state: SelaState, ks: list[int]) -> dict:
@@ -171,7 +198,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     # what the label-free quality of the last step reads: a sample of the rows (it subsamples to that many
     # anyway), so that N x D features are not held through the next epochs
     sample = np.sort(np.random.default_rng(config.seed).permutation(len(rows))[:QUALITY_ROWS])
-    job.label_features = (rows.numpy()[sample], features[torch.from_numpy(sample)].float().cpu())
+    picked = features.take(sample) if isinstance(features, FeatureFile) else features[torch.from_numpy(sample)]
+    job.label_features = (rows.numpy()[sample], picked.float().cpu())
     job.previous_labels = state.labels[:, rows[torch.from_numpy(sample)]].clone()
     memory = memory_bytes(config.label_memory)
     path = kernel_path(len(rows), max(ks), job.device, memory, scratch=config.out)
@@ -208,7 +236,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
         heads.append(info)
         job.reporter.advance(head=h)
     job.reporter.end_phase()
-    held = features.numel() * features.element_size() + (0 if buffer is None else buffer.numel() * buffer.element_size())
+    held = (0 if isinstance(features, FeatureFile) else features.numel() * features.element_size()) \
+        + (0 if buffer is None else buffer.numel() * buffer.element_size())
     del buffer
     return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
             "memory_bytes": held}
@@ -327,7 +356,7 @@ def _seed_prototypes(heads: SelaModel, features: torch.Tensor, keep: np.ndarray,
                 head.bias.zero_()
 
 
-def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 20) -> torch.Tensor:
+def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 10) -> torch.Tensor:
     """Unit-norm centroids of ``x``: scikit-learn's KMeans (k-means++ seeding, best of 3) while that is cheap;
     for large problems, where k-means++ seeding alone takes minutes, ``rounds`` Lloyd rounds from K random
     samples (empty clusters re-seeded)."""
@@ -336,15 +365,7 @@ def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 20) -> torch.Tenso
 
         centres = torch.from_numpy(KMeans(k, n_init=3, max_iter=100, random_state=seed).fit(x.numpy()).cluster_centers_)
         return torch.nn.functional.normalize(centres.float(), dim=1)
-    rng = np.random.default_rng(seed)
-    centres = x[torch.from_numpy(rng.choice(len(x), k, replace=False))]
-    for _ in range(rounds):
-        assigned = (x @ centres.T).argmax(1)
-        sums = torch.zeros_like(centres).index_add_(0, assigned, x)
-        empty = torch.from_numpy(np.flatnonzero(torch.bincount(assigned, minlength=k).numpy() == 0))
-        sums[empty] = x[torch.from_numpy(rng.choice(len(x), len(empty), replace=False))]
-        centres = torch.nn.functional.normalize(sums, dim=1)
-    return centres
+    return spherical_kmeans(x, k, seed, rounds=rounds)
 
 
 def _run_frozen(job: Job, ks: list[int]) -> SelaRun:

@@ -40,6 +40,7 @@ How it is computed:
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import time
@@ -53,7 +54,8 @@ import torch
 from ._io import pread_into
 from .errors import SolverError
 
-__all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "kernel_path", "available_memory", "balanced_labels",
+__all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "kernel_path", "features_on_disk",
+           "available_memory", "balanced_labels",
            "KERNEL_PATHS", "fit_block", "working_bytes"]
 
 _BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
@@ -211,8 +213,8 @@ def fit_block(n: int, k: int, device: str | torch.device = "cpu", memory: int | 
     room = memory // _per_row(k, device)
     if room < min(n, 16):
         need = min(n, 16) * _per_row(k, device)
-        raise SolverError(f"a label memory of {memory / 2**20:.2f} MiB is too small for one block of rows: 16 rows "
-                          f"x K={k} need {need / 2**20:.2f} MiB on {device}; give at least that")
+        raise SolverError(f"a label memory of {memory:,} bytes is too small for one block of rows: 16 rows "
+                          f"x K={k} need {need:,} bytes on {device}; give at least that")
     return int(min(block, room))
 
 
@@ -246,6 +248,18 @@ def kernel_path(n: int, k: int, device: str | torch.device = "cpu", memory: int 
     if device.type == "cpu" and _disk_room(scratch) >= 1.1 * n * k * 2:
         return "disk"
     return "stream"
+
+
+def features_on_disk(n: int, d: int, k: int, device: str | torch.device = "cpu", memory: int | None = None,
+                     scratch: str | os.PathLike | None = None) -> bool:
+    """Whether a label step's (n, d) features should go to a float16 file on disk (read by blocks) rather
+    than stay in memory as float32: when the kernel itself does not fit in memory (a problem beyond memory),
+    or when the features and the stored kernel together would pass the budget."""
+    path = kernel_path(n, k, device, memory, scratch=scratch)
+    if path != "stored":
+        return True
+    budget = memory if memory is not None else available_memory(device) // 2
+    return n * d * 4 + n * k * 2 > budget  # on a GPU both are in its memory, on a CPU both in RAM
 
 
 def _disk_room(folder: str | os.PathLike | None) -> int:
@@ -669,7 +683,8 @@ def solve(
                 )
             potentials = g + v.log()
             potentials -= potentials.max()
-            labels, scores = _assign(source, kernel, v, potentials, lam, rows)
+            if not exact_balance:  # else the balanced rounding below makes the labels
+                labels, scores = _assign(source, kernel, v, potentials, lam, rows)
     finally:
         kernel.close()
     if exact_balance:
@@ -889,16 +904,28 @@ def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=N
     offset = int(sizes[: _rank(group)].sum())
     top_logq, top_idx = _gather(group, local_logq, local_idx)
     n = len(top_logq)
-    order = np.argsort(-top_logq.reshape(-1), kind="stable")
-    rows, cols = np.divmod(order, c)
-    clusters = top_idx[rows, cols]
     floor, extra = divmod(n, k)
     capacity = np.full(k, floor + (1 if extra else 0), dtype=np.int64)
     labels = np.full(n, -1, dtype=np.int64)
     scores = np.zeros(n, dtype=np.float32)
     at_ceiling = 0
-    for row, col, cluster in zip(rows.tolist(), cols.tolist(), clusters.tolist()):
-        if labels[row] >= 0 or capacity[cluster] == 0:
+    # The pairs in order of decreasing score (ties: by row, then rank), without walking all N x c of them: a
+    # row's next candidate matters only once its previous one was refused, and scores fall along a row, so
+    # the pairs are the rows' first candidates in sorted order merged with a heap of the refused rows' next.
+    best = top_logq[:, 0].tolist()
+    first = np.argsort(-top_logq[:, 0], kind="stable").tolist()
+    pending: list[tuple[float, int, int]] = []  # (-score, row, rank) of next candidates
+    i = 0
+    while i < n or pending:
+        if pending and (i == n or (pending[0][0], pending[0][1]) < (-best[first[i]], first[i])):
+            _, row, col = heapq.heappop(pending)
+        else:
+            row, col = first[i], 0
+            i += 1
+        cluster = int(top_idx[row, col])
+        if capacity[cluster] == 0:
+            if col + 1 < c:
+                heapq.heappush(pending, (-float(top_logq[row, col + 1]), row, col + 1))
             continue
         labels[row] = cluster
         scores[row] = top_logq[row, col]

@@ -207,12 +207,15 @@ def train_epoch(
 @torch.no_grad()
 def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
                      device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
-                     rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+                     rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0, sink=None,
+                     views: int = 1) -> tuple[torch.Tensor | None, np.ndarray]:
     """One pass over every (kept) sample exactly once; returns (N, dim) float32 features and a seen mask.
-    A random ``transform`` draws each sample's randomness from (``seed``, ``epoch``, sample)."""
+    A random ``transform`` draws each sample's randomness from (``seed``, ``epoch``, sample). With a ``sink``
+    (a :class:`~labelkit.featurefile.FeatureWriter`) the features go to it, each divided by ``views``, and
+    the first value returned is None: nothing of size N x dim is held."""
     loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=False, keep=keep,
                          rank=rank, world=world, seed=seed, epoch=epoch)
-    features = torch.zeros((len(source), dim), dtype=torch.float32)
+    features = torch.zeros((len(source), dim), dtype=torch.float32) if sink is None else None
     seen = np.zeros(len(source), dtype=bool)
     reporter.phase("label", batches_per_rank(source, keep, batch_size, world=world, workers=workers))
     for indices, images, bad in loader:
@@ -223,7 +226,10 @@ def extract_features(model_features, dim: int, source: Source, transform, *, bat
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 out = model_features(images)
-            features[indices] = out.float().cpu()
+            if sink is None:
+                features[indices] = out.float().cpu()
+            else:
+                sink.add(indices.numpy(), out, views)
             seen[indices.numpy()] = True
         reporter.advance()
     reporter.end_phase()

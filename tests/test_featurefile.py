@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from labelkit.errors import DataError
-from labelkit.featurefile import FeatureFile, write_features
+from labelkit.featurefile import FeatureFile, FeatureWriter, write_features
 from labelkit.sinkhorn import solve
 
 
@@ -75,3 +75,31 @@ def test_writing_refuses_bad_values_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_features(tmp_path / "f.npy", [torch.full((100, 8), 1e5)], 100, 8, dtype=np.float32)
     assert FeatureFile(tmp_path / "f.npy")[0:1].dtype == torch.float32
+
+
+def test_writer_appends_rows_as_samples_arrive_and_averages_views(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 50, 6
+    views = [torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32)) for _ in range(3)]
+    order = np.r_[np.arange(10, 50), np.arange(0, 10)]  # samples arrive out of index order
+    writer = FeatureWriter(tmp_path / "f.npy", samples=n, dim=d)
+    for view in views:
+        for start in range(0, n, 7):
+            batch = order[start:start + 7]
+            writer.add(batch, view[torch.from_numpy(batch)], views=3)
+    assert not (tmp_path / "f.npy").exists()  # nothing published before finish
+    file, samples = writer.finish()
+    assert np.array_equal(samples, order) and file.shape == (n, d)
+    expected = (views[0] + views[1] + views[2])[torch.from_numpy(order)] / 3
+    assert torch.allclose(file[0:n].float(), expected, atol=3e-3)  # float16 storage, three additions
+    assert np.array_equal(np.load(tmp_path / "f.npy").astype(np.float32), file[0:n].numpy().astype(np.float32))
+    assert torch.equal(file.take(np.array([0, 1, 2, 7, 40, 41])), file[0:n][[0, 1, 2, 7, 40, 41]])
+    assert [p.name for p in tmp_path.iterdir()] == ["f.npy"]
+
+
+def test_writer_abandoned_leaves_nothing_and_refuses_float16_overflow(tmp_path):
+    writer = FeatureWriter(tmp_path / "f.npy", samples=4, dim=2)
+    with pytest.raises(DataError, match="float16's range"):
+        writer.add(np.array([0, 1]), torch.tensor([[1.0, 2.0], [7e4, 0.0]]))
+    writer.abandon()
+    assert list(tmp_path.iterdir()) == []

@@ -260,3 +260,53 @@ def test_predict_images_with_a_frozen_and_a_trained_run(tmp_path):
     result = run(["eval", "knn", "--model", str(out), "--data", "builtin:digits", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["top1"] > 0.5
+
+
+# -- training the heads and their neighbours -------------------------------------------------------------------
+
+
+def test_cross_entropy_equals_torchs_value_and_gradient():
+    from labelkit.features import cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 300) * 30  # peaked, with targets far below the row's top: log p must not underflow
+    target = torch.randint(0, 300, (64,))
+    ours_in, theirs_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours, theirs = cross_entropy(ours_in, target), torch.nn.functional.cross_entropy(theirs_in, target)
+    (2 * ours).backward()
+    (2 * theirs).backward()
+    assert torch.isfinite(ours) and torch.allclose(ours, theirs, rtol=1e-5)
+    assert torch.allclose(ours_in.grad, theirs_in.grad, atol=1e-7)
+    again = torch.randn(4, 5, requires_grad=True)
+    loss = cross_entropy(again, torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
+def test_neighbours_exact_and_inverted_file():
+    from labelkit.features import neighbours
+
+    x, y = blobs(n=3000, d=16, k=6, spread=1.0)
+    x = torch.from_numpy(x)
+    exact = neighbours(x, 8)
+    normed = torch.nn.functional.normalize(x, dim=1)
+    sims = normed @ normed.T
+    sims.fill_diagonal_(-2)
+    assert torch.equal(exact, sims.topk(8, dim=1).indices)  # the exact search is the brute force one
+    found = neighbours(x, 8, exact_below=0)  # ~55 cells, each searching its nearest ones
+    assert found.shape == (3000, 8)
+    assert not (found == torch.arange(3000)[:, None]).any()  # never itself
+    assert all(len(set(row)) == 8 for row in found.tolist())  # no neighbour twice
+    recall = np.mean([len(np.intersect1d(a, b)) for a, b in zip(exact.numpy(), found.numpy())]) / 8
+    assert recall >= 0.95, recall
+    assert (y[found.numpy()] == y[:, None]).mean() >= 0.95
+
+
+def test_plan_line_of_an_embedding_table(tmp_path):
+    x, _ = blobs(n=200, d=8, k=4)
+    np.save(tmp_path / "v.npy", x)
+    result = run(["generate", "--data", str(tmp_path / "v.npy"), "--clusters", "4", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "heads on the vectors" in result.output and " px" not in result.output, result.output
+    assert "0 samples" not in result.output

@@ -186,6 +186,30 @@ def test_a_label_memory_budget_moves_the_kernel_out_of_memory_and_changes_no_lab
     kernels = {h["kernel"] for r in history if r.get("type") == "label_step" for h in r["heads"]}
     assert kernels == {"disk"} and stored is not None and streamed is not None  # a CPU with scratch room
     assert not list((tmp_path / "streamed").glob(".labelkit-kernel-*"))
+    # the features went to a float16 file for each step (float16 moved no label here) and did not outlive it
+    assert {r.get("features") for r in history if r.get("type") == "label_step"} == {"disk"}
+    assert not list((tmp_path / "streamed").glob("*label_features*"))
     assert b.metadata["method"]["config"]["label_memory"] == "1500"
     with pytest.raises(ConfigError, match="--label-memory '4 parsecs'"):
         _tiny(tmp_path, label_memory="4 parsecs")
+
+
+def test_features_on_disk_with_label_views_and_a_broken_image(tmp_path):
+    from conftest import write_image
+
+    folder = tmp_path / "images"
+    for i in range(40):
+        write_image(folder / f"c{i % 2}" / f"{i:03d}.png", size=(10, 10), color=(200 * (i % 2), 40, 90), seed=i)
+    (folder / "c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    options = dict(data=str(folder), clusters=(2,), heads=1, epochs=2, label_steps=2, label_views=2,
+                   augment="none", start="random")
+    in_memory = run_sela(_tiny(tmp_path, out=str(tmp_path / "memory"), **options))
+    # the kernel (40 x 2) fits in 2,000 bytes, the 40 x 64 float32 features do not
+    on_disk = run_sela(_tiny(tmp_path, out=str(tmp_path / "disk"), label_memory="2000", **options))
+    history = [json.loads(line) for line in (tmp_path / "disk" / "history.jsonl").read_text().splitlines()]
+    assert {r.get("features") for r in history if r.get("type") == "label_step"} == {"disk"}
+    a, b = read_artefact(in_memory.artefact), read_artefact(on_disk.artefact)
+    assert list(a.sample_ids) == list(b.sample_ids) and "c0/broken.png" not in list(b.sample_ids)
+    assert b.num_samples == 40
+    assert (a.label_matrix() == b.label_matrix()).all()  # two colours: float16 features cannot move a label
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir() if "features" in p.name) == []

@@ -264,3 +264,47 @@ def test_auto_leaves_memory_when_the_kernel_does_not_fit_the_budget(tmp_path, mo
     assert kernel_path(1_281_167, 3000, memory=4 << 30, scratch=tmp_path) == "stream"
     monkeypatch.setattr(sinkhorn, "_disk_room", lambda folder: 1 << 40)
     assert kernel_path(1_281_167, 3000, memory=4 << 30, scratch=tmp_path) == "disk"
+
+
+def _greedy_reference(top_logq, top_idx, k):
+    """The balanced rounding as its docstring states it: every (row, candidate) pair in order of decreasing
+    score (ties by row, then rank), taken while the row is free and the cluster open."""
+    n, c = top_logq.shape
+    order = np.argsort(-top_logq.reshape(-1), kind="stable")
+    floor, extra = divmod(n, k)
+    capacity = np.full(k, floor + (1 if extra else 0))
+    labels = np.full(n, -1)
+    at_ceiling = 0
+    for flat in order:
+        row, col = divmod(int(flat), c)
+        cluster = top_idx[row, col]
+        if labels[row] >= 0 or capacity[cluster] == 0:
+            continue
+        labels[row] = cluster
+        capacity[cluster] -= 1
+        if extra and capacity[cluster] == 0:
+            at_ceiling += 1
+            if at_ceiling == extra:
+                capacity[capacity > 0] -= 1
+                extra = 0
+    return labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, monkeypatch):
+    from labelkit import sinkhorn
+
+    rng = np.random.default_rng(seed)
+    n, k, c = 997, 13, 4
+    # coarse scores: many ties, across rows and within a row; a few popular clusters, so many first choices fail
+    top_logq = -np.sort(rng.integers(0, 6, (n, c)), axis=1).astype(np.float32)
+    top_idx = np.stack([rng.choice(k, c, replace=False, p=np.r_[[0.3, 0.2], np.full(k - 2, 0.5 / (k - 2))])
+                        for _ in range(n)])
+    monkeypatch.setattr(sinkhorn, "_candidates", lambda *a: (top_logq, top_idx))
+    monkeypatch.setattr(sinkhorn, "_log_q", lambda source, rows, *a: np.zeros((len(rows), k), np.float32))
+    labels, _ = sinkhorn.balanced_labels(torch.zeros(n, k), np.zeros(k), 1.0, 256, candidates=c)
+    reference = _greedy_reference(top_logq, top_idx, k)
+    placed = reference >= 0
+    assert (~placed).sum() > 0 and placed.sum() > n // 2  # both the greedy and the left-over rule ran
+    assert np.array_equal(labels.numpy()[placed], reference[placed])
+    assert sorted(np.bincount(labels.numpy(), minlength=k).tolist()) == [n // k] * (k - n % k) + [n // k + 1] * (n % k)
