@@ -55,7 +55,7 @@ from ._io import pread_into
 from .errors import SolverError
 
 __all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "kernel_path", "features_on_disk",
-           "available_memory", "balanced_labels",
+           "available_memory", "balanced_labels", "floored_labels",
            "KERNEL_PATHS", "fit_block", "working_bytes"]
 
 _BF16_FLOOR = -80.0  # exp(-80) ~ 1.8e-35: still a normal bfloat16 number
@@ -690,6 +690,10 @@ def solve(
     if exact_balance:
         labels, scores = balanced_labels(source, potentials, lam, block_size, group=group)
         labels, scores = labels.to(potentials.device), scores.to(potentials.device)
+    elif balance is not None and floor > 0:
+        minimum = np.ceil(floor * columns.b.cpu().numpy() - 1e-9).astype(np.int64)
+        labels, scores = floored_labels(source, potentials, lam, block_size, labels, scores, minimum, group=group)
+        labels, scores = labels.to(potentials.device), scores.to(potentials.device)
     sizes = torch.bincount(labels, minlength=k).to(torch.float64)
     sizes = _all_reduce(sizes, group).to(torch.int64)
     return SinkhornResult(
@@ -945,6 +949,43 @@ def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=N
         capacity[cluster] -= 1
     window = slice(offset, offset + source.n)
     return torch.from_numpy(labels[window]), torch.from_numpy(np.exp(scores[window]))
+
+
+def floored_labels(source, potentials, lam, block, labels: torch.Tensor, scores: torch.Tensor, minimum: np.ndarray,
+                   candidates: int = 8, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The floor of relaxed balance at the level of labels: argmax labels can leave a cluster nearly empty even
+    when the plan gives it its floor of mass (the mass spread thinly over many rows), so clusters holding fewer
+    than ``minimum[k]`` samples take the rows that lose least by moving to them -- log q(label | i) - log q(k | i),
+    smallest first, among each row's ``candidates`` best clusters -- from clusters above their own minimum.
+    Returns this rank's labels and scores q(label | i); unchanged when every cluster holds its minimum.
+    Across ranks every rank runs the same moves on the gathered candidates, as :func:`balanced_labels` does."""
+    if not isinstance(source, _Logits):
+        source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
+    k = source.k
+    counts = _all_reduce(torch.bincount(labels, minlength=k).to(torch.float64), group).cpu().numpy().astype(np.int64)
+    if (counts >= minimum).all():
+        return labels, scores
+    local_logq, local_idx = _candidates(source, potentials, lam, block, min(candidates, k))
+    sizes = _gather(group, np.array([source.n]))[0]
+    offset = int(sizes[: _rank(group)].sum())
+    top_logq, top_idx, current, chosen = _gather(group, local_logq, local_idx, labels.cpu().numpy().astype(np.int64),
+                                                 scores.cpu().numpy().astype(np.float32))
+    current, chosen = current.copy(), chosen.copy()
+    need = minimum - counts
+    rows, cols = np.nonzero((need[top_idx] > 0) & (top_idx != current[:, None]))
+    loss = np.log(np.maximum(chosen[rows], 1e-30)) - top_logq[rows, cols]
+    moved = np.zeros(len(current), dtype=bool)
+    for i in np.argsort(loss, kind="stable").tolist():
+        row, col = int(rows[i]), int(cols[i])
+        cluster, source_cluster = int(top_idx[row, col]), int(current[row])
+        if need[cluster] <= 0 or moved[row] or counts[source_cluster] <= minimum[source_cluster]:
+            continue
+        current[row], chosen[row], moved[row] = cluster, math.exp(float(top_logq[row, col])), True
+        counts[source_cluster] -= 1
+        counts[cluster] += 1
+        need[cluster] -= 1
+    window = slice(offset, offset + source.n)
+    return torch.from_numpy(current[window]), torch.from_numpy(chosen[window])
 
 
 def _rank(group) -> int:

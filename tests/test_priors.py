@@ -146,3 +146,52 @@ def test_peaked_kernel_with_a_prior_and_balance_is_annealed():
     ranked = solve(logits, max_iter=2000, prior="powerlaw:0.7")
     assert ranked.converged and ranked.rebuilds > 1
     np.testing.assert_allclose(np.sort(ranked.sizes)[::-1], np.sort(ranked.targets)[::-1], atol=3)
+
+
+def test_floor_holds_for_labels_when_the_plan_spreads_a_cluster_thinly():
+    rng = np.random.default_rng(3)
+    logits, lam = skewed(), 5.0
+    runner_up = logits[:, :5].max(1).values
+    # every row gives cluster 5 a little mass and none gives it the most: its mass is spread thinly, so plain
+    # argmax labels would leave it (nearly) empty while the plan holds its floor
+    logits[:, 5] = runner_up - 0.4 - torch.from_numpy(rng.uniform(0, 0.3, len(logits))).float()
+    held = solve(logits, lam=lam, balance=0.3, floor=0.5, tol=1e-6)
+    argmax = (torch.as_tensor(logits, dtype=torch.float64) * lam + torch.from_numpy(held.potentials)).argmax(1)
+    assert column_mass(logits, held, lam)[5] >= 50 - 0.5 and (argmax == 5).sum() < 25
+    assert held.sizes[5] >= 50 and held.sizes.sum() == len(logits)  # ceil(0.5 x 100) samples
+    assert (held.sizes >= np.ceil(0.5 * held.targets - 1e-9)).all()  # nobody was taken below their own floor
+    score = (torch.as_tensor(logits, dtype=torch.float64) * lam + torch.from_numpy(held.potentials)).numpy()
+    loss = score.max(1) - score[:, 5]  # log q(argmax) - log q(5): what a row loses by moving to cluster 5
+    moved = (held.labels == 5) & (argmax != 5).numpy()
+    assert set(np.flatnonzero(moved)) == set(np.argsort(loss)[(argmax == 5).sum().item():][: moved.sum()])
+    q = torch.softmax(torch.as_tensor(logits, dtype=torch.float64) * lam + torch.from_numpy(held.potentials), 1)
+    np.testing.assert_allclose(held.scores, q[np.arange(len(q)), held.labels].numpy(), rtol=2e-2)
+
+
+def _floor_worker(rank, world, init, logits, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        part = np.array_split(np.arange(len(logits)), world)[rank]
+        result = solve(logits[part], lam=5.0, balance=0.3, floor=0.5, tol=1e-6, group=dist.group.WORLD)
+        torch.save({"labels": torch.from_numpy(result.labels), "rows": torch.from_numpy(part)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_label_floor_across_ranks_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    logits = skewed()
+    logits[:, 5] = logits[:, :5].max(1).values - 0.5  # cluster 5 below its floor by argmax
+    single = solve(logits, lam=5.0, balance=0.3, floor=0.5, tol=1e-6)
+    assert single.sizes[5] >= 50
+    mp.spawn(_floor_worker, args=(2, f"file://{tmp_path}/rdzv", logits.numpy(), str(tmp_path / "out")), nprocs=2,
+             join=True)
+    labels = np.empty(len(logits), dtype=np.int32)
+    for rank in range(2):
+        part = torch.load(tmp_path / f"out.{rank}")
+        labels[part["rows"].numpy()] = part["labels"].numpy()
+    assert (labels == single.labels).all()
