@@ -21,6 +21,7 @@ import numpy as np
 
 VARIANTS = {
     "uniform": [],
+    "relaxed (--balance 1)": ["--balance", "1"],
     "relaxed (--balance 0.5)": ["--balance", "0.5"],
     "relaxed (--balance 0.2)": ["--balance", "0.2"],
     "power law (--prior powerlaw:1)": ["--prior", "powerlaw:1"],

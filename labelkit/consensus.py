@@ -80,6 +80,28 @@ def _medoid(labels: np.ndarray, group: list[int], heads: list[int]) -> int:
     return group[int(np.argmax(mean))]
 
 
+def _keep_every_cluster(labels: np.ndarray, votes: np.ndarray, voters: int) -> np.ndarray:
+    """A cluster that the vote left empty takes back the samples that voted for it most nearly (smallest vote
+    margin first), as many as the heads gave it on average, from clusters that keep at least one sample: when
+    every head holds all K clusters (as the solver's floor makes them), so does their consensus."""
+    labels = labels.copy()
+    k = votes.shape[1]
+    sizes = np.bincount(labels, minlength=k)
+    for c in np.flatnonzero(sizes == 0):
+        support = np.flatnonzero(votes[:, c] > 0)
+        margin = votes[support, labels[support]] - votes[support, c]
+        want = max(1, int(round(votes[:, c].sum() / voters)))
+        for i in support[np.argsort(margin, kind="stable")].tolist():
+            if want == 0:
+                break
+            if sizes[labels[i]] > 1:
+                sizes[labels[i]] -= 1
+                labels[i] = c
+                sizes[c] += 1
+                want -= 1
+    return labels
+
+
 def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: int | None = None,
                      heads: list[int] | None = None) -> ConsensusResult:
     """Consensus of the heads ``labels`` (T, N) with ``ks`` clusters.
@@ -121,6 +143,7 @@ def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: 
         if rounds > 1 and np.array_equal(new, current):
             break
         current = new
+    current = _keep_every_cluster(current, votes, len(heads))
     scores = (np.stack(mapped) == current).mean(axis=0).astype(np.float32)
     return ConsensusResult(labels=current, scores=scores, k=k, reference=int(reference), heads=heads,
                            agreement=[agreement(m, current)["nmi"] for m in mapped], rounds=rounds)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ._io import atomic_path
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "train_heads_epoch", "neighbours", "spherical_kmeans",
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "train_heads_epoch", "neighbours", "spherical_kmeans",
            "weights_digest", "cached_views"]
 
 
@@ -37,15 +37,17 @@ class Whiten(nn.Module):
         self.num_features = self.head_hidden_size = dim
 
     @classmethod
-    def fit(cls, features: torch.Tensor, dim: int | None, seed: int = 0, sample: int = 100_000,
-            scale: bool = True, variance: float = 0.98, cap: int = 128) -> "Whiten":
-        """Fit on (a seeded sample of at most ``sample`` rows of) ``features``. ``dim`` None keeps the
-        directions that hold ``variance`` of the total, at most ``cap`` (whitening gives every kept direction
-        unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every direction
-        with non-negligible variance."""
-        n, in_dim = features.shape
-        rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False)))
-        x = features[rows].float()
+    def fit(cls, features, dim: int | None, seed: int = 0, sample: int = 100_000,
+            scale: bool = True, variance: float = 0.98, cap: int = 128, rows: np.ndarray | None = None) -> "Whiten":
+        """Fit on (a seeded sample of at most ``sample`` rows of) ``features`` (a tensor, or anything that
+        gives a tensor for an index array and has ``shape``), or of its ``rows`` when given. ``dim`` None keeps
+        the directions that hold ``variance`` of the total, at most ``cap`` (whitening gives every kept
+        direction unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every
+        direction with non-negligible variance."""
+        rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
+        n, in_dim = len(rows), features.shape[1]
+        picked = rows[np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))]
+        x = features[torch.from_numpy(picked)].float()
         mean = x.double().mean(0)
         centred = x - mean.float()
         # the covariance product in float32 (the cost), its eigenvectors in float64
@@ -58,7 +60,7 @@ class Whiten(nn.Module):
         if dim is None:
             share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
             dim = min(cap, int((share < variance).sum()) + 1)
-        dim = min(dim or in_dim, useful, len(rows) - 1 if len(rows) > 1 else 1)
+        dim = min(dim or in_dim, useful, len(picked) - 1 if len(picked) > 1 else 1)
         whiten = cls(in_dim, dim)
         whiten.mean.copy_(mean.float())
         norm = values[:dim].clamp_min(1e-12).sqrt() if scale else values[0].sqrt()
@@ -81,6 +83,23 @@ class FeatureTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
+
+
+class TableRows:
+    """An embedding table's vectors as the frozen loop reads them, without holding the table: ``rows[a:b]``
+    and ``rows[index]`` read just those rows (float32) from the (memory-mapped) source."""
+
+    def __init__(self, source):
+        self.source = source
+        self.shape = (len(source), int(source.dim))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            return torch.from_numpy(self.source.vectors(index))
+        return torch.from_numpy(self.source.vectors(np.asarray(index, dtype=np.int64)))
 
 
 def weights_digest(module: nn.Module) -> str:

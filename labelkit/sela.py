@@ -20,7 +20,7 @@ from .artefact import Artefact, producer_versions
 from .config import SelaConfig, memory_bytes, solver_prior
 from .consensus import consensus_labels
 from .errors import ConfigError
-from .features import FeatureTrunk, Whiten, cached_views, neighbours, spherical_kmeans, train_heads_epoch
+from .features import FeatureTrunk, TableRows, Whiten, cached_views, neighbours, spherical_kmeans, train_heads_epoch
 from .graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
 from .loading import augmentation_preset, eval_transform, pretrained_transforms
 from .metrics import agreement
@@ -303,11 +303,12 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
 
 def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, dict]:
     """The fixed features to label: an embedding table's vectors, or the cached views of a frozen backbone.
-    Returns (the backbone or None, (V, N, D) views, where they came from)."""
+    Returns (the backbone or None, (V, N, D) views -- for a table one lazy view read by chunks --, where they
+    came from)."""
     config, source = job.config, job.source
     if not source.has_pixels:
         job.skips.skipped.update(source.check_finite(config.skip_bad))
-        return None, torch.from_numpy(source.vectors())[None], {"type": "features", "source": "embeddings"}
+        return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
     net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
     if config.pretrained:  # timm's own input size, interpolation, crop, mean and std for these weights
         plain, augmented, _ = pretrained_transforms(net, config.augment)
@@ -375,10 +376,13 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
         raise ConfigError("--freeze and embedding tables train heads in one process; run without torchrun")
     net, views, origin = _frozen_features(job)
     keep = ~job.skips.mask()
-    whiten = Whiten.fit(views[0][torch.from_numpy(np.flatnonzero(keep))].float(), config.pca, config.seed)
-    with torch.no_grad():  # whitened once; the heads train on these
-        views = torch.stack([torch.cat([whiten(view[i:i + 65536].float()) for i in range(0, len(view), 65536)])
-                             for view in views])
+    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep))
+    with torch.no_grad():  # whitened once, chunk by chunk into one tensor; the heads train on these
+        whitened = torch.empty((len(views), len(views[0]), whiten.num_features))
+        for v, view in enumerate(views):
+            for i in range(0, len(view), 65536):
+                whitened[v, i:i + 65536] = whiten(view[i:i + 65536].float())
+        views = whitened
     heads = SelaModel(FeatureTrunk(whiten.num_features, config.head_hidden), ks, config.head_temperature)
     model = SelaModel(FrozenBackbone(net, whiten, heads.backbone), ks, config.head_temperature)
     model.heads = heads.heads  # one set of heads: trained through ``heads``, saved and predicted through ``model``

@@ -190,3 +190,15 @@ def test_linear_probe_leaves_out_clusters_too_small_to_fold():
     score = probe_accuracy(features, labels)
     assert score is not None and score > 0.95
     assert probe_accuracy(features[:3], np.array([0, 1, 2])) is None  # nothing left to fold
+
+
+def test_a_cluster_the_vote_empties_is_kept():
+    from labelkit.consensus import consensus_labels
+
+    reference = np.repeat([0, 1, 2], [45, 45, 10])  # a small cluster that only the reference has
+    merged = np.where(reference == 2, 0, reference)  # two heads fold it into cluster 0
+    result = consensus_labels(np.stack([reference, merged, merged]), [3, 3, 3], reference=0)
+    sizes = np.bincount(result.labels, minlength=3)
+    assert (sizes > 0).all(), sizes
+    assert set(np.flatnonzero(result.labels == 2)) <= set(np.flatnonzero(reference == 2))
+    assert sizes[2] == round(10 / 3)  # as many as the heads gave it on average

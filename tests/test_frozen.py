@@ -310,3 +310,24 @@ def test_plan_line_of_an_embedding_table(tmp_path):
     assert result.exit_code == 0, result.output
     assert "heads on the vectors" in result.output and " px" not in result.output, result.output
     assert "0 samples" not in result.output
+
+
+def test_embedding_table_is_read_by_chunks_never_whole(tmp_path, monkeypatch):
+    from labelkit.embeddings import EmbeddingSource
+
+    x, y = blobs(n=300, d=16, k=3)
+    np.save(tmp_path / "v.npy", x.astype(np.float16))  # float16 on disk, memory-mapped
+    requests = []
+    original = EmbeddingSource.vectors
+
+    def vectors(self, rows=None):
+        requests.append(rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(EmbeddingSource, "vectors", vectors)
+    result = run(["generate", "--data", str(tmp_path / "v.npy"), "--clusters", "3", "--heads", "1", "--epochs", "2",
+                  "--quiet", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert requests and all(rows is not None for rows in requests)  # never the whole table at once
+    nmi = agreement(read_artefact(tmp_path / "run").labels(0), y)["nmi"]
+    assert nmi > 0.9
