@@ -60,6 +60,8 @@ class Job:
         self.resumed = False
         self.plan: dict | None = None  # how the configuration was chosen (labelkit.plan), recorded with the run
         self.stopped_early: int | None = None  # the epoch after which --budget ended training, if it did
+        self.label_schedule: set[int] = set()  # epochs after which a label step runs (the ETA counts them)
+        self._label_seconds: list[float] = []
         # a sample of the last label step's rows, their features and labels before it: label-free quality
         self.label_features: tuple | None = None
         self.previous_labels = None
@@ -141,6 +143,19 @@ class Job:
     def log(self, record: dict) -> None:
         self.run_dir.log(record)
 
+    def label_step(self, epoch: int, step) -> None:
+        """Run one label step (``step()`` returns its record) and log it; its wall time feeds the ETA."""
+        began = time.perf_counter()
+        record = step()
+        self._label_seconds.append(time.perf_counter() - began)
+        self.log({"type": "label_step", "epoch": epoch, **record})
+
+    def label_eta(self, epoch: int) -> float:
+        """Seconds the label steps after ``epoch`` (0-based, just trained) will take, at the recent pace."""
+        left = sum(1 for e in self.label_schedule if e > epoch)
+        recent = self._label_seconds[-3:]
+        return left * sum(recent) / len(recent) if recent else 0.0
+
     def provenance(self) -> dict:
         """What the data was, for :meth:`Artefact.build`: spec, id fingerprint and count, content fingerprint,
         and the samples that could not be decoded."""
@@ -181,7 +196,7 @@ class Job:
             self.step, self._partial = stats["step"], stats["partial"]
             self.checkpoint()
             raise self._preempted()
-        self.run_dir.log_epoch(self.epoch, self.config.epochs, stats, self.started)
+        self.run_dir.log_epoch(self.epoch, self.config.epochs, stats, self.started, pending=self.label_eta(self.epoch))
         return stats
 
     def end_epoch(self) -> None:

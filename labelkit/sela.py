@@ -271,6 +271,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
         if config.start == "graph":  # the graph start takes the place of the label step at epoch 0
             schedule.discard(0)
+        job.label_schedule = schedule
         job.announce(model, heads=ks, label_steps=len(schedule))
         train_model = job.parallel(model)
         transform = augmentation(config)
@@ -278,19 +279,19 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
             job.checkpoint_or_stop()
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
-            job.log({"type": "label_step", "epoch": 0, **_label_step(job, model, dim, state, ks)})
+            job.label_step(0, lambda: _label_step(job, model, dim, state, ks))
             job.checkpoint_or_stop()
         deadline = (job.plan or {}).get("deadline")
         for epoch in job.epochs():
             began = time.time()
             job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask())  # step 1
             if epoch + 1 in schedule:
-                job.log({"type": "label_step", "epoch": epoch + 1, **_label_step(job, model, dim, state, ks)})
+                job.label_step(epoch + 1, lambda: _label_step(job, model, dim, state, ks))
             job.end_epoch()
             # --budget: stop between epochs when another one (and a last label step) would end past the deadline
             if deadline and epoch + 1 < config.epochs and time.time() + (time.time() - began) > deadline:
                 if epoch + 1 not in schedule:
-                    job.log({"type": "label_step", "epoch": epoch + 1, **_label_step(job, model, dim, state, ks)})
+                    job.label_step(epoch + 1, lambda: _label_step(job, model, dim, state, ks))
                 job.log({"type": "budget", "epoch": epoch + 1, "epochs": config.epochs,
                          "message": f"stopped after epoch {epoch + 1} of {config.epochs}: the next would pass the budget"})
                 job.stopped_early = epoch + 1
@@ -401,6 +402,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     near = neighbours(views[0], config.neighbours) if config.neighbours else None
     rows = torch.from_numpy(np.flatnonzero(keep))
     schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
+    job.label_schedule = schedule
 
     def label_step() -> dict:
         heads.eval()
@@ -412,14 +414,14 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
         return learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
 
     if not resumed and 0 in schedule:  # the first labels come from the untrained heads
-        job.log({"type": "label_step", "epoch": 0, **label_step()})
+        job.label_step(0, label_step)
         job.checkpoint_or_stop()
     for epoch in job.epochs():
         stats = train_heads_epoch(heads, views, state.labels, optimizer, epoch=epoch, config=config, keep=keep,
                                   lr_at=lr_at, near=near, reporter=job.reporter)  # step 1, the heads only
-        job.run_dir.log_epoch(epoch, config.epochs, stats, job.started)
+        job.run_dir.log_epoch(epoch, config.epochs, stats, job.started, pending=job.label_eta(epoch))
         if epoch + 1 in schedule:
-            job.log({"type": "label_step", "epoch": epoch + 1, **label_step()})  # step 2
+            job.label_step(epoch + 1, label_step)  # step 2
         job.end_epoch()
     run = _finish(job, model, state, ks)
     job.finish()

@@ -334,10 +334,11 @@ class RunDir:
             return
         save_checkpoint(self.checkpoint, {**state, "history_lines": self.lines})
 
-    def log_epoch(self, epoch: int, epochs: int, stats: dict, started: float) -> None:
-        """The per-epoch line: loss, learning rate, images/s, elapsed and ETA (from the last 5 epochs)."""
+    def log_epoch(self, epoch: int, epochs: int, stats: dict, started: float, pending: float = 0.0) -> None:
+        """The per-epoch line: loss, learning rate, images/s, elapsed and ETA (the last 5 epochs' pace, plus
+        ``pending`` seconds of label steps still to come)."""
         self._epoch_seconds.append(stats["seconds"])
-        left = (epochs - epoch - 1) * float(np.mean(self._epoch_seconds[-5:]))
+        left = (epochs - epoch - 1) * float(np.mean(self._epoch_seconds[-5:])) + pending
         self.log({"type": "epoch", "epoch": epoch + 1, "epochs": epochs, "loss": round(stats["loss"], 5),
                   "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 1),
                   "elapsed_s": round(time.perf_counter() - started, 1), "eta_s": round(left, 1)})

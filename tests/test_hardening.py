@@ -310,3 +310,14 @@ def test_two_processes_preempted_by_sigterm_resume_to_the_same_labels(tmp_path):
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     same = read_artefact(cut / "labels.parquet").artefact_id == read_artefact(tmp_path / "reference" / "labels.parquet").artefact_id
     assert same
+
+
+def test_eta_counts_the_label_steps_still_to_come():
+    from labelkit.run import Job
+
+    job = Job.__new__(Job)  # only the ETA's two fields
+    job.label_schedule, job._label_seconds = {0, 5, 10}, [9.0, 2.0, 4.0, 3.0]
+    assert job.label_eta(4) == 2 * 3.0  # steps after epochs 5 and 10, at the last three steps' mean
+    assert job.label_eta(9) == 3.0 and job.label_eta(10) == 0.0
+    job._label_seconds = []
+    assert job.label_eta(0) == 0.0  # no pace yet
