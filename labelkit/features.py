@@ -202,16 +202,15 @@ def _bounds(cell: torch.Tensor, cells: int) -> torch.Tensor:
 
 
 def _search(x: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int) -> torch.Tensor:
-    """The ``k`` most similar of ``candidates`` (row numbers of ``x``) for each of ``queries``, self excluded."""
+    """The ``k`` most similar of ``candidates`` (ascending row numbers of ``x``) for each of ``queries``, self
+    excluded."""
     pool = x[candidates]
-    where = torch.full((len(x),), -1, dtype=torch.int64)
-    where[candidates] = torch.arange(len(candidates))
     out = torch.empty((len(queries), k), dtype=torch.int64)
     for start in range(0, len(queries), block):
         rows = queries[start:start + block]
         sims = x[rows] @ pool.T
-        own = where[rows]
-        inside = torch.nonzero(own >= 0).squeeze(1)
+        own = torch.searchsorted(candidates, rows).clamp_max(len(candidates) - 1)  # where each query sits
+        inside = torch.nonzero(candidates[own] == rows).squeeze(1)
         sims[inside, own[inside]] = -math.inf
         out[start:start + block] = candidates[sims.topk(k, dim=1).indices]
     return out
