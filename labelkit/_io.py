@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "sha256_file", "write_text_atomic", "pread_into"]
+__all__ = ["atomic_path", "sha256_file", "write_text_atomic", "pread_into", "pwrite_all"]
 
 
 @contextlib.contextmanager
@@ -63,3 +63,12 @@ def pread_into(fd: int, buffer, offset: int) -> int:
             break
         done += got
     return done
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` (a bytes-like object) to ``fd`` at ``offset`` with positional writes, which may
+    each write less than asked (Linux caps one call near 2 GiB)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)

@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ._io import atomic_path, pread_into
+from ._io import atomic_path, pread_into, pwrite_all
 from .errors import DataError
 
 __all__ = ["FeatureFile", "FeatureWriter", "write_features"]
@@ -100,8 +100,7 @@ class FeatureFile:
         """The rows at ascending ``indices`` (of this view), read as runs of consecutive rows."""
         indices = np.asarray(indices, dtype=np.int64)
         out = torch.empty((len(indices), self.dim), dtype=_DTYPES[self.dtype])
-        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(indices)]):
+        for lo, hi in _runs(indices):
             out[lo:hi] = self[int(indices[lo]):int(indices[hi - 1]) + 1]
         return out
 
@@ -152,6 +151,12 @@ def write_features(path: str | os.PathLike, blocks: Iterable, rows: int, dim: in
         if written != rows:
             raise DataError(f"features file {path}: {written:,} rows written but {rows:,} announced")
     return path
+
+
+def _runs(positions: np.ndarray):
+    """(lo, hi) index ranges of ``positions`` whose values run consecutively: one read or write each."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(positions)].tolist())
 
 
 _HEADER_BYTES = 128  # a 2-D float16/float32 .npy header of any realistic shape fits, padded, in 128 bytes
@@ -209,23 +214,19 @@ class FeatureWriter:
             self.samples.append(samples[new])
             self.rows += int(new.sum())
         where = self._row[samples]
-        breaks = np.flatnonzero(np.diff(where) != 1) + 1
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(samples)]):
+        for lo, hi in _runs(where):
             first, count = int(where[lo]), hi - lo
             chunk = values[lo:hi]
             if not new[lo:hi].all():  # rows that a view before this one wrote: add to them
                 old = bytearray(count * self.dim * self.dtype.itemsize)
                 pread_into(self._fd, old, self._offset(first))
                 chunk = chunk + torch.frombuffer(old, dtype=_DTYPES[self.dtype]).view(count, self.dim).float()
-            data = chunk.to(_DTYPES[self.dtype]).numpy().tobytes()
-            written = 0
-            while written < len(data):
-                written += os.pwrite(self._fd, data[written:], self._offset(first) + written)
+            pwrite_all(self._fd, chunk.to(_DTYPES[self.dtype]).numpy(), self._offset(first))
 
     def finish(self) -> tuple[FeatureFile, np.ndarray]:
         """Publish the file; returns it and the sample of each of its rows."""
         os.ftruncate(self._fd, self._offset(self.rows))
-        os.pwrite(self._fd, _npy_header(self.rows, self.dim, self.dtype), 0)
+        pwrite_all(self._fd, _npy_header(self.rows, self.dim, self.dtype), 0)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None

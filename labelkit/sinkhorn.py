@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import pread_into
+from ._io import pread_into, pwrite_all
 from .errors import SolverError
 
 __all__ = ["solve", "SinkhornResult", "Prior", "kernel_buffer", "kernel_path", "features_on_disk",
@@ -423,7 +423,7 @@ class _DiskStore:
     def __setitem__(self, rows: slice, block: torch.Tensor) -> None:
         data = block.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
         try:
-            os.pwrite(self.fd, data, rows.start * self.k * 2)
+            pwrite_all(self.fd, data, rows.start * self.k * 2)
         except OSError as exc:
             raise SolverError(f"writing the label kernel ({self.n * self.k * 2 / 1e9:.1f} GB) to {self.folder} "
                               f"failed: {exc.strerror or exc}; free space there, or give --label-memory more") from None
