@@ -1,6 +1,7 @@
 """The label step beyond memory: the stored, disk and streamed kernels on the same problem, and several ranks.
 
 Run: .venv/bin/python bench/label_memory.py --n 200000 --k 3000 --d 128 [--paths stored,disk,stream]
+     (a path named PATH-dense, e.g. stored-dense, keeps the kernel dense: solve(..., sparse=False))
      .venv/bin/python bench/label_memory.py --n 1281167 --k 3000 --d 2048 --paths disk,stream --max-iter 2
      .venv/bin/python bench/label_memory.py --n 10000000 --k 1000 --d 128 --paths disk [--ranks 4]
 
@@ -63,12 +64,14 @@ def child(args) -> None:
         rows = (int(edges[args.rank]), int(edges[args.rank + 1]))
         features = features.rows(*rows)
     t0 = time.perf_counter()
-    result = solve(features=features, weight=weight, kernel=args.child, scratch=args.dir, group=group,
-                   max_iter=args.max_iter, exact_balance=False)
+    kernel, _, dense = args.child.partition("-")
+    result = solve(features=features, weight=weight, kernel=kernel, scratch=args.dir, group=group,
+                   max_iter=args.max_iter, exact_balance=False, sparse=dense != "dense")
     seconds = time.perf_counter() - t0
     suffix = f"{args.child}" + (f".rank{args.rank}" if args.rank is not None else "")
     np.save(Path(args.dir) / f"labels.{suffix}.npy", result.labels)
-    print(json.dumps({"path": result.kernel, "seconds": seconds, "iterations": result.iterations,
+    print(json.dumps({"path": result.kernel, "products": result.products, "density": result.density,
+                      "seconds": seconds, "iterations": result.iterations,
                       "rebuilds": result.rebuilds, "error": result.error, "converged": result.converged,
                       "rows": rows, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
     if group is not None:
@@ -120,7 +123,8 @@ def main() -> None:
         labels = np.load(folder / f"labels.{path}.npy")
         first = first if first is not None else (path, labels)
         agree = f", labels equal to {first[0]}'s: {(labels == first[1]).mean():.4%}" if first[0] != path else ""
-        print(f"{path:>7}: {record['seconds']:.1f} s, {record['iterations']} iterations "
+        sparse = f", {record['density']:.2%} non-zero" if record.get("density") else ""
+        print(f"{path:>12} ({record['products']}{sparse}): {record['seconds']:.1f} s, {record['iterations']} iterations "
               f"({record['seconds'] / max(1, record['iterations']):.2f} s each incl. build), error "
               f"{record['error']:.1e}{'' if record['converged'] else ' (not converged)'}, peak RSS "
               f"{record['peak_rss_gb']:.2f} GB{agree}")

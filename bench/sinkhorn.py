@@ -1,6 +1,7 @@
 """labelkit's Sinkhorn against the paper's loop, in the same process.
 
-Run: .venv/bin/python bench/sinkhorn.py [--n 200000] [--k 3000] [--no-baseline] [--warm]
+Run: .venv/bin/python bench/sinkhorn.py [--n 200000] [--k 3000] [--no-baseline] [--warm] [--dense]
+     LABELKIT_PRODUCTS=widen|fused .venv/bin/python bench/sinkhorn.py ...   (force a products path)
 
 Logits come from a random linear head on random D=128 features, scaled so that the softmax maxima average
 about 0.3. The baseline is the SeLa paper's loop written out plainly: P^lam in float64, alternating full
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--warm", action="store_true", help="also re-solve after perturbing the head by 1 %")
     parser.add_argument("--features", action="store_true", help="pass features + head instead of logits")
+    parser.add_argument("--dense", action="store_true", help="never keep the kernel as sparse rows (sparse=False)")
     args = parser.parse_args()
 
     from labelkit.sinkhorn import solve
@@ -81,7 +83,9 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     features, weight, bias = realistic_features(args.n, args.k)
     kwargs = {k: v for k, v in (("tol", args.tol), ("omega", args.omega)) if v is not None}
-    print(f"N={args.n:,} K={args.k} lam={args.lam} threads={torch.get_num_threads()}")
+    kwargs["sparse"] = not args.dense
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"N={args.n:,} K={args.k} lam={args.lam} threads={torch.get_num_threads()} on {cpu}")
     bandwidth = stream_bandwidth()
     if args.features:
         result = solve(features=features, weight=weight, bias=bias, lam=args.lam, **kwargs)
@@ -92,8 +96,11 @@ def main() -> None:
         result = solve(logits, lam=args.lam, **kwargs)
     kernel_gb = args.n * args.k * 2 / 1e9
     per_iter = kernel_gb * 1.0  # one read of the bf16 kernel per iteration
+    if result.density is not None:  # sparse rows: float32 value + int32 column per non-zero, rows and transpose
+        per_iter = args.n * args.k * result.density * 16 / 1e9
     print(f"labelkit: {result.seconds:.2f} s, {result.iterations} iterations, error {result.error:.2e}, "
           f"rebuilds {result.rebuilds}, converged={result.converged}")
+    print(f"  products: {result.products} ({result.products_why})")
     print(f"  {per_iter:.2f} GB read per iteration; streaming bandwidth {bandwidth:.1f} GB/s "
           f"-> {per_iter / bandwidth * 1e3:.0f} ms/iteration at best")
     print(f"  cluster sizes {result.sizes.min()}..{result.sizes.max()} (N/K = {args.n / args.k:.1f})")

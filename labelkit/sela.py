@@ -221,7 +221,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                                                                           result.scores.astype(np.float64)]))
         state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
         state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
-        info = {"head": h, "k": ks[h], "kernel": result.kernel, "iterations": result.iterations,
+        info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
+                "iterations": result.iterations,
                 "seconds": round(result.seconds, 3),
                 "error": result.error, "converged": result.converged, "size_min": int(result.sizes.min()),
                 "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum())}

@@ -13,7 +13,11 @@ How it is computed:
   potential is raised until its largest entry is 1; potentials that grow past ``absorb_at`` are absorbed into
   the kernel and the kernel is rebuilt, so the scalings never overflow and the result is never NaN or inf.
 * **One pass per iteration.** For each block of rows: s = M v, u = 1/s, and the cluster sums t += u M in the
-  same pass; then v = (N/K) / t.
+  same pass; then v = (N/K) / t. How a dense block is multiplied (widened to float32, or a compiled tile
+  kernel) is measured per processor, see :mod:`labelkit.products`.
+* **Sparse kernels.** At lam = 25 most entries of a trained head's kernel are exact zeros (below float32's
+  range). On the CPU a build that finds at most 10 % non-zeros keeps the rows as CSR with their transpose,
+  and an iteration is two sparse products per thread; the same values, summed in another order.
 * **Fewer iterations.** Over-relaxation (u and v move by the power ``omega`` of the plain Sinkhorn step, Thibault
   et al. 2017; Lehmann et al. 2021), omega estimated from the rate of the first plain iterations and dropped
   to 1 if the error stops improving; warm starts from a previous result's potentials; and, when the first
@@ -65,6 +69,9 @@ _PROBE = 12  # plain iterations that estimate the convergence rate before over-r
 _LOG_RANGE = 75.0  # |log| bound of scalings used in float32 products (float32 tops out near e^88)
 _PATIENCE = 40
 _SMALL = 1 << 20  # kernels with fewer entries are solved on one thread
+_SPARSE_SHARE = 0.10  # a kernel with at most this share of non-zero entries is kept as sparse rows (CSR)
+_SPARSE_MIN = _SMALL  # fewer entries: kept dense (small solves stay exactly as before)
+_SPARSE_BYTES = 16  # per non-zero: float32 value and int32 column, in the rows and again in the transpose
 _BAIL_RATE = 0.99  # a probe shrinking the error by less than 1 % an iteration switches to annealing  # over-relaxed iterations without a new best error before relaxing less
 
 
@@ -85,6 +92,10 @@ class SinkhornResult:
         errors: marginal error after every iteration.
         targets: the column marginals solved for.
         kernel: which path ran, ``"stored"``, ``"disk"`` or ``"stream"``.
+        products: what the sweeps multiplied: ``"sparse"`` rows (the build found at most 10 % of the kernel
+            non-zero; ``density`` is the share), or dense blocks ``"widen"``ed to float32 or ``"fused"`` in a
+            compiled kernel, chosen per processor by a timing probe (see :mod:`labelkit.products`);
+            ``products_why`` says why.
     """
 
     labels: np.ndarray
@@ -99,6 +110,9 @@ class SinkhornResult:
     errors: list[float] = field(default_factory=list)
     targets: np.ndarray | None = None  # float64 (K,) the column marginals b solved for (after matching a prior)
     kernel: str = "stored"  # "stored" (N x K bfloat16 held), "disk" (in a scratch file) or "stream" (recomputed)
+    products: str = "widen"  # how the sweeps multiplied: "sparse" rows, or dense blocks "widen"ed or "fused"
+    products_why: str = ""  # what chose it: the probe's timings, the environment, or why only one path applied
+    density: float | None = None  # share of non-zero kernel entries when the sweeps ran on sparse rows
 
 
 @dataclass(frozen=True)
@@ -378,6 +392,16 @@ class _Rows:
         self.parts = [(a * block, min(n, b * block)) for a, b in _split(blocks, min(threads, blocks))]
         self._pool = None
         self._saved_threads = torch.get_num_threads()
+        self.threads = self._saved_threads if device.type == "cpu" else 1  # for kernels threaded inside
+
+    def first(self, count: int) -> "_Rows":
+        """The same pool over rows 0:count only, split as evenly (the products probe times these)."""
+        view = object.__new__(_Rows)
+        view.__dict__.update(self.__dict__)
+        blocks = max(1, -(-count // self.block))
+        view.parts = [(a * self.block, min(count, b * self.block))
+                      for a, b in _split(blocks, min(len(self.parts), blocks))]
+        return view
 
     def __enter__(self) -> "_Rows":
         if len(self.parts) > 1:
@@ -454,8 +478,14 @@ class _Kernel:
         self.source = source
         self.data = storage
         self.device = device
+        self.products: str | None = None  # how a sweep multiplies blocks, see labelkit.products; set on first use
+        self.products_why = ""
+        self.sparse_cap = 0  # most non-zeros a sparse build may hold (0: never sparse)
+        self.sparse: dict[int, tuple] | None = None  # part start -> (A, A^T) CSR rows, when the last build was sparse
+        self.density = 1.0
 
     def close(self) -> None:
+        self.sparse = None
         if isinstance(self.data, _DiskStore):
             self.data.close()
 
@@ -471,23 +501,114 @@ class _Kernel:
     def build(self, g: torch.Tensor, lam: float, rows: "_Rows", group) -> torch.Tensor:
         """Set the potentials (storing the kernel when stored); returns the column maxima of the exponent."""
         self._rows = self.source.exponent(lam, g.to(torch.float32))
-        k = self.source.k
-
-        def part(lo, hi):
-            col_max = torch.full((k,), -math.inf, dtype=torch.float32, device=self.device)
-            work = torch.empty((min(rows.block, hi - lo), k), dtype=torch.float32, device=self.device)
-            for start, stop in rows.blocks(lo, hi):
-                e = self._exponent(start, stop, work[: stop - start])
-                torch.maximum(col_max, e.amax(dim=0), out=col_max)
-                if self.data is not None:
-                    self.data[start:stop] = self._exp_(e)
-            return col_max
-
-        col_max = torch.stack(rows.map(part)).amax(dim=0)
+        self.sparse = None
+        col_max = self._build_sparse(rows) if self.sparse_cap else None
+        if col_max is None and self.products == "fused":
+            col_max = self._build_fused(rows)
+        elif col_max is None:
+            col_max = torch.stack(rows.map(lambda lo, hi: self._build_part(lo, hi, rows.block))).amax(dim=0)
         if group is not None:
             import torch.distributed as dist
 
             _all_reduce(col_max, group, dist.ReduceOp.MAX)
+        return col_max
+
+    def _build_part(self, lo: int, hi: int, block: int) -> torch.Tensor:
+        k = self.source.k
+        col_max = torch.full((k,), -math.inf, dtype=torch.float32, device=self.device)
+        work = torch.empty((min(block, hi - lo), k), dtype=torch.float32, device=self.device)
+        for start in range(lo, hi, block):
+            stop = min(start + block, hi)
+            e = self._exponent(start, stop, work[: stop - start])
+            torch.maximum(col_max, e.amax(dim=0), out=col_max)
+            if self.data is not None:
+                self.data[start:stop] = self._exp_(e)
+        return col_max
+
+    def _build_sparse(self, rows: "_Rows") -> torch.Tensor | None:
+        """Build the kernel as sparse rows when it is sparse enough (returns the column maxima), else None.
+
+        At lam = 25 a trained head's kernel is mostly exact zeros (exp below float32's range: on the bench's
+        N = 200,000 x K = 3,000 problem 0.8 % of entries are non-zero), so its rows are stored as CSR with
+        their transpose and every sweep costs two sparse products instead of a pass over N x K. The same
+        bfloat16-rounded values as the dense kernel: only the order of the sums differs. A sample of row
+        blocks decides whether to try; a build that passes ``sparse_cap`` non-zeros gives up for the dense one.
+        """
+        n, k = self.source.n, self.source.k
+        if self._sample_density(rows.block) > _SPARSE_SHARE / 2:
+            return None
+        cap = {lo: self.sparse_cap * (hi - lo) // n for lo, hi in rows.parts}
+        built = rows.map(lambda lo, hi: self._sparse_part(lo, hi, rows.block, cap[lo]))
+        if any(b is None for b in built):
+            return None
+        self.sparse = {lo: (a, at) for (lo, _), (_, a, at) in zip(rows.parts, built)}
+        self.density = sum(a.values().numel() for a, _ in self.sparse.values()) / max(n * k, 1)
+        return torch.stack([b[0] for b in built]).amax(dim=0)
+
+    def _sample_density(self, block: int) -> float:
+        """Share of non-zero kernel entries in up to 8 row blocks spread over the rows."""
+        n, k = self.source.n, self.source.k
+        starts = sorted({int(i * max(n - block, 0) / 7) for i in range(8)})
+        work = torch.empty((min(block, n), k), dtype=torch.float32, device=self.device)
+        nonzero = total = 0
+        for start in starts:
+            stop = min(start + block, n)
+            e = self._exponent(start, stop, work[: stop - start])
+            nonzero += int(torch.count_nonzero(e > _EXP_MIN))
+            total += e.numel()
+        return nonzero / max(total, 1)
+
+    def _sparse_part(self, lo: int, hi: int, block: int, cap: int):
+        """Rows lo:hi as CSR (float32 values rounded through bfloat16, int32 columns) and its transpose, with
+        the column maxima; None once more than ``cap`` entries are non-zero. Held: 16 bytes a non-zero, and
+        while building, one block's entries more."""
+        k = self.source.k
+        col_max = torch.full((k,), -math.inf, dtype=torch.float32, device=self.device)
+        work = torch.empty((min(block, hi - lo), k), dtype=torch.float32, device=self.device)
+        counts = torch.empty(hi - lo, dtype=torch.int64, device=self.device)
+        index = torch.int32 if cap < 2**31 else torch.int64
+        # room for the cap; the operating system gives pages only as they are written, so unused room costs nothing
+        columns = torch.empty(cap, dtype=index, device=self.device)
+        values = torch.empty(cap, dtype=torch.float32, device=self.device)
+        held = 0
+        for start in range(lo, hi, block):
+            stop = min(start + block, hi)
+            e = self._exponent(start, stop, work[: stop - start])
+            torch.maximum(col_max, e.amax(dim=0), out=col_max)
+            at = (e > _EXP_MIN).nonzero()  # row-major; only these entries are non-zero after exp
+            if held + len(at) > cap:
+                return None
+            counts[start - lo:stop - lo] = torch.bincount(at[:, 0], minlength=stop - start)
+            columns[held:held + len(at)] = at[:, 1]
+            values[held:held + len(at)] = e[at[:, 0], at[:, 1]].exp_().bfloat16()  # the dense kernel's rounding
+            held += len(at)
+        columns, values = columns[:held], values[:held]
+        crow = torch.zeros(hi - lo + 1, dtype=index, device=self.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        transposed = _csr(*_transpose(crow, columns, values, k), (k, hi - lo))
+        return col_max, _csr(crow, columns, values, (hi - lo, k)), transposed
+
+    def _build_fused(self, rows: "_Rows") -> torch.Tensor:
+        """The build with the compiled tile kernel (``"fused"`` products, a stored kernel on the CPU), tile after
+        tile in this thread, OpenMP inside; the rows after the last whole tile take the eager path."""
+        from . import products
+
+        n, k = self.source.n, self.source.k
+        tile = products.tile_rows(k)
+        finish = products.fused_build(k, tile, rows.threads)
+        col_max = torch.full((k,), -math.inf, dtype=torch.float32)
+        work = torch.empty((tile, k), dtype=torch.float32)
+        whole = n // tile * tile
+        saved = torch.get_num_threads()
+        torch.set_num_threads(rows.threads)
+        try:
+            for start in range(0, whole, tile):
+                self._rows(start, start + tile, work)
+                torch.maximum(col_max, finish(work, self.data[start:start + tile]), out=col_max)
+        finally:
+            torch.set_num_threads(saved)
+        if whole < n:
+            torch.maximum(col_max, self._build_part(whole, n, n - whole), out=col_max)
         return col_max
 
     def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
@@ -505,6 +626,10 @@ def _sweep(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns the cluster sums and the row error sum_i |u_i (M v)_i - 1| of the (over-relaxed) row step.
     """
+    if kernel.sparse is not None:
+        return _sweep_sparse(kernel, u, v, w, rows)
+    if kernel.products == "fused":
+        return _sweep_fused(kernel, u, v, w, rows)
     k = kernel.source.k
     v32 = v.to(torch.float32)
 
@@ -513,26 +638,138 @@ def _sweep(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
         sums = torch.zeros(k, dtype=torch.float64, device=kernel.device)
         row_error = torch.zeros((), dtype=torch.float64, device=kernel.device)
         for start, stop in rows.blocks(lo, hi):
-            m = kernel.read(start, stop, widened[: stop - start])
-            s = (m @ v32).double()
-            new = s.reciprocal()
-            if w != 1.0:
-                relaxed = u[start:stop].pow(1.0 - w).mul_(new.pow(w))
-                # an over-relaxed scaling must stay inside float32's range for the product below
-                new = torch.where(relaxed.log().abs() < _LOG_RANGE, relaxed, new)
-            u[start:stop] = new
-            row_error += (new * s - 1.0).abs().sum()
-            sums += new.float() @ m
+            _widened_block(kernel, u, v32, w, start, stop, widened[: stop - start], sums, row_error)
         return sums, row_error
 
     results = rows.map(part)
     return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
+def _csr(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch calls its CSR tensors beta; the two products used here are not
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, columns, values, shape, check_invariants=False)  # built sorted, in range
+
+
+def _transpose(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, k: int, chunk: int = 1 << 21):
+    """The CSR arrays of the transpose, by a counting sort on the columns done a chunk of rows at a time, so
+    that beside the result only one chunk's work is held (with torch's own conversion and the rest of the
+    first sparse build, the 10 M x 1,000 bench peaked at 15.3 GB; built this way and in place, 5.3 GB)."""
+    index = columns.dtype
+    per_column = torch.bincount(columns, minlength=k)
+    tcrow = torch.zeros(k + 1, dtype=index, device=columns.device)
+    torch.cumsum(per_column, 0, out=tcrow[1:])
+    fill = tcrow[:-1].to(torch.int64, copy=True)  # next free slot of each column
+    trows = torch.empty_like(columns)
+    tvalues = torch.empty_like(values)
+    ends = crow.to(torch.int64)
+    r0, rows = 0, len(crow) - 1
+    while r0 < rows:
+        r1 = int(torch.searchsorted(ends, ends[r0] + chunk, right=True)) - 1
+        r1 = min(rows, max(r1, r0 + 1))
+        e0, e1 = int(ends[r0]), int(ends[r1])
+        c = columns[e0:e1].to(torch.int64)
+        order = torch.argsort(c, stable=True)  # rows stay ascending within each column
+        c = c[order]
+        count = torch.bincount(c, minlength=k)
+        rank = torch.arange(e1 - e0, device=c.device) - (torch.cumsum(count, 0) - count)[c]
+        slots = fill[c] + rank
+        row_of = torch.repeat_interleave(torch.arange(r0, r1, device=c.device), ends[r0 + 1:r1 + 1] - ends[r0:r1])
+        trows[slots] = row_of[order].to(index)
+        tvalues[slots] = values[e0:e1][order]
+        fill += count
+        r0 = r1
+    return tcrow, trows, tvalues
+
+
+def _sweep_sparse(kernel, u, v, w, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sweep over a sparse kernel: per part of the rows, s = A v and t = A^T u, two sparse products."""
+    v32 = v.to(torch.float32)
+
+    def part(lo, hi):
+        a, at = kernel.sparse[lo]
+        s = (a @ v32).double()
+        new = _row_step(u[lo:hi], s, w)
+        u[lo:hi] = new
+        return (at @ new.float()).double(), (new * s - 1.0).abs().sum()
+
+    results = rows.map(part)
+    return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+def _row_step(u: torch.Tensor, s: torch.Tensor, w: float) -> torch.Tensor:
+    """New row scalings from the row sums s = M v: 1 / s, over-relaxed by w from the previous ``u``."""
+    new = s.reciprocal()
+    if w != 1.0:
+        relaxed = u.pow(1.0 - w).mul_(new.pow(w))
+        # an over-relaxed scaling must stay inside float32's range for the product below
+        new = torch.where(relaxed.log().abs() < _LOG_RANGE, relaxed, new)
+    return new
+
+
+def _widened_block(kernel, u, v32, w, start, stop, widened, sums, row_error) -> None:
+    """The sweep over rows start:stop with the block widened to float32 (the ``"widen"`` products)."""
+    m = kernel.read(start, stop, widened)
+    s = (m @ v32).double()
+    new = _row_step(u[start:stop], s, w)
+    u[start:stop] = new
+    row_error += (new * s - 1.0).abs().sum()
+    sums += new.float() @ m
+
+
+def _sweep_fused(kernel, u, v, w, rows: _Rows, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sweep with the compiled tile kernel (``"fused"`` products) over rows 0:stop, tile after tile in this
+    thread, each threaded inside by OpenMP; the rows after the last whole tile take the widened path."""
+    from . import products
+
+    n, k = (kernel.source.n if stop is None else stop), kernel.source.k
+    tile = products.tile_rows(k)
+    step = products.fused_step(k, tile, rows.threads)
+    v32 = v.to(torch.float32)
+    w_t = torch.tensor(w, dtype=torch.float64)
+    sums = torch.zeros(k, dtype=torch.float64)
+    row_error = torch.zeros((), dtype=torch.float64)
+    whole = n // tile * tile
+    saved = torch.get_num_threads()
+    torch.set_num_threads(rows.threads)
+    try:
+        for start in range(0, whole, tile):
+            new, t, error = step(kernel.data[start:start + tile], v32, u[start:start + tile], w_t)
+            u[start:start + tile] = new
+            sums += t
+            row_error += error
+    finally:
+        torch.set_num_threads(saved)
+    if whole < n:
+        widened = torch.empty((n - whole, k), dtype=torch.float32)
+        _widened_block(kernel, u, v32, w, whole, n, widened, sums, row_error)
+    return sums, row_error
+
+
+def _choose_products(kernel, v, rows: _Rows) -> tuple[str, str]:
+    """Which products the sweeps of this kernel use (see :mod:`labelkit.products`), and why."""
+    from . import products
+
+    if kernel.device.type != "cpu":
+        return "widen", f"on {kernel.device.type}, the widened products are the GPU's own"
+    if not isinstance(kernel.data, torch.Tensor):
+        return "widen", "the kernel is read from disk or recomputed: its blocks arrive in float32"
+    scratch = torch.ones(kernel.source.n, dtype=torch.float64)  # the probe's sweeps must not touch u
+    return products.choose(
+        kernel.data, rows.threads,
+        lambda count: _sweep(kernel, scratch, v, 1.0, rows.first(count)),
+        lambda count: _sweep_fused(kernel, scratch, v, 1.0, rows, count),
+    )
+
+
 def _row_scalings(kernel, u, rows: _Rows) -> None:
     """u = 1 / (M 1): the row scalings of a freshly built kernel with v = 1."""
 
     def part(lo, hi):
+        if kernel.sparse is not None:
+            a = kernel.sparse[lo][0]
+            u[lo:hi] = (a @ torch.ones(a.shape[1], device=kernel.device)).double().reciprocal_()
+            return
         widened = torch.empty((min(rows.block, hi - lo), kernel.source.k), dtype=torch.float32, device=kernel.device)
         for start, stop in rows.blocks(lo, hi):
             u[start:stop] = kernel.read(start, stop, widened[: stop - start]).sum(1).double().reciprocal_()
@@ -548,6 +785,21 @@ def _assign(source, kernel, v, potentials, lam, rows: _Rows):
     scores = torch.empty(source.n, dtype=torch.float32, device=pot.device)
 
     def part(lo, hi):
+        if kernel.sparse is not None:
+            a = kernel.sparse[lo][0]
+            ends = a.crow_indices().to(torch.int64)
+            row_mass = a @ v32
+            for start, stop in rows.blocks(lo, hi):
+                idx = (source.block(start, stop).float() * lam).add_(pot).argmax(dim=1)
+                e0, e1 = int(ends[start - lo]), int(ends[stop - lo])
+                row_of = torch.repeat_interleave(torch.arange(stop - start, device=pot.device),
+                                                 ends[start - lo + 1:stop - lo + 1] - ends[start - lo:stop - lo])
+                hit = a.col_indices()[e0:e1] == idx[row_of]  # at most one entry per row: the label's
+                chosen = torch.zeros(stop - start, dtype=torch.float32, device=pot.device)
+                chosen[row_of[hit]] = a.values()[e0:e1][hit]
+                labels[start:stop] = idx
+                scores[start:stop] = chosen * v32[idx] / row_mass[start - lo:stop - lo]
+            return None
         widened = torch.empty((min(rows.block, hi - lo), source.k), dtype=torch.float32, device=pot.device)
         for start, stop in rows.blocks(lo, hi):
             idx = (source.block(start, stop).float() * lam).add_(pot).argmax(dim=1)
@@ -587,6 +839,7 @@ def solve(
     kernel: str = "auto",
     memory: int | None = None,
     scratch: str | os.PathLike | None = None,
+    sparse: bool = True,
 ) -> SinkhornResult:
     """Label N samples into K equal-sized clusters by Sinkhorn-Knopp on P^lam (SeLa, eq. 8).
 
@@ -620,6 +873,8 @@ def solve(
             uses the disk on a CPU with room, else streams. Every path gives the same labels.
         memory: bytes the kernel may take (default: :func:`available_memory` of the device, halved).
         scratch: folder for the ``"disk"`` kernel (default: the system's temporary folder).
+        sparse: on the CPU, keep a kernel with at most 10 % non-zero entries (a trained head at lam = 25 is
+            mostly exact zeros) as sparse rows, whichever ``kernel`` path holds the dense one; False never does.
     """
     t0 = time.perf_counter()
     source_tensor = logits if logits is not None else features
@@ -662,6 +917,9 @@ def solve(
         else:
             storage = torch.empty((n_local, k), dtype=torch.bfloat16, device=device)
     kernel = _Kernel(source, storage, device)
+    if sparse and device.type == "cpu" and n_local * k >= _SPARSE_MIN:
+        budget = memory if memory is not None else available_memory(device) // 2
+        kernel.sparse_cap = int(min(_SPARSE_SHARE * n_local * k, budget / _SPARSE_BYTES))
 
     g = torch.zeros(k, dtype=torch.float64, device=device)
     if warm_start is not None:
@@ -685,6 +943,10 @@ def solve(
             potentials -= potentials.max()
             if not exact_balance:  # else the balanced rounding below makes the labels
                 labels, scores = _assign(source, kernel, v, potentials, lam, rows)
+        products, products_why, density = kernel.products or "widen", kernel.products_why, None
+        if kernel.sparse is not None:
+            density = kernel.density
+            products, products_why = "sparse", f"{kernel.density:.2%} of the kernel non-zero: sparse rows"
     finally:
         kernel.close()
     if exact_balance:
@@ -709,6 +971,9 @@ def solve(
         errors=errors,
         targets=columns.b.cpu().numpy(),
         kernel=path,
+        products=products,
+        products_why=products_why,
+        density=density,
     )
 
 
@@ -792,6 +1057,15 @@ def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, r
         columns.fixed = False  # each stage re-matches the sizes during its first iterations
     # start each column's scaling where its largest entry reaches 1: a free first guess at the potentials
     v = torch.exp(-col_max.double().clamp(min=-absorb_at))
+    if kernel.products is None:
+        if kernel.sparse is None:
+            kernel.products, kernel.products_why = _choose_products(kernel, v, rows)
+        else:  # no dense sweep yet; should a later build be dense, it takes the path that needs no probe
+            kernel.products, kernel.products_why = "widen", "the first build was sparse"
+        if group is not None:  # every rank sums the same way: fused only where all ranks chose it
+            fused = torch.tensor([float(kernel.products == "fused")], dtype=torch.float64, device=device)
+            if _all_reduce(fused, group, _min_op()).item() < 1.0 and kernel.products == "fused":
+                kernel.products, kernel.products_why = "widen", "another rank chose the widened products"
     u = torch.ones(source.n, dtype=torch.float64, device=device)
     errors: list[float] = []
     converged = False
@@ -834,6 +1108,12 @@ def _iterate(source, kernel, g, lam, tol, max_iter, omega, absorb_at, n_total, r
             build()
             _row_scalings(kernel, u, rows)
     return g, v, iterations, errors, converged, rebuilds
+
+
+def _min_op():
+    import torch.distributed as dist
+
+    return dist.ReduceOp.MIN
 
 
 def _rate(errors: list[float]) -> float:
