@@ -123,7 +123,7 @@ def main() -> None:
         labels = np.load(folder / f"labels.{path}.npy")
         first = first if first is not None else (path, labels)
         agree = f", labels equal to {first[0]}'s: {(labels == first[1]).mean():.4%}" if first[0] != path else ""
-        sparse = f", {record['density']:.2%} non-zero" if record.get("density") else ""
+        sparse = f", {record['density']:.2%} non-zero" if record.get("density") is not None else ""
         print(f"{path:>12} ({record['products']}{sparse}): {record['seconds']:.1f} s, {record['iterations']} iterations "
               f"({record['seconds'] / max(1, record['iterations']):.2f} s each incl. build), error "
               f"{record['error']:.1e}{'' if record['converged'] else ' (not converged)'}, peak RSS "

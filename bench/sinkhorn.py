@@ -96,7 +96,7 @@ def main() -> None:
         result = solve(logits, lam=args.lam, **kwargs)
     kernel_gb = args.n * args.k * 2 / 1e9
     per_iter = kernel_gb * 1.0  # one read of the bf16 kernel per iteration
-    if result.density is not None:  # sparse rows: float32 value + int32 column per non-zero, rows and transpose
+    if result.products == "sparse":  # sparse rows: float32 value + int32 column per non-zero, rows and transpose
         per_iter = args.n * args.k * result.density * 16 / 1e9
     print(f"labelkit: {result.seconds:.2f} s, {result.iterations} iterations, error {result.error:.2e}, "
           f"rebuilds {result.rebuilds}, converged={result.converged}")

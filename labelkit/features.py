@@ -97,9 +97,10 @@ class TableRows:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, slice):
-            return torch.from_numpy(self.source.vectors(index))
-        return torch.from_numpy(self.source.vectors(np.asarray(index, dtype=np.int64)))
+        rows = index if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        block = self.source.vectors(rows)
+        # a float32 table's run is a read-only view of its mapped file; torch wants memory it may write
+        return torch.from_numpy(block if block.flags.writeable else block.copy())
 
 
 def weights_digest(module: nn.Module) -> str:

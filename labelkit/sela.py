@@ -222,6 +222,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
         state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
         state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
         info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
+                "density": None if result.density is None else round(result.density, 5),
                 "iterations": result.iterations,
                 "seconds": round(result.seconds, 3),
                 "error": result.error, "converged": result.converged, "size_min": int(result.sizes.min()),

@@ -93,9 +93,10 @@ class SinkhornResult:
         targets: the column marginals solved for.
         kernel: which path ran, ``"stored"``, ``"disk"`` or ``"stream"``.
         products: what the sweeps multiplied: ``"sparse"`` rows (the build found at most 10 % of the kernel
-            non-zero; ``density`` is the share), or dense blocks ``"widen"``ed to float32 or ``"fused"`` in a
-            compiled kernel, chosen per processor by a timing probe (see :mod:`labelkit.products`);
-            ``products_why`` says why.
+            non-zero), or dense blocks ``"widen"``ed to float32 or ``"fused"`` in a compiled kernel, chosen per
+            processor by a timing probe (see :mod:`labelkit.products`); ``products_why`` says why.
+        density: the share of non-zero kernel entries, counted when sparse, sampled from 8 row blocks when the
+            kernel stayed dense; None when not measured (small kernels, GPU, ``sparse=False``).
     """
 
     labels: np.ndarray
@@ -112,7 +113,7 @@ class SinkhornResult:
     kernel: str = "stored"  # "stored" (N x K bfloat16 held), "disk" (in a scratch file) or "stream" (recomputed)
     products: str = "widen"  # how the sweeps multiplied: "sparse" rows, or dense blocks "widen"ed or "fused"
     products_why: str = ""  # what chose it: the probe's timings, the environment, or why only one path applied
-    density: float | None = None  # share of non-zero kernel entries when the sweeps ran on sparse rows
+    density: float | None = None  # share of non-zero kernel entries: counted when sparse, else from the sample
 
 
 @dataclass(frozen=True)
@@ -482,7 +483,7 @@ class _Kernel:
         self.products_why = ""
         self.sparse_cap = 0  # most non-zeros a sparse build may hold (0: never sparse)
         self.sparse: dict[int, tuple] | None = None  # part start -> (A, A^T) CSR rows, when the last build was sparse
-        self.density = 1.0
+        self.density: float | None = None  # share of non-zero entries: counted when sparse, else sampled
 
     def close(self) -> None:
         self.sparse = None
@@ -535,7 +536,8 @@ class _Kernel:
         blocks decides whether to try; a build that passes ``sparse_cap`` non-zeros gives up for the dense one.
         """
         n, k = self.source.n, self.source.k
-        if self._sample_density(rows.block) > _SPARSE_SHARE / 2:
+        self.density = self._sample_density(rows.block)
+        if self.density > _SPARSE_SHARE / 2:
             return None
         cap = {lo: self.sparse_cap * (hi - lo) // n for lo, hi in rows.parts}
         built = rows.map(lambda lo, hi: self._sparse_part(lo, hi, rows.block, cap[lo]))
@@ -943,9 +945,8 @@ def solve(
             potentials -= potentials.max()
             if not exact_balance:  # else the balanced rounding below makes the labels
                 labels, scores = _assign(source, kernel, v, potentials, lam, rows)
-        products, products_why, density = kernel.products or "widen", kernel.products_why, None
+        products, products_why, density = kernel.products or "widen", kernel.products_why, kernel.density
         if kernel.sparse is not None:
-            density = kernel.density
             products, products_why = "sparse", f"{kernel.density:.2%} of the kernel non-zero: sparse rows"
     finally:
         kernel.close()
