@@ -50,6 +50,13 @@ def test_fused_products_give_the_widened_solution(monkeypatch):
     # exact balance rounds from the potentials: the same sizes however the sweep multiplied
     balanced = solve(logits, exact_balance=True)
     assert balanced.sizes.max() - balanced.sizes.min() <= 1
+    # a peaked kernel is rebuilt as its potentials grow: the rebuilds take the compiled build
+    monkeypatch.setenv("LABELKIT_PRODUCTS", "widen")
+    peaked_widened = solve(logits, lam=200.0)
+    monkeypatch.setenv("LABELKIT_PRODUCTS", "fused")
+    peaked_fused = solve(logits, lam=200.0)
+    assert peaked_fused.rebuilds == peaked_widened.rebuilds >= 2
+    assert (peaked_fused.labels == peaked_widened.labels).mean() >= 0.999
 
 
 def _huge():
