@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -92,6 +93,18 @@ def _build_tile(e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return e.amax(0)
 
 
+@contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op (OpenMP) thread count set to ``count`` meanwhile: the compiled kernels thread
+    inside, while the solver's row pool otherwise keeps it at 1."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def fused_step(k: int, tile: int, threads: int):
     """The compiled sweep tile (:func:`_tile_step`) for (tile, K) on ``threads`` OpenMP threads; raises
     whatever compiling raises."""
@@ -112,13 +125,9 @@ def _compile(fn, k: int, tile: int, threads: int, example: tuple):
         import torch._inductor.config as inductor_config
 
         compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)  # Inductor writes the thread count into the kernel it generates
-        try:
-            with inductor_config.patch(compile_threads=1):  # no compile worker pool for one small kernel
-                compiled(*example)
-        finally:
-            torch.set_num_threads(saved)
+        # Inductor writes the thread count into the kernel it generates; no compile worker pool for one kernel
+        with intra_op_threads(threads), inductor_config.patch(compile_threads=1):
+            compiled(*example)
         _compiled[key] = compiled
     return _compiled[key]
 

@@ -601,14 +601,10 @@ class _Kernel:
         col_max = torch.full((k,), -math.inf, dtype=torch.float32)
         work = torch.empty((tile, k), dtype=torch.float32)
         whole = n // tile * tile
-        saved = torch.get_num_threads()
-        torch.set_num_threads(rows.threads)
-        try:
+        with products.intra_op_threads(rows.threads):
             for start in range(0, whole, tile):
                 self._rows(start, start + tile, work)
                 torch.maximum(col_max, finish(work, self.data[start:start + tile]), out=col_max)
-        finally:
-            torch.set_num_threads(saved)
         if whole < n:
             torch.maximum(col_max, self._build_part(whole, n, n - whole), out=col_max)
         return col_max
@@ -732,16 +728,12 @@ def _sweep_fused(kernel, u, v, w, rows: _Rows, stop: int | None = None) -> tuple
     sums = torch.zeros(k, dtype=torch.float64)
     row_error = torch.zeros((), dtype=torch.float64)
     whole = n // tile * tile
-    saved = torch.get_num_threads()
-    torch.set_num_threads(rows.threads)
-    try:
+    with products.intra_op_threads(rows.threads):
         for start in range(0, whole, tile):
             new, t, error = step(kernel.data[start:start + tile], v32, u[start:start + tile], w_t)
             u[start:start + tile] = new
             sums += t
             row_error += error
-    finally:
-        torch.set_num_threads(saved)
     if whole < n:
         widened = torch.empty((n - whole, k), dtype=torch.float32)
         _widened_block(kernel, u, v32, w, whole, n, widened, sums, row_error)
