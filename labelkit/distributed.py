@@ -18,14 +18,24 @@ class Distributed:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # where collective tensors live (NCCL needs CUDA tensors)
+    joined: bool = False  # in a process group: under torchrun, even with one process
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.joined
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend ("nccl" or "gloo"), None when not in one."""
+        if not self.enabled:
+            return None
+        import torch.distributed as dist
+
+        return str(dist.get_backend())
 
     @property
     def group(self):
@@ -96,9 +106,13 @@ class Distributed:
 
 
 def from_environment(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+
+    A run that torchrun started joins even alone (``--nproc_per_node=1``), so that one process goes through
+    the same collectives, DistributedDataParallel and NCCL as many do; a plain process joins nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launched = "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if world <= 1 and not launched:
         return Distributed(), device
     import torch.distributed as dist
 
@@ -108,4 +122,4 @@ def from_environment(device: torch.device) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank, device), device
+    return Distributed(rank, world, local_rank, device, joined=True), device

@@ -148,6 +148,8 @@ class Job:
         began = time.perf_counter()
         record = step()
         self._label_seconds.append(time.perf_counter() - began)
+        if self.dist.enabled:  # the collectives the solve went through
+            record["group"] = {"backend": self.dist.backend, "ranks": self.dist.world}
         self.log({"type": "label_step", "epoch": epoch, **record})
 
     def label_eta(self, epoch: int) -> float:

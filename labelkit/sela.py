@@ -375,7 +375,7 @@ def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 10) -> torch.Tenso
 def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     """SeLa with the backbone fixed: step 1 trains the heads on cached views, step 2 solves on the plain view."""
     config, source = job.config, job.source
-    if job.dist.enabled:
+    if job.dist.world > 1:
         raise ConfigError("--freeze and embedding tables train heads in one process; run without torchrun")
     net, views, origin = _frozen_features(job)
     keep = ~job.skips.mask()

@@ -33,6 +33,7 @@ __all__ = [
     "learning_rate",
     "make_optimizer",
     "train_epoch",
+    "train_step",
     "extract_features",
     "save_checkpoint",
     "load_checkpoint",
@@ -116,6 +117,23 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_de
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
 
 
+def train_step(model: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device) -> torch.Tensor:
+    """One optimiser step on the mean cross-entropy over the heads; ``labels`` is (heads, batch). On CUDA the
+    images go channels_last and the forward pass runs under bf16 autocast. Returns the loss, detached."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with autocast(device):
+        outputs = model(images)
+        loss = sum(F.cross_entropy(out.float(), labels[h]) for h, out in enumerate(outputs)) / len(outputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 # What a rank can do at a training step. The ranks agree on the smallest, so all of them do the same.
 _RAN_OUT, _STOP, _SKIP, _TRAIN = 0, 1, 2, 3
 
@@ -181,17 +199,7 @@ def train_epoch(
                              config.warmup)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = targets[:, indices].to(device, non_blocking=True)
-        with autocast(device):
-            outputs = model(images)
-            loss = sum(F.cross_entropy(out.float(), labels[h]) for h, out in enumerate(outputs)) / len(outputs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
+        value = float(train_step(model, optimizer, images, targets[:, indices], device))
         sums["loss"] += value * len(indices)
         sums["images"] += len(indices)
         reporter.advance(loss=value, lr=rate)

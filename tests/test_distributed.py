@@ -118,3 +118,32 @@ def test_two_process_transfer_and_eval(tmp_path):
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     lines = [line for line in evaluated.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["n_test"] == 24
+
+
+def test_one_process_under_torchrun_joins_a_group_and_matches_a_plain_run(tmp_path):
+    """torchrun --nproc_per_node=1 goes through the process group (gloo here, NCCL on a GPU), DDP and the
+    collectives, and that changes nothing: the labels equal those of a plain process."""
+    data = _blobs(tmp_path / "blobs.npz", n=120, size=8)
+    options = ["generate", "--data", data, "--arch", "labelkit_cnn", "--clusters", "3", "--heads", "1",
+               "--epochs", "2", "--label-steps", "2", "--batch-size", "32", "--image-size", "8", "--workers", "0",
+               "--device", "cpu", "--augment", "none", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                               "-m", "labelkit", *options, "--out", str(tmp_path / "torchrun")],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    plain = subprocess.run([sys.executable, "-m", "labelkit", *options, "--out", str(tmp_path / "plain")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+
+    def steps(run):
+        lines = (tmp_path / run / "history.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r.get("type") == "label_step"]
+
+    assert len(steps("torchrun")) == len(steps("plain")) >= 1
+    assert all(s["group"] == {"backend": "gloo", "ranks": 1} for s in steps("torchrun"))
+    assert all("group" not in s for s in steps("plain"))
+    joined = read_artefact(tmp_path / "torchrun" / "labels.parquet")
+    alone = read_artefact(tmp_path / "plain" / "labels.parquet")
+    assert list(joined.sample_ids) == list(alone.sample_ids)
+    assert (joined.label_matrix() == alone.label_matrix()).all()
