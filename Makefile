@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Wheels of labelkit's dependencies that a GPU machine's CUDA image may lack (it has torch, timm, pyarrow, ...,
 # and no network): bench/gpu.sh installs the ones it finds missing from here. GPU_PY: that machine's Python.
 GPU_PY ?= 3.12
-GPU_WHEELS := webdataset braceexpand jsonschema jsonschema-specifications referencing rpds-py 'setuptools>=77'
+GPU_WHEELS := webdataset braceexpand jsonschema jsonschema-specifications referencing rpds-py 'setuptools>=77,<82'
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -356,6 +356,10 @@ def throughput(args) -> dict:
         for arch in ("resnet50", "alexnet"):
             part = {"batch": batch}
             part["synthetic"] = _synthetic(arch, image_size, batch, steps, device)
+            if device.type == "cuda":  # labelkit leaves cuDNN's autotuner off (PyTorch's default): what would it give?
+                torch.backends.cudnn.benchmark = True
+                part["synthetic_cudnn_benchmark"] = _synthetic(arch, image_size, batch, steps, device)
+                torch.backends.cudnn.benchmark = False
             part["loader_and_training"] = _through_loader(source, arch, image_size, batch, workers, device, train=True)
             model_rate = part["synthetic"]["images_per_s"]
             if model_rate and loader_rate:

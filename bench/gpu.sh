@@ -5,7 +5,8 @@
 #   bench/gpu.sh OUTDIR --smoke           the same at toy sizes, on the CPU too: proves the script, not the figures
 #
 # Writes OUTDIR/gpu.json (every figure, and each step's exit code and time, merged again after every step so a
-# kill leaves what finished), OUTDIR/gpu.log and OUTDIR/junit.xml, replacing an earlier run's. Each step runs under its own timeout, so a
+# kill leaves what finished), OUTDIR/gpu.md (the same as README-ready tables), OUTDIR/gpu.log and
+# OUTDIR/junit.xml, replacing an earlier run's. Each step runs under its own timeout, so a
 # hang in one still reports the others; a rerun can name only the steps that failed. Expect about 5 minutes on
 # one H100/H200 (timeouts add up to 9).
 #
@@ -36,13 +37,13 @@ PARTS=$(mktemp -d "${TMPDIR:-/tmp}/labelkit-gpu-XXXXXX")
 PY=${PYTHON:-python3}
 WHEELS=${LABELKIT_WHEELS:-.whl}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-rm -f "$OUT/gpu.json" "$OUT/junit.xml"  # OUTDIR holds this run's results only
+rm -f "$OUT/gpu.json" "$OUT/gpu.md" "$OUT/junit.xml"  # OUTDIR holds this run's results only
 exec > >(tee "$OUT/gpu.log") 2>&1
 echo "== bench/gpu.sh $(date -u +%FT%TZ) steps: ${STEPS[*]} ${SMOKE}"
 
 collect() {
     "$PY" bench/gpu_collect.py "$PARTS" "$PARTS"/env.json "$PARTS"/label-step.json "$PARTS"/throughput.json \
-        --junit "$OUT/junit.xml" --json "$OUT/gpu.json" >/dev/null || echo "== collect failed"
+        --junit "$OUT/junit.xml" --json "$OUT/gpu.json" --markdown "$OUT/gpu.md" >/dev/null || echo "== collect failed"
 }
 
 record() {  # record NAME EXIT START_NS: a row of steps.tsv

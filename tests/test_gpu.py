@@ -144,6 +144,8 @@ def test_the_gpu_script_runs_end_to_end_at_toy_sizes(tmp_path):
         assert part["loader_and_training"]["images"] == result["throughput"]["jpegs"]["count"]
         assert part["synthetic"]["images_per_s"] > 0 and part["bottleneck"] in ("loader", "model")
     assert (tmp_path / "out" / "gpu.log").read_text().count("== ") >= 5
+    tables = (tmp_path / "out" / "gpu.md").read_text()
+    assert "Ratio to the paper's loop" in tables and "| loader + training" in tables
 
 
 @pytest.mark.gpu
