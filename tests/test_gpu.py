@@ -1,5 +1,6 @@
 """Every CUDA path, on a real GPU: `bench/gpu.sh` runs these (``pytest -m gpu tests/test_gpu.py``); without
-CUDA they are skipped. The last test runs on any machine: bench/gpu.sh itself at toy sizes, so that the script
+CUDA they are skipped (their heavier imports sit inside them, so that bench/gpu.sh's collection stays quick).
+The last test runs on any machine: bench/gpu.sh itself at toy sizes, so that the script
 which spends scarce GPU minutes is known to work before it gets them."""
 
 import json
@@ -12,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from sklearn.metrics import normalized_mutual_info_score
 
 from labelkit.artefact import read_artefact
 from labelkit.cli import main
 from labelkit.data import resolve
 from labelkit.sinkhorn import solve
 
-from test_distributed import kill_tree
 from test_sinkhorn import realistic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +61,8 @@ def digits_run(tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_generate_on_cuda_writes_a_valid_artefact(digits_run):
+    from sklearn.metrics import normalized_mutual_info_score
+
     artefact = read_artefact(digits_run / "labels.parquet")  # validated against schemas/
     source = resolve("builtin:digits")
     assert list(artefact.sample_ids) == source.ids
@@ -101,6 +102,8 @@ def test_transfer_on_cuda(digits_run, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torchrun_one_process_goes_through_nccl(tmp_path):
+    from test_distributed import kill_tree
+
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "labelkit",
             "generate", "--data", "builtin:digits", "--epochs", "2", "--device", "cuda", "--out", str(tmp_path / "r"),
             "--quiet"]
