@@ -265,11 +265,9 @@ WARMUP = 3  # steps before timing: cuDNN's algorithm search and the allocator's 
 
 def _model(arch: str, image_size: int, device: torch.device):
     from labelkit.models import SelaModel, create_backbone
-    from labelkit.train import make_optimizer
+    from labelkit.train import make_optimizer, model_to
 
-    model = SelaModel(create_backbone(arch, image_size), HEADS).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model_to(SelaModel(create_backbone(arch, image_size), HEADS), device)  # as `generate` places it
     model.train()
     return model, make_optimizer(model, 0.05, 0.9, 5e-4)
 

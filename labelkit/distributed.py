@@ -19,6 +19,7 @@ class Distributed:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # where collective tensors live (NCCL needs CUDA tensors)
     joined: bool = False  # in a process group: under torchrun, even with one process
+    owned: bool = False  # labelkit created the group (and so destroys it), rather than the program calling it
 
     @property
     def enabled(self) -> bool:
@@ -98,7 +99,8 @@ class Distributed:
         return merged
 
     def close(self) -> None:
-        if self.enabled:
+        """Leave the process group if labelkit created it; a group the calling program made stays."""
+        if self.owned:
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -120,6 +122,7 @@ def from_environment(device: torch.device) -> tuple[Distributed, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank, device, joined=True), device
+    return Distributed(rank, world, local_rank, device, joined=True, owned=owned), device

@@ -21,7 +21,7 @@ from .data import Source, resolve
 from .errors import ConfigError, DataError
 from .loading import SkipLog, eval_transform
 from .models import create_backbone, feature_dim
-from .train import Reporter, extract_features, resolve_device
+from .train import Reporter, extract_features, model_to, resolve_device
 
 __all__ = ["load_backbone", "features_of", "knn_accuracy", "linear_accuracy", "evaluate", "PROTOCOLS"]
 
@@ -57,7 +57,7 @@ def features_of(backbone, source: Source, image_size: int, *, cache: Path | None
     from .distributed import from_environment
 
     dist, dev = from_environment(resolve_device(device))
-    backbone = backbone.to(dev)
+    backbone = model_to(backbone, dev)
     features, seen = extract_features(backbone, feature_dim(backbone), source, eval_transform(image_size),
                                       batch_size=batch_size, workers=workers, device=dev, skips=SkipLog(source),
                                       reporter=reporter if dist.main and reporter else Reporter(),
@@ -128,31 +128,38 @@ def evaluate(protocol: str, *, data: str, model: str | None = None, arch: str | 
         name = json.loads((run_dir / "config.json").read_text())["arch"] if run_dir else arch
         reporter.begin({"command": "eval", "protocol": protocol, "arch": name, "model": model, "image_size": size,
                         "data": data, "samples": len(train_source), "test": test})
-    train_x, train_seen = features_of(backbone, train_source, size, cache=run_dir, device=device, workers=workers,
-                                      reporter=reporter)
-    train_y = train_source.targets
-    usable = train_seen & (train_y >= 0)
-    if test:
-        test_source = resolve(test)
-        shared = set(train_source.ids) & set(test_source.ids)
-        if shared:
-            raise DataError(f"--test {test} shares {len(shared):,} sample ids with --data {data}; they must be disjoint")
-        test_x, test_seen = features_of(backbone, test_source, size, cache=run_dir, device=device, workers=workers,
-                                        reporter=reporter)
-        test_y = test_source.targets
-        keep = test_seen & (test_y >= 0)
-        tr = np.flatnonzero(usable)
-        x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], test_x[keep], test_y[keep]
-    else:
-        if not 0.0 < split < 1.0:
-            raise ConfigError(f"--split must lie in (0, 1), got {split}")
-        from sklearn.model_selection import train_test_split
+    from .distributed import from_environment
 
-        indices = np.flatnonzero(usable)
-        tr, te = train_test_split(indices, test_size=split, stratify=train_y[indices], random_state=seed)
-        x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], train_x[te], train_y[te]
-    if protocol == "knn":
-        top1, top5 = knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=temperature)
-    else:
-        top1, top5 = linear_accuracy(x_train, y_train, x_test, y_test, seed=seed)
-    return {"protocol": protocol, "top1": top1, "top5": top5, "n_train": int(len(y_train)), "n_test": int(len(y_test))}
+    dist, _ = from_environment(resolve_device(device))  # under torchrun: joined here once, left at the end
+    try:
+        train_x, train_seen = features_of(backbone, train_source, size, cache=run_dir, device=device, workers=workers,
+                                          reporter=reporter)
+        train_y = train_source.targets
+        usable = train_seen & (train_y >= 0)
+        if test:
+            test_source = resolve(test)
+            shared = set(train_source.ids) & set(test_source.ids)
+            if shared:
+                raise DataError(f"--test {test} shares {len(shared):,} sample ids with --data {data}; "
+                                "they must be disjoint")
+            test_x, test_seen = features_of(backbone, test_source, size, cache=run_dir, device=device, workers=workers,
+                                            reporter=reporter)
+            test_y = test_source.targets
+            keep = test_seen & (test_y >= 0)
+            tr = np.flatnonzero(usable)
+            x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], test_x[keep], test_y[keep]
+        else:
+            if not 0.0 < split < 1.0:
+                raise ConfigError(f"--split must lie in (0, 1), got {split}")
+            from sklearn.model_selection import train_test_split
+
+            indices = np.flatnonzero(usable)
+            tr, te = train_test_split(indices, test_size=split, stratify=train_y[indices], random_state=seed)
+            x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], train_x[te], train_y[te]
+        if protocol == "knn":
+            top1, top5 = knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=temperature)
+        else:
+            top1, top5 = linear_accuracy(x_train, y_train, x_test, y_test, seed=seed)
+        return {"protocol": protocol, "top1": top1, "top5": top5, "n_train": int(len(y_train)), "n_test": int(len(y_test))}
+    finally:
+        dist.close()

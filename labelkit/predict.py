@@ -21,7 +21,7 @@ from .data import Source, resolve
 from .errors import ConfigError, DataError
 from .loading import SkipLog, eval_transform, pretrained_transforms
 from .models import SelaModel, create_backbone, feature_dim
-from .train import Reporter, extract_features, resolve_device
+from .train import Reporter, extract_features, model_to, resolve_device
 
 __all__ = ["load_run_model", "run_predict", "PredictRun"]
 
@@ -82,7 +82,7 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
                             f"width {model.backbone.whiten.mean.numel()}")
     dist, dev = from_environment(resolve_device(device))
     reporter = reporter if (reporter is not None and dist.main) else Reporter()
-    model = model.to(dev)
+    model = model_to(model, dev)
     ks = [head.out_features for head in model.heads]
     skips = SkipLog(source)
     try:

@@ -30,7 +30,7 @@ from .run import Job
 from .featurefile import FeatureFile, FeatureWriter, write_features
 from .loading import rank_slice
 from .sinkhorn import features_on_disk, kernel_buffer, kernel_path, solve
-from .train import Reporter, extract_features, learning_rate, make_optimizer, seed_everything
+from .train import Reporter, extract_features, learning_rate, make_optimizer, model_to, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "solver_options", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
 
@@ -263,9 +263,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             return _run_frozen(job, ks)
         backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
         model = SelaModel(backbone, ks, config.head_temperature)
-        model = model.to(job.device)
-        if job.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = model_to(model, job.device)
         dim = feature_dim(model.backbone)
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         state = SelaState.initial(len(job.source), ks, config.seed)

@@ -20,7 +20,7 @@ from .loading import augmentation_preset, batches_per_rank, eval_transform
 from .models import SelaModel, create_backbone, feature_dim
 from .run import Job
 from .scoring import parse_heads
-from .train import Reporter, autocast, make_optimizer, seed_everything
+from .train import Reporter, autocast, images_to, make_optimizer, model_to, seed_everything
 
 __all__ = ["TransferConfig", "TransferRun", "TRANSFER_RECIPES", "run_transfer", "join_labels"]
 
@@ -79,7 +79,7 @@ def _predict(job: Job, model, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         job.skips.add(bad)
         if images is not None:
             with autocast(job.device):
-                outputs = model(images.to(job.device))
+                outputs = model(images_to(images, job.device))
             for h, out in enumerate(outputs):
                 prob, idx = torch.softmax(out.float(), 1).max(1)
                 labels[h, indices.numpy()] = idx.cpu().numpy()
@@ -108,7 +108,7 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         labelled = rows >= 0
         seed_everything(config.seed)
         backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
-        model = SelaModel(backbone, ks).to(job.device)
+        model = model_to(SelaModel(backbone, ks), job.device)
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         record = {"kind": "transfer", "config": config.to_dict(), "arch": config.arch,
                   "image_size": config.image_size, "clusters": ks, "heads": heads, "head_temperature": None,

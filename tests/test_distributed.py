@@ -147,3 +147,31 @@ def test_one_process_under_torchrun_joins_a_group_and_matches_a_plain_run(tmp_pa
     alone = read_artefact(tmp_path / "plain" / "labels.parquet")
     assert list(joined.sample_ids) == list(alone.sample_ids)
     assert (joined.label_matrix() == alone.label_matrix()).all()
+
+
+def test_labelkit_leaves_only_a_group_it_made(monkeypatch):
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from labelkit.distributed import from_environment
+
+    plain, _ = from_environment(torch.device("cpu"))
+    assert not plain.enabled and plain.backend is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"TORCHELASTIC_RUN_ID": "test", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    made, _ = from_environment(torch.device("cpu"))
+    try:
+        assert made.enabled and made.owned and made.backend == "gloo" and made.world == 1
+        found, _ = from_environment(torch.device("cpu"))  # a group that exists already (the caller's, say)
+        assert found.enabled and not found.owned
+        found.close()
+        assert dist.is_initialized()
+    finally:
+        made.close()
+    assert not dist.is_initialized()
