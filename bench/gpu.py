@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -259,61 +260,69 @@ def write_jpegs(folder: Path, count: int, size=(500, 375), workers: int = 1) -> 
             "seconds_to_write": round(time.perf_counter() - t0, 2)}
 
 
-HEADS = [3000] * 10  # the paper's [3000 x 10]; --smoke uses [100 x 2]
-WARMUP = 3  # steps before timing: cuDNN's algorithm search and the allocator's first growth
+@dataclass(frozen=True)
+class Shape:
+    """What one throughput measurement trains: inputs, batch, timed steps, heads and untimed warm-up steps."""
+
+    device: torch.device
+    image_size: int = 224
+    batch: int = 256
+    steps: int = 30
+    heads: tuple = (3000,) * 10  # the paper's [3000 x 10]
+    warmup: int = 3  # cuDNN's algorithm search and the allocator's first growth
+
+    def model(self, arch: str):
+        from labelkit.models import SelaModel, create_backbone
+        from labelkit.train import make_optimizer, model_to
+
+        model = model_to(SelaModel(create_backbone(arch, self.image_size), list(self.heads)), self.device)
+        model.train()  # placed as `generate` places it
+        return model, make_optimizer(model, 0.05, 0.9, 5e-4)
+
+    def labels(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.randint(0, min(self.heads), (len(self.heads), batch), device=device)
 
 
-def _model(arch: str, image_size: int, device: torch.device):
-    from labelkit.models import SelaModel, create_backbone
-    from labelkit.train import make_optimizer, model_to
-
-    model = model_to(SelaModel(create_backbone(arch, image_size), HEADS), device)  # as `generate` places it
-    model.train()
-    return model, make_optimizer(model, 0.05, 0.9, 5e-4)
-
-
-def _labels(batch: int, device: torch.device | None = None) -> torch.Tensor:
-    return torch.randint(0, min(HEADS), (len(HEADS), batch), device=device)
-
-
-def _synthetic(arch, image_size, batch, steps, device) -> dict:
+def _synthetic(arch: str, shape: Shape) -> dict:
     from labelkit.train import train_step  # the step of labelkit's training loop
 
-    model, optimizer = _model(arch, image_size, device)
-    images = torch.randn((batch, 3, image_size, image_size), device=device)
-    labels = _labels(batch, device)
-    for _ in range(WARMUP):
+    device, batch = shape.device, shape.batch
+    model, optimizer = shape.model(arch)
+    images = torch.randn((batch, 3, shape.image_size, shape.image_size), device=device)
+    labels = shape.labels(batch, device)
+    for _ in range(shape.warmup):
         train_step(model, optimizer, images, labels, device)
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(shape.steps):
         train_step(model, optimizer, images, labels, device)
     _sync(device)
     seconds = time.perf_counter() - t0
-    return {"images_per_s": round(batch * steps / seconds, 1), "batch": batch, "steps": steps,
+    return {"images_per_s": round(batch * shape.steps / seconds, 1), "batch": batch, "steps": shape.steps,
             "seconds": round(seconds, 2), "peak_gb": _peak_gb(device)}
 
 
-def _through_loader(source, arch, image_size, batch, workers, device, train: bool) -> dict:
-    """One pass of labelkit's shuffled training loader (its augmentation, its workers); with ``train``, each
+def _through_loader(source, arch: str | None, shape: Shape, workers: int) -> dict:
+    """One pass of labelkit's shuffled training loader (its augmentation, its workers); with an ``arch``, each
     batch also takes a training step. Rates are counted from the second batch on (worker start-up apart)."""
     from labelkit.loading import augmentation_preset, make_loader
     from labelkit.train import train_step
 
+    device, batch = shape.device, shape.batch
     model = optimizer = None
-    if train:
-        model, optimizer = _model(arch, image_size, device)
-        warm = torch.randn((batch, 3, image_size, image_size))
-        for _ in range(WARMUP):
-            train_step(model, optimizer, warm, _labels(batch), device)
-    loader = make_loader(source, augmentation_preset("paper", image_size), batch_size=batch, workers=workers,
-                         shuffle=True, seed=0)
+    if arch is not None:
+        model, optimizer = shape.model(arch)
+        warm = torch.randn((batch, 3, shape.image_size, shape.image_size))
+        for _ in range(shape.warmup):
+            train_step(model, optimizer, warm, shape.labels(batch), device)
+    loader = make_loader(source, augmentation_preset("paper", shape.image_size), batch_size=batch,
+                         workers=workers, shuffle=True, seed=0)
     _sync(device)
     t0 = time.perf_counter()
     first, images_seen, steady_images = None, 0, 0
     for _indices, images, _bad in loader:
-        if train:
-            train_step(model, optimizer, images, _labels(len(images)), device)
+        if model is not None:
+            train_step(model, optimizer, images, shape.labels(len(images)), device)
             _sync(device)
         images_seen += len(images)
         if first is None:
@@ -332,33 +341,28 @@ def throughput(args) -> dict:
     from labelkit.config import default_workers
     from labelkit.data import resolve
 
-    global HEADS, WARMUP
     device = _device()
     smoke = args.smoke
-    if smoke:
-        HEADS, WARMUP = [100] * 2, 1
-    image_size = 32 if smoke else 224
+    shape = Shape(device, image_size=32, batch=8, steps=2, heads=(100,) * 2, warmup=1) if smoke else Shape(device)
     count = 16 if smoke else args.images
     workers = args.workers if args.workers is not None else (2 if smoke else default_workers())
-    out: dict = {"device": str(device), "image_size": image_size, "heads": f"{HEADS[0]} x {len(HEADS)}",
-                 "workers": workers}
+    out: dict = {"device": str(device), "image_size": shape.image_size,
+                 "heads": f"{shape.heads[0]} x {len(shape.heads)}", "workers": workers}
     cpus = os.cpu_count() or 1
-    batch, steps = (8, 2) if smoke else (256, 30)
     with tempfile.TemporaryDirectory(prefix="labelkit-jpegs-", dir=args.scratch) as tmp:
         out["jpegs"] = write_jpegs(Path(tmp) / "train", count, workers=cpus)
         source = resolve(str(Path(tmp) / "train"))
         # the loader alone does not depend on the model: at labelkit's default workers, and at every core
-        out["loader"] = {str(w): _through_loader(source, None, image_size, batch, w, device, train=False)
-                         for w in sorted({workers, cpus})}
+        out["loader"] = {str(w): _through_loader(source, None, shape, w) for w in sorted({workers, cpus})}
         loader_rate = out["loader"][str(workers)]["images_per_s"]
         for arch in ("resnet50", "alexnet"):
-            part = {"batch": batch}
-            part["synthetic"] = _synthetic(arch, image_size, batch, steps, device)
+            part = {"batch": shape.batch}
+            part["synthetic"] = _synthetic(arch, shape)
             if device.type == "cuda":  # labelkit leaves cuDNN's autotuner off (PyTorch's default): what would it give?
                 torch.backends.cudnn.benchmark = True
-                part["synthetic_cudnn_benchmark"] = _synthetic(arch, image_size, batch, steps, device)
+                part["synthetic_cudnn_benchmark"] = _synthetic(arch, shape)
                 torch.backends.cudnn.benchmark = False
-            part["loader_and_training"] = _through_loader(source, arch, image_size, batch, workers, device, train=True)
+            part["loader_and_training"] = _through_loader(source, arch, shape, workers)
             model_rate = part["synthetic"]["images_per_s"]
             if model_rate and loader_rate:
                 part["bottleneck"] = "loader" if loader_rate < model_rate else "model"

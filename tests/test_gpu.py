@@ -50,9 +50,7 @@ def test_solver_on_cuda_equals_the_cpu_solver(kernel, exact):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A 2-epoch generate on the built-in digits on the GPU (bf16 autocast, channels_last, the label step's
-    features and kernel in GPU memory)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+    features and kernel in GPU memory). Its users are marked to skip without CUDA before it is set up."""
     out = tmp_path_factory.mktemp("gpu") / "digits"
     _invoke("generate", "--data", "builtin:digits", "--epochs", "2", "--device", "cuda", "--out", out, "--quiet")
     return out
