@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
 
-    from labelkit.data import resolve
-    from labelkit.loading import eval_transform, make_loader
+    from labelkit.data._sources import resolve
+    from labelkit.data._loading import eval_transform, make_loader
 
     print(f"{os.cpu_count()} CPU cores, {args.images} JPEG images per folder")
     for size in (32, 224):

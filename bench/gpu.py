@@ -162,12 +162,12 @@ def paper_loop(logits: torch.Tensor, lam: float = LAM, max_seconds: float = 60.0
             "labels": labels.cpu().numpy()}
 
 
-def _timed_solve(device, **kwargs) -> tuple[object, float]:
-    from labelkit.sinkhorn import solve
+def _timed_solve(device, kernel: str = "auto", **kwargs) -> tuple[object, float]:
+    from labelkit.solver import Algorithm, Storage, solve
 
     _sync(device)
     t0 = time.perf_counter()
-    result = solve(**kwargs)
+    result = solve(**kwargs, algorithm=Algorithm(lam=LAM), storage=Storage(kernel=kernel))
     _sync(device)
     return result, time.perf_counter() - t0
 
@@ -190,25 +190,25 @@ def label_step(args) -> dict:
     out["mean_max_softmax"] = round(float(torch.softmax(logits[:20000], 1).amax(1).mean()), 3)
     runs = {}
     _reset_peak(device)
-    first, wall = _timed_solve(device, logits=logits, lam=LAM)
+    first, wall = _timed_solve(device, logits=logits)
     runs["logits_cold"] = _describe(first, wall, device)
     _reset_peak(device)
-    again, wall = _timed_solve(device, logits=logits, lam=LAM)
+    again, wall = _timed_solve(device, logits=logits)
     runs["logits_again"] = _describe(again, wall, device)
     moved_logits = logits_of(features, moved, bias)
     _reset_peak(device)
-    warm, wall = _timed_solve(device, logits=moved_logits, lam=LAM, warm_start=first)
+    warm, wall = _timed_solve(device, logits=moved_logits, warm_start=first)
     runs["logits_warm"] = _describe(warm, wall, device)
     del moved_logits
     _reset_peak(device)
-    from_features, wall = _timed_solve(device, features=features, weight=weight, bias=bias, lam=LAM)
+    from_features, wall = _timed_solve(device, features=features, weight=weight, bias=bias)
     runs["features_cold"] = _describe(from_features, wall, device)
     _reset_peak(device)
-    warm_features, wall = _timed_solve(device, features=features, weight=moved, bias=bias, lam=LAM,
+    warm_features, wall = _timed_solve(device, features=features, weight=moved, bias=bias,
                                        warm_start=from_features)
     runs["features_warm"] = _describe(warm_features, wall, device)
     _reset_peak(device)
-    stream, wall = _timed_solve(device, features=features, weight=weight, bias=bias, lam=LAM, kernel="stream")
+    stream, wall = _timed_solve(device, features=features, weight=weight, bias=bias, kernel="stream")
     runs["features_stream"] = _describe(stream, wall, device)
     out["solves"] = runs
     out["agreement"] = {"again_vs_cold": float((again.labels == first.labels).mean()),
@@ -272,8 +272,8 @@ class Shape:
     warmup: int = 3  # cuDNN's algorithm search and the allocator's first growth
 
     def model(self, arch: str):
-        from labelkit.models import SelaModel, create_backbone
-        from labelkit.train import make_optimizer, model_to
+        from labelkit.training._models import SelaModel, create_backbone
+        from labelkit.training._loop import make_optimizer, model_to
 
         model = model_to(SelaModel(create_backbone(arch, self.image_size), list(self.heads)), self.device)
         model.train()  # placed as `generate` places it
@@ -284,7 +284,7 @@ class Shape:
 
 
 def _synthetic(arch: str, shape: Shape) -> dict:
-    from labelkit.train import train_step  # the step of labelkit's training loop
+    from labelkit.training._loop import train_step  # the step of labelkit's training loop
 
     device, batch = shape.device, shape.batch
     model, optimizer = shape.model(arch)
@@ -305,8 +305,8 @@ def _synthetic(arch: str, shape: Shape) -> dict:
 def _through_loader(source, arch: str | None, shape: Shape, workers: int) -> dict:
     """One pass of labelkit's shuffled training loader (its augmentation, its workers); with an ``arch``, each
     batch also takes a training step. Rates are counted from the second batch on (worker start-up apart)."""
-    from labelkit.loading import augmentation_preset, make_loader
-    from labelkit.train import train_step
+    from labelkit.data._loading import augmentation_preset, make_loader
+    from labelkit.training._loop import train_step
 
     device, batch = shape.device, shape.batch
     model = optimizer = None
@@ -338,8 +338,8 @@ def _through_loader(source, arch: str | None, shape: Shape, workers: int) -> dic
 
 
 def throughput(args) -> dict:
-    from labelkit.config import default_workers
-    from labelkit.data import resolve
+    from labelkit.training._config import default_workers
+    from labelkit.data._sources import resolve
 
     device = _device()
     smoke = args.smoke

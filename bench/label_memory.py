@@ -7,7 +7,7 @@ Run: .venv/bin/python bench/label_memory.py --n 200000 --k 3000 --d 128 [--paths
 
 Synthetic float16 features (Gaussian, a random head scaled so that the mean softmax peak is about 0.3, as in
 bench/sinkhorn.py) are written once to a .npy file under --dir; every path then runs in a fresh process that
-reads them by blocks (labelkit.featurefile), so each process's peak RSS is its own. Prints per path: wall
+reads them by blocks (labelkit.solver._featurefile), so each process's peak RSS is its own. Prints per path: wall
 time, iterations, seconds per iteration, peak RSS, and label agreement with the first path; with --ranks R,
 R gloo processes solve together (each its own rows of the same file) and their labels are compared with
 the one-process solve of the first path.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelkit.featurefile import FeatureFile, write_features
+from labelkit.solver import Algorithm, Balance, FeatureFile, Storage, write_features
 
 
 def make_problem(folder: Path, n: int, k: int, d: int, seed: int = 0, target: float = 0.3) -> None:
@@ -49,7 +49,7 @@ def make_problem(folder: Path, n: int, k: int, d: int, seed: int = 0, target: fl
 
 def child(args) -> None:
     """One solve of one path in this process; prints one JSON line."""
-    from labelkit.sinkhorn import solve
+    from labelkit.solver import solve
 
     weight = torch.load(Path(args.dir) / "head.pt")["weight"]
     features = FeatureFile(Path(args.dir) / "features.npy")
@@ -65,8 +65,7 @@ def child(args) -> None:
         features = features.rows(*rows)
     t0 = time.perf_counter()
     kernel, _, dense = args.child.partition("-")
-    result = solve(features=features, weight=weight, kernel=kernel, scratch=args.dir, group=group,
-                   max_iter=args.max_iter, exact_balance=False, sparse=dense != "dense")
+    result = solve(features=features, weight=weight, group=group, algorithm=Algorithm(max_iter=args.max_iter), balance=Balance(exact=False), storage=Storage(kernel=kernel, scratch=args.dir, sparse=dense != "dense"))
     seconds = time.perf_counter() - t0
     suffix = f"{args.child}" + (f".rank{args.rank}" if args.rank is not None else "")
     np.save(Path(args.dir) / f"labels.{suffix}.npy", result.labels)

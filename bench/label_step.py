@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=10)
     args = parser.parse_args()
 
-    from labelkit.sinkhorn import kernel_buffer, solve
+    from labelkit.solver import kernel_buffer, solve
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     gen = torch.Generator().manual_seed(0)

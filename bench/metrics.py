@@ -38,7 +38,7 @@ def main() -> None:
 
     from sklearn import metrics as sk
 
-    from labelkit import metrics as lk
+    from labelkit.quality import _metrics as lk
 
     pred, truth = make_case(args.n, args.clusters, args.classes)
     print(f"N={args.n:,} clusters={args.clusters} classes={args.classes}")

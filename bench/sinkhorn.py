@@ -78,22 +78,22 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help="never keep the kernel as sparse rows (sparse=False)")
     args = parser.parse_args()
 
-    from labelkit.sinkhorn import solve
+    from labelkit.solver import Algorithm, Storage, solve
 
     torch.set_num_threads(os.cpu_count() or 1)
     features, weight, bias = realistic_features(args.n, args.k)
-    kwargs = {k: v for k, v in (("tol", args.tol), ("omega", args.omega)) if v is not None}
-    kwargs["sparse"] = not args.dense
+    algorithm = Algorithm(lam=args.lam, **{k: v for k, v in (("tol", args.tol), ("omega", args.omega)) if v is not None})
+    kwargs = {"algorithm": algorithm, "storage": Storage(sparse=not args.dense)}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"N={args.n:,} K={args.k} lam={args.lam} threads={torch.get_num_threads()} on {cpu}")
     bandwidth = stream_bandwidth()
     if args.features:
-        result = solve(features=features, weight=weight, bias=bias, lam=args.lam, **kwargs)
+        result = solve(features=features, weight=weight, bias=bias, **kwargs)
         logits = None
     else:
         logits = features @ weight.T + bias
         print(f"mean max softmax: {torch.softmax(logits[:20000], 1).amax(1).mean():.3f}")
-        result = solve(logits, lam=args.lam, **kwargs)
+        result = solve(logits, **kwargs)
     kernel_gb = args.n * args.k * 2 / 1e9
     per_iter = kernel_gb * 1.0  # one read of the bf16 kernel per iteration
     if result.products == "sparse":  # sparse rows: float32 value + int32 column per non-zero, rows and transpose
@@ -109,12 +109,12 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         moved = weight + 0.01 * weight.std() * torch.randn(weight.shape, generator=gen)
         if args.features:
-            warm = solve(features=features, weight=moved, bias=bias, lam=args.lam, warm_start=result, **kwargs)
+            warm = solve(features=features, weight=moved, bias=bias, warm_start=result, **kwargs)
             cold = None
         else:
             moved_logits = features @ moved.T + bias
-            warm = solve(moved_logits, lam=args.lam, warm_start=result, **kwargs)
-            cold = solve(moved_logits, lam=args.lam, **kwargs)
+            warm = solve(moved_logits, warm_start=result, **kwargs)
+            cold = solve(moved_logits, **kwargs)
         print(f"warm re-solve after a 1 % head perturbation: {warm.seconds:.2f} s, {warm.iterations} iterations"
               + (f" (cold: {cold.seconds:.2f} s, {cold.iterations} iterations; labels equal "
                  f"{(cold.labels == warm.labels).mean():.4%})" if cold else ""))

@@ -1,6 +1,6 @@
 """How long library jobs look on the console: a start line, tqdm bars on a terminal, and a plain line per
 epoch and label step (the only progress written when the output goes to a file). The library itself only
-calls :class:`~labelkit.train.Reporter` hooks."""
+calls :class:`~labelkit.training.Reporter` hooks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from labelkit.train import Reporter
+from labelkit.training._loop import Reporter
 
 
 def plural(count: int, noun: str) -> str:

@@ -21,12 +21,12 @@ def data(spec: str, check: bool, workers: int, full_hash: bool, as_json: bool) -
 
     Example: labelkit data /datasets/imagenet/train --check
     """
-    from labelkit.data import resolve
+    from labelkit.data._sources import resolve
 
     source = resolve(spec)
     skipped = []
     if check:
-        from labelkit.loading import SkipLog, eval_transform, make_loader
+        from labelkit.data._loading import SkipLog, eval_transform, make_loader
 
         log = SkipLog(source)
         for _, _, bad in make_loader(source, eval_transform(32), batch_size=256, workers=workers):

@@ -40,8 +40,8 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
     Example: labelkit metrics runs/sela/labels.parquet --truth builtin:digits --plot metrics.png
     Example: labelkit metrics runs/sela/labels.parquet
     """
-    from labelkit.artefact import read_artefact
-    from labelkit.scoring import label_free, score_artefact
+    from labelkit.artefact._artefact import read_artefact
+    from labelkit.quality._scoring import label_free, score_artefact
 
     art = read_artefact(artefact)
     if truth is None and against is None:
@@ -49,7 +49,7 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
         return
     result = score_artefact(art, truth=truth, against=against, heads=heads, min_coverage=min_coverage, average=average)
     if plot:
-        from labelkit.plots import metrics_figure
+        from labelkit.report._figures import metrics_figure
 
         metrics_figure([art.cluster_sizes(h["head"]) for h in result["heads"]], result, plot)
     if as_json:
@@ -57,7 +57,7 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
         out["heads"] = [{k: h.get(k) for k in _JSON_KEYS} for h in result["heads"]]
         click.echo(json.dumps(out, indent=2))
         return
-    from labelkit.remote import redact
+    from labelkit._util.remote import redact
 
     reference = f"truth {redact(truth)}" if truth else f"artefact {redact(against)}"
     click.echo(f"{redact(artefact)} vs {reference}: {result['matched']:,} of {result['n']:,} samples matched "
@@ -76,7 +76,7 @@ def _label_free(path: str, result: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from labelkit.remote import redact
+    from labelkit._util.remote import redact
 
     click.echo(f"{redact(path)}: label-free quality of {result['n']:,} samples (no ground truth)")
     click.echo(f"{'head':>4} {'K':>6} {'k-means':>8} {'heads':>8} {'stability':>9} {'probe acc':>9} {'balance':>8}")
@@ -107,9 +107,9 @@ def consensus(artefact, out, k, reference, heads) -> None:
 
     Example: labelkit consensus runs/digits/labels.parquet --out consensus.parquet
     """
-    from labelkit.artefact import read_artefact
-    from labelkit.consensus import consensus_artefact
-    from labelkit.scoring import parse_heads
+    from labelkit.artefact._artefact import read_artefact
+    from labelkit.quality._consensus import consensus_artefact
+    from labelkit.quality._scoring import parse_heads
 
     art = read_artefact(artefact)
     voting = None if heads == "all" else parse_heads(heads, art.num_heads)

@@ -1,4 +1,4 @@
-"""JSON Schema files generated from :mod:`labelkit.format` (installed as ``labelkit.schemas``)."""
+"""JSON Schema files generated from :mod:`labelkit.artefact.format` (installed as ``labelkit.schemas``)."""
 
 from importlib import resources
 

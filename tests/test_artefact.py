@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labelkit import format as fmt
-from labelkit.artefact import Artefact, check_artefact, read_artefact
+from labelkit.artefact import format as fmt
+from labelkit.artefact._artefact import Artefact, check_artefact, read_artefact
 from labelkit.errors import ArtefactError
 
 FIXTURE = "tests/fixtures/artefact-v1.0.0.parquet"
@@ -190,7 +190,7 @@ def test_frozen_v1_fixture_still_reads():
 def test_schema_file_is_generated_from_the_library():
     from labelkit import schemas
 
-    assert schemas.read_text() == fmt.json_schema_text(), "run: python -m labelkit.format"
+    assert schemas.read_text() == fmt.json_schema_text(), "run: python -m labelkit.artefact.format"
     assert json.loads(schemas.read_text()) == fmt.METADATA_SCHEMA
 
 

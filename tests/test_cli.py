@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact import Artefact
+from labelkit.artefact._artefact import Artefact
 from labelkit.cli import main
 
 

@@ -7,14 +7,14 @@ import pytest
 from click.testing import CliRunner
 from test_sela import _blobs, _tiny
 
-from labelkit.artefact import Artefact, read_artefact
+from labelkit.artefact._artefact import Artefact, read_artefact
 from labelkit.cli import main
-from labelkit.config import resolve_config
-from labelkit.consensus import consensus_labels
+from labelkit.training._config import resolve_config
+from labelkit.quality._consensus import consensus_labels
 from labelkit.errors import ConfigError
-from labelkit.metrics import agreement
-from labelkit.quality import head_quality, recommend_k
-from labelkit.sela import run_sela
+from labelkit.quality._metrics import agreement
+from labelkit.quality._label_free import head_quality, recommend_k
+from labelkit.training._sela import run_sela
 
 
 def noisy_heads(truth, k, heads, noise, seed=0):
@@ -98,13 +98,13 @@ def blobs(n=1500, k=5, d=8, seed=0):
 def test_label_free_quality_recommends_the_true_k():
     from sklearn.cluster import KMeans
 
-    from labelkit.sinkhorn import solve
+    from labelkit.solver import Balance, solve
 
     x, truth = blobs()
     ks = [3, 5, 8, 12]
     # heads as SeLa makes them: equal-sized clusters around prototypes (here k-means centres)
     centres = [KMeans(k, n_init=3, random_state=10 + k).fit(x).cluster_centers_ for k in ks]
-    labels = np.stack([solve(-((x[:, None] - c[None]) ** 2).sum(-1) / 10, exact_balance=True).labels for c in centres])
+    labels = np.stack([solve(-((x[:, None] - c[None]) ** 2).sum(-1) / 10, balance=Balance(exact=True)).labels for c in centres])
     quality = head_quality(labels, ks, features=x, previous=labels, seed=0)
     assert [row["k"] for row in quality] == ks
     assert all(row["stability"] == pytest.approx(1.0) for row in quality)
@@ -182,7 +182,7 @@ def test_near_equal_agreements_are_told_apart_by_the_probe():
 
 
 def test_linear_probe_leaves_out_clusters_too_small_to_fold():
-    from labelkit.quality import probe_accuracy
+    from labelkit.quality._label_free import probe_accuracy
 
     rng = np.random.default_rng(0)
     labels = np.r_[np.repeat(np.arange(5), 40), [5]]  # one cluster of a single sample
@@ -193,7 +193,7 @@ def test_linear_probe_leaves_out_clusters_too_small_to_fold():
 
 
 def test_a_cluster_the_vote_empties_is_kept():
-    from labelkit.consensus import consensus_labels
+    from labelkit.quality._consensus import consensus_labels
 
     reference = np.repeat([0, 1, 2], [45, 45, 10])  # a small cluster that only the reference has
     merged = np.where(reference == 2, 0, reference)  # two heads fold it into cluster 0

@@ -3,9 +3,9 @@ import io
 import numpy as np
 import pytest
 
-from labelkit.data import compare_to_data, resolve
+from labelkit.data._sources import compare_to_data, resolve
 from labelkit.errors import DataError
-from labelkit.loading import SkipLog, eval_transform, make_loader, train_transform
+from labelkit.data._loading import SkipLog, eval_transform, make_loader, train_transform
 
 from conftest import write_image
 
@@ -174,7 +174,7 @@ def test_training_pass_shuffles_reproducibly():
 
 
 def test_compare_to_data(image_tree):
-    from labelkit.artefact import Artefact
+    from labelkit.artefact._artefact import Artefact
 
     art = Artefact.build(["cat/a.png", "dog/d.webp", "zebra/z.png"], [0, 1, 0], 2)
     report = compare_to_data(art, str(image_tree))

@@ -1,4 +1,4 @@
-"""Features on disk (labelkit.featurefile) and the solver reading them by blocks."""
+"""Features on disk (labelkit.solver._featurefile) and the solver reading them by blocks."""
 
 import pickle
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from labelkit.errors import DataError
-from labelkit.featurefile import FeatureFile, FeatureWriter, write_features
-from labelkit.sinkhorn import solve
+from labelkit.solver import FeatureFile, FeatureWriter, Storage, write_features
+from labelkit.solver import solve
 
 
 def _features(n=3000, d=24, seed=0):
@@ -33,8 +33,8 @@ def test_round_trip_and_numpy_reads_it_too(tmp_path):
 def test_the_solver_reads_a_features_file_by_blocks(tmp_path, path):
     x, w = _features()
     write_features(tmp_path / "f.npy", [x], len(x), x.shape[1])
-    from_file = solve(features=FeatureFile(tmp_path / "f.npy"), weight=w, kernel=path, scratch=tmp_path)
-    in_memory = solve(features=x.half().float(), weight=w, kernel="stored")
+    from_file = solve(features=FeatureFile(tmp_path / "f.npy"), weight=w, storage=Storage(kernel=path, scratch=tmp_path))
+    in_memory = solve(features=x.half().float(), weight=w, storage=Storage(kernel="stored"))
     assert (from_file.labels == in_memory.labels).all() and from_file.iterations == in_memory.iterations
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact import read_artefact
+from labelkit.artefact._artefact import read_artefact
 from labelkit.cli import main
-from labelkit.data import resolve
-from labelkit.sinkhorn import solve
+from labelkit.data._sources import resolve
+from labelkit.solver import Balance, Storage, solve
 
 from test_sinkhorn import realistic
 
@@ -36,14 +36,14 @@ def _invoke(*args):
 @pytest.mark.parametrize("exact", [False, True], ids=["plain", "exact-balance"])
 def test_solver_on_cuda_equals_the_cpu_solver(kernel, exact):
     features, weight = realistic(20_000, 300)
-    cpu = solve(features=features, weight=weight, kernel=kernel, exact_balance=exact)
-    gpu = solve(features=features.cuda(), weight=weight.cuda(), kernel=kernel, exact_balance=exact)
+    cpu = solve(features=features, weight=weight, balance=Balance(exact=exact), storage=Storage(kernel=kernel))
+    gpu = solve(features=features.cuda(), weight=weight.cuda(), balance=Balance(exact=exact), storage=Storage(kernel=kernel))
     assert gpu.kernel == kernel and gpu.products == "widen"  # sparse rows and compiled tiles are CPU-only
     assert gpu.converged and abs(gpu.iterations - cpu.iterations) <= 2
     assert (cpu.labels == gpu.labels).mean() >= 0.999
     if exact:  # every cluster floor(N/K) or ceil(N/K) on both
         assert sorted(gpu.sizes.tolist()) == sorted(cpu.sizes.tolist())
-    from_logits = solve((features @ weight.T).cuda(), exact_balance=exact)
+    from_logits = solve((features @ weight.T).cuda(), balance=Balance(exact=exact))
     assert (from_logits.labels == gpu.labels).mean() >= 0.999
 
 
@@ -75,7 +75,7 @@ def test_generate_on_cuda_writes_a_valid_artefact(digits_run):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_eval_knn_and_predict_on_cuda_agree_with_the_cpu(digits_run, tmp_path):
-    from labelkit.evaluate import evaluate
+    from labelkit.training._probe import evaluate
 
     on_gpu = evaluate("knn", data="builtin:digits", model=str(digits_run), device="cuda")
     on_cpu = evaluate("knn", data="builtin:digits", model=str(digits_run), device="cpu")
@@ -152,7 +152,7 @@ def test_the_gpu_script_runs_end_to_end_at_toy_sizes(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_embedding_table_and_frozen_backbone_on_cuda(tmp_path):
-    from labelkit.metrics import agreement
+    from labelkit.quality._metrics import agreement
 
     from test_frozen import blobs
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact import read_artefact
+from labelkit.artefact._artefact import read_artefact
 from labelkit.cli import main
-from labelkit.config import SelaConfig, resolve_config
-from labelkit.data import resolve
-from labelkit.sela import run_sela
-from labelkit.sinkhorn import solve
-from labelkit.train import Reporter
+from labelkit.training._config import SelaConfig, resolve_config
+from labelkit.data._sources import resolve
+from labelkit.training._sela import run_sela
+from labelkit.solver import Algorithm, Balance, solve
+from labelkit.training._loop import Reporter
 
 from test_sela import _blobs, _tiny
 
@@ -88,7 +88,7 @@ def test_scores_describe_the_exactly_balanced_labels():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(600, 6)).astype(np.float32)
     logits[:, 0] += 2.0  # one popular cluster: exact balance must move many rows away from their argmax
-    result = solve(logits, exact_balance=True, tol=1e-4)
+    result = solve(logits, algorithm=Algorithm(tol=1e-4), balance=Balance(exact=True))
     assert _balanced(result.labels, 6)
     q = torch.softmax(torch.from_numpy(logits) * 25.0 + torch.from_numpy(result.potentials).float(), dim=1)
     expected = q[torch.arange(600), torch.from_numpy(result.labels).long()].numpy()
@@ -101,7 +101,7 @@ def _balanced_worker(rank, world, init, logits, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         part = np.array_split(np.arange(len(logits)), world)[rank]
-        result = solve(logits[part], group=dist.group.WORLD, tol=1e-4, exact_balance=True)
+        result = solve(logits[part], group=dist.group.WORLD, algorithm=Algorithm(tol=1e-4), balance=Balance(exact=True))
         torch.save({"labels": torch.from_numpy(result.labels), "scores": torch.from_numpy(result.scores),
                     "rows": torch.from_numpy(part)}, f"{out}.{rank}")
     finally:
@@ -115,7 +115,7 @@ def test_exact_balance_across_ranks_equals_one_process(tmp_path):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(1003, 10)).astype(np.float32)
     logits[:, :3] += 1.0
-    single = solve(logits, tol=1e-4, exact_balance=True)
+    single = solve(logits, algorithm=Algorithm(tol=1e-4), balance=Balance(exact=True))
     mp.spawn(_balanced_worker, args=(2, f"file://{tmp_path}/rdzv", logits, str(tmp_path / "out")), nprocs=2, join=True)
     labels, scores = np.empty(1003, dtype=np.int32), np.empty(1003, dtype=np.float32)
     for rank in range(2):
@@ -127,8 +127,8 @@ def test_exact_balance_across_ranks_equals_one_process(tmp_path):
 
 
 def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path):
-    from labelkit.artefact import Artefact
-    from labelkit.transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+    from labelkit.artefact._artefact import Artefact
+    from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
     from conftest import write_image
 
     root = tmp_path / "imgs"
@@ -154,7 +154,7 @@ def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path):
 def test_workers_default_to_what_the_machine_has():
     cpus = len(os.sched_getaffinity(0))
     assert 0 <= resolve_config({"data": "folder/"}).workers <= cpus
-    from labelkit.transfer import TRANSFER_RECIPES, TransferConfig
+    from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig
 
     transfer = resolve_config({"data": "folder/", "labels": "l.parquet"}, cls=TransferConfig, recipes=TRANSFER_RECIPES)
     assert 0 <= transfer.workers <= cpus
@@ -163,7 +163,7 @@ def test_workers_default_to_what_the_machine_has():
 def test_label_steps_log_cheap_metrics_computed_once(tmp_path, monkeypatch):
     import scipy.optimize
 
-    import labelkit.metrics as metrics
+    import labelkit.quality._metrics as metrics
 
     def no_ami(*args, **kwargs):
         raise AssertionError("the label step must not compute the exact AMI")
@@ -182,8 +182,8 @@ def test_label_steps_log_cheap_metrics_computed_once(tmp_path, monkeypatch):
 
 
 def test_command_line_choices_and_defaults_come_from_the_library():
-    from labelkit.config import AUGMENTATIONS, LR_SCHEDULES
-    from labelkit.transfer import TransferConfig
+    from labelkit.training._config import AUGMENTATIONS, LR_SCHEDULES
+    from labelkit.training._transfer import TransferConfig
 
     for name, cls in (("generate", SelaConfig), ("transfer", TransferConfig)):
         command = main.commands[name]
@@ -250,7 +250,7 @@ def test_signal_checkpoints_mid_epoch_and_resumes_to_the_same_labels(tmp_path, s
 
 def test_transfer_preempted_mid_epoch_resumes_to_the_same_model(tmp_path):
     from labelkit.errors import Preempted
-    from labelkit.transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+    from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
     from test_transfer import _artefact
 
     data = _blobs(tmp_path / "blobs.npz", n=160)
@@ -313,7 +313,7 @@ def test_two_processes_preempted_by_sigterm_resume_to_the_same_labels(tmp_path):
 
 
 def test_eta_counts_the_label_steps_still_to_come():
-    from labelkit.run import Job
+    from labelkit.training._job import Job
 
     job = Job.__new__(Job)  # only the ETA's two fields
     job.label_schedule, job._label_seconds = {0, 5, 10}, [9.0, 2.0, 4.0, 3.0]

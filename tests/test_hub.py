@@ -8,9 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from labelkit.artefact import Artefact, read_artefact, read_header
+from labelkit.artefact._artefact import Artefact, read_artefact, read_header
 from labelkit.cli import main
-from labelkit.sharing import export_hub
+from labelkit.artefact._sharing import export_hub
 
 
 def _artefact(n=1797):

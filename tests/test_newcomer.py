@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from labelkit.artefact import Artefact, read_artefact
+from labelkit.artefact._artefact import Artefact, read_artefact
 from labelkit.cli import main
-from labelkit.data import resolve
+from labelkit.data._sources import resolve
 
 from conftest import write_image
 from test_sela import _blobs
@@ -55,12 +55,12 @@ def test_every_file_of_a_run_gets_the_users_normal_mode(tmp_path):
 
 
 def test_resume_takes_the_saved_options_and_only_given_differences_are_errors(tmp_path):
-    from labelkit.train import Reporter
+    from labelkit.training._loop import Reporter
 
     data = _blobs(tmp_path / "b.npz")
     out = tmp_path / "run"
-    from labelkit.config import resolve_config
-    from labelkit.sela import run_sela
+    from labelkit.training._config import resolve_config
+    from labelkit.training._sela import run_sela
 
     class CtrlC(Reporter):
         def record(self, record):
@@ -80,12 +80,12 @@ def test_resume_takes_the_saved_options_and_only_given_differences_are_errors(tm
 
 
 def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
-    import labelkit.sela
+    import labelkit.training._sela
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(labelkit.sela, "run_sela", interrupted)
+    monkeypatch.setattr(labelkit.training._sela, "run_sela", interrupted)
     result = _cli("generate", "--data", "builtin:digits", "--out", tmp_path / "r")  # the plan reads the data first
     assert result.exit_code == 130
     assert f"labelkit generate --out {tmp_path / 'r'} --resume" in result.output

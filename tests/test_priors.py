@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from labelkit.errors import SolverError
-from labelkit.metrics import agreement
-from labelkit.sinkhorn import Prior, solve
+from labelkit.quality._metrics import agreement
+from labelkit.solver import Algorithm, Balance, Prior, solve
 
 
 def column_mass(logits, result, lam):
@@ -40,7 +40,7 @@ def skewed(n=600, k=6, seed=0):
 def test_matches_pot_unbalanced_sinkhorn(tau, counts):
     logits, lam = skewed(), 5.0
     b = np.full(6, 100.0) if counts is None else np.asarray(counts, dtype=np.float64)
-    result = solve(logits, lam=lam, tol=1e-7, max_iter=5000, balance=tau, prior=counts, floor=0.0, anneal=False)
+    result = solve(logits, algorithm=Algorithm(lam=lam, tol=1e-7, max_iter=5000, anneal=False), balance=Balance(tau=tau, prior=counts, floor=0.0))
     plan = pot_plan(logits, b, lam, tau)
     assert result.converged
     assert (result.labels == plan.argmax(1)).mean() >= 0.995
@@ -52,7 +52,7 @@ def test_relaxed_sizes_follow_the_data_and_tighten_with_tau():
     logits, lam = skewed(), 5.0
     spread = []
     for tau in (0.1, 1.0, 10.0, None):
-        result = solve(logits, lam=lam, balance=tau, floor=0.0, tol=1e-6)
+        result = solve(logits, algorithm=Algorithm(lam=lam, tol=1e-6), balance=Balance(tau=tau, floor=0.0))
         spread.append(result.sizes.max() - result.sizes.min())
         if tau is not None:
             assert result.sizes.argmax() == 0  # the preferred cluster is the largest under any relaxation
@@ -62,8 +62,8 @@ def test_relaxed_sizes_follow_the_data_and_tighten_with_tau():
 def test_floor_keeps_an_unwanted_cluster_alive():
     logits, lam = skewed(), 5.0
     logits[:, 5] -= 6.0  # nobody wants cluster 5
-    free = solve(logits, lam=lam, balance=0.3, floor=0.0, tol=1e-6)
-    held = solve(logits, lam=lam, balance=0.3, floor=0.5, tol=1e-6)
+    free = solve(logits, algorithm=Algorithm(lam=lam, tol=1e-6), balance=Balance(tau=0.3, floor=0.0))
+    held = solve(logits, algorithm=Algorithm(lam=lam, tol=1e-6), balance=Balance(tau=0.3, floor=0.5))
     assert column_mass(logits, free, lam)[5] < 10
     assert column_mass(logits, held, lam)[5] == pytest.approx(50.0, rel=1e-3)  # 0.5 of its prior size, N/K = 100
     assert held.sizes[5] >= 40
@@ -83,9 +83,9 @@ def long_tailed_logits(seed=0, lam=25.0):
 
 def test_powerlaw_prior_matches_sizes_by_mass_and_recovers_the_long_tail():
     logits, truth, sizes = long_tailed_logits()
-    uniform = solve(logits, tol=1e-5)
-    powerlaw = solve(logits, prior="powerlaw:1", tol=1e-5)
-    relaxed = solve(logits, balance=0.1, tol=1e-5)
+    uniform = solve(logits, algorithm=Algorithm(tol=1e-5))
+    powerlaw = solve(logits, algorithm=Algorithm(tol=1e-5), balance=Balance(prior="powerlaw:1"))
+    relaxed = solve(logits, algorithm=Algorithm(tol=1e-5), balance=Balance(tau=0.1))
     assert powerlaw.converged and relaxed.converged
     expected = Prior.parse("powerlaw:1").targets(5, len(truth))
     # the largest prior size went to the cluster of the largest class, and so on down
@@ -99,16 +99,16 @@ def test_powerlaw_prior_matches_sizes_by_mass_and_recovers_the_long_tail():
 
 def test_warm_start_with_a_prior_and_balance():
     logits, _, _ = long_tailed_logits()
-    for kwargs in ({"prior": "powerlaw:1"}, {"balance": 0.5}, {"prior": "powerlaw:0.5", "balance": 2.0}):
-        cold = solve(logits, tol=1e-6, **kwargs)
-        warm = solve(logits, tol=1e-6, warm_start=cold, **kwargs)
+    for balance in (Balance(prior="powerlaw:1"), Balance(tau=0.5), Balance(prior="powerlaw:0.5", tau=2.0)):
+        cold = solve(logits, balance=balance, algorithm=Algorithm(tol=1e-6))
+        warm = solve(logits, warm_start=cold, balance=balance, algorithm=Algorithm(tol=1e-6))
         assert (warm.labels == cold.labels).mean() >= 0.999
         assert warm.iterations < cold.iterations
 
 
 def test_uniform_prior_is_unchanged():
     logits, _, _ = long_tailed_logits()
-    plain, named = solve(logits), solve(logits, prior="uniform")
+    plain, named = solve(logits), solve(logits, balance=Balance(prior="uniform"))
     assert (plain.labels == named.labels).all() and plain.iterations == named.iterations
 
 
@@ -118,18 +118,18 @@ def test_uniform_prior_is_unchanged():
     ({"prior": "powerlaw:x"}, "powerlaw needs a number"),
     ({"prior": "zipf"}, "give uniform, powerlaw"),
     ({"prior": "powerlaw:9"}, "smallest one"),
-    ({"balance": 0.0}, "balance must be a positive number"),
-    ({"balance": -1.0}, "balance must be a positive number"),
+    ({"tau": 0.0}, "balance must be a positive number"),
+    ({"tau": -1.0}, "balance must be a positive number"),
     ({"prior": [10, 10, 10]}, "3 values but there are K=4"),
     ({"prior": [10, 10, 10, 11]}, "sum to 41 but there are N=40"),
     ({"prior": [20, 10, 10, 0]}, "cluster 3 has 0"),
-    ({"prior": "powerlaw:1", "exact_balance": True}, "uniform prior"),
-    ({"balance": 1.0, "exact_balance": True}, "uniform prior"),
-    ({"balance": 1.0, "floor": 1.0}, "floor must lie in"),
+    ({"prior": "powerlaw:1", "exact": True}, "uniform prior"),
+    ({"tau": 1.0, "exact": True}, "uniform prior"),
+    ({"tau": 1.0, "floor": 1.0}, "floor must lie in"),
 ])
 def test_bad_prior_is_a_clear_error(kwargs, message):
     with pytest.raises(SolverError, match=message):
-        solve(torch.randn(40, 4), **kwargs)
+        solve(torch.randn(40, 4), balance=Balance(**kwargs))
 
 
 def test_peaked_kernel_with_a_prior_and_balance_is_annealed():
@@ -137,13 +137,13 @@ def test_peaked_kernel_with_a_prior_and_balance_is_annealed():
 
     features, weight = realistic(3000, 30, target=0.97)
     logits = features @ weight.T
-    relaxed = solve(logits, max_iter=2000, balance=2.0)
-    reference = solve(logits, anneal=False, max_iter=50000, tol=1e-4, balance=2.0)
+    relaxed = solve(logits, algorithm=Algorithm(max_iter=2000), balance=Balance(tau=2.0))
+    reference = solve(logits, algorithm=Algorithm(anneal=False, max_iter=50000, tol=1e-4), balance=Balance(tau=2.0))
     assert relaxed.converged
     assert reference.converged and (relaxed.labels == reference.labels).mean() >= 0.995
     # a power law is matched to clusters by their mass along the way, so the annealed path may give two
     # clusters of near-equal mass each other's sizes; what must hold is the sizes asked for
-    ranked = solve(logits, max_iter=2000, prior="powerlaw:0.7")
+    ranked = solve(logits, algorithm=Algorithm(max_iter=2000), balance=Balance(prior="powerlaw:0.7"))
     assert ranked.converged and ranked.rebuilds > 1
     np.testing.assert_allclose(np.sort(ranked.sizes)[::-1], np.sort(ranked.targets)[::-1], atol=3)
 
@@ -155,7 +155,7 @@ def test_floor_holds_for_labels_when_the_plan_spreads_a_cluster_thinly():
     # every row gives cluster 5 a little mass and none gives it the most: its mass is spread thinly, so plain
     # argmax labels would leave it (nearly) empty while the plan holds its floor
     logits[:, 5] = runner_up - 0.4 - torch.from_numpy(rng.uniform(0, 0.3, len(logits))).float()
-    held = solve(logits, lam=lam, balance=0.3, floor=0.5, tol=1e-6)
+    held = solve(logits, algorithm=Algorithm(lam=lam, tol=1e-6), balance=Balance(tau=0.3, floor=0.5))
     argmax = (torch.as_tensor(logits, dtype=torch.float64) * lam + torch.from_numpy(held.potentials)).argmax(1)
     assert column_mass(logits, held, lam)[5] >= 50 - 0.5 and (argmax == 5).sum() < 25
     assert held.sizes[5] >= 50 and held.sizes.sum() == len(logits)  # ceil(0.5 x 100) samples
@@ -174,7 +174,7 @@ def _floor_worker(rank, world, init, logits, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         part = np.array_split(np.arange(len(logits)), world)[rank]
-        result = solve(logits[part], lam=5.0, balance=0.3, floor=0.5, tol=1e-6, group=dist.group.WORLD)
+        result = solve(logits[part], group=dist.group.WORLD, algorithm=Algorithm(lam=5.0, tol=1e-6), balance=Balance(tau=0.3, floor=0.5))
         torch.save({"labels": torch.from_numpy(result.labels), "rows": torch.from_numpy(part)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -186,7 +186,7 @@ def test_label_floor_across_ranks_equals_one_process(tmp_path):
 
     logits = skewed()
     logits[:, 5] = logits[:, :5].max(1).values - 0.5  # cluster 5 below its floor by argmax
-    single = solve(logits, lam=5.0, balance=0.3, floor=0.5, tol=1e-6)
+    single = solve(logits, algorithm=Algorithm(lam=5.0, tol=1e-6), balance=Balance(tau=0.3, floor=0.5))
     assert single.sizes[5] >= 50
     mp.spawn(_floor_worker, args=(2, f"file://{tmp_path}/rdzv", logits.numpy(), str(tmp_path / "out")), nprocs=2,
              join=True)

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from labelkit import products
+from labelkit.solver import Algorithm, Balance, Storage, _products as products
 from labelkit.errors import SolverError
-from labelkit.sinkhorn import solve
+from labelkit.solver import solve
 from test_sinkhorn import _distributed_worker, realistic
 
 
 @pytest.fixture
 def sparse_small(monkeypatch):
     """Let small test problems take the sparse path (in a run only kernels of 1M+ entries do)."""
-    from labelkit import sinkhorn
+    from labelkit.solver import _solve
 
-    monkeypatch.setattr(sinkhorn, "_SPARSE_MIN", 0)
+    monkeypatch.setattr(_solve, "_SPARSE_MIN", 0)
 
 
 def peaked(n=4000, k=300):
@@ -37,9 +37,9 @@ def test_fused_products_give_the_widened_solution(monkeypatch):
     logits = features @ weight.T
     monkeypatch.setattr(products, "tile_rows", lambda k: 256)
     monkeypatch.setenv("LABELKIT_PRODUCTS", "widen")
-    widened = solve(logits, omega=1.5)
+    widened = solve(logits, algorithm=Algorithm(omega=1.5))
     monkeypatch.setenv("LABELKIT_PRODUCTS", "fused")
-    fused = solve(logits, omega=1.5)
+    fused = solve(logits, algorithm=Algorithm(omega=1.5))
     if fused.products != "fused":
         pytest.skip(f"no compiled kernel on this machine: {fused.products_why}")
     assert widened.products == "widen" and fused.products_why == "LABELKIT_PRODUCTS=fused"
@@ -48,13 +48,13 @@ def test_fused_products_give_the_widened_solution(monkeypatch):
     assert (fused.labels == widened.labels).mean() >= 0.999
     assert abs(fused.sizes - widened.sizes).sum() <= 2 * 0.001 * len(logits)
     # exact balance rounds from the potentials: the same sizes however the sweep multiplied
-    balanced = solve(logits, exact_balance=True)
+    balanced = solve(logits, balance=Balance(exact=True))
     assert balanced.sizes.max() - balanced.sizes.min() <= 1
     # a peaked kernel is rebuilt as its potentials grow: the rebuilds take the compiled build
     monkeypatch.setenv("LABELKIT_PRODUCTS", "widen")
-    peaked_widened = solve(logits, lam=200.0)
+    peaked_widened = solve(logits, algorithm=Algorithm(lam=200.0))
     monkeypatch.setenv("LABELKIT_PRODUCTS", "fused")
-    peaked_fused = solve(logits, lam=200.0)
+    peaked_fused = solve(logits, algorithm=Algorithm(lam=200.0))
     assert peaked_fused.rebuilds == peaked_widened.rebuilds >= 2
     assert (peaked_fused.labels == peaked_widened.labels).mean() >= 0.999
 
@@ -111,15 +111,15 @@ def test_tile_fits_half_the_l2_cache(monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [
     {},
-    {"lam": 200.0},  # annealed, several rebuilds
-    {"prior": "powerlaw:1", "balance": 1.0},
-    {"exact_balance": True},
+    {"algorithm": Algorithm(lam=200.0)},  # annealed, several rebuilds
+    {"balance": Balance(prior="powerlaw:1", tau=1.0)},
+    {"balance": Balance(exact=True)},
 ], ids=["plain", "peaked", "powerlaw-relaxed", "exact"])
 def test_sparse_kernel_gives_the_dense_solution(kwargs, sparse_small):
     features, weight = peaked()
     logits = features @ weight.T
     sparse = solve(logits, **kwargs)
-    dense = solve(logits, sparse=False, **kwargs)
+    dense = solve(logits, **kwargs, storage=Storage(sparse=False))
     assert sparse.products == "sparse" and "non-zero: sparse rows" in sparse.products_why
     assert dense.products == "widen"
     assert abs(sparse.iterations - dense.iterations) <= 2 and sparse.rebuilds == dense.rebuilds
@@ -127,30 +127,30 @@ def test_sparse_kernel_gives_the_dense_solution(kwargs, sparse_small):
     np.testing.assert_allclose(sparse.scores, dense.scores, atol=5e-3)
     assert abs(sparse.sizes - dense.sizes).sum() <= 0.002 * len(logits)
     warm = solve(logits, warm_start=sparse, **kwargs)
-    warm_dense = solve(logits, warm_start=dense, sparse=False, **kwargs)
+    warm_dense = solve(logits, warm_start=dense, **kwargs, storage=Storage(sparse=False))
     assert warm.products == "sparse" and (warm.labels == warm_dense.labels).mean() >= 0.999
 
 
 @pytest.mark.parametrize("path", ["disk", "stream"])
 def test_sparse_kernel_is_the_same_on_every_path(path, sparse_small, tmp_path):
     features, weight = peaked()
-    stored = solve(features=features, weight=weight, kernel="stored", lam=50.0)
-    other = solve(features=features, weight=weight, kernel=path, scratch=tmp_path, lam=50.0)
+    stored = solve(features=features, weight=weight, algorithm=Algorithm(lam=50.0), storage=Storage(kernel="stored"))
+    other = solve(features=features, weight=weight, algorithm=Algorithm(lam=50.0), storage=Storage(kernel=path, scratch=tmp_path))
     assert (stored.products, other.products, other.kernel) == ("sparse", "sparse", path)
     assert other.iterations == stored.iterations and (other.labels == stored.labels).all()
     np.testing.assert_array_equal(other.potentials, stored.potentials)
 
 
 def test_dense_kernels_stay_dense(sparse_small, monkeypatch):
-    from labelkit import sinkhorn
+    from labelkit.solver import _kernel
 
     logits = torch.randn(3000, 400) * 0.02  # a nearly uniform head: every entry counts
     flat = solve(logits)
     assert flat.products == "widen"
     # a sample that looks sparse when the kernel is not: the build passes its cap, gives up, builds densely
-    monkeypatch.setattr(sinkhorn._Kernel, "_sample_density", lambda self, block: 0.0)
+    monkeypatch.setattr(_kernel._Kernel, "_sample_density", lambda self, block: 0.0)
     fooled = solve(logits)
-    reference = solve(logits, sparse=False)
+    reference = solve(logits, storage=Storage(sparse=False))
     assert fooled.products == "widen" and (fooled.labels == reference.labels).all()
     np.testing.assert_array_equal(fooled.potentials, reference.potentials)
 
@@ -161,7 +161,7 @@ def test_sparse_kernel_across_ranks(tmp_path):
 
     features, weight = peaked(8000, 300)  # 4,000 x 300 per rank: sparse without help
     logits = features @ weight.T
-    single = solve(logits, tol=1e-4)
+    single = solve(logits, algorithm=Algorithm(tol=1e-4))
     assert single.products == "sparse"
     mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/rendezvous", logits, str(tmp_path / "out")),
              nprocs=2, join=True)
@@ -174,7 +174,7 @@ def test_sparse_kernel_across_ranks(tmp_path):
 
 
 def test_transpose_of_sparse_rows_by_chunks():
-    from labelkit.sinkhorn import _transpose
+    from labelkit.solver._kernel import _transpose
 
     gen = torch.Generator().manual_seed(0)
     dense = torch.rand(700, 90, generator=gen) * (torch.rand(700, 90, generator=gen) < 0.05)

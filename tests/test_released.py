@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit import released
+from labelkit.artefact import released as released
 from labelkit.cli import main
 from labelkit.errors import ImportSourceError
-from labelkit.sharing import imagefolder_keys, import_labels
+from labelkit.artefact._sharing import imagefolder_keys, import_labels
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_image
 
-from labelkit.artefact import Artefact, read_artefact, read_header
+from labelkit.artefact._artefact import Artefact, read_artefact, read_header
 from labelkit.cli import main
-from labelkit.data import resolve
+from labelkit.data._sources import resolve
 from labelkit.errors import ArtefactError
-from labelkit.remote import redact
+from labelkit._util.remote import redact
 
 
 def _artefact(n, heads=10, k=3000, seed=0):
@@ -182,7 +182,7 @@ def test_generate_on_an_image_folder_served_over_http(http_root, tmp_path):
     """The whole job on a remote folder, loader workers included: same data fingerprint as the local copy."""
     from test_sela import _tiny
 
-    from labelkit.sela import run_sela
+    from labelkit.training._sela import run_sela
 
     root, base, _ = http_root
     for i in range(24):

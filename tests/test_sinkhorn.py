@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from labelkit.errors import SolverError
-from labelkit.sinkhorn import kernel_buffer, solve
+from labelkit.solver import Algorithm, Balance, Storage, kernel_buffer, solve
 
 
 def realistic(n, k, d=32, seed=0, target=0.3):
@@ -53,7 +53,7 @@ def test_agrees_with_float64_log_domain_reference():
     features, weight = realistic(3000, 40)
     logits = features @ weight.T
     reference = log_domain_reference(logits)
-    result = solve(logits, tol=1e-4)
+    result = solve(logits, algorithm=Algorithm(tol=1e-4))
     assert result.converged
     assert (result.labels == reference).mean() >= 0.999
     assert np.isfinite(result.potentials).all() and np.isfinite(result.scores).all()
@@ -69,9 +69,9 @@ def test_transport_cost_close_to_exact_optimum(seed):
     cost = -torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
     rows, cols = linear_sum_assignment(np.repeat(cost, n // k, axis=1))  # each cluster: n/k slots
     optimum = cost[rows, cols // (n // k)].sum()
-    result = solve(logits, tol=1e-5)
+    result = solve(logits, algorithm=Algorithm(tol=1e-5))
     assert abs(transport_cost(logits, result.labels) - optimum) <= 0.01 * optimum
-    balanced = solve(logits, tol=1e-5, exact_balance=True)
+    balanced = solve(logits, algorithm=Algorithm(tol=1e-5), balance=Balance(exact=True))
     assert np.bincount(balanced.labels, minlength=k).tolist() == [n // k] * k
     assert transport_cost(logits, balanced.labels) <= 1.01 * optimum
 
@@ -89,14 +89,14 @@ def test_unreachable_cluster_is_stable_and_filled():
 
 def test_warm_start_same_answer_in_fewer_iterations():
     features, weight = realistic(4000, 50)
-    cold = solve(features @ weight.T, tol=1e-4)
+    cold = solve(features @ weight.T, algorithm=Algorithm(tol=1e-4))
     moved = weight + 0.01 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
     logits = features @ moved.T
-    again_cold = solve(logits, tol=1e-4)
-    warm = solve(logits, tol=1e-4, warm_start=cold)
+    again_cold = solve(logits, algorithm=Algorithm(tol=1e-4))
+    warm = solve(logits, warm_start=cold, algorithm=Algorithm(tol=1e-4))
     assert warm.iterations < again_cold.iterations
     assert (warm.labels == again_cold.labels).mean() >= 0.998
-    assert solve(logits, tol=1e-4, warm_start=cold.potentials).iterations == warm.iterations
+    assert solve(logits, warm_start=cold.potentials, algorithm=Algorithm(tol=1e-4)).iterations == warm.iterations
 
 
 def test_peaked_kernel_is_solved_by_annealing():
@@ -104,10 +104,10 @@ def test_peaked_kernel_is_solved_by_annealing():
     features, weight = realistic(3000, 30, target=0.97)
     logits = features @ weight.T
     with pytest.warns(RuntimeWarning):
-        plain = solve(logits, anneal=False, max_iter=1000)
-    annealed = solve(logits, max_iter=1000)
+        plain = solve(logits, algorithm=Algorithm(anneal=False, max_iter=1000))
+    annealed = solve(logits, algorithm=Algorithm(max_iter=1000))
     assert not plain.converged and annealed.converged and annealed.rebuilds > 1
-    long_plain = solve(logits, anneal=False, max_iter=50000, tol=1e-4)
+    long_plain = solve(logits, algorithm=Algorithm(anneal=False, max_iter=50000, tol=1e-4))
     assert long_plain.converged
     assert (annealed.labels == long_plain.labels).mean() >= 0.999
 
@@ -115,9 +115,9 @@ def test_peaked_kernel_is_solved_by_annealing():
 def test_n_not_divisible_by_k():
     features, weight = realistic(1003, 10)
     logits = features @ weight.T
-    result = solve(logits, tol=1e-5)
+    result = solve(logits, algorithm=Algorithm(tol=1e-5))
     assert result.converged and abs(result.sizes - 100.3).max() < 10
-    balanced = solve(logits, tol=1e-5, exact_balance=True)
+    balanced = solve(logits, algorithm=Algorithm(tol=1e-5), balance=Balance(exact=True))
     sizes = np.bincount(balanced.labels, minlength=10)
     assert sorted(sizes.tolist()) == [100] * 7 + [101] * 3
 
@@ -147,7 +147,7 @@ def test_buffer_is_reused_across_heads():
 def test_cap_returns_unconverged_with_warning():
     features, weight = realistic(2000, 40)
     with pytest.warns(RuntimeWarning, match="max_iter=3"):
-        result = solve(features @ weight.T, max_iter=3)
+        result = solve(features @ weight.T, algorithm=Algorithm(max_iter=3))
     assert not result.converged and result.iterations == 3 and result.error > 1e-3
 
 
@@ -155,8 +155,8 @@ def test_stopping_rule_means_the_same_at_every_n():
     # the error is a share of mass: the same logits repeated 10x converge in the same number of iterations
     features, weight = realistic(500, 10)
     logits = features @ weight.T
-    small = solve(logits, omega=1.0)
-    large = solve(logits.repeat(10, 1), omega=1.0)
+    small = solve(logits, algorithm=Algorithm(omega=1.0))
+    large = solve(logits.repeat(10, 1), algorithm=Algorithm(omega=1.0))
     assert small.iterations == large.iterations
     assert (np.tile(small.labels, 10) == large.labels).all()
 
@@ -167,19 +167,22 @@ def test_stopping_rule_means_the_same_at_every_n():
         ({"logits": torch.tensor([[0.0, float("nan")], [1.0, 2.0]])}, "NaN or inf"),
         ({"logits": torch.zeros(2, 3)}, "K=3 clusters cannot all be filled by N=2"),
         ({"logits": torch.zeros(0, 3)}, "nothing to label"),
-        ({"logits": torch.zeros(4, 2), "omega": 2.5}, "omega"),
-        ({"logits": torch.zeros(4, 2), "lam": 0.0}, "lam"),
+        ({"logits": torch.zeros(4, 2), "algorithm": {"omega": 2.5}}, "omega"),
+        ({"logits": torch.zeros(4, 2), "algorithm": {"lam": 0.0}}, "lam"),
+        ({"logits": torch.zeros(4, 2), "algorithm": {"max_iter": 0}}, "max_iter must be a whole number >= 1"),
+        ({"logits": torch.zeros(4, 2), "algorithm": {"tol": 0.0}}, "tol must be a positive number"),
         ({"features": torch.zeros(4, 3)}, "weight"),
         ({"features": torch.zeros(4, 3), "weight": torch.zeros(2, 5)}, "do not fit"),
         ({}, "either logits"),
         ({"logits": torch.zeros(4, 2), "warm_start": np.zeros(3)}, "warm_start has 3"),
-        ({"logits": torch.zeros(4, 2), "kernel": "tape"}, "kernel must be one of"),
-        ({"logits": torch.zeros(5000, 300), "memory": 20_000}, "too small for one block of rows"),
+        ({"logits": torch.zeros(4, 2), "storage": {"kernel": "tape"}}, "kernel must be one of"),
+        ({"logits": torch.zeros(5000, 300), "storage": {"memory": 20_000}}, "too small for one block of rows"),
     ],
 )
 def test_bad_input_is_a_clear_error(kwargs, message):
-    with pytest.raises(SolverError, match=message):
-        solve(**kwargs)
+    options = {"algorithm": Algorithm, "storage": Storage}
+    with pytest.raises(SolverError, match=message):  # the options' own checks, or the solver's
+        solve(**{key: options[key](**value) if key in options else value for key, value in kwargs.items()})
 
 
 def _distributed_worker(rank, world, init, logits, out, kwargs=None):
@@ -188,7 +191,7 @@ def _distributed_worker(rank, world, init, logits, out, kwargs=None):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         part = np.array_split(np.arange(len(logits)), world)[rank]
-        result = solve(logits[part], group=dist.group.WORLD, tol=1e-4, **(kwargs or {}))
+        result = solve(logits[part], group=dist.group.WORLD, **kwargs or {}, algorithm=Algorithm(tol=1e-4))
         torch.save({"labels": torch.from_numpy(result.labels), "rows": torch.from_numpy(part),
                     "iterations": result.iterations, "sizes": torch.from_numpy(result.sizes)}, f"{out}.{rank}")
     finally:
@@ -196,14 +199,15 @@ def _distributed_worker(rank, world, init, logits, out, kwargs=None):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kwargs", [{}, {"prior": "powerlaw:0.8", "balance": 1.0}, {"kernel": "stream"}],
+@pytest.mark.parametrize("kwargs", [{}, {"balance": Balance(prior="powerlaw:0.8", tau=1.0)},
+                                    {"storage": Storage(kernel="stream")}],
                          ids=["uniform", "powerlaw-relaxed", "streamed"])
 def test_distributed_solve_equals_single_process(tmp_path, kwargs):
     import torch.multiprocessing as mp
 
     features, weight = realistic(3001, 25)
     logits = features @ weight.T
-    single = solve(logits, tol=1e-4, **kwargs)
+    single = solve(logits, **kwargs, algorithm=Algorithm(tol=1e-4))
     init = f"file://{tmp_path}/rendezvous"
     mp.spawn(_distributed_worker, args=(2, init, logits, str(tmp_path / "out"), kwargs), nprocs=2, join=True)
     labels = np.empty(3001, dtype=np.int32)
@@ -217,43 +221,42 @@ def test_distributed_solve_equals_single_process(tmp_path, kwargs):
 
 @pytest.mark.parametrize("kwargs", [
     {},
-    {"lam": 200.0},  # peaked: annealing and re-stabilisation (kernel rebuilds) on both paths
-    {"prior": "powerlaw:1", "balance": 1.0},
-    {"exact_balance": True},
+    {"algorithm": Algorithm(lam=200.0)},  # peaked: annealing and re-stabilisation (kernel rebuilds) on both paths
+    {"balance": Balance(prior="powerlaw:1", tau=1.0)},
+    {"balance": Balance(exact=True)},
 ], ids=["plain", "peaked", "powerlaw-relaxed", "exact"])
 @pytest.mark.parametrize("path", ["stream", "disk"])
 def test_streamed_and_disk_kernels_give_the_stored_kernels_solve(kwargs, path, tmp_path):
     features, weight = realistic(6000, 120)
     bias = torch.randn(120) * 0.1
-    stored = solve(features=features, weight=weight, bias=bias, kernel="stored", **kwargs)
-    streamed = solve(features=features, weight=weight, bias=bias, kernel=path, scratch=tmp_path, **kwargs)
+    stored = solve(features=features, weight=weight, bias=bias, **kwargs, storage=Storage(kernel="stored"))
+    streamed = solve(features=features, weight=weight, bias=bias, **kwargs, storage=Storage(kernel=path, scratch=tmp_path))
     assert (stored.kernel, streamed.kernel) == ("stored", path)
     assert list(tmp_path.iterdir()) == []  # the scratch file is gone
     assert streamed.iterations == stored.iterations and streamed.rebuilds == stored.rebuilds
     assert (streamed.labels == stored.labels).all()
     np.testing.assert_array_equal(streamed.scores, stored.scores)
     np.testing.assert_array_equal(streamed.potentials, stored.potentials)
-    warm = solve(features=features, weight=weight, bias=bias, kernel=path, warm_start=streamed, **kwargs)
-    again = solve(features=features, weight=weight, bias=bias, kernel="stored", warm_start=stored, **kwargs)
+    warm = solve(features=features, weight=weight, bias=bias, warm_start=streamed, **kwargs, storage=Storage(kernel=path))
+    again = solve(features=features, weight=weight, bias=bias, warm_start=stored, **kwargs, storage=Storage(kernel="stored"))
     assert (warm.labels == again.labels).all() and warm.iterations == again.iterations
-    logits = solve(features @ weight.T + bias, kernel="stream", **kwargs)
+    logits = solve(features @ weight.T + bias, **kwargs, storage=Storage(kernel="stream"))
     assert (logits.labels == streamed.labels).mean() > 0.999  # the head folded into one GEMM rounds differently
 
 
 def test_auto_leaves_memory_when_the_kernel_does_not_fit_the_budget(tmp_path, monkeypatch):
-    from labelkit import sinkhorn
-    from labelkit.sinkhorn import kernel_path
+    from labelkit.solver import _memory, kernel_path
 
     features, weight = realistic(20000, 100)
-    fits = solve(features=features, weight=weight, memory=64 << 20)
-    tight = solve(features=features, weight=weight, memory=2 << 20, scratch=tmp_path)  # the kernel is 4 MB
+    fits = solve(features=features, weight=weight, storage=Storage(memory=64 << 20))
+    tight = solve(features=features, weight=weight, storage=Storage(memory=2 << 20, scratch=tmp_path))  # the kernel is 4 MB
     assert (fits.kernel, tight.kernel) == ("stored", "disk")
     assert (fits.labels == tight.labels).all()
     assert kernel_path(1_281_167, 3000, memory=16 << 30) == "stored"
     assert kernel_path(1_281_167, 3000, "cuda", memory=4 << 30) == "stream"  # a GEMM beats any disk
-    monkeypatch.setattr(sinkhorn, "_disk_room", lambda folder: 1 << 30)  # a full scratch disk
+    monkeypatch.setattr(_memory, "disk_room", lambda folder: 1 << 30)  # a full scratch disk
     assert kernel_path(1_281_167, 3000, memory=4 << 30, scratch=tmp_path) == "stream"
-    monkeypatch.setattr(sinkhorn, "_disk_room", lambda folder: 1 << 40)
+    monkeypatch.setattr(_memory, "disk_room", lambda folder: 1 << 40)
     assert kernel_path(1_281_167, 3000, memory=4 << 30, scratch=tmp_path) == "disk"
 
 
@@ -283,7 +286,7 @@ def _greedy_reference(top_logq, top_idx, k):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, monkeypatch):
-    from labelkit import sinkhorn
+    from labelkit.solver import _rounding as rounding
 
     rng = np.random.default_rng(seed)
     n, k, c = 997, 13, 4
@@ -291,9 +294,9 @@ def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, monkeypatch):
     top_logq = -np.sort(rng.integers(0, 6, (n, c)), axis=1).astype(np.float32)
     top_idx = np.stack([rng.choice(k, c, replace=False, p=np.r_[[0.3, 0.2], np.full(k - 2, 0.5 / (k - 2))])
                         for _ in range(n)])
-    monkeypatch.setattr(sinkhorn, "_candidates", lambda *a: (top_logq, top_idx))
-    monkeypatch.setattr(sinkhorn, "_log_q", lambda source, rows, *a: np.zeros((len(rows), k), np.float32))
-    labels, _ = sinkhorn.balanced_labels(torch.zeros(n, k), np.zeros(k), 1.0, 256, candidates=c)
+    monkeypatch.setattr(rounding, "_candidates", lambda *a: (top_logq, top_idx))
+    monkeypatch.setattr(rounding, "_log_q", lambda source, rows, *a: np.zeros((len(rows), k), np.float32))
+    labels, _ = rounding.balanced_labels(torch.zeros(n, k), np.zeros(k), 1.0, 256, candidates=c)
     reference = _greedy_reference(top_logq, top_idx, k)
     placed = reference >= 0
     assert (~placed).sum() > 0 and placed.sum() > n // 2  # both the greedy and the left-over rule ran

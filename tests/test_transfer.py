@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from labelkit.artefact import Artefact, read_artefact
+from labelkit.artefact._artefact import Artefact, read_artefact
 from labelkit.cli import main
-from labelkit.config import resolve_config
+from labelkit.training._config import resolve_config
 from labelkit.errors import DataError
-from labelkit.evaluate import evaluate, knn_accuracy, linear_accuracy
-from labelkit.transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+from labelkit.training._probe import evaluate, knn_accuracy, linear_accuracy
+from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
 
 from test_sela import _blobs
 
@@ -58,7 +58,7 @@ def test_transfer_coverage_errors_name_both_counts(tmp_path):
 def test_interrupted_transfer_resumes_to_the_same_model(tmp_path):
     import torch
 
-    from labelkit.train import Reporter
+    from labelkit.training._loop import Reporter
 
     class Interrupt(Reporter):
         def record(self, record):

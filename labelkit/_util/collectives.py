@@ -1,0 +1,55 @@
+"""The few collectives labelkit uses, written once for the solver and the training loop.
+
+Every function takes a ``torch.distributed`` process group, or None for one process, where it returns its input
+unchanged: callers never test whether they run distributed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["all_reduce", "all_gather", "broadcast", "rank", "world_size"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def all_reduce(tensor: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """``tensor`` reduced in place over the ranks of ``group`` by ``op`` (``"sum"``, ``"max"`` or ``"min"``)."""
+    if group is not None:
+        dist = _dist()
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op], group=group)
+    return tensor
+
+
+def all_gather(value: Any, group) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in one process."""
+    if group is None:
+        return [value]
+    dist = _dist()
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, value, group=group)
+    return parts
+
+
+def broadcast(value: Any, group) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if group is None:
+        return value
+    dist = _dist()
+    box = [value if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def rank(group) -> int:
+    return 0 if group is None else _dist().get_rank(group)
+
+
+def world_size(group) -> int:
+    return 1 if group is None else _dist().get_world_size(group)

@@ -1,0 +1,213 @@
+"""The label artefact format, defined once.
+
+A label artefact is a Parquet file with one row per sample, sorted by ``sample_id``:
+
+* ``sample_id`` -- string, non-null, unique; a stable key such as a path relative to the data root;
+* ``head_0`` … ``head_{T-1}`` -- int32 labels of each head, in ``[0, K_h)``;
+* optionally ``score_0`` … -- float32 confidence of each assignment.
+
+The schema-level metadata key ``labelkit`` holds a JSON object described by :data:`METADATA_SCHEMA`.
+``schemas/artefact-metadata-v1.schema.json`` is generated from it (``python -m labelkit.artefact.format``) and a test
+fails if the two drift.
+
+Hashes:
+
+* ``data.fingerprint`` -- sha256 of the sorted sample ids, each followed by ``\\n`` (UTF-8);
+* ``artefact_id`` -- sha256 of ``labelkit-artefact-v1\\n``, that same id stream, then for each head
+  ``{name}:{k}\\n`` and its labels as little-endian int32. Identical labels give identical ids whatever the
+  Parquet bytes (compression, row groups, writer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = [
+    "FORMAT_VERSION",
+    "READABLE_MAJOR",
+    "METADATA_KEY",
+    "ID_COLUMN",
+    "METADATA_SCHEMA",
+    "head_column",
+    "score_column",
+    "fingerprint_ids",
+    "compute_artefact_id",
+    "json_schema_text",
+]
+
+FORMAT_VERSION = "1.1.0"  # 1.1: optional data.content and data.skipped
+READABLE_MAJOR = 1
+METADATA_KEY = "labelkit"
+ID_COLUMN = "sample_id"
+
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+
+METADATA_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "labelkit label artefact metadata, format v1",
+    "description": "JSON stored under the Parquet schema metadata key 'labelkit' of a label artefact.",
+    "type": "object",
+    "required": [
+        "format_version",
+        "artefact_id",
+        "num_samples",
+        "heads",
+        "data",
+        "producer",
+        "method",
+        "parents",
+        "created_at",
+    ],
+    "properties": {
+        "format_version": {
+            "type": "string",
+            "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+$",
+            "description": "SemVer of the artefact format (not of the package).",
+        },
+        "artefact_id": {**_SHA256, "description": "sha256 over sample ids and label columns."},
+        "num_samples": {"type": "integer", "minimum": 1},
+        "heads": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "k"],
+                "properties": {
+                    "name": {"type": "string", "pattern": "^head_[0-9]+$"},
+                    "k": {"type": "integer", "minimum": 1},
+                },
+            },
+        },
+        "data": {
+            "type": "object",
+            "required": ["spec", "fingerprint", "count"],
+            "properties": {
+                "spec": {"type": ["string", "null"], "description": "Data spec the labels were made on."},
+                "fingerprint": {**_SHA256, "description": "sha256 of the sorted sample ids of the data."},
+                "count": {"type": "integer", "minimum": 0},
+                "content": {
+                    "type": "object",
+                    "required": ["method", "sha256"],
+                    "description": "Cheap fingerprint of the samples' contents (format 1.1): 'sizes' of the files "
+                                   "by id, or the 'bytes' of in-memory arrays.",
+                    "properties": {"method": {"enum": ["sizes", "bytes"]}, "sha256": _SHA256},
+                },
+                "skipped": {
+                    "type": "array",
+                    "description": "Samples of the data that could not be decoded and so have no label (format 1.1).",
+                    "items": {
+                        "type": "object",
+                        "required": ["sample_id", "reason"],
+                        "properties": {"sample_id": {"type": "string"}, "reason": {"type": "string"}},
+                    },
+                },
+            },
+        },
+        "producer": {
+            "type": "object",
+            "required": ["labelkit"],
+            "properties": {
+                "labelkit": {"type": "string"},
+                "torch": {"type": ["string", "null"]},
+                "timm": {"type": ["string", "null"]},
+            },
+        },
+        "method": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "description": "sela, import, transfer, …"},
+                "config": {"type": "object", "description": "Fully resolved configuration."},
+                "source": {"type": "string", "description": "File name, or sela:NAME for a released SeLa label set, "
+                           "that the labels were imported from."},
+                "url": {"type": "string", "description": "Where an imported release was downloaded from (no "
+                        "credentials or query string)."},
+                "release": {"type": "string", "description": "What the imported release is (model, heads, K)."},
+                "layout": {"type": "string", "description": "How an imported label file was laid out, as "
+                           "detected (orientation, header, key or index column, delimiter)."},
+                "recipe": {"type": "object", "description": "How the configuration was chosen (labelkit.training): "
+                           "recipe name, the reason for each choice, the time budget and the estimates."},
+                "quality": {
+                    "type": "object",
+                    "description": "Label-free quality (labelkit.quality): per head the agreement (AMI) with "
+                                   "peers of the same K, stability against the previous label step, linear-probe "
+                                   "generalisation and size balance; the recommended K when heads differ in K.",
+                    "properties": {"heads": {"type": "array", "items": {"type": "object", "required": ["head", "k"]}},
+                                   "recommended_k": {"type": "object", "required": ["k"]}},
+                },
+                "consensus": {
+                    "type": "object",
+                    "description": "How the consensus labels were voted (labelkit.quality): the head that holds "
+                                   "them (in a generate artefact), the reference head, the voting heads and each "
+                                   "one's NMI with the result; the score column is the share of heads that agree.",
+                    "required": ["reference", "k", "heads"],
+                },
+                "sha256": _SHA256,
+            },
+        },
+        "parents": {"type": "array", "items": _SHA256, "description": "Artefact ids this was derived from."},
+        "created_at": {"type": "string", "description": "UTC time of writing, ISO 8601."},
+    },
+}
+
+
+def head_column(index: int) -> str:
+    return f"head_{index}"
+
+
+def score_column(index: int) -> str:
+    return f"score_{index}"
+
+
+def _id_stream(ids: pa.Array) -> memoryview:
+    """UTF-8 bytes of ``id + "\\n"`` for every id, concatenated, without a Python loop."""
+    ids = ids.cast(pa.large_string())
+    empty, newline = pa.scalar("", pa.large_string()), pa.scalar("\n", pa.large_string())
+    joined = pc.binary_join_element_wise(ids, empty, newline)
+    if isinstance(joined, pa.ChunkedArray):
+        joined = joined.combine_chunks()
+    if len(joined) == 0:
+        return memoryview(b"")
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[joined.offset : joined.offset + len(joined) + 1]
+    return memoryview(joined.buffers()[2])[int(offsets[0]) : int(offsets[-1])]
+
+
+def fingerprint_ids(sorted_ids: pa.Array) -> str:
+    """sha256 of the (already sorted) sample ids; the data fingerprint of the format."""
+    return hashlib.sha256(_id_stream(sorted_ids)).hexdigest()
+
+
+def compute_artefact_id(sorted_ids: pa.Array, heads: list[tuple[str, int, np.ndarray]]) -> str:
+    """Content id of an artefact from its sorted ids and ``(name, k, labels)`` of each head."""
+    digest = hashlib.sha256(b"labelkit-artefact-v1\n")
+    digest.update(_id_stream(sorted_ids))
+    for name, k, labels in heads:
+        digest.update(f"{name}:{k}\n".encode())
+        digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
+def json_schema_text() -> str:
+    """The JSON Schema file text that ``schemas/`` must hold."""
+    return json.dumps(METADATA_SCHEMA, indent=2, sort_keys=False) + "\n"
+
+
+def _write_schema_file() -> Path:
+    from importlib import resources
+
+    from .. import schemas
+
+    path = Path(str(resources.files(schemas.__name__).joinpath(schemas.ARTEFACT_METADATA_V1)))
+    path.write_text(json_schema_text())
+    return path
+
+
+if __name__ == "__main__":  # regenerate schemas/ after changing METADATA_SCHEMA
+    sys.stdout.write(f"wrote {_write_schema_file()}\n")

@@ -1,0 +1,311 @@
+"""From a :class:`~labelkit.data.Source` to batches: transforms, torch datasets and loaders.
+
+Every batch is ``(indices, images, bad)``: positions in ``source.ids``, a float tensor, and ``(index, reason)``
+of samples that could not be decoded -- those are skipped and counted, or fail at once under ``strict``.
+A labelling pass (``shuffle=False``) visits every sample exactly once across ranks and workers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from ..training._config import AUGMENTATIONS
+from ._sources import Source
+from ..errors import ConfigError, DataError
+
+__all__ = ["train_transform", "eval_transform", "pretrained_transforms", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice",
+           "batches_per_rank"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(
+    image_size: int,
+    *,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    jitter: float = 0.4,
+    jitter_p: float = 0.8,
+    colour_jitter: bool = True,
+    grayscale_p: float = 0.2,
+    rotate: float = 0.0,
+    heavy: bool = False,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+):
+    """The paper's augmentation: random resized crop, horizontal flip, colour jitter, random grayscale.
+
+    ``colour_jitter=False`` keeps brightness and contrast jitter only (for grey images, where saturation and
+    hue do nothing but cost time); ``rotate`` adds small random rotations (useful where flips change the meaning, e.g. digits);
+    ``heavy`` adds one of equalize / autocontrast / sharpness, the "+ more aug." of the paper's label transfer.
+    """
+    from torchvision import transforms as T
+
+    steps = [T.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True)]
+    if rotate:
+        steps.append(T.RandomRotation(rotate))
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    if jitter:
+        colour = (jitter, min(jitter / 4, 0.5)) if colour_jitter else (0.0, 0.0)  # saturation, hue
+        steps.append(T.RandomApply([T.ColorJitter(jitter, jitter, *colour)], p=jitter_p))
+    if grayscale_p:
+        steps.append(T.RandomGrayscale(grayscale_p))
+    if heavy:
+        steps.append(T.RandomChoice([T.RandomEqualize(1.0), T.RandomAutocontrast(1.0), T.RandomAdjustSharpness(2.0, 1.0)]))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def augmentation_preset(name: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Training augmentation by name: ``paper``; ``heavy`` (paper + one of equalize / autocontrast /
+    sharpness, for fixed labels); ``grey`` (paper without colour jitter); ``digits`` (no flips, which change digits; crops, small rotations,
+    brightness and contrast); ``none`` (the eval transform)."""
+    if name == "paper":
+        return train_transform(image_size, mean=mean, std=std)
+    if name == "heavy":
+        return train_transform(image_size, heavy=True, mean=mean, std=std)
+    if name == "digits":
+        # brightness and contrast jitter keep clusters from forming by ink intensity
+        return train_transform(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
+                               colour_jitter=False, grayscale_p=0.0, rotate=12.0, mean=mean, std=std)
+    if name == "grey":  # the paper's geometry; for grey photos, where colour jitter has nothing to act on
+        return train_transform(image_size, colour_jitter=False, grayscale_p=0.0, mean=mean, std=std)
+    if name == "none":
+        return eval_transform(image_size, mean=mean, std=std)
+    raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")
+
+
+def eval_transform(image_size: int, crop_pct: float | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize and centre-crop (``crop_pct`` 0.875 from 128 px up, none below, where crops cut the object)."""
+    from torchvision import transforms as T
+
+    if crop_pct is None:
+        crop_pct = 0.875 if image_size >= 128 else 1.0
+    if crop_pct >= 1.0:
+        resize = [T.Resize((image_size, image_size), antialias=True)]
+    else:
+        resize = [T.Resize(int(math.floor(image_size / crop_pct)), antialias=True), T.CenterCrop(image_size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def pretrained_transforms(backbone, augment: str) -> tuple[object, object, dict]:
+    """(plain, augmented) transforms for a backbone with pretrained weights, from timm's own pretrained
+    configuration (input size, interpolation, crop, mean, std), and that configuration."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    plain = timm.data.create_transform(**cfg, is_training=False)
+    size = int(cfg["input_size"][-1])
+    return plain, augmentation_preset(augment, size, tuple(cfg["mean"]), tuple(cfg["std"])), cfg
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
+
+
+def _transform(transform, image, seed: int):
+    """Apply ``transform`` with torch's RNG seeded for this one sample: a sample's augmentation depends on
+    (seed, epoch, sample) only -- not on the worker that loads it, the batch it lands in or where a run
+    resumed -- and the caller's own RNG stream is left as it was."""
+    # torch.manual_seed would also walk every accelerator's seeding hooks (~0.3 ms a call, more than a small
+    # image's whole transform); torchvision's RandomChoice/RandomOrder draw from Python's random
+    generator, state, py_state = torch.default_generator, torch.default_generator.get_state(), random.getstate()
+    generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(state)
+        random.setstate(py_state)
+
+
+def rank_slice(indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of ``indices``: disjoint, covering, no padding (sizes differ by at most one)."""
+    return indices[rank::world]
+
+
+class _MapDataset(Dataset):
+    def __init__(self, source: Source, indices: np.ndarray, transform, seed: int, epoch: int):
+        self.source, self.indices, self.transform = source, indices, transform
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = int(self.indices[j])
+        try:
+            image = self.source.load(i)
+        except Exception as exc:  # PIL and the OS raise many types for bad files
+            return i, None, f"cannot decode: {exc}"
+        return i, _transform(self.transform, image, _sample_seed(self.seed, self.epoch, i)), None
+
+
+class _ShardDataset(IterableDataset):
+    """Streams shards; each (rank, worker) reads a disjoint part, shards when there are enough of them."""
+
+    def __init__(self, source, transform, rank, world, keep: np.ndarray | None, shuffle_buffer: int, seed: int,
+                 epoch: int, batch_size: int, skip_batches: int):
+        self.source, self.transform = source, transform
+        self.rank, self.world, self.keep = rank, world, keep
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.batch_size, self.skip_batches = batch_size, skip_batches
+
+    def _skipped_here(self, workers: int, worker: int) -> int:
+        """Samples this worker drops to resume at batch ``skip_batches``: the DataLoader takes batches from
+        the workers in turn, so worker w made batches w, w + W, ... of those already trained on."""
+        done = len(range(worker, self.skip_batches, workers))
+        return done * self.batch_size
+
+    def _stream(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        order_seed = self.seed * 1000 + self.epoch if self.shuffle_buffer else None
+        urls, every, part = _shard_part(self.source.urls, self.rank, self.world, workers, worker, order_seed)
+        for n, (i, image, reason) in enumerate(self.source.iter_samples(urls)):
+            if every is not None and n % every != part:
+                continue
+            if self.keep is not None and not self.keep[i]:
+                continue
+            yield i, image, reason
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        stream = self._stream()
+        if self.shuffle_buffer:
+            from webdataset import filters
+
+            seed = (self.seed * 1000 + self.epoch) * 7919 + worker + 131 * self.rank
+            stream = filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, seed=seed)(stream)
+        skip = self._skipped_here(workers, worker)
+        for n, (i, image, reason) in enumerate(stream):
+            if n < skip:
+                continue
+            if image is None:
+                yield i, None, reason
+                continue
+            try:
+                yield i, _transform(self.transform, image, _sample_seed(self.seed, self.epoch, i)), None
+            except Exception as exc:
+                yield i, None, f"cannot transform: {exc}"
+
+
+def _shard_part(urls, rank: int, world: int, workers: int, worker: int, order_seed: int | None):
+    """The shards one (rank, worker) reads, as ``(urls, every, part)``: whole shards when there are enough for
+    every reader (in a seeded order for training passes), else every shard with each reader keeping the
+    samples at stream positions ``n % every == part``."""
+    parts, part = world * workers, rank * workers + worker
+    urls = list(urls)
+    if order_seed is not None:
+        np.random.default_rng(order_seed).shuffle(urls)
+    if len(urls) >= parts:
+        return urls[part::parts], None, part
+    return urls, parts, part
+
+
+def batches_per_rank(source: Source, keep: np.ndarray | None, batch_size: int, *, world: int = 1, workers: int = 0,
+                     seed: int = 0, epoch: int = 0, shuffle: bool = False) -> int:
+    """Batches of ``batch_size`` that every rank of a pass can take -- the fewest any rank has, since ranks
+    step together: the length of a training epoch for its learning-rate schedule and progress bar."""
+    kept = np.ones(len(source), dtype=bool) if keep is None else keep
+    if source.map_style:
+        return max(1, math.ceil(int(kept.sum()) // world / batch_size))
+    readers = max(1, workers)
+    order_seed = seed * 1000 + epoch if shuffle else None
+    fewest = None
+    for rank in range(world):
+        batches = 0
+        for worker in range(readers):  # each worker batches its own stream
+            urls, every, part = _shard_part(source.urls, rank, world, readers, worker, order_seed)
+            rows = np.concatenate([source.members[url] for url in urls]) if urls else np.zeros(0, np.int64)
+            if every is not None:
+                rows = rows[part::every]
+            batches += math.ceil(int(kept[rows].sum()) / batch_size)
+        fewest = batches if fewest is None else min(fewest, batches)
+    return max(1, fewest)
+
+
+def _collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, reason) for i, x, reason in batch if x is None]
+    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+    images = torch.stack([x for _, x in good]) if good else None
+    return indices, images, bad
+
+
+@dataclass
+class SkipLog:
+    """Bad samples met during a pass, by id; under ``strict`` the first one raises :class:`DataError`."""
+
+    source: Source
+    strict: bool = False
+    skipped: dict = field(default_factory=dict)
+
+    def add(self, bad: list[tuple[int, str]]) -> None:
+        for i, reason in bad:
+            sample_id = self.source.ids[i]
+            if self.strict:
+                raise DataError(f"{self.source.spec}: bad sample {sample_id!r}: {reason} (drop --strict to skip)")
+            self.skipped[sample_id] = reason
+
+    def mask(self) -> np.ndarray:
+        """Boolean mask over the source's samples: True where a sample was skipped."""
+        bad = np.zeros(len(self.source), dtype=bool)
+        bad[[self.source.index[i] for i in self.skipped]] = True
+        return bad
+
+    def as_list(self) -> list[dict]:
+        return [{"sample_id": k, "reason": v} for k, v in sorted(self.skipped.items())]
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+
+def make_loader(
+    source: Source,
+    transform,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    keep: np.ndarray | None = None,
+    shuffle_buffer: int = 2000,
+    skip_batches: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``source`` yielding ``(indices, images, bad)``.
+
+    Args:
+        shuffle: a training pass (seeded by ``seed`` and ``epoch``); ``False`` for a labelling pass, which sees
+            every kept sample exactly once across ``world`` ranks and the loader's workers.
+        keep: boolean mask over samples; others are not read (e.g. samples skipped before).
+        skip_batches: start the pass at this batch of this rank's order (resuming mid-epoch): exact for
+            arrays and folders; for shards exact while every worker still has samples.
+
+    Random augmentation is drawn per sample from (seed, epoch, sample), so it does not depend on ``workers``.
+    """
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    common = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate, drop_last=False,
+                  generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    if source.map_style:
+        indices = np.arange(len(source)) if keep is None else np.flatnonzero(keep)
+        if shuffle:
+            indices = np.random.default_rng([seed, epoch]).permutation(indices)
+        indices = rank_slice(indices, rank, world)[skip_batches * batch_size:]
+        return DataLoader(_MapDataset(source, indices, transform, seed, epoch), shuffle=False, **common)
+    dataset = _ShardDataset(source, transform, rank, world, keep, shuffle_buffer if shuffle else 0, seed, epoch,
+                            batch_size, skip_batches)
+    return DataLoader(dataset, **common)

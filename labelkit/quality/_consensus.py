@@ -1,0 +1,168 @@
+"""Consensus labels: one labelling that the heads of a run agree on.
+
+SeLa trains T heads side by side; heads of the same K reach different local optima, and which one is best
+varies with the seed. The consensus aligns every head to a reference head and lets them vote:
+
+* heads of the reference's K are aligned by Hungarian matching of their contingency table with it (cluster
+  names are arbitrary, the partition is not);
+* heads of another K are mapped through their contingency table: each of their clusters goes to the reference
+  cluster it overlaps most (an over-clustering head then votes for the union of its pieces);
+* every sample takes the label most heads give it (ties go to the reference head), the heads are re-aligned to
+  that vote, and the vote is repeated until it no longer changes;
+* a sample's score is the share of heads that agree with its consensus label.
+
+The reference is the head of the chosen K that agrees most (mean NMI) with all the other heads: the medoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from ._metrics import agreement
+
+__all__ = ["ConsensusResult", "consensus_labels", "consensus_artefact"]
+
+_ROUNDS = 10
+
+
+@dataclass
+class ConsensusResult:
+    """The consensus of several heads.
+
+    Attributes:
+        labels: int64 (N,) consensus label of every sample, in ``[0, k)``.
+        scores: float32 (N,) share of the heads that agree with it.
+        k: clusters of the consensus (the reference head's K).
+        reference: the head the others were aligned to.
+        heads: the heads that voted.
+        agreement: NMI of each voting head with the consensus.
+        rounds: align-and-vote rounds run.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    k: int
+    reference: int
+    heads: list[int]
+    agreement: list[float]
+    rounds: int
+
+    def record(self) -> dict:
+        return {"reference": self.reference, "k": self.k, "heads": self.heads,
+                "agreement": [round(a, 4) for a in self.agreement], "mean_score": round(float(self.scores.mean()), 4),
+                "rounds": self.rounds}
+
+
+def _mapping(labels: np.ndarray, k: int, target: np.ndarray, k_target: int) -> np.ndarray:
+    """For every cluster of ``labels``, the cluster of ``target`` it is aligned to."""
+    table = np.zeros((k, k_target), dtype=np.int64)
+    np.add.at(table, (labels, target), 1)
+    if k == k_target:
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        mapping = np.empty(k, dtype=np.int64)
+        mapping[rows] = cols
+        return mapping
+    return table.argmax(axis=1)
+
+
+def _medoid(labels: np.ndarray, group: list[int], heads: list[int]) -> int:
+    """The head of ``group`` with the highest mean NMI with all other voting heads, whatever their K: with two
+    heads of a K the pair is symmetric, and heads of other K break the tie (a head that merged two classes
+    agrees less with the over-clustering heads that kept them apart)."""
+    if len(group) == 1:
+        return group[0]
+    mean = [np.mean([agreement(labels[h], labels[o])["nmi"] for o in heads if o != h]) for h in group]
+    return group[int(np.argmax(mean))]
+
+
+def _keep_every_cluster(labels: np.ndarray, votes: np.ndarray, voters: int) -> np.ndarray:
+    """A cluster that the vote left empty takes back the samples that voted for it most nearly (smallest vote
+    margin first), as many as the heads gave it on average, from clusters that keep at least one sample: when
+    every head holds all K clusters (as the solver's floor makes them), so does their consensus."""
+    labels = labels.copy()
+    k = votes.shape[1]
+    sizes = np.bincount(labels, minlength=k)
+    for c in np.flatnonzero(sizes == 0):
+        support = np.flatnonzero(votes[:, c] > 0)
+        margin = votes[support, labels[support]] - votes[support, c]
+        want = max(1, int(round(votes[:, c].sum() / voters)))
+        for i in support[np.argsort(margin, kind="stable")].tolist():
+            if want == 0:
+                break
+            if sizes[labels[i]] > 1:
+                sizes[labels[i]] -= 1
+                labels[i] = c
+                sizes[c] += 1
+                want -= 1
+    return labels
+
+
+def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: int | None = None,
+                     heads: list[int] | None = None) -> ConsensusResult:
+    """Consensus of the heads ``labels`` (T, N) with ``ks`` clusters.
+
+    Args:
+        k: the consensus's K (default: that of ``reference``, else of head 0).
+        reference: the head to align to (default: the medoid of the heads of that K).
+        heads: the heads that vote (default: all).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 2 or labels.shape[0] != len(ks):
+        raise ConfigError(f"consensus needs (heads, N) labels and one K per head; got {labels.shape} and {len(ks)} K")
+    heads = list(range(len(ks))) if heads is None else list(heads)
+    if len(heads) < 2:
+        raise ConfigError(f"consensus needs at least two heads to vote; got {len(heads)}")
+    if reference is not None and reference not in heads:
+        raise ConfigError(f"the reference head {reference} is not among the voting heads {heads}")
+    k = ks[reference if reference is not None else heads[0]] if k is None else int(k)
+    group = [h for h in heads if ks[h] == k]
+    if not group:
+        raise ConfigError(f"no head has K={k}; the heads have K={sorted({ks[h] for h in heads})}")
+    if reference is None:
+        reference = _medoid(labels, group, heads)
+    elif ks[reference] != k:
+        raise ConfigError(f"the reference head {reference} has K={ks[reference]}, not K={k}")
+
+    n = labels.shape[1]
+    rows = np.arange(n)
+    current = labels[reference]
+    for rounds in range(1, _ROUNDS + 1):
+        votes = np.zeros((n, k), dtype=np.float64)
+        mapped = []
+        for h in heads:
+            aligned = _mapping(labels[h], ks[h], current, k)[labels[h]]
+            mapped.append(aligned)
+            votes[rows, aligned] += 1.0
+        votes[rows, labels[reference] if rounds == 1 else current] += 0.5  # ties: the reference, then the last vote
+        new = votes.argmax(axis=1)
+        if rounds > 1 and np.array_equal(new, current):
+            break
+        current = new
+    current = _keep_every_cluster(current, votes, len(heads))
+    scores = (np.stack(mapped) == current).mean(axis=0).astype(np.float32)
+    return ConsensusResult(labels=current, scores=scores, k=k, reference=int(reference), heads=heads,
+                           agreement=[agreement(m, current)["nmi"] for m in mapped], rounds=rounds)
+
+
+def consensus_artefact(art, *, k: int | None = None, reference: int | None = None, heads: list[int] | None = None):
+    """A one-head artefact of the consensus of ``art``'s heads, with ``art`` as its parent."""
+    from ..artefact._artefact import Artefact
+
+    if art.num_heads < 2:
+        raise ConfigError(f"artefact {art.artefact_id[:12]} has one head; a consensus needs at least two")
+    ks = [h.k for h in art.heads]
+    voted = (art.metadata["method"].get("consensus") or {}).get("head")
+    if heads is None:  # a consensus head already in the artefact does not vote again
+        heads = [h for h in range(art.num_heads) if h != voted]
+    result = consensus_labels(art.label_matrix(), ks, k=k, reference=reference, heads=heads)
+    data = art.metadata["data"]
+    return Artefact.build(art.sample_ids, result.labels[None], [result.k], scores=result.scores[None],
+                          data_spec=data.get("spec"), data_fingerprint=data["fingerprint"], data_count=data["count"],
+                          data_content=data.get("content"), data_skipped=data.get("skipped"),
+                          method={"name": "consensus", "consensus": result.record()},
+                          parents=[art.artefact_id]), result

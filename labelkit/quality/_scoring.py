@@ -1,0 +1,161 @@
+"""Metrics of an artefact against ground truth or against another artefact, joined by sample id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..artefact import format as fmt
+from ..artefact._artefact import Artefact, read_artefact
+from ..errors import ConfigError, DataError
+from ._metrics import compare, size_stats
+
+__all__ = ["load_truth", "score_artefact", "parse_heads", "label_free"]
+
+
+def _read_label_table(path: Path) -> tuple[pa.Array, np.ndarray]:
+    """A Parquet or CSV file with ``sample_id`` and ``label`` columns (or an id column then a label column)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    else:
+        import pyarrow.csv as pacsv
+
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={fmt.ID_COLUMN: pa.string()}))
+    names = table.column_names
+    id_col = fmt.ID_COLUMN if fmt.ID_COLUMN in names else names[0]
+    label_col = "label" if "label" in names else next((n for n in names if n != id_col), None)
+    if label_col is None:
+        raise DataError(f"{path}: expected columns sample_id,label; found {names}")
+    if table.column(label_col).null_count or table.column(id_col).null_count:
+        raise DataError(f"{path}: empty sample_id or label values")
+    labels = table.column(label_col).combine_chunks()
+    if pa.types.is_integer(labels.type):
+        labels = labels.to_numpy()
+    elif pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type):
+        # class names: numbered in sorted order, as class folders are
+        labels = pc.index_in(labels, value_set=pc.unique(labels).sort()).to_numpy().astype(np.int64)
+    else:
+        raise DataError(f"{path}: column {label_col!r} holds {labels.type}; labels must be integers or class names")
+    return table.column(id_col).combine_chunks().cast(pa.string()), labels
+
+
+def load_truth(spec: str) -> tuple[pa.Array, np.ndarray]:
+    """Ground truth ``(sample ids, class index)`` from a data spec or a sample_id,label Parquet/CSV file."""
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in (".parquet", ".csv", ".tsv"):
+        return _read_label_table(path)
+    from ..data._sources import resolve
+
+    source = resolve(spec)
+    if not source.has_truth:
+        raise DataError(f"{spec}: this data has no ground-truth classes (class folders, shard 'cls' or npz 'labels')")
+    keep = source.targets >= 0
+    ids = pa.array(source.ids, type=pa.string()).filter(pa.array(keep))
+    return ids, source.targets[keep]
+
+
+def parse_heads(heads: str | None, available: int, option: str = "--head") -> list[int]:
+    """``all``/None, or a comma-separated list like ``0,3``; errors name ``option``."""
+    if heads is None or heads == "all":
+        return list(range(available))
+    try:
+        chosen = [int(h) for h in str(heads).split(",") if h.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} must be 'all' or numbers like 0,3; got {heads!r}") from None
+    bad = [h for h in chosen if not 0 <= h < available]
+    if bad or not chosen:
+        raise ConfigError(f"{option} {heads}: the artefact has heads 0 to {available - 1}")
+    return chosen
+
+
+def label_free(artefact: Artefact | str | os.PathLike, heads: str | None = None) -> dict:
+    """Per-head quality without ground truth (:mod:`labelkit.quality`): agreement between heads of the same K
+    and size balance from the labels; stability, linear-probe generalisation and k-means agreement as the run
+    that made the artefact recorded them (they need its features). A consensus head is no independent peer:
+    it is left out of the agreement and of the choice of K."""
+    from ._label_free import head_quality, recommend_k
+
+    art = artefact if isinstance(artefact, Artefact) else read_artefact(artefact)
+    ks = [h.k for h in art.heads]
+    voted = (art.metadata["method"].get("consensus") or {}).get("head")
+    own = [h for h in range(art.num_heads) if h != voted]
+    rows = {h: row for h, row in zip(own, head_quality(art.label_matrix()[own], [ks[h] for h in own]))}
+    recorded = {r["head"]: r for r in (art.metadata["method"].get("quality") or {}).get("heads", [])}
+    for h, row in rows.items():
+        row["head"] = h
+        saved = recorded.get(h, {})
+        for name in ("agreement_kmeans", "stability", "generalisation"):
+            row[name] = saved.get(name)
+        if row["agreement_kmeans"] is not None:  # judged as the run judged it, against k-means on its features
+            row["agreement"] = row["agreement_kmeans"]
+    if voted is not None:
+        rows[voted] = head_quality(art.labels(voted)[None], [ks[voted]])[0]
+        rows[voted]["head"] = voted
+    chosen = parse_heads(heads, art.num_heads)
+    return {"artefact_id": art.artefact_id, "n": art.num_samples, "heads": [rows[h] for h in chosen],
+            "recommended_k": recommend_k([rows[h] for h in own])}
+
+
+def score_artefact(
+    artefact: Artefact | str | os.PathLike,
+    *,
+    truth: str | None = None,
+    against: Artefact | str | os.PathLike | None = None,
+    heads: str | None = None,
+    min_coverage: float = 0.99,
+    average: str = "arithmetic",
+) -> dict:
+    """Per-head metrics of ``artefact`` against ground truth (``truth``) or another artefact (``against``).
+
+    Samples are joined by id; fails when fewer than ``min_coverage`` of the artefact's samples match.
+    Against another artefact, head h is compared with its head h (or its only head).
+    """
+    if (truth is None) == (against is None):
+        raise ConfigError("give one of --truth SPEC or --against ARTEFACT, not both (neither: label_free)")
+    if not 0.0 <= min_coverage <= 1.0:
+        raise ConfigError(f"--min-coverage must lie in [0, 1], got {min_coverage}")
+    art = artefact if isinstance(artefact, Artefact) else read_artefact(artefact)
+    ids = art.table.column(fmt.ID_COLUMN).combine_chunks()
+    chosen = parse_heads(heads, art.num_heads)
+    if truth is not None:
+        truth_ids, truth_labels = load_truth(truth)
+        other_columns = None
+        reference = {"truth": truth}
+    else:
+        other = against if isinstance(against, Artefact) else read_artefact(against)
+        truth_ids = other.table.column(fmt.ID_COLUMN).combine_chunks()
+        if other.num_heads not in (1, art.num_heads):
+            raise ConfigError(f"--against artefact has {other.num_heads} heads; need 1 or {art.num_heads}")
+        other_columns = [other.labels(h if other.num_heads > 1 else 0) for h in range(art.num_heads)]
+        truth_labels = None
+        reference = {"against": other.artefact_id}
+    position = pc.index_in(ids, value_set=truth_ids)
+    matched_mask = position.is_valid().to_numpy(zero_copy_only=False)
+    matched = int(matched_mask.sum())
+    coverage = matched / art.num_samples
+    if matched == 0:
+        raise DataError(f"no sample id of the artefact ({art.num_samples:,}) is in the reference "
+                        f"({len(truth_ids):,}): the artefact has e.g. {ids[0].as_py()!r}, the reference e.g. "
+                        f"{truth_ids[0].as_py()!r}; is it the same data?")
+    if coverage < min_coverage:
+        raise DataError(
+            f"only {matched:,} of {art.num_samples:,} samples ({coverage:.1%}) have a reference label, below "
+            f"--min-coverage {min_coverage:g}; lower it to score the matched part"
+        )
+    where = position.to_numpy(zero_copy_only=False)[matched_mask].astype(np.int64)
+    results = []
+    for h in chosen:
+        reference_labels = truth_labels[where] if other_columns is None else other_columns[h][where]
+        labels = art.labels(h)
+        row = compare(labels[matched_mask], reference_labels, average=average)
+        row.update({"head": h, "k": art.heads[h].k})
+        row.update(size_stats(labels, art.heads[h].k))
+        results.append(row)
+    return {"artefact_id": art.artefact_id, "n": art.num_samples, "matched": matched, "coverage": coverage,
+            **reference, "average": average, "heads": results}

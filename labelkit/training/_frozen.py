@@ -1,0 +1,349 @@
+"""SeLa on fixed features: a frozen backbone's cached views, or an embedding table.
+
+With the backbone fixed, step 1 of SeLa trains the T heads only and step 2 solves on the same features, so
+the features are computed once: V views per image (the plain view, then V - 1 augmented ones standing in for
+augmentation), stored as float16 in a memory-mapped cache keyed by everything they depend on. The heads read
+PCA-whitened features: whitening makes every direction of the feature space count the same (what clustering
+of pretrained features needs: raw features are dominated by a few high-variance directions), and the reduced
+width is what makes 50 epochs over 100,000 samples take minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._util.files import atomic_path
+
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "train_heads_epoch", "neighbours", "spherical_kmeans",
+           "weights_digest", "cached_views"]
+
+
+class Whiten(nn.Module):
+    """A fixed PCA whitening, ``(x - mean) @ projection``: the top ``dim`` principal directions, each scaled
+    to unit variance. Fitted once on the features; stored with the heads so that ``predict`` repeats it."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("projection", torch.eye(in_dim, dim))
+        self.num_features = self.head_hidden_size = dim
+
+    @classmethod
+    def fit(cls, features, dim: int | None, seed: int = 0, sample: int = 100_000,
+            scale: bool = True, variance: float = 0.98, cap: int = 128, rows: np.ndarray | None = None) -> "Whiten":
+        """Fit on (a seeded sample of at most ``sample`` rows of) ``features`` (a tensor, or anything that
+        gives a tensor for an index array and has ``shape``), or of its ``rows`` when given. ``dim`` None keeps
+        the directions that hold ``variance`` of the total, at most ``cap`` (whitening gives every kept
+        direction unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every
+        direction with non-negligible variance."""
+        rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
+        n, in_dim = len(rows), features.shape[1]
+        picked = rows[np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))]
+        x = features[torch.from_numpy(picked)].float()
+        mean = x.double().mean(0)
+        centred = x - mean.float()
+        # the covariance product in float32 (the cost), its eigenvectors in float64
+        covariance = (centred.T @ centred).double().numpy() / max(len(x) - 1, 1)
+        values, vectors = np.linalg.eigh(covariance)  # ascending
+        mean = mean.numpy()
+        values, vectors = torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+        mean = torch.from_numpy(mean)
+        useful = int((values > values[0] * 1e-6).sum())
+        if dim is None:
+            share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
+            dim = min(cap, int((share < variance).sum()) + 1)
+        dim = min(dim or in_dim, useful, len(picked) - 1 if len(picked) > 1 else 1)
+        whiten = cls(in_dim, dim)
+        whiten.mean.copy_(mean.float())
+        norm = values[:dim].clamp_min(1e-12).sqrt() if scale else values[0].sqrt()
+        whiten.projection.copy_((vectors[:, :dim] / norm).float())
+        return whiten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.projection
+
+
+class FeatureTrunk(nn.Module):
+    """What the heads read from whitened features: the features themselves, or one hidden layer
+    (Linear + BatchNorm + ReLU) when ``hidden`` is given (``--head-hidden``)."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
+        super().__init__()
+        self.layer = (nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
+                      if hidden else nn.Identity())
+        self.num_features = self.head_hidden_size = hidden or dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class TableRows:
+    """An embedding table's vectors as the frozen loop reads them, without holding the table: ``rows[a:b]``
+    and ``rows[index]`` read just those rows (float32) from the (memory-mapped) source."""
+
+    def __init__(self, source):
+        self.source = source
+        self.shape = (len(source), int(source.dim))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = index if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        block = self.source.vectors(rows)
+        # a float32 table's run is a read-only view of its mapped file; torch wants memory it may write
+        return torch.from_numpy(block if block.flags.writeable else block.copy())
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Views of features on disk: ``DIR/<key>.npy`` float16 (V, N, D), memory-mapped, plus ``<key>.json``
+    recording what the key covers and which samples could not be read. A cache is used only when every part
+    of its key matches; a partial or damaged file is never read (written under a temporary name, renamed when
+    complete)."""
+
+    def __init__(self, folder: str | Path, parts: dict):
+        self.folder = Path(folder)
+        self.parts = json.loads(json.dumps(parts, sort_keys=True))  # as it reads back from the record
+        self.key = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:24]
+        self.path = self.folder / f"{self.key}.npy"
+        self.record = self.folder / f"{self.key}.json"
+
+    def load(self) -> tuple[torch.Tensor, dict] | None:
+        """(views, skipped samples) when a complete cache with exactly this key exists."""
+        if not (self.path.is_file() and self.record.is_file()):
+            return None
+        try:
+            record = json.loads(self.record.read_text())
+            if record.get("parts") != self.parts:
+                return None
+            views = _read_only(self.path)
+        except (ValueError, OSError):
+            return None
+        return views, dict(record.get("skipped", {}))
+
+    def write(self, shape: tuple[int, int, int], fill, skipped) -> torch.Tensor:
+        """Create the (V, N, D) float16 file, let ``fill(array)`` write it view by view (off the heap), then
+        publish it with its record; ``skipped()`` gives the unreadable samples once it is filled."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+            fill(array)
+            array.flush()
+            del array
+        with atomic_path(self.record) as tmp:
+            Path(tmp).write_text(json.dumps({"parts": self.parts, "skipped": skipped()}, sort_keys=True, indent=1))
+        return _read_only(self.path)
+
+
+def _read_only(path: Path) -> torch.Tensor:
+    """A memory-mapped .npy as a tensor; the map is read-only and labelkit never writes through it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.load(path, mmap_mode="r"))
+
+
+def neighbours(features: torch.Tensor, k: int, *, exact_below: int = 50_000, seed: int = 0,
+               block: int = 4096, probes: int = 32) -> torch.Tensor:
+    """The ``k`` nearest neighbours (cosine) of every row, itself excluded: (N, k) int64.
+
+    Exact (blocks of rows against all rows, memory block x N) up to ``exact_below`` rows, where its N^2 cost is
+    still seconds; above, an inverted-file search: a spherical k-means makes about sqrt(N) cells, every row is
+    listed under its ``probes`` nearest cells, and the rows whose nearest cell is c search the list of c. Two
+    near rows are found when one's nearest cell is among the other's ``probes``; the cost is about
+    probes x N^1.5 instead of N^2 (``bench/neighbours.py`` measures the recall and the time).
+    """
+    x = nn.functional.normalize(features.float(), dim=1)
+    n = len(x)
+    k = min(k, n - 1)
+    if n <= exact_below:
+        return _search(x, torch.arange(n), torch.arange(n), k, block)
+    cells = max(2, round(math.sqrt(n)))
+    probes = min(probes, cells)
+    centres = spherical_kmeans(x, cells, seed, sample=min(n, 64 * cells), rounds=10)
+    nearest = torch.cat([(x[i:i + 65536] @ centres.T).topk(probes, dim=1).indices for i in range(0, n, 65536)])
+    listed = torch.argsort(nearest.reshape(-1), stable=True)  # (row, rank) pairs grouped by cell
+    list_rows = listed // probes
+    list_bounds = _bounds(nearest.reshape(-1), cells)
+    home = torch.argsort(nearest[:, 0], stable=True)
+    home_bounds = _bounds(nearest[:, 0], cells)
+    out = torch.empty((n, k), dtype=torch.int64)
+    for c in range(cells):
+        members = home[home_bounds[c]:home_bounds[c + 1]]
+        if len(members) == 0:
+            continue
+        candidates = list_rows[list_bounds[c]:list_bounds[c + 1]]
+        if len(candidates) <= k:  # a stray tiny neighbourhood: search everything
+            candidates = torch.arange(n)
+        out[members] = _search(x, members, candidates, k, block)
+    return out
+
+
+def _bounds(cell: torch.Tensor, cells: int) -> torch.Tensor:
+    """Where each cell's run starts and ends once ``cell`` is sorted: (cells + 1,)."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(cell, minlength=cells).cumsum(0)])
+
+
+def _search(x: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """The ``k`` most similar of ``candidates`` (ascending row numbers of ``x``) for each of ``queries``, self
+    excluded."""
+    pool = x[candidates]
+    out = torch.empty((len(queries), k), dtype=torch.int64)
+    for start in range(0, len(queries), block):
+        rows = queries[start:start + block]
+        sims = x[rows] @ pool.T
+        own = torch.searchsorted(candidates, rows).clamp_max(len(candidates) - 1)  # where each query sits
+        inside = torch.nonzero(candidates[own] == rows).squeeze(1)
+        sims[inside, own[inside]] = -math.inf
+        out[start:start + block] = candidates[sims.topk(k, dim=1).indices]
+    return out
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, seed: int, *, sample: int | None = None,
+                     rounds: int = 20) -> torch.Tensor:
+    """Unit-norm centroids of unit-norm rows ``x``: ``rounds`` Lloyd rounds on cosine similarity from k random
+    rows of a seeded ``sample`` (empty clusters re-seeded from random rows). Cheap at any k, unlike k-means++."""
+    rng = np.random.default_rng(seed)
+    if sample is not None and sample < len(x):
+        x = x[torch.from_numpy(np.sort(rng.choice(len(x), sample, replace=False)))]
+    centres = x[torch.from_numpy(rng.choice(len(x), k, replace=False))]
+    for _ in range(rounds):
+        assigned = torch.cat([(x[i:i + 65536] @ centres.T).argmax(1) for i in range(0, len(x), 65536)])
+        sums = torch.zeros_like(centres).index_add_(0, assigned, x)
+        empty = torch.from_numpy(np.flatnonzero(torch.bincount(assigned, minlength=k).numpy() == 0))
+        sums[empty] = x[torch.from_numpy(rng.choice(len(x), len(empty), replace=False))]
+        centres = nn.functional.normalize(sums, dim=1)
+    return centres
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``logits`` against integer ``target`` with one pass of exponentials: the forward
+    pass keeps the softmax, and the gradient is that softmax minus the one-hot target. Same value and gradient
+    as ``nn.functional.cross_entropy``, whose log-softmax backward takes the exponentials again -- on heads over
+    cached features the exp passes are a large share of a step (``bench/frozen.py epoch`` times both)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        top = logits.amax(dim=1, keepdim=True)
+        p = (logits - top).exp_()
+        total = p.sum(dim=1, keepdim=True)
+        p.div_(total)
+        ctx.save_for_backward(p, target)
+        ctx.used = False
+        picked = logits.gather(1, target[:, None]) - top - total.log()  # log p of the target, without underflow
+        return -picked.mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("labelkit's cross_entropy turns its saved softmax into the gradient; backward runs once")
+        ctx.used = True
+        p, target = ctx.saved_tensors
+        p[torch.arange(len(target)), target] -= 1  # in place: a copy of the softmax would cost most of the gain
+        return p.mul_(grad / len(target)), None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, as ``nn.functional.cross_entropy`` with integer targets (see :class:`_CrossEntropy`)."""
+    return _CrossEntropy.apply(logits, target)
+
+
+def train_heads_epoch(model: nn.Module, views: torch.Tensor, targets: torch.Tensor, optimizer, *, epoch: int,
+                      config, keep: np.ndarray, lr_at, near: torch.Tensor | None = None,
+                      reporter=None) -> dict:
+    """Step 1 of SeLa with the backbone fixed: one epoch of the heads on cached (V, N, D) views.
+
+    Each sample is seen once, in one view drawn at random (the cached stand-in for augmentation). With
+    ``near`` (N, k) neighbours, a sample is also trained towards the labels of one random neighbour
+    (SCAN's prior: neighbours in a good feature space share a class), at half the weight.
+    """
+    model.train()
+    rng = np.random.default_rng([config.seed, epoch])
+    order = rng.permutation(np.flatnonzero(keep))
+    batch = config.batch_size
+    steps = max(1, math.ceil(len(order) / batch))
+    total, seen = 0.0, 0
+    started = time.perf_counter()
+    if reporter is not None:
+        reporter.phase("train", steps)
+    for step in range(steps):
+        rows = torch.from_numpy(order[step * batch:(step + 1) * batch])
+        if len(rows) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+            continue  # BatchNorm cannot train on one sample
+        view = torch.from_numpy(rng.integers(0, views.shape[0], len(rows)))
+        x = views[view, rows].float()
+        rate = lr_at(epoch, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        logits = model(x)
+        loss = sum(cross_entropy(out, targets[h, rows]) for h, out in enumerate(logits))
+        if near is not None:
+            other = near[rows, torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
+            loss = loss + 0.5 * sum(cross_entropy(out, targets[h, other]) for h, out in enumerate(logits))
+        loss = loss / len(logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(rows)
+        seen += len(rows)
+        if reporter is not None:
+            reporter.advance(loss=float(loss.detach()))
+    if reporter is not None:
+        reporter.end_phase()
+    seconds = time.perf_counter() - started
+    return {"loss": total / max(seen, 1), "lr": rate, "images": seen, "seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9), "stopped": False}
+
+
+
+def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch.Tensor, dict]:
+    """(V, N, D) float16 features of a frozen ``net``: view 0 through ``plain``, views 1..V-1 through
+    ``augmented`` (each sample's randomness drawn from (seed, view, sample)), from the cache when its key --
+    data ids and content, arch, weights, transforms, views, seed -- matches exactly, else computed once and
+    cached. Samples that could not be decoded go into the job's skip log either way. Returns the views and a
+    record of where they came from."""
+    from ._loop import extract_features
+
+    config, source = job.config, job.source
+    count = config.views
+    parts = {"format": 1, "data": source.fingerprint, "content": source.content, "arch": config.arch,
+             "weights": weights_digest(net), "plain": repr(plain), "views": count,
+             "augmented": repr(augmented) if count > 1 else None, "seed": config.seed if count > 1 else None}
+    cache = FeatureCache(config.feature_cache or Path(config.out) / "features", parts)
+    found = cache.load()
+    if found is not None:
+        views, skipped = found
+        job.skips.skipped.update(skipped)
+        return views, {"type": "features", "cache": str(cache.path), "reused": True, "views": count}
+    net = net.to(job.device).eval()
+    started = time.perf_counter()
+
+    def fill(array):
+        for v in range(count):
+            features, _ = extract_features(net, dim, source, plain if v == 0 else augmented,
+                                           batch_size=config.batch_size, workers=config.workers,
+                                           device=job.device, skips=job.skips, reporter=job.reporter,
+                                           keep=~job.skips.mask(), seed=config.seed, epoch=v)
+            array[v] = features.numpy()
+
+    views = cache.write((count, len(source), dim), fill, lambda: dict(job.skips.skipped))
+    return views, {"type": "features", "cache": str(cache.path), "reused": False, "views": count,
+                   "seconds": round(time.perf_counter() - started, 1)}

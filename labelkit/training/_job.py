@@ -1,0 +1,212 @@
+"""The run skeleton that ``generate`` and ``transfer`` share.
+
+A :class:`Job` owns everything around a job's own model: the process group under torchrun, the data source
+and its log of undecodable samples, the run directory (``config.json``, ``history.jsonl``, atomic
+``checkpoint.pt``, resume), the position in training (epoch, and batch within the epoch), rank-0 writing, and
+stop signals.
+
+Preemption: SIGTERM and SIGUSR1 -- what cluster schedulers send before they stop or requeue a job -- let the
+current batch finish; then the job writes a checkpoint that records its place in the epoch's seeded order and
+raises :class:`~labelkit.errors.Preempted`, which the command line turns into exit status 75
+(``PREEMPTED_EXIT_CODE``). ``--resume`` continues from that batch and ends with the same labels as a run that
+was never stopped: a sample's augmentation depends on (seed, epoch, sample) only, and the RNG state is saved.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+
+from ..data._sources import resolve
+from ._distributed import from_environment
+from ..errors import ConfigError, Preempted
+from ..data._loading import SkipLog
+from ._loop import Reporter, RunDir, resolve_device, seed_everything, train_epoch
+
+__all__ = ["Job", "STOP_SIGNALS"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Job:
+    """One training job: use as a context manager, ``start`` it with the parts to checkpoint, then
+
+    .. code-block:: python
+
+        for epoch in job.epochs():
+            stats = job.train_epoch(model, transform, targets, optimizer, keep)
+            ...                      # e.g. SeLa's label step
+            job.end_epoch()          # checkpoint; stops here if a signal came meanwhile
+    """
+
+    def __init__(self, config, *, kind: str, resume: bool = False, reporter: Reporter | None = None):
+        self.config, self.kind = config, kind
+        self.dist, self.device = from_environment(resolve_device(config.device))
+        # under torchrun, rank 0 alone shows progress and writes files
+        self.reporter = (reporter or Reporter()) if self.dist.main else Reporter()
+        self.source = resolve(config.data)
+        self.run_dir = RunDir(config, resume, self.reporter, writer=self.dist.main)
+        self.skips = SkipLog(self.source, strict=config.strict)
+        self.started = time.perf_counter()
+        self.epoch, self.step = 0, 0  # position: epochs done, and batches done of the next epoch
+        self._partial: dict | None = None  # running sums of an epoch that was cut short
+        self._parts: dict[str, Any] = {}
+        self._signal: str | None = None
+        self._handlers: dict = {}
+        self.resumed = False
+        self.plan: dict | None = None  # how the configuration was chosen (labelkit.training), recorded with the run
+        self.stopped_early: int | None = None  # the epoch after which --budget ended training, if it did
+        self.label_schedule: set[int] = set()  # epochs after which a label step runs (the ETA counts them)
+        self._label_seconds: list[float] = []
+        # a sample of the last label step's rows, their features and labels before it: label-free quality
+        self.label_features: tuple | None = None
+        self.previous_labels = None
+
+    # -- process and signal lifetime -----------------------------------------------------------------------
+
+    def __enter__(self) -> "Job":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for signum in STOP_SIGNALS:
+                self._handlers[signum] = signal.signal(signum, self._request_stop)
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        try:
+            if kind is None:
+                self.dist.barrier()
+        finally:
+            self.dist.close()
+
+    def _request_stop(self, signum, frame) -> None:
+        self._signal = signal.Signals(signum).name
+
+    def _stop_requested(self) -> bool:
+        return self._signal is not None
+
+    def _preempted(self) -> Preempted:
+        cause = self._signal or "a stop signal to another process"
+        return Preempted(f"stopped by {cause} at epoch {self.epoch + 1}, batch {self.step}; the checkpoint in "
+                         f"{self.run_dir.out} keeps the place: continue with "
+                         f"labelkit {self.kind} --out {self.run_dir.out} --resume")
+
+    # -- run directory and checkpoints ---------------------------------------------------------------------
+
+    def start(self, record: dict, **parts) -> bool:
+        """Write ``config.json`` (``record``), or -- resuming -- restore each part (anything with
+        ``state_dict``/``load_state_dict``), the position and the skip log from the checkpoint. True when
+        resumed."""
+        self._parts = parts
+        saved = self.run_dir.restore(record)
+        self.resumed = saved is not None
+        if saved is None:
+            return False
+        missing = sorted(set(parts) - set(saved))
+        if missing:
+            raise ConfigError(f"{self.run_dir.checkpoint} was written by another labelkit version (no "
+                              f"{', '.join(missing)}); start afresh without --resume")
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
+        self.epoch, self.step, self._partial = saved["epoch"], saved.get("step", 0), saved.get("partial")
+        self.skips.skipped.update(saved["skipped"])
+        if self.step:
+            torch.set_rng_state(saved["rng"])
+        return True
+
+    def announce(self, model: torch.nn.Module, **details) -> dict:
+        """Tell the reporter what the job is about to do: data, model and checkpoint size, resume point."""
+        parameters = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        plan = {"command": self.kind, "data": self.config.data, "samples": len(self.source), "arch": self.config.arch,
+                "parameters": parameters, "checkpoint_bytes": state + trainable,  # weights + SGD momentum
+                "epochs": self.config.epochs, "out": str(self.run_dir.out), **details}
+        if self.resumed:
+            plan.update(resume_epoch=self.epoch, resume_step=self.step)
+        self.reporter.begin(plan)
+        return plan
+
+    def finish(self) -> None:
+        self.run_dir.finish()
+
+    def checkpoint(self) -> None:
+        self.run_dir.save({"epoch": self.epoch, "step": self.step, "partial": self._partial,
+                           "rng": torch.get_rng_state(), "skipped": dict(self.skips.skipped),
+                           "config": self.config.to_dict(),
+                           **{name: part.state_dict() for name, part in self._parts.items()}})
+
+    def log(self, record: dict) -> None:
+        self.run_dir.log(record)
+
+    def label_step(self, epoch: int, step) -> None:
+        """Run one label step (``step()`` returns its record) and log it; its wall time feeds the ETA."""
+        began = time.perf_counter()
+        record = step()
+        self._label_seconds.append(time.perf_counter() - began)
+        if self.dist.enabled:  # the collectives the solve went through
+            record["group"] = {"backend": self.dist.backend, "ranks": self.dist.world}
+        self.log({"type": "label_step", "epoch": epoch, **record})
+
+    def label_eta(self, epoch: int) -> float:
+        """Seconds the label steps after ``epoch`` (0-based, just trained) will take, at the recent pace."""
+        left = sum(1 for e in self.label_schedule if e > epoch)
+        recent = self._label_seconds[-3:]
+        return left * sum(recent) / len(recent) if recent else 0.0
+
+    def provenance(self) -> dict:
+        """What the data was, for :meth:`Artefact.build`: spec, id fingerprint and count, content fingerprint,
+        and the samples that could not be decoded."""
+        manifest = self.source.manifest(self.skips.as_list())
+        return {"data_spec": self.config.data, "data_fingerprint": manifest.fingerprint, "data_count": manifest.count,
+                "data_content": manifest.content, "data_skipped": manifest.skipped}
+
+    def merge_skips(self):
+        """Share the samples each rank found undecodable; returns the mask of all of them."""
+        self.skips.skipped.update(self.dist.gather_dict(self.skips.skipped))
+        return self.skips.mask()
+
+    # -- the epoch loop ------------------------------------------------------------------------------------
+
+    def parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train: wrapped in DistributedDataParallel under torchrun, itself otherwise."""
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if getattr(self.config, "sync_bn", False):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def epochs(self) -> range:
+        return range(self.epoch, self.config.epochs)
+
+    def train_epoch(self, model, transform, targets: torch.Tensor, optimizer, keep) -> dict:
+        """Train the current epoch from the current position, log its line; on a stop signal, checkpoint
+        the position and raise :class:`Preempted`."""
+        if self.step == 0:  # an epoch's randomness depends on (seed, epoch); mid-epoch, the checkpoint's RNG state
+            seed_everything(self.config.seed * 1000 + self.epoch)
+        stats = train_epoch(model, self.source, transform, targets, optimizer, epoch=self.epoch, config=self.config,
+                            device=self.device, keep=keep, skips=self.skips, reporter=self.reporter, dist=self.dist,
+                            start=self.step, partial=self._partial, stop=self._stop_requested)
+        self.merge_skips()
+        if stats["stopped"]:
+            self.step, self._partial = stats["step"], stats["partial"]
+            self.checkpoint()
+            raise self._preempted()
+        self.run_dir.log_epoch(self.epoch, self.config.epochs, stats, self.started, pending=self.label_eta(self.epoch))
+        return stats
+
+    def end_epoch(self) -> None:
+        """The epoch is done: checkpoint, and stop if a signal came after its last batch."""
+        self.epoch, self.step, self._partial = self.epoch + 1, 0, None
+        self.checkpoint_or_stop()
+
+    def checkpoint_or_stop(self) -> None:
+        self.checkpoint()
+        if self.dist.any(self._stop_requested()):
+            raise self._preempted()

@@ -1,0 +1,371 @@
+"""Training machinery shared by ``generate`` and ``transfer``: devices, schedules, one epoch of
+multi-head cross-entropy, feature passes, checkpoints, and progress reporting hooks.
+
+The library never prints: long jobs report through a :class:`Reporter`, which the CLI renders as progress bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import json
+
+from .._util.files import atomic_path, write_text_atomic
+from ..data._sources import Source
+from ._distributed import Distributed
+from ..errors import ConfigError
+from ..data._loading import SkipLog, batches_per_rank, make_loader
+
+__all__ = [
+    "Reporter",
+    "RunDir",
+    "resolve_device",
+    "autocast",
+    "learning_rate",
+    "make_optimizer",
+    "train_epoch",
+    "train_step",
+    "model_to",
+    "images_to",
+    "extract_features",
+    "save_checkpoint",
+    "load_checkpoint",
+    "seed_everything",
+]
+
+
+class Reporter:
+    """Progress hooks; the default does nothing. The CLI subclasses it with tqdm bars and epoch lines."""
+
+    def begin(self, plan: dict) -> None:
+        """A job has resolved its data and model and is about to start; ``plan`` says what it will do
+        (``command``, ``data``, ``samples``, ``arch``, ``parameters``, ``checkpoint_bytes``, ``epochs``, ``out``,
+        ``resume_epoch``/``resume_step`` when resuming, and the command's own entries)."""
+
+    def phase(self, name: str, total: int) -> None:
+        """A pass of ``total`` batches begins (``train``, ``label``, ``solve``)."""
+
+    def advance(self, batches: int = 1, **info: Any) -> None:
+        """``batches`` more batches done; ``info`` holds running figures such as the loss."""
+
+    def end_phase(self) -> None:
+        """The current pass ended."""
+
+    def record(self, record: dict) -> None:
+        """An epoch or label-step record (the lines of ``history.jsonl``)."""
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (no loss scaling needed); full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def learning_rate(base: float, progress: float, schedule: str, warmup: float = 0.0) -> float:
+    """Learning rate at ``progress`` in [0, 1] of training.
+
+    ``step``: the paper's schedule scaled to the run (divide by 10 at 150/400, 300/400 and 350/400 of it);
+    ``cosine``: linear warm-up over ``warmup`` of the run, then cosine decay to zero.
+    """
+    if warmup > 0 and progress < warmup:
+        return base * (progress + 1e-3) / warmup
+    if schedule == "step":
+        drops = sum(progress >= edge for edge in (150 / 400, 300 / 400, 350 / 400))
+        return base * 0.1**drops
+    if schedule == "cosine":
+        rest = (progress - warmup) / max(1e-9, 1.0 - warmup)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, rest)))
+    if schedule == "constant":
+        return base
+    raise ConfigError(f"unknown learning-rate schedule {schedule!r}; use step, cosine or constant")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float):
+    """SGD with momentum; no weight decay on biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
+
+
+def model_to(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``; channels_last on CUDA, the layout its bf16 convolutions run fastest in (the
+    images follow, see :func:`images_to`)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``, channels_last on CUDA to match :func:`model_to`."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def train_step(model: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device) -> torch.Tensor:
+    """One optimiser step on the mean cross-entropy over the heads; ``labels`` is (heads, batch). On CUDA the
+    images go channels_last and the forward pass runs under bf16 autocast. Returns the loss, detached."""
+    images = images_to(images, device)
+    labels = labels.to(device, non_blocking=True)
+    with autocast(device):
+        outputs = model(images)
+        loss = sum(F.cross_entropy(out.float(), labels[h]) for h, out in enumerate(outputs)) / len(outputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# What a rank can do at a training step. The ranks agree on the smallest, so all of them do the same.
+_RAN_OUT, _STOP, _SKIP, _TRAIN = 0, 1, 2, 3
+
+
+def train_epoch(
+    model,
+    source: Source,
+    transform,
+    targets: torch.Tensor,
+    optimizer,
+    *,
+    epoch: int,
+    config,
+    device: torch.device,
+    keep: np.ndarray | None,
+    skips: SkipLog,
+    reporter: Reporter,
+    dist: Distributed | None = None,
+    start: int = 0,
+    partial: dict | None = None,
+    stop=lambda: False,
+) -> dict:
+    """One epoch of cross-entropy averaged over heads; ``targets`` is (heads, N) over ``source`` indices.
+
+    ``config`` gives epochs, lr, lr_schedule, warmup, batch_size (global), workers and seed. The pass begins at
+    batch ``start`` of the epoch's seeded order (``partial`` holds the sums of the batches before it). Before
+    each step the ranks agree -- one all-reduce of a number -- to train, to skip a batch that some rank cannot
+    use (fewer than two readable images: BatchNorm needs two), or to end the pass because a rank ran out of
+    samples or ``stop()`` said so. So every rank takes the same optimiser steps and none waits alone in a
+    collective. Returns the epoch's figures, and ``stopped``/``step``/``partial`` to resume a stopped pass.
+    """
+    dist = dist or Distributed()
+    model.train()
+    batch_size = max(1, config.batch_size // dist.world)
+    loader = make_loader(source, transform, batch_size=batch_size, workers=config.workers, shuffle=True,
+                         seed=config.seed, epoch=epoch, keep=keep, rank=dist.rank, world=dist.world,
+                         skip_batches=start)
+    steps = batches_per_rank(source, keep, batch_size, world=dist.world, workers=config.workers, seed=config.seed,
+                             epoch=epoch, shuffle=True)
+    reporter.phase("train", max(1, steps - start))
+    sums = dict(partial or {"loss": 0.0, "images": 0, "seconds": 0.0})
+    step, rate, stopped, begin = start, None, False, time.perf_counter()
+    batches = iter(loader)
+    while True:
+        indices = images = None
+        if stop():
+            status = _STOP
+        else:
+            indices, images, bad = next(batches, (None, None, []))
+            skips.add(bad)
+            status = _RAN_OUT if indices is None else _SKIP if images is None or len(indices) < 2 else _TRAIN
+        status = dist.agree(status)
+        if status == _RAN_OUT:
+            break
+        if status == _STOP:
+            stopped = True
+            break
+        step += 1
+        if status == _SKIP:
+            reporter.advance()
+            continue
+        rate = learning_rate(config.lr, (epoch + (step - 1) / steps) / config.epochs, config.lr_schedule,
+                             config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        value = float(train_step(model, optimizer, images, targets[:, indices], device))
+        sums["loss"] += value * len(indices)
+        sums["images"] += len(indices)
+        reporter.advance(loss=value, lr=rate)
+    reporter.end_phase()
+    sums["seconds"] += time.perf_counter() - begin
+    if rate is None:  # no step trained in this call: the rate the schedule gives here
+        rate = learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
+    return {"loss": sums["loss"] / max(sums["images"], 1), "lr": rate, "images": sums["images"],
+            "seconds": sums["seconds"], "images_per_s": sums["images"] / max(sums["seconds"], 1e-9),
+            "stopped": stopped, "step": step, "partial": sums}
+
+
+@torch.no_grad()
+def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
+                     device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
+                     rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0, sink=None,
+                     views: int = 1) -> tuple[torch.Tensor | None, np.ndarray]:
+    """One pass over every (kept) sample exactly once; returns (N, dim) float32 features and a seen mask.
+    A random ``transform`` draws each sample's randomness from (``seed``, ``epoch``, sample). With a ``sink``
+    (a :class:`~labelkit.solver.FeatureWriter`) the features go to it, each divided by ``views``, and
+    the first value returned is None: nothing of size N x dim is held."""
+    loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=False, keep=keep,
+                         rank=rank, world=world, seed=seed, epoch=epoch)
+    features = torch.zeros((len(source), dim), dtype=torch.float32) if sink is None else None
+    seen = np.zeros(len(source), dtype=bool)
+    reporter.phase("label", batches_per_rank(source, keep, batch_size, world=world, workers=workers))
+    for indices, images, bad in loader:
+        skips.add(bad)
+        if images is not None:
+            with autocast(device):
+                out = model_features(images_to(images, device))
+            if sink is None:
+                features[indices] = out.float().cpu()
+            else:
+                sink.add(indices.numpy(), out, views)
+            seen[indices.numpy()] = True
+        reporter.advance()
+    reporter.end_phase()
+    return features, seen
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Atomic: a crash while saving leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0]}); start afresh "
+                          "without --resume or use another --out") from None
+
+
+# options that may change when a run is resumed
+RESUMABLE_CHANGES = {"out", "workers", "device", "strict"}
+
+
+def _saved_record(out: Path) -> dict:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class RunDir:
+    """A run directory: refuses to mix runs, keeps ``history.jsonl`` in step with ``checkpoint.pt``.
+
+    ``restore()`` returns the last checkpoint (and trims the history to it) when resuming; ``log`` appends a
+    record; ``save`` writes the checkpoint atomically with the number of history lines it covers.
+    """
+
+    def __init__(self, config, resume: bool, reporter: Reporter, writer: bool = True):
+        self.out = Path(config.out)
+        self.writer = writer  # under torchrun only rank 0 writes
+        self.weights = self.out / "model.safetensors"
+        self.reporter = reporter
+        self.resume = resume
+        self.history = self.out / "history.jsonl"
+        self.checkpoint = self.out / "checkpoint.pt"
+        stored = self.out / "config.json"
+        if writer and stored.exists():
+            previous = json.loads(stored.read_text()).get("config", {})
+            if not resume:
+                if self.finished:
+                    raise ConfigError(f"{self.out} already holds a finished run; choose another --out")
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            ours = config.to_dict()
+            changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and previous.get(k) != ours[k])
+            if changed:
+                detail = ", ".join(f"{k}: {previous.get(k)!r} -> {ours[k]!r}" for k in changed)
+                raise ConfigError(f"--resume: {self.out} holds a run with other settings ({detail})")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lines = 0
+        self._epoch_seconds: list[float] = []
+
+    def restore(self, record: dict) -> dict | None:
+        """Write ``config.json`` (``record``); return the checkpoint to resume from, if resuming."""
+        if self.resume and self.writer and self.finished:
+            raise ConfigError(f"{self.out} holds a finished run (labels.parquet, model.safetensors); there is "
+                              "nothing to resume: choose another --out")
+        saved = load_checkpoint(self.checkpoint) if self.resume and self.checkpoint.exists() else None
+        self.lines = saved["history_lines"] if saved else 0
+        if not self.writer:
+            return saved
+        kept = self.history.read_text().splitlines()[: self.lines] if saved and self.history.exists() else []
+        write_text_atomic(self.history, "".join(line + "\n" for line in kept))
+        if saved and "plan" not in record:  # the plan was made when the run started; a resume keeps it
+            record = {**record, **{k: v for k, v in _saved_record(self.out).items() if k == "plan"}}
+        write_text_atomic(self.out / "config.json", json.dumps(record, indent=2))
+        return saved
+
+    @property
+    def finished(self) -> bool:
+        """The run wrote its results and dropped its checkpoint."""
+        return (self.out / "labels.parquet").is_file() and self.weights.is_file() and not self.checkpoint.exists()
+
+    def finish(self) -> None:
+        """Results are written: the checkpoint (weights and optimizer state, often the largest file of the
+        run) is no longer needed to resume anything."""
+        if self.writer:
+            self.checkpoint.unlink(missing_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.writer:
+            self.lines += 1
+            return
+        with open(self.history, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.lines += 1
+        self.reporter.record(record)
+
+    def save(self, state: dict) -> None:
+        if not self.writer:
+            return
+        save_checkpoint(self.checkpoint, {**state, "history_lines": self.lines})
+
+    def log_epoch(self, epoch: int, epochs: int, stats: dict, started: float, pending: float = 0.0) -> None:
+        """The per-epoch line: loss, learning rate, images/s, elapsed and ETA (the last 5 epochs' pace, plus
+        ``pending`` seconds of label steps still to come)."""
+        self._epoch_seconds.append(stats["seconds"])
+        left = (epochs - epoch - 1) * float(np.mean(self._epoch_seconds[-5:])) + pending
+        self.log({"type": "epoch", "epoch": epoch + 1, "epochs": epochs, "loss": round(stats["loss"], 5),
+                  "lr": stats["lr"], "images_per_s": round(stats["images_per_s"], 1),
+                  "elapsed_s": round(time.perf_counter() - started, 1), "eta_s": round(left, 1)})
+
+    def save_weights(self, model, arch: str, kind: str) -> Path:
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        path = self.weights
+        with atomic_path(path) as tmp:
+            save_file(weights, str(tmp), metadata={"arch": arch, "labelkit": kind})
+        return path

@@ -1,0 +1,165 @@
+"""Feature quality of a trained backbone: weighted kNN and a linear probe on frozen features.
+
+* ``knn`` -- weighted k-nearest neighbours on L2-normalised features (Wu et al. 2018, as in the SeLa paper's
+  appendix): each of the k most similar training samples votes for its class with weight exp(s / T).
+* ``linear`` -- multinomial logistic regression (scikit-learn, L-BFGS, C = 1, up to 1000 iterations) on
+  standardised frozen features.
+
+Features come from the backbone's pre-logit output with the eval transform, extracted once and cached in
+the run directory under the data fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data._sources import Source, resolve
+from ..errors import ConfigError, DataError
+from ..data._loading import SkipLog, eval_transform
+from ._models import create_backbone, feature_dim
+from ._loop import Reporter, extract_features, model_to, resolve_device
+
+__all__ = ["load_backbone", "features_of", "knn_accuracy", "linear_accuracy", "evaluate", "PROTOCOLS"]
+
+PROTOCOLS = ("knn", "linear")
+
+
+def load_backbone(run: str | None = None, arch: str | None = None, init: str | None = None,
+                  image_size: int | None = None, pretrained: bool = False) -> tuple[torch.nn.Module, int, Path | None]:
+    """The frozen backbone of a ``generate``/``transfer`` run directory (for a ``--freeze`` run: its fixed
+    backbone), or a bare timm arch (+ timm's ``pretrained`` weights and/or ``init``)."""
+    if run:
+        from ._predict import load_run_model
+
+        model, record = load_run_model(run)
+        if "frozen" in record:
+            if not record["frozen"]["pixels"]:
+                raise ConfigError(f"--model {run} was trained on embedding vectors and has no image backbone")
+            return model.backbone.net, image_size or record["image_size"], Path(run)
+        return model.backbone, image_size or record["image_size"], Path(run)
+    if not arch:
+        raise ConfigError("give --model RUN_DIR, or --arch NAME (with --pretrained or --init FILE for its weights)")
+    size = image_size or 224
+    return create_backbone(arch, size, init, pretrained=pretrained).eval(), size, None
+
+
+def features_of(backbone, source: Source, image_size: int, *, cache: Path | None, batch_size: int = 256,
+                workers: int = 0, device: str = "auto", reporter: Reporter | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features and a mask of the samples that decoded; cached as ``features-<fingerprint>-<size>.npz``."""
+    path = cache / f"features-{source.fingerprint[:16]}-{image_size}px.npz" if cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as stored:
+            return stored["features"], stored["seen"]
+    from ._distributed import from_environment
+
+    dist, dev = from_environment(resolve_device(device))
+    backbone = model_to(backbone, dev)
+    features, seen = extract_features(backbone, feature_dim(backbone), source, eval_transform(image_size),
+                                      batch_size=batch_size, workers=workers, device=dev, skips=SkipLog(source),
+                                      reporter=reporter if dist.main and reporter else Reporter(),
+                                      rank=dist.rank, world=dist.world)
+    features = features.numpy()
+    rows, values = dist.gather_rows(np.flatnonzero(seen), features[seen].T)  # under torchrun: every rank's share
+    features[rows], seen[rows] = values.T, True
+    if path is not None and dist.main:
+        from .._util.files import atomic_path
+
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, features=features, seen=seen)
+    return features, seen
+
+
+def _topk(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    order = np.argsort(-scores, axis=1)
+    top1 = float((order[:, 0] == truth).mean())
+    top5 = float((order[:, : min(5, scores.shape[1])] == truth[:, None]).any(axis=1).mean())
+    return top1, top5
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 50, temperature: float = 0.1,
+                 classes: int | None = None, chunk: int = 1024) -> tuple[float, float]:
+    """Top-1 and top-5 of weighted kNN on L2-normalised features."""
+    classes = classes or int(max(train_y.max(), test_y.max())) + 1
+    train = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)
+    test = torch.nn.functional.normalize(torch.as_tensor(test_x, dtype=torch.float32), dim=1)
+    labels = torch.as_tensor(train_y, dtype=torch.long)
+    k = min(k, len(train))
+    scores = torch.zeros((len(test), classes))
+    for start in range(0, len(test), chunk):
+        sims, idx = (test[start : start + chunk] @ train.T).topk(k, dim=1)
+        scores[start : start + chunk].scatter_add_(1, labels[idx], (sims / temperature).exp())
+    return _topk(scores.numpy(), np.asarray(test_y))
+
+
+def linear_accuracy(train_x, train_y, test_x, test_y, *, seed: int = 0) -> tuple[float, float]:
+    """Top-1 and top-5 of a multinomial logistic-regression probe on standardised frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    probe = LogisticRegression(max_iter=1000, C=1.0, random_state=seed).fit(scaler.transform(train_x), train_y)
+    probs = probe.predict_proba(scaler.transform(test_x))
+    scores = np.full((len(test_x), int(max(train_y.max(), test_y.max())) + 1), -1.0)
+    scores[:, probe.classes_] = probs
+    return _topk(scores, np.asarray(test_y))
+
+
+def evaluate(protocol: str, *, data: str, model: str | None = None, arch: str | None = None, init: str | None = None,
+             pretrained: bool = False,
+             test: str | None = None, split: float = 0.2, k: int = 50, temperature: float = 0.1,
+             image_size: int | None = None, seed: int = 0, device: str = "auto", workers: int = 0,
+             reporter: Reporter | None = None) -> dict:
+    """Evaluate a backbone on ``data`` (train) against ``test`` or a seeded, stratified ``split`` of ``data``."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if model and (arch or init or pretrained):
+        raise ConfigError(f"--model {model} brings its own architecture and weights; drop --arch/--init/--pretrained, "
+                          "or drop --model")
+    backbone, size, run_dir = load_backbone(model, arch, init, image_size, pretrained)
+    train_source = resolve(data)
+    if not train_source.has_truth:
+        raise DataError(f"{data}: evaluation needs ground-truth classes (class folders, shard cls, npz labels)")
+    if reporter is not None:
+        name = json.loads((run_dir / "config.json").read_text())["arch"] if run_dir else arch
+        reporter.begin({"command": "eval", "protocol": protocol, "arch": name, "model": model, "image_size": size,
+                        "data": data, "samples": len(train_source), "test": test})
+    from ._distributed import from_environment
+
+    dist, _ = from_environment(resolve_device(device))  # under torchrun: joined here once, left at the end
+    try:
+        train_x, train_seen = features_of(backbone, train_source, size, cache=run_dir, device=device, workers=workers,
+                                          reporter=reporter)
+        train_y = train_source.targets
+        usable = train_seen & (train_y >= 0)
+        if test:
+            test_source = resolve(test)
+            shared = set(train_source.ids) & set(test_source.ids)
+            if shared:
+                raise DataError(f"--test {test} shares {len(shared):,} sample ids with --data {data}; "
+                                "they must be disjoint")
+            test_x, test_seen = features_of(backbone, test_source, size, cache=run_dir, device=device, workers=workers,
+                                            reporter=reporter)
+            test_y = test_source.targets
+            keep = test_seen & (test_y >= 0)
+            tr = np.flatnonzero(usable)
+            x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], test_x[keep], test_y[keep]
+        else:
+            if not 0.0 < split < 1.0:
+                raise ConfigError(f"--split must lie in (0, 1), got {split}")
+            from sklearn.model_selection import train_test_split
+
+            indices = np.flatnonzero(usable)
+            tr, te = train_test_split(indices, test_size=split, stratify=train_y[indices], random_state=seed)
+            x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], train_x[te], train_y[te]
+        if protocol == "knn":
+            top1, top5 = knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=temperature)
+        else:
+            top1, top5 = linear_accuracy(x_train, y_train, x_test, y_test, seed=seed)
+        return {"protocol": protocol, "top1": top1, "top5": top5, "n_train": int(len(y_train)), "n_test": int(len(y_test))}
+    finally:
+        dist.close()

@@ -1,0 +1,486 @@
+"""SeLa: self-labelling via simultaneous clustering and representation learning (Asano et al., ICLR 2020).
+
+The loop, as in the paper: for each epoch, train the backbone and T heads with cross-entropy on the current
+labels (step 1); at the scheduled epochs, pass over the data once, and for each head find the labels that
+minimise the same cross-entropy under equal cluster sizes with Sinkhorn-Knopp (step 2). The last label step
+comes after the last epoch, and its labels are the artefact.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artefact._artefact import Artefact, producer_versions
+from ._config import SelaConfig, memory_bytes, solver_prior
+from ..quality._consensus import consensus_labels
+from ..errors import ConfigError
+from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, neighbours, spherical_kmeans, train_heads_epoch
+from ._graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
+from ..data._loading import augmentation_preset, eval_transform, pretrained_transforms
+from ..quality._metrics import agreement
+from ..quality._label_free import QUALITY_ROWS, head_quality, recommend_k
+from ._models import SelaModel, create_backbone, feature_dim
+from ._job import Job
+from ..solver import FeatureFile, FeatureWriter, write_features
+from ..data._loading import rank_slice
+from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
+from ._loop import Reporter, extract_features, learning_rate, make_optimizer, model_to, seed_everything
+
+__all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
+
+
+def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
+    """Epochs after which the labels are re-solved: the i-th of M at t_i = ((i - 1) / (M - 1))^2 of training
+    (paper, appendix A.1), or at even intervals (``spacing="even"``: for runs that start from meaningful labels,
+    which need no burst of early steps). Epoch 0 means before any training; the last comes after the final
+    epoch. At most one per epoch.
+    """
+    if steps == 1:
+        return [epochs]
+    power = 1 if spacing == "even" else 2
+    return sorted({round(epochs * ((i - 1) / (steps - 1)) ** power) for i in range(1, steps + 1)})
+
+
+def augmentation(config: SelaConfig):
+    return augmentation_preset(config.augment, config.image_size)
+
+
+@dataclass
+class SelaRun:
+    """What a finished run produced."""
+
+    out: Path
+    artefact: Path
+    labels: Artefact
+    metrics: list[dict] | None
+    seconds: float
+    skipped: list[dict]
+    history: Path
+    quality: dict | None = None  # label-free quality per head and the recommended K (labelkit.quality)
+    consensus: dict | None = None  # the consensus head, when one was appended
+
+
+@dataclass
+class SelaState:
+    """What SeLa carries between label steps besides the network, per head: the current label of every
+    sample, its score q(label | sample), and the Sinkhorn potentials that warm-start the next solve."""
+
+    labels: torch.Tensor  # (T, N) int64
+    scores: torch.Tensor  # (T, N) float32
+    potentials: list  # T tensors of shape (K_h,), None before a head's first solve
+
+    @classmethod
+    def initial(cls, n: int, ks: list[int], seed: int) -> "SelaState":
+        """A random equipartition for every head: the labels before the first label step."""
+        rng = np.random.default_rng(seed)
+        labels = torch.from_numpy(np.stack([rng.permutation(n) % k for k in ks]).astype(np.int64))
+        return cls(labels, torch.zeros(labels.shape, dtype=torch.float32), [None] * len(ks))
+
+    def state_dict(self) -> dict:
+        return {"labels": self.labels.to(torch.int32), "scores": self.scores, "potentials": list(self.potentials)}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.labels, self.scores = saved["labels"].long(), saved["scores"]
+        self.potentials = list(saved["potentials"])
+
+
+def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None = None) -> dict:
+    record = {"kind": "sela", "config": config.to_dict(), "arch": config.arch, "image_size": config.image_size,
+              "clusters": ks, "head_temperature": config.head_temperature, "feature_dim": dim,
+              "producer": producer_versions()}
+    if plan:
+        record["plan"] = plan
+    return record
+
+
+def head_balance(config: SelaConfig, k: int, n: int) -> Balance:
+    """Prior, relaxation and rounding of a head's solve: exact-balance rounding is for equal sizes only."""
+    prior = solver_prior(config, k, n)
+    equal = prior == "uniform" and config.balance is None
+    return Balance(prior=prior, tau=config.balance, floor=config.balance_floor, exact=config.exact_balance and equal)
+
+
+def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int]) -> dict:
+    """Step 2: one pass for the features, then one Sinkhorn solve per head, warm-started."""
+    config, dist, source = job.config, job.dist, job.source
+    model.eval()
+    # the plain view, plus label_views - 1 augmented ones whose features are averaged in: labels then follow
+    # what the augmentation leaves unchanged (``label_augment`` replaces the plain view by an augmented one)
+    views = [augmentation(config) if config.label_augment else eval_transform(config.image_size)]
+    views += [augmentation(config)] * (config.label_views - 1)
+    keep = ~job.skips.mask()
+    here = len(rank_slice(np.flatnonzero(keep), dist.rank, dist.world))
+    writer = None
+    if features_on_disk(here, dim, max(ks), job.device, memory_bytes(config.label_memory), scratch=config.out):
+        name = "label_features.npy" if dist.world == 1 else f"label_features-rank{dist.rank}.npy"
+        writer = FeatureWriter(Path(config.out) / name, len(source), dim)
+    try:
+        features, seen = None, None
+        for transform in views:
+            view, view_seen = extract_features(model.features, dim, source, transform, batch_size=config.batch_size * 2,
+                                               workers=config.workers, device=job.device, skips=job.skips,
+                                               reporter=job.reporter, keep=keep, rank=dist.rank, world=dist.world,
+                                               sink=writer, views=len(views))
+            if writer is None:
+                features = view if features is None else features.add_(view)
+            seen = view_seen if seen is None else seen & view_seen
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    labelled = ~job.merge_skips()  # every rank learns which samples any rank could not read
+    if writer is None:
+        features /= len(views)
+        rows = torch.from_numpy(np.flatnonzero(seen & labelled))  # this rank's share
+        return _solve_heads(job, model, features[rows].to(job.device), rows, labelled, state, ks)
+    file, order = writer.finish()  # rows in the order the pass met them; some may have failed another view
+    wanted = np.flatnonzero((seen & labelled)[order])
+    try:
+        if len(wanted) < len(order):
+            compact = file.path.with_name("compact-" + file.path.name)
+            blocks = (file.take(wanted[i:i + 65536]) for i in range(0, len(wanted), 65536))
+            file.path.unlink()
+            file = FeatureFile(write_features(compact, blocks, len(wanted), dim))
+        record = _solve_heads(job, model, file, torch.from_numpy(order[wanted]), labelled, state, ks)
+    finally:
+        file.path.unlink(missing_ok=True)  # written for this step only: N x D float16 need not outlive it
+    return {**record, "features": "disk"}
+
+
+def _graph_start(job: Job, state: SelaState, ks: list[int]) -> dict:
+    """The first labels of every head from the spectral embedding of the thumbnails' kNN graph
+    (:mod:`labelkit.training`); rank 0 computes them, every rank receives them."""
+    config, dist, source = job.config, job.dist, job.source
+    computed = None
+    if dist.main:
+        side = min(config.image_size, GRAPH_THUMBNAIL)
+        transform = eval_transform(side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        pixels, seen = extract_features(Thumbnail(grey=False), 3 * side * side, source, transform,
+                                        batch_size=config.batch_size * 2, workers=config.workers,
+                                        device=torch.device("cpu"), skips=job.skips, reporter=job.reporter,
+                                        keep=~job.skips.mask())
+        rows = np.flatnonzero(seen & ~job.skips.mask())
+        held = pixels.numel() * pixels.element_size()
+        x = pixels[torch.from_numpy(rows)].view(len(rows), 3, -1)
+        grey = bool(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]))
+        del pixels
+        job.reporter.phase("graph", 1)
+        labels, info = spectral_labels((x[:, 0] if grey else x.flatten(1)).numpy(), ks, config.seed)
+        job.reporter.advance()
+        job.reporter.end_phase()
+        info.update(grey=grey, thumbnail=side, memory_bytes=2 * held)  # the pixels and their selected rows
+        computed = rows, labels, info, dict(job.skips.skipped)
+    rows, labels, info, skipped = dist.broadcast(computed)
+    job.skips.skipped.update(skipped)
+    state.labels[:, torch.from_numpy(rows)] = torch.from_numpy(labels)
+    if source.has_truth:  # measured only
+        truth = source.targets[rows]
+        known = truth >= 0
+        info["heads"] = [{"head": h, "k": ks[h], "nmi": agreement(labels[h][known], truth[known])["nmi"]}
+                         for h in range(len(ks))]
+    return info
+
+
+def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch.Tensor, labelled: np.ndarray,
+                 state: SelaState, ks: list[int]) -> dict:
+    """One Sinkhorn solve per head on ``features`` (this rank's ``rows``), warm-started; the new labels and
+    scores go into ``state``; returns the label step's record."""
+    config, dist, source = job.config, job.dist, job.source
+    everyone = np.flatnonzero(labelled)
+    previous = state.labels[:, everyone].numpy()
+    # what the label-free quality of the last step reads: a sample of the rows (it subsamples to that many
+    # anyway), so that N x D features are not held through the next epochs
+    sample = np.sort(np.random.default_rng(config.seed).permutation(len(rows))[:QUALITY_ROWS])
+    picked = features.take(sample) if isinstance(features, FeatureFile) else features[torch.from_numpy(sample)]
+    job.label_features = (rows.numpy()[sample], picked.float().cpu())
+    job.previous_labels = state.labels[:, rows[torch.from_numpy(sample)]].clone()
+    memory = memory_bytes(config.label_memory)
+    path = kernel_path(len(rows), max(ks), job.device, memory, scratch=config.out)
+    buffer = kernel_buffer(len(rows), max(ks), device=job.device) if path == "stored" else None
+    job.reporter.phase("solve", len(ks))
+    heads = []
+    start = time.perf_counter()
+    for h in range(len(model.heads)):
+        weight, bias = model.head_weights(h)
+        bias = None if bias is None else bias.detach().float()
+        with warnings.catch_warnings():  # an unconverged solve is recorded in the history instead
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = solve(features=features, weight=weight.detach().float(), bias=bias, warm_start=state.potentials[h],
+                           algorithm=Algorithm(lam=config.lam, tol=config.sinkhorn_tol),
+                           balance=head_balance(config, ks[h], len(everyone)),
+                           storage=Storage(kernel=path, memory=memory, scratch=config.out, device=job.device),
+                           buffer=buffer, group=dist.group)
+        state.potentials[h] = torch.from_numpy(result.potentials)
+        gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([result.labels.astype(np.float64),
+                                                                          result.scores.astype(np.float64)]))
+        state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
+        state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
+        info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
+                "density": None if result.density is None else round(result.density, 5),
+                "iterations": result.iterations,
+                "seconds": round(result.seconds, 3),
+                "error": result.error, "converged": result.converged, "size_min": int(result.sizes.min()),
+                "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum())}
+        if dist.main:  # the figures go to the history, which rank 0 writes
+            labels = state.labels[h, everyone].numpy()
+            info["nmi_previous"] = agreement(labels, previous[h])["nmi"]
+            if source.has_truth:  # ground truth is only ever measured, never trained on
+                truth = source.targets[everyone]
+                known = truth >= 0
+                scores = agreement(labels[known], truth[known], accuracy=True)
+                info.update(nmi=scores["nmi"], ari=scores["ari"], accuracy=scores["accuracy"])
+        heads.append(info)
+        job.reporter.advance(head=h)
+    job.reporter.end_phase()
+    held = (0 if isinstance(features, FeatureFile) else features.numel() * features.element_size()) \
+        + (0 if buffer is None else buffer.numel() * buffer.element_size())
+    del buffer
+    return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
+            "memory_bytes": held}
+
+
+def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | None = None,
+             plan: dict | None = None) -> SelaRun:
+    """Run SeLa as configured and write ``labels.parquet``, ``model.safetensors``, ``config.json`` and
+    ``history.jsonl`` into ``config.out``. Checkpoints every epoch and on SIGTERM/SIGUSR1 (then raises
+    :class:`~labelkit.errors.Preempted`); ``resume`` continues a stopped or killed run. ``plan`` (see
+    :meth:`labelkit.training.Plan.record`) is kept in ``config.json`` and the artefact: the recipe, its reasons and
+    the estimates."""
+    with Job(config, kind="generate", resume=resume, reporter=reporter) as job:
+        job.plan = plan
+        ks = config.head_clusters()
+        if max(ks) > len(job.source):
+            raise ConfigError(f"--clusters {max(ks)} is more than the {len(job.source)} samples of {config.data}; "
+                              "give a K below the number of samples, e.g. --clusters 10")
+        seed_everything(config.seed)
+        if config.frozen:
+            return _run_frozen(job, ks)
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        model = SelaModel(backbone, ks, config.head_temperature)
+        model = model_to(model, job.device)
+        dim = feature_dim(model.backbone)
+        optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
+        state = SelaState.initial(len(job.source), ks, config.seed)
+        resumed = job.start(_run_record(config, ks, dim, job.plan), model=model, optimizer=optimizer, sela=state)
+        schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
+        if config.start == "graph":  # the graph start takes the place of the label step at epoch 0
+            schedule.discard(0)
+        job.label_schedule = schedule
+        job.announce(model, heads=ks, label_steps=len(schedule))
+        train_model = job.parallel(model)
+        transform = augmentation(config)
+        if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
+            job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
+            job.checkpoint_or_stop()
+        elif not resumed and 0 in schedule:  # the first labels come from the untrained network
+            job.label_step(0, lambda: _label_step(job, model, dim, state, ks))
+            job.checkpoint_or_stop()
+        deadline = (job.plan or {}).get("deadline")
+        for epoch in job.epochs():
+            began = time.time()
+            job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask())  # step 1
+            if epoch + 1 in schedule:
+                job.label_step(epoch + 1, lambda: _label_step(job, model, dim, state, ks))
+            job.end_epoch()
+            # --budget: stop between epochs when another one (and a last label step) would end past the deadline
+            if deadline and epoch + 1 < config.epochs and time.time() + (time.time() - began) > deadline:
+                if epoch + 1 not in schedule:
+                    job.label_step(epoch + 1, lambda: _label_step(job, model, dim, state, ks))
+                job.log({"type": "budget", "epoch": epoch + 1, "epochs": config.epochs,
+                         "message": f"stopped after epoch {epoch + 1} of {config.epochs}: the next would pass the budget"})
+                job.stopped_early = epoch + 1
+                break
+        job.merge_skips()
+        run = _finish(job, model, state, ks)
+        job.finish()
+        return run
+
+
+def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, dict]:
+    """The fixed features to label: an embedding table's vectors, or the cached views of a frozen backbone.
+    Returns (the backbone or None, (V, N, D) views -- for a table one lazy view read by chunks --, where they
+    came from)."""
+    config, source = job.config, job.source
+    if not source.has_pixels:
+        job.skips.skipped.update(source.check_finite(config.skip_bad))
+        return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
+    net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+    if config.pretrained:  # timm's own input size, interpolation, crop, mean and std for these weights
+        plain, augmented, _ = pretrained_transforms(net, config.augment)
+    else:
+        plain, augmented = eval_transform(config.image_size), augmentation(config)
+    views, record = cached_views(job, net, plain, augmented, feature_dim(net))
+    return net, views, record
+
+
+class FrozenBackbone(torch.nn.Module):
+    """What the heads of a frozen run read, as one module for ``predict``: the fixed backbone (none for an
+    embedding table), the PCA whitening and the trainable trunk."""
+
+    def __init__(self, net: torch.nn.Module | None, whiten: Whiten, trunk: FeatureTrunk):
+        super().__init__()
+        self.net, self.whiten, self.trunk = net, whiten, trunk
+        self.num_features = self.head_hidden_size = trunk.head_hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.whiten(self.net(x) if self.net is not None else x))
+
+
+def frozen_model(record: dict, net: torch.nn.Module | None) -> SelaModel:
+    """The model of a frozen run from its ``config.json`` record (weights not loaded)."""
+    frozen = record["frozen"]
+    trunk = FeatureTrunk(frozen["width"], frozen.get("hidden"))
+    backbone = FrozenBackbone(net, Whiten(frozen["in_dim"], frozen["width"]), trunk)
+    return SelaModel(backbone, record["clusters"], record.get("head_temperature"))
+
+
+def _seed_prototypes(heads: SelaModel, features: torch.Tensor, keep: np.ndarray, seed: int) -> None:
+    """Start every head from k-means centroids of the (L2-normalised) features it reads, each head its own
+    seed, on a sample of max(20,000, 40 K) rows. Heads started at random fit whatever partition their random
+    hyperplanes make, and on fixed features SeLa settles near that start; centroids are a start that follows
+    the data, which SeLa then refines under the equal-size constraint."""
+    rng = np.random.default_rng([seed, 1])
+    kept = np.flatnonzero(keep)
+    with torch.no_grad():
+        for h, head in enumerate(heads.heads):
+            k = head.out_features
+            rows = np.sort(rng.choice(kept, min(len(kept), max(20_000, 40 * k)), replace=False))
+            x = torch.nn.functional.normalize(heads.features(features[torch.from_numpy(rows)].float()), dim=1)
+            centres = _kmeans(x, k, seed * 1000 + h)
+            head.weight.copy_(centres * head.weight.norm(dim=1, keepdim=True))
+            if head.bias is not None:
+                head.bias.zero_()
+
+
+def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 10) -> torch.Tensor:
+    """Unit-norm centroids of ``x``: scikit-learn's KMeans (k-means++ seeding, best of 3) while that is cheap;
+    for large problems, where k-means++ seeding alone takes minutes, ``rounds`` Lloyd rounds from K random
+    samples (empty clusters re-seeded)."""
+    if len(x) * k <= 2e7:
+        from sklearn.cluster import KMeans
+
+        centres = torch.from_numpy(KMeans(k, n_init=3, max_iter=100, random_state=seed).fit(x.numpy()).cluster_centers_)
+        return torch.nn.functional.normalize(centres.float(), dim=1)
+    return spherical_kmeans(x, k, seed, rounds=rounds)
+
+
+def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
+    """SeLa with the backbone fixed: step 1 trains the heads on cached views, step 2 solves on the plain view."""
+    config, source = job.config, job.source
+    if job.dist.world > 1:
+        raise ConfigError("--freeze and embedding tables train heads in one process; run without torchrun")
+    net, views, origin = _frozen_features(job)
+    keep = ~job.skips.mask()
+    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep))
+    with torch.no_grad():  # whitened once, chunk by chunk into one tensor; the heads train on these
+        whitened = torch.empty((len(views), len(views[0]), whiten.num_features))
+        for v, view in enumerate(views):
+            for i in range(0, len(view), 65536):
+                whitened[v, i:i + 65536] = whiten(view[i:i + 65536].float())
+        views = whitened
+    heads = SelaModel(FeatureTrunk(whiten.num_features, config.head_hidden), ks, config.head_temperature)
+    model = SelaModel(FrozenBackbone(net, whiten, heads.backbone), ks, config.head_temperature)
+    model.heads = heads.heads  # one set of heads: trained through ``heads``, saved and predicted through ``model``
+    heads.eval()
+    _seed_prototypes(heads, views[0], keep, config.seed)
+    optimizer = make_optimizer(heads, config.lr, config.momentum, config.weight_decay)
+    state = SelaState.initial(len(source), ks, config.seed)
+    record = _run_record(config, ks, whiten.num_features, job.plan)
+    record.update(frozen={"in_dim": int(whiten.mean.numel()), "width": whiten.num_features,
+                          "hidden": config.head_hidden, "pixels": net is not None})
+    resumed = job.start(record, model=heads, optimizer=optimizer, sela=state)
+    arch = f"{config.arch} (frozen)" if net is not None else "heads on vectors"
+    job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)), arch=arch,
+                 views=int(views.shape[0]), width=whiten.num_features)
+    job.log(origin)
+    near = neighbours(views[0], config.neighbours) if config.neighbours else None
+    rows = torch.from_numpy(np.flatnonzero(keep))
+    schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
+    job.label_schedule = schedule
+
+    def label_step() -> dict:
+        heads.eval()
+        with torch.no_grad():
+            features = torch.cat([heads.features(views[0][rows[i:i + 65536]]) for i in range(0, len(rows), 65536)])
+        return _solve_heads(job, heads, features, rows, keep, state, ks)
+
+    def lr_at(epoch: int, step: int, steps: int) -> float:
+        return learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
+
+    if not resumed and 0 in schedule:  # the first labels come from the untrained heads
+        job.label_step(0, label_step)
+        job.checkpoint_or_stop()
+    for epoch in job.epochs():
+        stats = train_heads_epoch(heads, views, state.labels, optimizer, epoch=epoch, config=config, keep=keep,
+                                  lr_at=lr_at, near=near, reporter=job.reporter)  # step 1, the heads only
+        job.run_dir.log_epoch(epoch, config.epochs, stats, job.started, pending=job.label_eta(epoch))
+        if epoch + 1 in schedule:
+            job.label_step(epoch + 1, label_step)  # step 2
+        job.end_epoch()
+    run = _finish(job, model, state, ks)
+    job.finish()
+    return run
+
+
+def _method(config: SelaConfig, plan: dict | None, stopped_early: int | None = None) -> dict:
+    method = {"name": "sela", "config": config.to_dict()}
+    if plan:  # how the configuration was chosen: recipe, reasons, budget and the estimate
+        method["recipe"] = {k: plan[k] for k in ("recipe", "reasons", "budget_s", "estimate") if k in plan}
+    if stopped_early:  # the config says what was planned; this says where the budget ended it
+        method.setdefault("recipe", {})["stopped_after_epoch"] = stopped_early
+    return method
+
+
+def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
+    """Label-free quality of every head on this rank's rows of the last label step, and the K to keep."""
+    if job.label_features is None or not job.dist.main:
+        return None
+    rows, features = job.label_features
+    heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.numpy(),
+                         previous=job.previous_labels.numpy(), seed=job.config.seed)
+    record = {"heads": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]}
+    which = recommend_k(heads)
+    if which:
+        record["recommended_k"] = which
+    return record
+
+
+def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
+    config, source = job.config, job.source
+    rows = np.flatnonzero(~job.skips.mask())
+    labels = state.labels[:, rows].numpy()
+    scores = state.scores[:, rows].numpy()
+    method = _method(config, job.plan, job.stopped_early)
+    quality = _quality(job, state, ks)
+    if quality:
+        method["quality"] = quality
+        job.log({"type": "quality", **quality})
+    heads_k = list(ks)
+    if config.consensus and len(ks) > 1:  # appended as one more head, after the heads it was voted from
+        agreed = consensus_labels(labels, ks)
+        labels = np.concatenate([labels, agreed.labels[None]])
+        scores = np.concatenate([scores, agreed.scores[None]])
+        heads_k.append(agreed.k)
+        method["consensus"] = {"head": len(ks), **agreed.record()}
+        job.log({"type": "consensus", **method["consensus"]})
+    artefact = Artefact.build([source.ids[i] for i in rows], labels, heads_k, scores=scores, method=method,
+                              **job.provenance())
+    path = job.run_dir.out / "labels.parquet"
+    if job.run_dir.writer:
+        artefact.write(path)
+        job.run_dir.save_weights(model, config.arch, "sela")
+    metrics = None
+    if source.has_truth:
+        truth = source.targets[rows]
+        known = truth >= 0
+        metrics = [dict(agreement(head[known], truth[known], accuracy=True), head=h, k=heads_k[h])
+                   for h, head in enumerate(labels)]
+    return SelaRun(out=job.run_dir.out, artefact=path, labels=artefact, metrics=metrics,
+                   seconds=time.perf_counter() - job.started, skipped=job.skips.as_list(), history=job.run_dir.history,
+                   quality=quality, consensus=method.get("consensus"))
