@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from labelkit.artefact._artefact import Artefact, check_artefact, read_artefact
+from labelkit.artefact import Artefact, check_artefact, read_artefact
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
 
-    from labelkit.data._sources import resolve
-    from labelkit.data._loading import eval_transform, make_loader
+    from labelkit.data import resolve
+    from labelkit.data import Order, eval_transform, make_loader
 
     print(f"{os.cpu_count()} CPU cores, {args.images} JPEG images per folder")
     for size in (32, 224):
@@ -46,7 +46,7 @@ def main() -> None:
             baseline = len(source) / (time.perf_counter() - t0)
             print(f"{size}x{size}: plain loop {baseline:8.0f} images/s")
             for workers in args.workers:
-                loader = make_loader(source, transform, batch_size=64, workers=workers)
+                loader = make_loader(source, transform, Order(64), workers=workers)
                 t0 = time.perf_counter()
                 count = sum(len(indices) for indices, _, _ in loader)
                 rate = count / (time.perf_counter() - t0)

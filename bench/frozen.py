@@ -49,8 +49,8 @@ def kmeans(x, k: int, seed: int = 0):
 
 
 def generate(**options):
-    from labelkit.training._config import resolve_config
-    from labelkit.training._sela import run_sela
+    from labelkit.training import resolve_config
+    from labelkit.training import run_sela
 
     start = time.perf_counter()
     run = run_sela(resolve_config(options))
@@ -76,8 +76,8 @@ def gmm(args) -> None:
 def digits(args) -> None:
     import torch
 
-    from labelkit.data._sources import resolve
-    from labelkit.training._frozen import Whiten
+    from labelkit.data import resolve
+    from labelkit.training import Whiten
 
     with tempfile.TemporaryDirectory() as tmp:
         options = dict(data=args.data, freeze=True, out=str(Path(tmp) / "run"), clusters=(args.clusters,), heads=args.heads)

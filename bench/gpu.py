@@ -272,8 +272,8 @@ class Shape:
     warmup: int = 3  # cuDNN's algorithm search and the allocator's first growth
 
     def model(self, arch: str):
-        from labelkit.training._models import SelaModel, create_backbone
-        from labelkit.training._loop import make_optimizer, model_to
+        from labelkit.training import SelaModel, create_backbone
+        from labelkit.training import make_optimizer, model_to
 
         model = model_to(SelaModel(create_backbone(arch, self.image_size), list(self.heads)), self.device)
         model.train()  # placed as `generate` places it
@@ -305,8 +305,8 @@ def _synthetic(arch: str, shape: Shape) -> dict:
 def _through_loader(source, arch: str | None, shape: Shape, workers: int) -> dict:
     """One pass of labelkit's shuffled training loader (its augmentation, its workers); with an ``arch``, each
     batch also takes a training step. Rates are counted from the second batch on (worker start-up apart)."""
-    from labelkit.data._loading import augmentation_preset, make_loader
-    from labelkit.training._loop import train_step
+    from labelkit.data import Order, augmentation_preset, make_loader
+    from labelkit.training import train_step
 
     device, batch = shape.device, shape.batch
     model = optimizer = None
@@ -315,8 +315,8 @@ def _through_loader(source, arch: str | None, shape: Shape, workers: int) -> dic
         warm = torch.randn((batch, 3, shape.image_size, shape.image_size))
         for _ in range(shape.warmup):
             train_step(model, optimizer, warm, shape.labels(batch), device)
-    loader = make_loader(source, augmentation_preset("paper", shape.image_size), batch_size=batch,
-                         workers=workers, shuffle=True, seed=0)
+    loader = make_loader(source, augmentation_preset("paper", shape.image_size), Order(batch, shuffle=True),
+                         workers=workers)
     _sync(device)
     t0 = time.perf_counter()
     first, images_seen, steady_images = None, 0, 0
@@ -338,8 +338,8 @@ def _through_loader(source, arch: str | None, shape: Shape, workers: int) -> dic
 
 
 def throughput(args) -> dict:
-    from labelkit.training._config import default_workers
-    from labelkit.data._sources import resolve
+    from labelkit.training import default_workers
+    from labelkit.data import resolve
 
     device = _device()
     smoke = args.smoke

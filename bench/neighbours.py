@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from frozen import mixture
-from labelkit.training._frozen import neighbours
+from labelkit.training import neighbours
 
 
 def timed(fn):

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import _make_handler  # noqa: E402
 
 from labelkit.artefact import released as released  # noqa: E402
-from labelkit.artefact._artefact import Artefact, read_artefact, read_header  # noqa: E402
+from labelkit.artefact import Artefact, read_artefact, read_header  # noqa: E402
 from labelkit.cli import main as cli  # noqa: E402
-from labelkit.artefact._sharing import import_labels  # noqa: E402
+from labelkit.artefact import import_labels  # noqa: E402
 
 
 def main() -> None:

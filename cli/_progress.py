@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from labelkit.training._loop import Reporter
+from labelkit.training import Reporter
 
 
 def plural(count: int, noun: str) -> str:

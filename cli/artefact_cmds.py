@@ -55,9 +55,9 @@ def info(artefact: str, as_json: bool, full: bool | None) -> None:
 
     Example: labelkit info runs/sela/labels.parquet --json
     """
-    from labelkit.artefact._artefact import read_artefact, read_header
+    from labelkit.artefact import read_artefact, read_header
     from labelkit._util.remote import is_url
-    from labelkit.artefact._sharing import summarize
+    from labelkit.artefact import summarize
 
     if full is None:
         full = not is_url(artefact)
@@ -81,7 +81,7 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
 
     Example: labelkit validate labels.parquet --data /datasets/imagenet/train
     """
-    from labelkit.artefact._artefact import read_artefact, read_header
+    from labelkit.artefact import read_artefact, read_header
     from labelkit.errors import ArtefactError
     from labelkit._util.remote import is_url, redact
 
@@ -110,7 +110,7 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
                f"{art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
     if data_spec is None:
         return
-    from labelkit.data._sources import compare_to_data, describe_match
+    from labelkit.data import compare_to_data, describe_match
 
     report = compare_to_data(art, data_spec)
     click.echo(f"data {redact(data_spec)}: {report['data_count']:,} samples")
@@ -151,8 +151,8 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
     Example: labelkit export runs/sela --format hub --out hub/ --repo me/digits-selflabels
              hf upload me/digits-selflabels hub/ --repo-type dataset
     """
-    from labelkit.artefact._artefact import read_artefact
-    from labelkit.artefact._sharing import HUB_ROWS_PER_FILE, export_artefact, export_hub
+    from labelkit.artefact import read_artefact
+    from labelkit.artefact import HUB_ROWS_PER_FILE, export_artefact, export_hub
 
     art = read_artefact(artefact)
     if fmt != "hub":
@@ -161,7 +161,7 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
         return
     scores = None
     if truth:
-        from labelkit.quality._scoring import score_artefact
+        from labelkit.quality import score_artefact
 
         scores = score_artefact(art, truth=truth)
     path = export_hub(art, out, repo=repo, license=license_, pretty_name=pretty_name,
@@ -192,7 +192,7 @@ def import_(src: str, out: str, keys: str | None, image_root: str | None, cluste
     Example: labelkit import sela:resnet50-10x3k --image-root /datasets/imagenet/train --out sela-r50.parquet
     Example: labelkit import labels.csv --keys ids.txt --out labels.parquet
     """
-    from labelkit.artefact._sharing import import_labels
+    from labelkit.artefact import import_labels
 
     from ._progress import download_bar
 

@@ -21,15 +21,15 @@ def data(spec: str, check: bool, workers: int, full_hash: bool, as_json: bool) -
 
     Example: labelkit data /datasets/imagenet/train --check
     """
-    from labelkit.data._sources import resolve
+    from labelkit.data import resolve
 
     source = resolve(spec)
     skipped = []
     if check:
-        from labelkit.data._loading import SkipLog, eval_transform, make_loader
+        from labelkit.data import Order, SkipLog, eval_transform, make_loader
 
         log = SkipLog(source)
-        for _, _, bad in make_loader(source, eval_transform(32), batch_size=256, workers=workers):
+        for _, _, bad in make_loader(source, eval_transform(32), Order(256), workers=workers):
             log.add(bad)
         skipped = log.as_list()
     manifest = source.manifest(skipped).to_dict()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from labelkit.training._config import AUGMENTATIONS, LABEL_SPACINGS, LR_SCHEDULES, RECIPE_NAMES, RECIPES, STARTS, SelaConfig
+from labelkit.data import AUGMENTATIONS
+from labelkit.training import LABEL_SPACINGS, LR_SCHEDULES, RECIPE_NAMES, RECIPES, STARTS, SelaConfig
 
 from ._options import default, weights_options
 
@@ -111,8 +112,8 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
       srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv-backend=c10d \\
            --rdzv-endpoint=$MASTER_ADDR:29500 -m labelkit generate …
     """
-    from labelkit.training._plan import make_plan
-    from labelkit.training._sela import run_sela
+    from labelkit.training import make_plan
+    from labelkit.training import run_sela
 
     from ._progress import BarReporter, plural
     from ._resume import interrupted

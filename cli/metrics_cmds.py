@@ -40,8 +40,8 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
     Example: labelkit metrics runs/sela/labels.parquet --truth builtin:digits --plot metrics.png
     Example: labelkit metrics runs/sela/labels.parquet
     """
-    from labelkit.artefact._artefact import read_artefact
-    from labelkit.quality._scoring import label_free, score_artefact
+    from labelkit.artefact import read_artefact
+    from labelkit.quality import label_free, score_artefact
 
     art = read_artefact(artefact)
     if truth is None and against is None:
@@ -49,7 +49,7 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
         return
     result = score_artefact(art, truth=truth, against=against, heads=heads, min_coverage=min_coverage, average=average)
     if plot:
-        from labelkit.report._figures import metrics_figure
+        from labelkit.report import metrics_figure
 
         metrics_figure([art.cluster_sizes(h["head"]) for h in result["heads"]], result, plot)
     if as_json:
@@ -107,9 +107,9 @@ def consensus(artefact, out, k, reference, heads) -> None:
 
     Example: labelkit consensus runs/digits/labels.parquet --out consensus.parquet
     """
-    from labelkit.artefact._artefact import read_artefact
-    from labelkit.quality._consensus import consensus_artefact
-    from labelkit.quality._scoring import parse_heads
+    from labelkit.artefact import read_artefact
+    from labelkit.quality import consensus_artefact
+    from labelkit.quality import parse_heads
 
     art = read_artefact(artefact)
     voting = None if heads == "all" else parse_heads(heads, art.num_heads)

@@ -24,8 +24,8 @@ def predict(model_dir, data, out, batch_size, workers, device, quiet) -> None:
     \b
     Example: labelkit predict --model runs/digits --data builtin:digits --out predicted.parquet
     """
-    from labelkit.training._config import default_workers
-    from labelkit.training._predict import run_predict
+    from labelkit.training import default_workers
+    from labelkit.training import run_predict
 
     from ._progress import BarReporter, plural
 

@@ -21,7 +21,7 @@ def report(artefact, data, truth, run, head, per_cluster, shown, seed, out) -> N
 
     Example: labelkit report runs/digits/labels.parquet --data builtin:digits --run runs/digits --out report
     """
-    from labelkit.report._page import build_report
+    from labelkit.report import build_report
 
     result = build_report(artefact, data, out, truth=truth, run=run, head=head, per_cluster=per_cluster,
                           clusters=shown, seed=seed)

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from labelkit.training._config import AUGMENTATIONS, LR_SCHEDULES, TRANSFER_RECIPES, TransferConfig
+from labelkit.data import AUGMENTATIONS
+from labelkit.training import LR_SCHEDULES, TRANSFER_RECIPES, TransferConfig
 
 from ._options import default, weights_options
 
@@ -51,8 +52,8 @@ def transfer(dry_run, resume, config_file, quiet, **options) -> None:
     Example: labelkit transfer --labels runs/digits/labels.parquet --data builtin:digits --arch alexnet
     Multi-GPU: torchrun --nproc_per_node=8 -m labelkit transfer --labels … --data … --arch alexnet
     """
-    from labelkit.training._config import resolve_config
-    from labelkit.training._transfer import run_transfer
+    from labelkit.training import resolve_config
+    from labelkit.training import run_transfer
 
     from ._progress import BarReporter
     from ._resume import interrupted
@@ -62,7 +63,7 @@ def transfer(dry_run, resume, config_file, quiet, **options) -> None:
     config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES, resume=resume)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
     if main_rank and (dry_run or not quiet) and not resume:
-        from labelkit.training._plan import plan_transfer
+        from labelkit.training import plan_transfer
 
         for line in plan_transfer(config).lines():
             click.echo(line, err=not dry_run)
@@ -102,7 +103,7 @@ def eval_(protocol, run, arch, init, pretrained, data, test, split, k, temperatu
 
     Example: labelkit eval knn --model runs/digits-transfer --data builtin:digits
     """
-    from labelkit.training._probe import evaluate
+    from labelkit.training import evaluate
 
     from ._progress import BarReporter
 

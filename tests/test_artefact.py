@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from labelkit.artefact import format as fmt
-from labelkit.artefact._artefact import Artefact, check_artefact, read_artefact
+from labelkit.artefact import Artefact, check_artefact, read_artefact
 from labelkit.errors import ArtefactError
 
 FIXTURE = "tests/fixtures/artefact-v1.0.0.parquet"

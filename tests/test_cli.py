@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import Artefact
+from labelkit.artefact import Artefact
 from labelkit.cli import main
 
 
@@ -18,7 +18,7 @@ def runner():
 
 @pytest.fixture
 def artefact_path(tmp_path):
-    art = Artefact.build([f"{i:03d}" for i in range(30)], np.arange(60).reshape(2, 30) % 5, 5, data_spec="builtin:x",
+    art = Artefact.build([f"{i:03d}" for i in range(30)], np.arange(60).reshape(2, 30) % 5, 5, data={"spec": "builtin:x"},
                          method={"name": "sela", "config": {"arch": "alexnet", "clusters": 5}})
     return str(art.write(tmp_path / "labels.parquet"))
 

@@ -7,14 +7,14 @@ import pytest
 from click.testing import CliRunner
 from test_sela import _blobs, _tiny
 
-from labelkit.artefact._artefact import Artefact, read_artefact
+from labelkit.artefact import Artefact, read_artefact
 from labelkit.cli import main
-from labelkit.training._config import resolve_config
-from labelkit.quality._consensus import consensus_labels
+from labelkit.training import resolve_config
+from labelkit.quality import consensus_labels
 from labelkit.errors import ConfigError
-from labelkit.quality._metrics import agreement
-from labelkit.quality._label_free import head_quality, recommend_k
-from labelkit.training._sela import run_sela
+from labelkit.quality import agreement
+from labelkit.quality import head_quality, recommend_k
+from labelkit.training import run_sela
 
 
 def noisy_heads(truth, k, heads, noise, seed=0):
@@ -72,7 +72,7 @@ def test_consensus_command_writes_an_artefact_with_its_parent(tmp_path):
     heads = noisy_heads(truth, 4, 3, noise=0.2)
     ids = [f"s{i:04d}" for i in range(600)]
     source = tmp_path / "heads.parquet"
-    Artefact.build(ids, heads, 4, data_spec="x", method={"name": "sela"}).write(source)
+    Artefact.build(ids, heads, 4, data={"spec": "x"}, method={"name": "sela"}).write(source)
     runner = CliRunner()
     result = runner.invoke(main, ["consensus", str(source), "--out", str(tmp_path / "c.parquet")])
     assert result.exit_code == 0, result.output
@@ -182,7 +182,7 @@ def test_near_equal_agreements_are_told_apart_by_the_probe():
 
 
 def test_linear_probe_leaves_out_clusters_too_small_to_fold():
-    from labelkit.quality._label_free import probe_accuracy
+    from labelkit.quality import probe_accuracy
 
     rng = np.random.default_rng(0)
     labels = np.r_[np.repeat(np.arange(5), 40), [5]]  # one cluster of a single sample
@@ -193,7 +193,7 @@ def test_linear_probe_leaves_out_clusters_too_small_to_fold():
 
 
 def test_a_cluster_the_vote_empties_is_kept():
-    from labelkit.quality._consensus import consensus_labels
+    from labelkit.quality import consensus_labels
 
     reference = np.repeat([0, 1, 2], [45, 45, 10])  # a small cluster that only the reference has
     merged = np.where(reference == 2, 0, reference)  # two heads fold it into cluster 0

@@ -3,9 +3,9 @@ import io
 import numpy as np
 import pytest
 
-from labelkit.data._sources import compare_to_data, resolve
+from labelkit.data import compare_to_data, resolve
 from labelkit.errors import DataError
-from labelkit.data._loading import SkipLog, eval_transform, make_loader, train_transform
+from labelkit.data import Order, SkipLog, eval_transform, make_loader, train_transform
 
 from conftest import write_image
 
@@ -13,7 +13,7 @@ from conftest import write_image
 def _pass(source, workers=0, strict=False, batch_size=2, **kw):
     log = SkipLog(source, strict=strict)
     seen = []
-    for indices, images, bad in make_loader(source, eval_transform(16), batch_size=batch_size, workers=workers, **kw):
+    for indices, images, bad in make_loader(source, eval_transform(16), Order(batch_size, **kw), workers=workers):
         log.add(bad)
         if images is not None:
             assert images.shape[1:] == (3, 16, 16)
@@ -168,13 +168,13 @@ def test_builtin_digits_loads_offline():
 def test_training_pass_shuffles_reproducibly():
     source = resolve("builtin:digits")
     def order(epoch):
-        return next(iter(make_loader(source, train_transform(16), batch_size=64, shuffle=True, seed=3, epoch=epoch)))[0]
+        return next(iter(make_loader(source, train_transform(16), Order(64, shuffle=True, seed=3, epoch=epoch))))[0]
     assert order(0).tolist() == order(0).tolist()
     assert order(0).tolist() != order(1).tolist()
 
 
 def test_compare_to_data(image_tree):
-    from labelkit.artefact._artefact import Artefact
+    from labelkit.artefact import Artefact
 
     art = Artefact.build(["cat/a.png", "dog/d.webp", "zebra/z.png"], [0, 1, 0], 2)
     report = compare_to_data(art, str(image_tree))

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from labelkit.artefact._artefact import read_artefact
-from labelkit.data._sources import resolve
+from labelkit.artefact import read_artefact
+from labelkit.data import resolve
 
 from test_sela import _blobs
 
@@ -99,7 +99,7 @@ def test_two_process_label_step_with_features_on_disk(tmp_path):
 
 
 def test_two_process_transfer_and_eval(tmp_path):
-    from labelkit.artefact._artefact import Artefact
+    from labelkit.artefact import Artefact
 
     data = _blobs(tmp_path / "blobs.npz", n=120, size=8)
     source = resolve(data)
@@ -155,7 +155,7 @@ def test_labelkit_leaves_only_a_group_it_made(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from labelkit.training._distributed import from_environment
+    from labelkit.training import from_environment
 
     plain, _ = from_environment(torch.device("cpu"))
     assert not plain.enabled and plain.backend is None

@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import read_artefact
+from labelkit.artefact import read_artefact
 from labelkit.cli import main
-from labelkit.data._sources import resolve
+from labelkit.data import resolve
 from labelkit.errors import ConfigError, DataError
-from labelkit.quality._metrics import agreement
+from labelkit.quality import agreement
 from labelkit.training._models import create_backbone, load_weights
 
 
@@ -173,7 +173,7 @@ def test_frozen_backbone_caches_views_and_reuses_them(tmp_path):
 
 
 def test_feature_cache_with_another_key_is_not_trusted(tmp_path):
-    from labelkit.training._frozen import FeatureCache
+    from labelkit.training import FeatureCache
 
     cache = FeatureCache(tmp_path, {"data": "x", "weights": "w1"})
     cache.write((1, 2, 3), lambda array: array.fill(1.0), lambda: {})
@@ -285,7 +285,7 @@ def test_cross_entropy_equals_torchs_value_and_gradient():
 
 
 def test_neighbours_exact_and_inverted_file():
-    from labelkit.training._frozen import neighbours
+    from labelkit.training import neighbours
 
     x, y = blobs(n=3000, d=16, k=6, spread=1.0)
     x = torch.from_numpy(x)
@@ -313,7 +313,7 @@ def test_plan_line_of_an_embedding_table(tmp_path):
 
 
 def test_embedding_table_is_read_by_chunks_never_whole(tmp_path, monkeypatch):
-    from labelkit.data._embeddings import EmbeddingSource
+    from labelkit.data import EmbeddingSource
 
     x, y = blobs(n=300, d=16, k=3)
     np.save(tmp_path / "v.npy", x.astype(np.float16))  # float16 on disk, memory-mapped

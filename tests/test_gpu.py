@@ -14,9 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import read_artefact
+from labelkit.artefact import read_artefact
 from labelkit.cli import main
-from labelkit.data._sources import resolve
+from labelkit.data import resolve
 from labelkit.solver import Balance, Storage, solve
 
 from test_sinkhorn import realistic
@@ -75,7 +75,7 @@ def test_generate_on_cuda_writes_a_valid_artefact(digits_run):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_eval_knn_and_predict_on_cuda_agree_with_the_cpu(digits_run, tmp_path):
-    from labelkit.training._probe import evaluate
+    from labelkit.training import evaluate
 
     on_gpu = evaluate("knn", data="builtin:digits", model=str(digits_run), device="cuda")
     on_cpu = evaluate("knn", data="builtin:digits", model=str(digits_run), device="cpu")
@@ -152,7 +152,7 @@ def test_the_gpu_script_runs_end_to_end_at_toy_sizes(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_embedding_table_and_frozen_backbone_on_cuda(tmp_path):
-    from labelkit.quality._metrics import agreement
+    from labelkit.quality import agreement
 
     from test_frozen import blobs
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import read_artefact
+from labelkit.artefact import read_artefact
 from labelkit.cli import main
-from labelkit.training._config import SelaConfig, resolve_config
-from labelkit.data._sources import resolve
-from labelkit.training._sela import run_sela
+from labelkit.training import SelaConfig, resolve_config
+from labelkit.data import resolve
+from labelkit.training import run_sela
 from labelkit.solver import Algorithm, Balance, solve
-from labelkit.training._loop import Reporter
+from labelkit.training import Reporter
 
 from test_sela import _blobs, _tiny
 
@@ -127,8 +127,8 @@ def test_exact_balance_across_ranks_equals_one_process(tmp_path):
 
 
 def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path):
-    from labelkit.artefact._artefact import Artefact
-    from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+    from labelkit.artefact import Artefact
+    from labelkit.training import TRANSFER_RECIPES, TransferConfig, run_transfer
     from conftest import write_image
 
     root = tmp_path / "imgs"
@@ -154,7 +154,7 @@ def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path):
 def test_workers_default_to_what_the_machine_has():
     cpus = len(os.sched_getaffinity(0))
     assert 0 <= resolve_config({"data": "folder/"}).workers <= cpus
-    from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig
+    from labelkit.training import TRANSFER_RECIPES, TransferConfig
 
     transfer = resolve_config({"data": "folder/", "labels": "l.parquet"}, cls=TransferConfig, recipes=TRANSFER_RECIPES)
     assert 0 <= transfer.workers <= cpus
@@ -182,8 +182,9 @@ def test_label_steps_log_cheap_metrics_computed_once(tmp_path, monkeypatch):
 
 
 def test_command_line_choices_and_defaults_come_from_the_library():
-    from labelkit.training._config import AUGMENTATIONS, LR_SCHEDULES
-    from labelkit.training._transfer import TransferConfig
+    from labelkit.data import AUGMENTATIONS
+    from labelkit.training import LR_SCHEDULES
+    from labelkit.training import TransferConfig
 
     for name, cls in (("generate", SelaConfig), ("transfer", TransferConfig)):
         command = main.commands[name]
@@ -250,7 +251,7 @@ def test_signal_checkpoints_mid_epoch_and_resumes_to_the_same_labels(tmp_path, s
 
 def test_transfer_preempted_mid_epoch_resumes_to_the_same_model(tmp_path):
     from labelkit.errors import Preempted
-    from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+    from labelkit.training import TRANSFER_RECIPES, TransferConfig, run_transfer
     from test_transfer import _artefact
 
     data = _blobs(tmp_path / "blobs.npz", n=160)
@@ -313,7 +314,7 @@ def test_two_processes_preempted_by_sigterm_resume_to_the_same_labels(tmp_path):
 
 
 def test_eta_counts_the_label_steps_still_to_come():
-    from labelkit.training._job import Job
+    from labelkit.training import Job
 
     job = Job.__new__(Job)  # only the ETA's two fields
     job.label_schedule, job._label_seconds = {0, 5, 10}, [9.0, 2.0, 4.0, 3.0]

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import Artefact, read_artefact, read_header
+from labelkit.artefact import Artefact, read_artefact, read_header
 from labelkit.cli import main
-from labelkit.artefact._sharing import export_hub
+from labelkit.artefact import export_hub
 
 
 def _artefact(n=1797):
@@ -27,7 +27,7 @@ def _artefact(n=1797):
                                      "generalisation": 0.90, "balance": 0.98}],
                           "recommended_k": {"k": 10, "by": "agreement", "table": []}}}
     return Artefact.build(ids, [noisy, (noisy * 2 + rng.integers(0, 2, n)) % 20], [10, 20],
-                          scores=rng.random((2, n)).astype(np.float32), data_spec="builtin:digits", method=method)
+                          scores=rng.random((2, n)).astype(np.float32), data={"spec": "builtin:digits"}, method=method)
 
 
 def _card(folder):

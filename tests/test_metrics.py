@@ -6,10 +6,10 @@ from click.testing import CliRunner
 from sklearn import metrics as sk
 
 from labelkit.quality import _metrics as lk
-from labelkit.artefact._artefact import Artefact
+from labelkit.artefact import Artefact
 from labelkit.cli import main
 from labelkit.errors import ConfigError, DataError
-from labelkit.quality._scoring import score_artefact
+from labelkit.quality import score_artefact
 
 
 def _cases():
@@ -94,7 +94,7 @@ def test_errors():
 
 
 def _digits_artefact(tmp_path, drop=0):
-    from labelkit.data._sources import resolve
+    from labelkit.data import resolve
 
     source = resolve("builtin:digits")
     ids = source.ids[drop:]

@@ -3,7 +3,7 @@ import timm
 import torch
 
 from labelkit.errors import ConfigError
-from labelkit.training._models import SelaModel, create_backbone, feature_dim
+from labelkit.training import SelaModel, create_backbone, feature_dim
 
 
 @pytest.mark.parametrize("name, size, widths", [("alexnet", 224, (96, 256, 384, 384, 256)),

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import Artefact, read_artefact
+from labelkit.artefact import Artefact, read_artefact
 from labelkit.cli import main
-from labelkit.data._sources import resolve
+from labelkit.data import resolve
 
 from conftest import write_image
 from test_sela import _blobs
@@ -55,12 +55,12 @@ def test_every_file_of_a_run_gets_the_users_normal_mode(tmp_path):
 
 
 def test_resume_takes_the_saved_options_and_only_given_differences_are_errors(tmp_path):
-    from labelkit.training._loop import Reporter
+    from labelkit.training import Reporter
 
     data = _blobs(tmp_path / "b.npz")
     out = tmp_path / "run"
-    from labelkit.training._config import resolve_config
-    from labelkit.training._sela import run_sela
+    from labelkit.training import resolve_config
+    from labelkit.training import run_sela
 
     class CtrlC(Reporter):
         def record(self, record):
@@ -224,7 +224,7 @@ def test_same_names_other_pictures_are_told_apart(tmp_path):
     for i in range(12):
         write_image(original / f"class{i % 2}" / f"img_{i:03d}.png", size=(8, 8) if i % 2 else (12, 12), seed=i)
     art = Artefact.build(resolve(str(original)).ids, np.array([[i % 2 for i in range(12)]]), [2],
-                         data_content=resolve(str(original)).content).write(tmp_path / "l.parquet")
+                         data={"content": resolve(str(original)).content}).write(tmp_path / "l.parquet")
     result = _cli("validate", art, "--data", original)
     assert result.exit_code == 0 and "ids match; file sizes match" in result.output
     swapped = tmp_path / "b"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from labelkit.training._config import resolve_config
+from labelkit.training import resolve_config
 from labelkit.errors import ConfigError, DataError
 from labelkit.training._plan import BudgetError, Plan, _check_memory, auto_recipe, make_plan, parse_duration, profile_data
-from labelkit.training._sela import label_schedule
+from labelkit.training import label_schedule
 
 from conftest import write_image
 
@@ -48,7 +48,7 @@ def test_even_label_spacing_solves_after_every_epoch():
 
 
 def test_profile_sees_small_grey_images(tmp_path):
-    from labelkit.data._sources import resolve
+    from labelkit.data import resolve
 
     profile = profile_data(resolve(str(_digit_folder(tmp_path / "d", count=30))))
     assert profile["samples"] == 30 and profile["grey"] and profile["side_median"] == 20
@@ -151,7 +151,7 @@ def test_spectral_labels_beat_kmeans_on_the_pixels_of_digits():
     from sklearn.datasets import load_digits
     from sklearn.metrics import normalized_mutual_info_score
 
-    from labelkit.training._graph import spectral_labels
+    from labelkit.training import spectral_labels
 
     x, truth = load_digits(return_X_y=True)
     kmeans = normalized_mutual_info_score(truth, KMeans(10, n_init=3, random_state=0).fit_predict(x))  # 0.74
@@ -167,7 +167,7 @@ def test_a_graph_in_pieces_is_bridged_so_separate_groups_stay_separate():
     from sklearn.datasets import make_moons
     from sklearn.metrics import normalized_mutual_info_score
 
-    from labelkit.training._graph import spectral_labels
+    from labelkit.training import spectral_labels
 
     x, truth = make_moons(600, noise=0.05, random_state=0)  # two clean moons: a 10-NN graph in two pieces
     labels, info = spectral_labels(x, [2], seed=0)
@@ -176,7 +176,7 @@ def test_a_graph_in_pieces_is_bridged_so_separate_groups_stay_separate():
 
 
 def test_an_auto_run_starts_from_the_graph_and_records_its_plan(tmp_path):
-    from labelkit.artefact._artefact import read_artefact
+    from labelkit.artefact import read_artefact
     from labelkit.cli import main as cli
 
     data = _digit_folder(tmp_path / "d")
@@ -196,8 +196,8 @@ def test_an_auto_run_starts_from_the_graph_and_records_its_plan(tmp_path):
 
 
 def test_a_run_past_its_deadline_stops_between_epochs_and_says_so(tmp_path):
-    from labelkit.artefact._artefact import read_artefact
-    from labelkit.training._sela import run_sela
+    from labelkit.artefact import read_artefact
+    from labelkit.training import run_sela
 
     data = _digit_folder(tmp_path / "d")
     plan = make_plan({"data": str(data), "clusters": (2,), "epochs": 5, "out": str(tmp_path / "run")}, budget="1h")
@@ -211,9 +211,9 @@ def test_a_run_past_its_deadline_stops_between_epochs_and_says_so(tmp_path):
 
 
 def test_transfer_dry_run_prints_its_plan_and_writes_nothing(tmp_path):
-    from labelkit.artefact._artefact import Artefact
+    from labelkit.artefact import Artefact
     from labelkit.cli import main as cli
-    from labelkit.data._sources import resolve
+    from labelkit.data import resolve
 
     data = _digit_folder(tmp_path / "d", count=40)
     source = resolve(str(data))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from labelkit.errors import SolverError
-from labelkit.quality._metrics import agreement
+from labelkit.quality import agreement
 from labelkit.solver import Algorithm, Balance, Prior, solve
 
 

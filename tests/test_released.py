@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from labelkit.artefact import released as released
 from labelkit.cli import main
 from labelkit.errors import ImportSourceError
-from labelkit.artefact._sharing import imagefolder_keys, import_labels
+from labelkit.artefact import imagefolder_keys, import_labels
 
 
 @pytest.fixture

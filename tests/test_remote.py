@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_image
 
-from labelkit.artefact._artefact import Artefact, read_artefact, read_header
+from labelkit.artefact import Artefact, read_artefact, read_header
 from labelkit.cli import main
-from labelkit.data._sources import resolve
+from labelkit.data import resolve
 from labelkit.errors import ArtefactError
 from labelkit._util.remote import redact
 
@@ -20,7 +20,7 @@ from labelkit._util.remote import redact
 def _artefact(n, heads=10, k=3000, seed=0):
     ids = [f"n{i % 1000:08d}/img_{i:07d}.JPEG" for i in range(n)]
     rng = np.random.default_rng(seed)
-    return Artefact.build(ids, rng.integers(0, k, (heads, n)), k, data_spec="imagenet/train",
+    return Artefact.build(ids, rng.integers(0, k, (heads, n)), k, data={"spec": "imagenet/train"},
                           method={"name": "sela", "config": {"arch": "resnet50", "clusters": k}})
 
 
@@ -92,7 +92,7 @@ def test_credentials_in_a_url_are_never_shown_or_stored(http_root):
     result = CliRunner().invoke(main, ["info", secret_url])
     assert result.exit_code == 1
     assert "s3cret" not in result.output and "t0ps3cret" not in result.output
-    art = Artefact.build(["a", "b"], [[0, 1]], 2, data_spec="https://u:pw@host/train/?sig=abc",
+    art = Artefact.build(["a", "b"], [[0, 1]], 2, data={"spec": "https://u:pw@host/train/?sig=abc"},
                          method={"name": "sela", "config": {"data": "s3://bucket/x?X-Amz-Signature=zz"}})
     assert art.metadata["data"]["spec"] == "https://host/train/"
     assert art.metadata["method"]["config"]["data"] == "s3://bucket/x"
@@ -182,7 +182,7 @@ def test_generate_on_an_image_folder_served_over_http(http_root, tmp_path):
     """The whole job on a remote folder, loader workers included: same data fingerprint as the local copy."""
     from test_sela import _tiny
 
-    from labelkit.training._sela import run_sela
+    from labelkit.training import run_sela
 
     root, base, _ = http_root
     for i in range(24):

@@ -5,10 +5,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from labelkit.artefact._artefact import Artefact
+from labelkit.artefact import Artefact
 from labelkit.cli import main
 from labelkit.errors import DataError
-from labelkit.report._page import TILE, build_report
+from labelkit.report import TILE, build_report
 
 from conftest import write_image
 
@@ -70,7 +70,7 @@ def test_report_errors_and_cli(tmp_path):
 
 
 def test_report_decodes_only_the_images_it_shows(tmp_path, monkeypatch):
-    from labelkit.data._sources import ArraySource, resolve
+    from labelkit.data import ArraySource, resolve
 
     source = resolve("builtin:digits")
     art = Artefact.build(source.ids, source.targets, 10).write(tmp_path / "d.parquet")
@@ -87,7 +87,7 @@ def test_report_on_shards_streams_once_and_decodes_only_the_shown(tmp_path, monk
 
     import webdataset as wds
 
-    import labelkit.data._sources as data_module
+    import labelkit.data._shards as data_module
 
     rng = np.random.default_rng(0)
     with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import read_artefact
+from labelkit.artefact import read_artefact
 from labelkit.cli import main
-from labelkit.training._config import resolve_config
+from labelkit.training import resolve_config
 from labelkit.errors import ConfigError
-from labelkit.training._sela import label_schedule, run_sela
+from labelkit.training import label_schedule, run_sela
 
 
 def _blobs(path, n=120, classes=3, size=8, seed=0):

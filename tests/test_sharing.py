@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from labelkit.artefact._artefact import Artefact
+from labelkit.artefact import Artefact
 from labelkit.errors import ImportSourceError
-from labelkit.artefact._sharing import export_artefact, imagefolder_keys, import_labels, summarize
+from labelkit.artefact import export_artefact, imagefolder_keys, import_labels, summarize
 
 TREE_ORDER = ["cat/a.png", "cat/b.JPG", "cat/sub/c.jpeg", "dog/d.webp", "dog/e.bmp", "emu/f.png"]
 

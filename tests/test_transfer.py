@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from labelkit.artefact._artefact import Artefact, read_artefact
+from labelkit.artefact import Artefact, read_artefact
 from labelkit.cli import main
-from labelkit.training._config import resolve_config
+from labelkit.training import resolve_config
 from labelkit.errors import DataError
-from labelkit.training._probe import evaluate, knn_accuracy, linear_accuracy
-from labelkit.training._transfer import TRANSFER_RECIPES, TransferConfig, run_transfer
+from labelkit.training import evaluate, knn_accuracy, linear_accuracy
+from labelkit.training import TRANSFER_RECIPES, TransferConfig, run_transfer
 
 from test_sela import _blobs
 
@@ -20,7 +20,7 @@ def _artefact(tmp_path, data_path, drop=0, heads=((0, 3), (1, 5))):
     ids = [f"{i:06d}" for i in range(drop, n)]
     truth = data["labels"][drop:]
     labels = np.stack([truth % 3, (truth * 2 + np.arange(len(ids)) % 2) % 5])
-    art = Artefact.build(ids, labels, [3, 5], method={"name": "sela"}, data_spec=str(data_path))
+    art = Artefact.build(ids, labels, [3, 5], method={"name": "sela"}, data={"spec": str(data_path)})
     return art, str(art.write(tmp_path / "labels.parquet"))
 
 
@@ -58,7 +58,7 @@ def test_transfer_coverage_errors_name_both_counts(tmp_path):
 def test_interrupted_transfer_resumes_to_the_same_model(tmp_path):
     import torch
 
-    from labelkit.training._loop import Reporter
+    from labelkit.training import Reporter
 
     class Interrupt(Reporter):
         def record(self, record):

@@ -1,35 +1,84 @@
-"""Small file helpers: atomic writes and file hashing."""
+"""Small file helpers: atomic writes of files and folders, key files, hashing, positional I/O.
+
+Every output labelkit writes is published one way: written under a temporary name beside its place, then
+renamed over it, with the mode the user's umask gives. Readers never see half an output, and a crash leaves the
+previous version in place."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "sha256_file", "write_text_atomic", "pread_into", "pwrite_all"]
+__all__ = ["atomic_path", "atomic_folder", "temporary_beside", "publish", "sha256_file", "write_text_atomic",
+           "read_keys", "pread_into", "pwrite_all"]
+
+
+def temporary_beside(path: Path, kind: str = "tmp") -> Path:
+    """The temporary name an output is written under before it is published: hidden, beside it, per process."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def publish(tmp: Path, path: Path) -> Path:
+    """Rename the finished file ``tmp`` over ``path``, synced and with the user's normal mode (some writers
+    create their temporary file owner-only)."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, else delete it.
-
-    Readers never see a half-written file, and a crash leaves the previous version in place.
-    """
+    """Yield a temporary path beside ``path``; on success publish it as ``path``, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        # some writers create their temporary file owner-only; the result gets the user's normal mode
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; on success it replaces ``path`` (a folder, replaced
+    whole), else it is deleted. The folder gets the user's normal mode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_beside(path)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run of this same process id
+    staging.mkdir()
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        if path.exists():
+            old = temporary_beside(path, "old")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_keys(path: str | os.PathLike) -> list[str]:
+    """Sample ids from a key file, one a line, surrounding white space dropped. A blank line is an error
+    (``ValueError`` naming the line): it would shift every later key onto the wrong row."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise ValueError(f"line {blank[0]} is blank" + (f" (and {len(blank) - 1} more)" if len(blank) > 1 else "")
+                         + "; every line must hold one sample id")
+    return [line.strip() for line in lines]
 
 
 def _umask() -> int:

@@ -1,25 +1,32 @@
-"""The label artefact: the Parquet format (defined once in :mod:`labelkit.artefact.format`), reading, writing and
-validating it, importing and exporting labels, the Hub card and the released SeLa label sets."""
+"""The label artefact: the Parquet format (defined once in :mod:`labelkit.artefact.format`), and what moves labels
+in and out of it.
+
+The parts: ``format`` (columns, metadata schema, versions, ids), ``_artefact`` (build and write),
+``_reading`` (read, read the footer, validate), ``_tables`` (label CSVs of any common layout),
+``_importing`` (released SeLa labels, checkpoints, CSV, JSON, ``.npy``), ``released`` (the released label
+sets and their download), ``_export`` (CSV, ``.npy``, JSON, summaries) and ``_hub`` (a Hub dataset folder)."""
 
 from .._util.lazy import lazy_exports
 
 _EXPORTS = {
     "Artefact": "._artefact",
-    "ArtefactHeader": "._artefact",
     "Head": "._artefact",
-    "read_artefact": "._artefact",
-    "read_header": "._artefact",
-    "check_artefact": "._artefact",
-    "artefact_path": "._artefact",
-    "artefact_files": "._artefact",
     "producer_versions": "._artefact",
-    "import_labels": "._sharing",
-    "export_artefact": "._sharing",
-    "summarize": "._sharing",
-    "imagefolder_keys": "._sharing",
-    "read_keys": "._sharing",
-    "EXPORT_FORMATS": "._sharing",
-    "export_hub": "._sharing",
+    "ArtefactHeader": "._reading",
+    "read_artefact": "._reading",
+    "read_header": "._reading",
+    "check_artefact": "._reading",
+    "artefact_path": "._reading",
+    "artefact_files": "._reading",
+    "read_label_table": "._tables",
+    "import_labels": "._importing",
+    "imagefolder_keys": "._importing",
+    "read_keys": "._importing",
+    "export_artefact": "._export",
+    "summarize": "._export",
+    "EXPORT_FORMATS": "._export",
+    "export_hub": "._hub",
+    "HUB_ROWS_PER_FILE": "._hub",
 }
 
 __all__ = list(_EXPORTS)

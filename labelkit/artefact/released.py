@@ -7,7 +7,6 @@ The ImageNet training set has 1,281,167 images; every release labels all of them
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .._util.files import sha256_file
+from .._util.files import publish, sha256_file
 from ..errors import ImportSourceError
 
 __all__ = ["Release", "RELEASES", "release", "cache_dir", "fetch", "IMAGENET_TRAIN"]
@@ -146,11 +145,8 @@ def fetch(item: Release, *, progress: Callable[[int, int | None], None] | None =
         kept = f"; {part.stat().st_size:,} bytes kept in {part} for the next try" if part.exists() else ""
         raise ImportSourceError(f"sela:{item.name}: cannot download {item.url} ({reason}){kept}. Offline, fetch "
                                 f"that URL by other means and put the file at {target}") from None
-    digest = hashlib.sha256()
-    with open(part, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    os.replace(part, target)
-    record.write_text(f"{digest.hexdigest()}  {item.filename}\n")
-    return target, digest.hexdigest()
+    digest = sha256_file(part)
+    publish(part, target)  # the part file is the download's own resumable temporary name
+    record.write_text(f"{digest}  {item.filename}\n")
+    return target, digest
 

@@ -1,35 +1,47 @@
-"""Data sources keyed by stable sample ids (folders, shards, arrays, built-ins, embedding tables) and the
-loaders, transforms and augmentations that turn them into batches."""
+"""Data: sources keyed by stable sample ids, and the transforms and loaders that turn them into batches.
+
+The parts: ``_source`` (what every source is: :class:`Source`, map-style and stream sources), one module per
+kind of data (``_folder``, ``_arrays`` with the built-ins, ``_shards``, ``_embeddings`` for vector tables),
+``_resolve`` (a ``--data`` spec to a source, through one registry), ``_match`` (does an artefact fit a copy of
+the data), ``_transforms`` (augmentation presets, the plain view, pretrained configs) and ``_loading``
+(torch datasets and loaders, bad-sample logs)."""
 
 from .._util.lazy import lazy_exports
 
 _EXPORTS = {
+    "Source": "._source",
+    "MapSource": "._source",
+    "StreamSource": "._source",
+    "Manifest": "._source",
+    "decode_image": "._source",
+    "IMAGE_EXTENSIONS": "._source",
+    "FolderSource": "._folder",
+    "RemoteFolderSource": "._folder",
+    "ArraySource": "._arrays",
+    "register_builtin": "._arrays",
+    "BUILTINS": "._arrays",
+    "ShardSource": "._shards",
     "EmbeddingSource": "._embeddings",
     "is_embedding_spec": "._embeddings",
     "load_embeddings": "._embeddings",
-    "train_transform": "._loading",
-    "eval_transform": "._loading",
-    "pretrained_transforms": "._loading",
-    "augmentation_preset": "._loading",
-    "AUGMENTATIONS": "._loading",
+    "resolve": "._resolve",
+    "register_source": "._resolve",
+    "SOURCE_KINDS": "._resolve",
+    "compare_to_data": "._match",
+    "content_check": "._match",
+    "describe_match": "._match",
+    "Augmentation": "._transforms",
+    "AUGMENTATION_PRESETS": "._transforms",
+    "AUGMENTATIONS": "._transforms",
+    "train_transform": "._transforms",
+    "eval_transform": "._transforms",
+    "pretrained_transforms": "._transforms",
+    "augmentation_preset": "._transforms",
+    "Order": "._loading",
     "make_loader": "._loading",
     "SkipLog": "._loading",
     "rank_slice": "._loading",
     "batches_per_rank": "._loading",
-    "Source": "._sources",
-    "FolderSource": "._sources",
-    "ArraySource": "._sources",
-    "ShardSource": "._sources",
-    "Manifest": "._sources",
-    "resolve": "._sources",
-    "register_builtin": "._sources",
-    "BUILTINS": "._sources",
-    "IMAGE_EXTENSIONS": "._sources",
-    "compare_to_data": "._sources",
-    "content_check": "._sources",
-    "describe_match": "._sources",
-    "decode_image": "._sources",
-    "RemoteFolderSource": "._sources",
 }
 
 __all__ = list(_EXPORTS)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._sources import Source, _sorted_unique
+from .._util.files import read_keys
 from ..errors import DataError
+from ._source import MapSource, _sorted_unique
 
 __all__ = ["EmbeddingSource", "is_embedding_spec", "load_embeddings"]
 
@@ -33,7 +34,7 @@ _NPZ_VECTORS = ("embeddings", "vectors", "features")
 _MAX_EXAMPLES = 5
 
 
-class EmbeddingSource(Source):
+class EmbeddingSource(MapSource):
     """Precomputed vectors, one per sample id; no pixels.
 
     ``vectors(rows)`` returns float32 rows in id order; ``bad`` maps the id of every row with a non-finite
@@ -143,11 +144,10 @@ def load_embeddings(spec: str) -> EmbeddingSource:
 
 
 def _read_keys(path: Path) -> list[str]:
-    keys = path.read_text(encoding="utf-8").splitlines()
-    blank = [i + 1 for i, key in enumerate(keys) if not key.strip()]
-    if blank:
-        raise DataError(f"{path}: empty key on line(s) {blank[:_MAX_EXAMPLES]}; every vector needs a key")
-    return keys
+    try:
+        return read_keys(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}; every vector needs a key") from None
 
 
 def _row_ids(n: int) -> list[str]:

@@ -15,98 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..training._config import AUGMENTATIONS
-from ._sources import Source
-from ..errors import ConfigError, DataError
+from ._source import Source
+from ..errors import DataError
 
-__all__ = ["train_transform", "eval_transform", "pretrained_transforms", "augmentation_preset", "AUGMENTATIONS", "make_loader", "SkipLog", "rank_slice",
-           "batches_per_rank"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def train_transform(
-    image_size: int,
-    *,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-    jitter: float = 0.4,
-    jitter_p: float = 0.8,
-    colour_jitter: bool = True,
-    grayscale_p: float = 0.2,
-    rotate: float = 0.0,
-    heavy: bool = False,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-):
-    """The paper's augmentation: random resized crop, horizontal flip, colour jitter, random grayscale.
-
-    ``colour_jitter=False`` keeps brightness and contrast jitter only (for grey images, where saturation and
-    hue do nothing but cost time); ``rotate`` adds small random rotations (useful where flips change the meaning, e.g. digits);
-    ``heavy`` adds one of equalize / autocontrast / sharpness, the "+ more aug." of the paper's label transfer.
-    """
-    from torchvision import transforms as T
-
-    steps = [T.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True)]
-    if rotate:
-        steps.append(T.RandomRotation(rotate))
-    if flip:
-        steps.append(T.RandomHorizontalFlip())
-    if jitter:
-        colour = (jitter, min(jitter / 4, 0.5)) if colour_jitter else (0.0, 0.0)  # saturation, hue
-        steps.append(T.RandomApply([T.ColorJitter(jitter, jitter, *colour)], p=jitter_p))
-    if grayscale_p:
-        steps.append(T.RandomGrayscale(grayscale_p))
-    if heavy:
-        steps.append(T.RandomChoice([T.RandomEqualize(1.0), T.RandomAutocontrast(1.0), T.RandomAdjustSharpness(2.0, 1.0)]))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
-
-
-def augmentation_preset(name: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Training augmentation by name: ``paper``; ``heavy`` (paper + one of equalize / autocontrast /
-    sharpness, for fixed labels); ``grey`` (paper without colour jitter); ``digits`` (no flips, which change digits; crops, small rotations,
-    brightness and contrast); ``none`` (the eval transform)."""
-    if name == "paper":
-        return train_transform(image_size, mean=mean, std=std)
-    if name == "heavy":
-        return train_transform(image_size, heavy=True, mean=mean, std=std)
-    if name == "digits":
-        # brightness and contrast jitter keep clusters from forming by ink intensity
-        return train_transform(image_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False, jitter=0.4,
-                               colour_jitter=False, grayscale_p=0.0, rotate=12.0, mean=mean, std=std)
-    if name == "grey":  # the paper's geometry; for grey photos, where colour jitter has nothing to act on
-        return train_transform(image_size, colour_jitter=False, grayscale_p=0.0, mean=mean, std=std)
-    if name == "none":
-        return eval_transform(image_size, mean=mean, std=std)
-    raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")
-
-
-def eval_transform(image_size: int, crop_pct: float | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Resize and centre-crop (``crop_pct`` 0.875 from 128 px up, none below, where crops cut the object)."""
-    from torchvision import transforms as T
-
-    if crop_pct is None:
-        crop_pct = 0.875 if image_size >= 128 else 1.0
-    if crop_pct >= 1.0:
-        resize = [T.Resize((image_size, image_size), antialias=True)]
-    else:
-        resize = [T.Resize(int(math.floor(image_size / crop_pct)), antialias=True), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
-
-
-def pretrained_transforms(backbone, augment: str) -> tuple[object, object, dict]:
-    """(plain, augmented) transforms for a backbone with pretrained weights, from timm's own pretrained
-    configuration (input size, interpolation, crop, mean, std), and that configuration."""
-    import timm.data
-
-    cfg = timm.data.resolve_data_config({}, model=backbone)
-    plain = timm.data.create_transform(**cfg, is_training=False)
-    size = int(cfg["input_size"][-1])
-    return plain, augmentation_preset(augment, size, tuple(cfg["mean"]), tuple(cfg["std"])), cfg
-
+__all__ = ["Order", "make_loader", "SkipLog", "rank_slice", "batches_per_rank"]
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
@@ -150,15 +62,42 @@ class _MapDataset(Dataset):
         return i, _transform(self.transform, image, _sample_seed(self.seed, self.epoch, i)), None
 
 
+@dataclass(frozen=True, eq=False)
+class Order:
+    """Which samples one pass of a loader reads, in which order, and where it starts.
+
+    Attributes:
+        batch_size: samples per batch.
+        shuffle: a training pass (seeded by ``seed`` and ``epoch``); ``False`` for a labelling pass, which sees
+            every kept sample exactly once across ``world`` ranks and the loader's workers.
+        seed, epoch: what the order and every sample's augmentation are drawn from.
+        rank, world: this process's share of the pass.
+        keep: boolean mask over samples; others are not read (e.g. samples skipped before).
+        skip_batches: start the pass at this batch of this rank's order (resuming mid-epoch): exact for
+            arrays and folders; for shards exact while every worker still has samples.
+        shuffle_buffer: samples a shard stream shuffles within (training passes).
+    """
+
+    batch_size: int
+    shuffle: bool = False
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world: int = 1
+    keep: np.ndarray | None = None
+    skip_batches: int = 0
+    shuffle_buffer: int = 2000
+
+
 class _ShardDataset(IterableDataset):
     """Streams shards; each (rank, worker) reads a disjoint part, shards when there are enough of them."""
 
-    def __init__(self, source, transform, rank, world, keep: np.ndarray | None, shuffle_buffer: int, seed: int,
-                 epoch: int, batch_size: int, skip_batches: int):
+    def __init__(self, source, transform, order: Order):
         self.source, self.transform = source, transform
-        self.rank, self.world, self.keep = rank, world, keep
-        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
-        self.batch_size, self.skip_batches = batch_size, skip_batches
+        self.rank, self.world, self.keep = order.rank, order.world, order.keep
+        self.shuffle_buffer = order.shuffle_buffer if order.shuffle else 0
+        self.seed, self.epoch = order.seed, order.epoch
+        self.batch_size, self.skip_batches = order.batch_size, order.skip_batches
 
     def _skipped_here(self, workers: int, worker: int) -> int:
         """Samples this worker drops to resume at batch ``skip_batches``: the DataLoader takes batches from
@@ -271,41 +210,18 @@ class SkipLog:
         return len(self.skipped)
 
 
-def make_loader(
-    source: Source,
-    transform,
-    *,
-    batch_size: int,
-    workers: int = 0,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    rank: int = 0,
-    world: int = 1,
-    keep: np.ndarray | None = None,
-    shuffle_buffer: int = 2000,
-    skip_batches: int = 0,
-) -> DataLoader:
-    """A DataLoader over ``source`` yielding ``(indices, images, bad)``.
-
-    Args:
-        shuffle: a training pass (seeded by ``seed`` and ``epoch``); ``False`` for a labelling pass, which sees
-            every kept sample exactly once across ``world`` ranks and the loader's workers.
-        keep: boolean mask over samples; others are not read (e.g. samples skipped before).
-        skip_batches: start the pass at this batch of this rank's order (resuming mid-epoch): exact for
-            arrays and folders; for shards exact while every worker still has samples.
+def make_loader(source: Source, transform, order: Order, workers: int = 0) -> DataLoader:
+    """A DataLoader over ``source`` yielding ``(indices, images, bad)``, reading the samples of ``order``.
 
     Random augmentation is drawn per sample from (seed, epoch, sample), so it does not depend on ``workers``.
     """
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    common = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate, drop_last=False,
+    generator = torch.Generator().manual_seed(order.seed * 100003 + order.epoch)
+    common = dict(batch_size=order.batch_size, num_workers=workers, collate_fn=_collate, drop_last=False,
                   generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
     if source.map_style:
-        indices = np.arange(len(source)) if keep is None else np.flatnonzero(keep)
-        if shuffle:
-            indices = np.random.default_rng([seed, epoch]).permutation(indices)
-        indices = rank_slice(indices, rank, world)[skip_batches * batch_size:]
-        return DataLoader(_MapDataset(source, indices, transform, seed, epoch), shuffle=False, **common)
-    dataset = _ShardDataset(source, transform, rank, world, keep, shuffle_buffer if shuffle else 0, seed, epoch,
-                            batch_size, skip_batches)
-    return DataLoader(dataset, **common)
+        indices = np.arange(len(source)) if order.keep is None else np.flatnonzero(order.keep)
+        if order.shuffle:
+            indices = np.random.default_rng([order.seed, order.epoch]).permutation(indices)
+        indices = rank_slice(indices, order.rank, order.world)[order.skip_batches * order.batch_size:]
+        return DataLoader(_MapDataset(source, indices, transform, order.seed, order.epoch), shuffle=False, **common)
+    return DataLoader(_ShardDataset(source, transform, order), **common)

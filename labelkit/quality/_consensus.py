@@ -151,7 +151,7 @@ def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: 
 
 def consensus_artefact(art, *, k: int | None = None, reference: int | None = None, heads: list[int] | None = None):
     """A one-head artefact of the consensus of ``art``'s heads, with ``art`` as its parent."""
-    from ..artefact._artefact import Artefact
+    from ..artefact import Artefact
 
     if art.num_heads < 2:
         raise ConfigError(f"artefact {art.artefact_id[:12]} has one head; a consensus needs at least two")
@@ -160,9 +160,6 @@ def consensus_artefact(art, *, k: int | None = None, reference: int | None = Non
     if heads is None:  # a consensus head already in the artefact does not vote again
         heads = [h for h in range(art.num_heads) if h != voted]
     result = consensus_labels(art.label_matrix(), ks, k=k, reference=reference, heads=heads)
-    data = art.metadata["data"]
     return Artefact.build(art.sample_ids, result.labels[None], [result.k], scores=result.scores[None],
-                          data_spec=data.get("spec"), data_fingerprint=data["fingerprint"], data_count=data["count"],
-                          data_content=data.get("content"), data_skipped=data.get("skipped"),
-                          method={"name": "consensus", "consensus": result.record()},
+                          data=art.metadata["data"], method={"name": "consensus", "consensus": result.record()},
                           parents=[art.artefact_id]), result

@@ -10,47 +10,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..artefact import format as fmt
-from ..artefact._artefact import Artefact, read_artefact
+from ..artefact import Artefact, read_artefact, read_label_table
 from ..errors import ConfigError, DataError
 from ._metrics import compare, size_stats
 
 __all__ = ["load_truth", "score_artefact", "parse_heads", "label_free"]
 
 
-def _read_label_table(path: Path) -> tuple[pa.Array, np.ndarray]:
-    """A Parquet or CSV file with ``sample_id`` and ``label`` columns (or an id column then a label column)."""
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    else:
-        import pyarrow.csv as pacsv
-
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={fmt.ID_COLUMN: pa.string()}))
-    names = table.column_names
-    id_col = fmt.ID_COLUMN if fmt.ID_COLUMN in names else names[0]
-    label_col = "label" if "label" in names else next((n for n in names if n != id_col), None)
-    if label_col is None:
-        raise DataError(f"{path}: expected columns sample_id,label; found {names}")
-    if table.column(label_col).null_count or table.column(id_col).null_count:
-        raise DataError(f"{path}: empty sample_id or label values")
-    labels = table.column(label_col).combine_chunks()
-    if pa.types.is_integer(labels.type):
-        labels = labels.to_numpy()
-    elif pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type):
-        # class names: numbered in sorted order, as class folders are
-        labels = pc.index_in(labels, value_set=pc.unique(labels).sort()).to_numpy().astype(np.int64)
-    else:
-        raise DataError(f"{path}: column {label_col!r} holds {labels.type}; labels must be integers or class names")
-    return table.column(id_col).combine_chunks().cast(pa.string()), labels
-
-
 def load_truth(spec: str) -> tuple[pa.Array, np.ndarray]:
     """Ground truth ``(sample ids, class index)`` from a data spec or a sample_id,label Parquet/CSV file."""
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in (".parquet", ".csv", ".tsv"):
-        return _read_label_table(path)
-    from ..data._sources import resolve
+        return read_label_table(path)
+    from ..data import resolve
 
     source = resolve(spec)
     if not source.has_truth:

@@ -18,11 +18,11 @@ import numpy as np
 
 from .._util.files import atomic_path, write_text_atomic
 from .._util import remote
-from ..artefact._artefact import read_artefact
-from ..data._sources import resolve
+from ..artefact import read_artefact
+from ..data import resolve
 from ..errors import ConfigError, DataError
 from ._figures import headless_pyplot
-from ..artefact._sharing import summarize
+from ..artefact import summarize
 
 __all__ = ["build_report", "Report", "TILE"]
 
@@ -133,7 +133,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
     if per_cluster < 1 or clusters < 1:
         raise ConfigError("--per-cluster and --show must be at least 1")
     source = resolve(data)
-    from ..data._sources import content_check
+    from ..data import content_check
 
     warning = None
     if content_check(art, source)["content_match"] is False:
@@ -148,7 +148,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
     labels[present] = art.labels(head)[rows[present]]
     classes, targets = source.classes, source.targets
     if truth:
-        from ..quality._scoring import load_truth
+        from ..quality import load_truth
 
         truth_ids, truth_labels = load_truth(truth)
         where = source.positions_in(truth_ids)
@@ -216,7 +216,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
     head_info = summary["heads"][head]
     metrics_html = ""
     if has_truth:
-        from ..quality._metrics import compare
+        from ..quality import compare
 
         known = present[targets[present] >= 0]
         m = compare(labels[known], targets[known])

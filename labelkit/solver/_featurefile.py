@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .._util.files import atomic_path, pread_into, pwrite_all
+from .._util.files import atomic_path, pread_into, publish, pwrite_all, temporary_beside
 from ..errors import DataError
 
 __all__ = ["FeatureFile", "FeatureWriter", "write_features"]
@@ -187,7 +187,7 @@ class FeatureWriter:
         if self.dtype not in _DTYPES:
             raise DataError(f"features file dtype must be float16 or float32, got {self.dtype}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temporary_beside(self.path)
         self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         self._row = np.full(samples, -1, dtype=np.int64)  # sample -> row of the file
         self.samples: list[np.ndarray] = []  # sample of each row, in row order
@@ -227,10 +227,9 @@ class FeatureWriter:
         """Publish the file; returns it and the sample of each of its rows."""
         os.ftruncate(self._fd, self._offset(self.rows))
         pwrite_all(self._fd, _npy_header(self.rows, self.dim, self.dtype), 0)
-        os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         samples = np.concatenate(self.samples) if self.samples else np.zeros(0, dtype=np.int64)
         return FeatureFile(self.path), samples
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..data import AUGMENTATIONS
 from ..errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "AUGMENTATIONS", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "resolve_config", "read_config_file",
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "resolve_config", "read_config_file",
            "default_workers"]
 
 # The choices of --augment and --lr-schedule; the command line offers exactly these.
-AUGMENTATIONS = ("paper", "heavy", "digits", "grey", "none")
 LR_SCHEDULES = ("step", "cosine", "constant")
 STARTS = ("random", "graph")
 RECIPE_NAMES = ("auto", "paper", "digits")  # see labelkit.training
@@ -247,7 +247,7 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
 
 
 def _frozen(data: str, chosen: dict) -> bool:
-    from ..data._embeddings import is_embedding_spec
+    from ..data import is_embedding_spec
 
     return bool(chosen.get("freeze")) or is_embedding_spec(str(data))
 

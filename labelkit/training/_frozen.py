@@ -22,7 +22,7 @@ from torch import nn
 
 from .._util.files import atomic_path
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "train_heads_epoch", "neighbours", "spherical_kmeans",
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "head_batches", "head_step", "neighbours", "spherical_kmeans",
            "weights_digest", "cached_views"]
 
 
@@ -266,52 +266,45 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(logits, target)
 
 
-def train_heads_epoch(model: nn.Module, views: torch.Tensor, targets: torch.Tensor, optimizer, *, epoch: int,
-                      config, keep: np.ndarray, lr_at, near: torch.Tensor | None = None,
-                      reporter=None) -> dict:
-    """Step 1 of SeLa with the backbone fixed: one epoch of the heads on cached (V, N, D) views.
+def head_batches(views: torch.Tensor, keep: np.ndarray, near: torch.Tensor | None, config, epoch: int, start: int = 0,
+                 min_batch: int = 1):
+    """Step 1 of SeLa with the backbone fixed: the batches of one epoch of the heads on cached (V, N, D) views,
+    from batch ``start``, as ``(rows, (x, neighbours), [])``.
 
     Each sample is seen once, in one view drawn at random (the cached stand-in for augmentation). With
-    ``near`` (N, k) neighbours, a sample is also trained towards the labels of one random neighbour
-    (SCAN's prior: neighbours in a good feature space share a class), at half the weight.
+    ``near`` (N, k) neighbours, each sample also brings one random neighbour, trained towards the same labels
+    at half the weight (SCAN's prior: neighbours in a good feature space share a class). Everything is drawn
+    from (seed, epoch), so a resumed epoch replays the same batches. A batch below ``min_batch`` samples comes
+    without inputs (BatchNorm cannot train on one sample; the loop skips it) and draws nothing.
     """
-    model.train()
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(np.flatnonzero(keep))
     batch = config.batch_size
-    steps = max(1, math.ceil(len(order) / batch))
-    total, seen = 0.0, 0
-    started = time.perf_counter()
-    if reporter is not None:
-        reporter.phase("train", steps)
-    for step in range(steps):
+    for step in range(max(1, math.ceil(len(order) / batch))):
         rows = torch.from_numpy(order[step * batch:(step + 1) * batch])
-        if len(rows) < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-            continue  # BatchNorm cannot train on one sample
+        if len(rows) < min_batch:
+            if step >= start:
+                yield rows, None, []
+            continue
         view = torch.from_numpy(rng.integers(0, views.shape[0], len(rows)))
-        x = views[view, rows].float()
-        rate = lr_at(epoch, step, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        logits = model(x)
-        loss = sum(cross_entropy(out, targets[h, rows]) for h, out in enumerate(logits))
-        if near is not None:
-            other = near[rows, torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
-            loss = loss + 0.5 * sum(cross_entropy(out, targets[h, other]) for h, out in enumerate(logits))
-        loss = loss / len(logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(rows)
-        seen += len(rows)
-        if reporter is not None:
-            reporter.advance(loss=float(loss.detach()))
-    if reporter is not None:
-        reporter.end_phase()
-    seconds = time.perf_counter() - started
-    return {"loss": total / max(seen, 1), "lr": rate, "images": seen, "seconds": seconds,
-            "images_per_s": seen / max(seconds, 1e-9), "stopped": False}
+        other = None if near is None else near[rows, torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
+        if step >= start:
+            yield rows, (views[view, rows].float(), other), []
 
+
+def head_step(model: nn.Module, optimizer, rows: torch.Tensor, inputs: tuple, targets: torch.Tensor) -> float:
+    """One optimiser step of the heads on samples ``rows``: cross-entropy averaged over heads towards their labels
+    in ``targets`` (heads, N), and at half the weight towards the labels of each one's neighbour, if any."""
+    x, other = inputs
+    logits = model(x)
+    loss = sum(cross_entropy(out, targets[h, rows]) for h, out in enumerate(logits))
+    if other is not None:
+        loss = loss + 0.5 * sum(cross_entropy(out, targets[h, other]) for h, out in enumerate(logits))
+    loss = loss / len(logits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch.Tensor, dict]:

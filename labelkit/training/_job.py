@@ -17,19 +17,19 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
-from ..data._sources import resolve
-from ._distributed import from_environment
+from ..data import Order, SkipLog, batches_per_rank, make_loader, resolve
 from ..errors import ConfigError, Preempted
-from ..data._loading import SkipLog
-from ._loop import Reporter, RunDir, resolve_device, seed_everything, train_epoch
+from ._distributed import from_environment
+from ._loop import Reporter, RunDir, learning_rate, resolve_device, seed_everything, train_step
 
 __all__ = ["Job", "STOP_SIGNALS"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_RAN_OUT, _STOP, _SKIP, _TRAIN = 0, 1, 2, 3  # what the ranks agree to do before each step (the smallest wins)
 
 
 class Job:
@@ -37,10 +37,11 @@ class Job:
 
     .. code-block:: python
 
-        for epoch in job.epochs():
-            stats = job.train_epoch(model, transform, targets, optimizer, keep)
-            ...                      # e.g. SeLa's label step
-            job.end_epoch()          # checkpoint; stops here if a signal came meanwhile
+        job.run_epochs(lambda: job.train_epoch(model, transform, targets, optimizer, keep),  # step 1
+                       label_step)  # step 2, at the epochs of ``job.label_schedule``
+
+    where each epoch ends in a checkpoint (and stops there if a signal came meanwhile or ``--budget`` would
+    be passed by the next one).
     """
 
     def __init__(self, config, *, kind: str, resume: bool = False, reporter: Reporter | None = None):
@@ -159,11 +160,9 @@ class Job:
         return left * sum(recent) / len(recent) if recent else 0.0
 
     def provenance(self) -> dict:
-        """What the data was, for :meth:`Artefact.build`: spec, id fingerprint and count, content fingerprint,
-        and the samples that could not be decoded."""
-        manifest = self.source.manifest(self.skips.as_list())
-        return {"data_spec": self.config.data, "data_fingerprint": manifest.fingerprint, "data_count": manifest.count,
-                "data_content": manifest.content, "data_skipped": manifest.skipped}
+        """What the data was, the ``data`` of :meth:`Artefact.build`: spec, id fingerprint and count, content
+        fingerprint, and the samples that could not be decoded."""
+        return self.source.manifest(self.skips.as_list()).record()
 
     def merge_skips(self):
         """Share the samples each rank found undecodable; returns the mask of all of them."""
@@ -185,14 +184,53 @@ class Job:
     def epochs(self) -> range:
         return range(self.epoch, self.config.epochs)
 
+    def run_epochs(self, train: Callable[[], dict], label_step: Callable[[], dict] | None = None) -> None:
+        """The SeLa loop from the current epoch on: ``train()`` (step 1) every epoch, ``label_step()`` (step 2)
+        after the epochs of :attr:`label_schedule`, a checkpoint after each epoch; with ``--budget``, stop
+        between epochs when another one (and a last label step) would end past the plan's deadline."""
+        deadline = (self.plan or {}).get("deadline")
+        for epoch in self.epochs():
+            began = time.time()
+            train()
+            if epoch + 1 in self.label_schedule:
+                self.label_step(epoch + 1, label_step)
+            self.end_epoch()
+            if deadline and epoch + 1 < self.config.epochs and time.time() + (time.time() - began) > deadline:
+                if label_step is not None and epoch + 1 not in self.label_schedule:
+                    self.label_step(epoch + 1, label_step)
+                self.log({"type": "budget", "epoch": epoch + 1, "epochs": self.config.epochs,
+                          "message": f"stopped after epoch {epoch + 1} of {self.config.epochs}: the next would pass "
+                                     "the budget"})
+                self.stopped_early = epoch + 1
+                break
+
     def train_epoch(self, model, transform, targets: torch.Tensor, optimizer, keep) -> dict:
-        """Train the current epoch from the current position, log its line; on a stop signal, checkpoint
-        the position and raise :class:`Preempted`."""
+        """Step 1 on images: one epoch of cross-entropy averaged over heads, ``targets`` (heads, N) over the
+        source's samples, from the current position of the epoch's seeded order (see :meth:`train_pass`)."""
+        config, dist = self.config, self.dist
+        batch_size = max(1, config.batch_size // dist.world)
+
+        def batches(start: int):
+            order = Order(batch_size, shuffle=True, seed=config.seed, epoch=self.epoch, rank=dist.rank,
+                          world=dist.world, keep=keep, skip_batches=start)
+            return make_loader(self.source, transform, order, workers=config.workers)
+
+        steps = batches_per_rank(self.source, keep, batch_size, world=dist.world, workers=config.workers,
+                                 seed=config.seed, epoch=self.epoch, shuffle=True)
+        model.train()
+        return self.train_pass(batches, lambda indices, images: train_step(model, optimizer, images,
+                                                                           targets[:, indices], self.device),
+                               optimizer, steps)
+
+    def train_pass(self, batches: Callable[[int], Iterable], step: Callable[[torch.Tensor, Any], float], optimizer,
+                   steps: int, min_batch: int = 2) -> dict:
+        """One epoch of step 1 from the current position, and its line in the history. ``batches(start)``
+        yields ``(indices, inputs, bad)`` from batch ``start`` of the epoch's order; ``step(indices, inputs)``
+        takes one optimiser step and returns the loss; ``steps`` batches make the epoch. On a stop signal,
+        checkpoint the position and raise :class:`Preempted`."""
         if self.step == 0:  # an epoch's randomness depends on (seed, epoch); mid-epoch, the checkpoint's RNG state
             seed_everything(self.config.seed * 1000 + self.epoch)
-        stats = train_epoch(model, self.source, transform, targets, optimizer, epoch=self.epoch, config=self.config,
-                            device=self.device, keep=keep, skips=self.skips, reporter=self.reporter, dist=self.dist,
-                            start=self.step, partial=self._partial, stop=self._stop_requested)
+        stats = self._pass(batches(self.step), step, optimizer, steps, min_batch)
         self.merge_skips()
         if stats["stopped"]:
             self.step, self._partial = stats["step"], stats["partial"]
@@ -200,6 +238,50 @@ class Job:
             raise self._preempted()
         self.run_dir.log_epoch(self.epoch, self.config.epochs, stats, self.started, pending=self.label_eta(self.epoch))
         return stats
+
+    def _pass(self, batches: Iterable, step, optimizer, steps: int, min_batch: int) -> dict:
+        """The batches of one epoch. Before each step the ranks agree -- one all-reduce of a number -- to train,
+        to skip a batch that some rank cannot use (fewer than ``min_batch`` readable samples: BatchNorm needs
+        two), or to end the pass because a rank ran out of samples or a stop signal came. So every rank takes
+        the same optimiser steps and none waits alone in a collective. Returns the epoch's figures, and
+        ``stopped``/``step``/``partial`` to resume a stopped pass."""
+        config = self.config
+        self.reporter.phase("train", max(1, steps - self.step))
+        sums = dict(self._partial or {"loss": 0.0, "images": 0, "seconds": 0.0})
+        position, rate, stopped, begin = self.step, None, False, time.perf_counter()
+        batches = iter(batches)
+        while True:
+            indices = inputs = None
+            if self._stop_requested():
+                status = _STOP
+            else:
+                indices, inputs, bad = next(batches, (None, None, []))
+                self.skips.add(bad)
+                status = _RAN_OUT if indices is None else _SKIP if inputs is None or len(indices) < min_batch else _TRAIN
+            status = self.dist.agree(status)
+            if status in (_RAN_OUT, _STOP):
+                stopped = status == _STOP
+                break
+            position += 1
+            if status == _SKIP:
+                self.reporter.advance()
+                continue
+            rate = learning_rate(config.lr, (self.epoch + (position - 1) / steps) / config.epochs, config.lr_schedule,
+                                 config.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            value = float(step(indices, inputs))
+            sums["loss"] += value * len(indices)
+            sums["images"] += len(indices)
+            self.reporter.advance(loss=value, lr=rate)
+        self.reporter.end_phase()
+        sums["seconds"] += time.perf_counter() - begin
+        if rate is None:  # no step trained in this call: the rate the schedule gives here
+            rate = learning_rate(config.lr, (self.epoch + position / steps) / config.epochs, config.lr_schedule,
+                                 config.warmup)
+        return {"loss": sums["loss"] / max(sums["images"], 1), "lr": rate, "images": sums["images"],
+                "seconds": sums["seconds"], "images_per_s": sums["images"] / max(sums["seconds"], 1e-9),
+                "stopped": stopped, "step": position, "partial": sums}
 
     def end_epoch(self) -> None:
         """The epoch is done: checkpoint, and stop if a signal came after its last batch."""

@@ -20,10 +20,9 @@ import torch.nn.functional as F
 import json
 
 from .._util.files import atomic_path, write_text_atomic
-from ..data._sources import Source
-from ._distributed import Distributed
+from ..data import Source
 from ..errors import ConfigError
-from ..data._loading import SkipLog, batches_per_rank, make_loader
+from ..data import Order, SkipLog, batches_per_rank, make_loader
 
 __all__ = [
     "Reporter",
@@ -32,7 +31,6 @@ __all__ = [
     "autocast",
     "learning_rate",
     "make_optimizer",
-    "train_epoch",
     "train_step",
     "model_to",
     "images_to",
@@ -148,83 +146,6 @@ def train_step(model: torch.nn.Module, optimizer, images: torch.Tensor, labels: 
 
 
 # What a rank can do at a training step. The ranks agree on the smallest, so all of them do the same.
-_RAN_OUT, _STOP, _SKIP, _TRAIN = 0, 1, 2, 3
-
-
-def train_epoch(
-    model,
-    source: Source,
-    transform,
-    targets: torch.Tensor,
-    optimizer,
-    *,
-    epoch: int,
-    config,
-    device: torch.device,
-    keep: np.ndarray | None,
-    skips: SkipLog,
-    reporter: Reporter,
-    dist: Distributed | None = None,
-    start: int = 0,
-    partial: dict | None = None,
-    stop=lambda: False,
-) -> dict:
-    """One epoch of cross-entropy averaged over heads; ``targets`` is (heads, N) over ``source`` indices.
-
-    ``config`` gives epochs, lr, lr_schedule, warmup, batch_size (global), workers and seed. The pass begins at
-    batch ``start`` of the epoch's seeded order (``partial`` holds the sums of the batches before it). Before
-    each step the ranks agree -- one all-reduce of a number -- to train, to skip a batch that some rank cannot
-    use (fewer than two readable images: BatchNorm needs two), or to end the pass because a rank ran out of
-    samples or ``stop()`` said so. So every rank takes the same optimiser steps and none waits alone in a
-    collective. Returns the epoch's figures, and ``stopped``/``step``/``partial`` to resume a stopped pass.
-    """
-    dist = dist or Distributed()
-    model.train()
-    batch_size = max(1, config.batch_size // dist.world)
-    loader = make_loader(source, transform, batch_size=batch_size, workers=config.workers, shuffle=True,
-                         seed=config.seed, epoch=epoch, keep=keep, rank=dist.rank, world=dist.world,
-                         skip_batches=start)
-    steps = batches_per_rank(source, keep, batch_size, world=dist.world, workers=config.workers, seed=config.seed,
-                             epoch=epoch, shuffle=True)
-    reporter.phase("train", max(1, steps - start))
-    sums = dict(partial or {"loss": 0.0, "images": 0, "seconds": 0.0})
-    step, rate, stopped, begin = start, None, False, time.perf_counter()
-    batches = iter(loader)
-    while True:
-        indices = images = None
-        if stop():
-            status = _STOP
-        else:
-            indices, images, bad = next(batches, (None, None, []))
-            skips.add(bad)
-            status = _RAN_OUT if indices is None else _SKIP if images is None or len(indices) < 2 else _TRAIN
-        status = dist.agree(status)
-        if status == _RAN_OUT:
-            break
-        if status == _STOP:
-            stopped = True
-            break
-        step += 1
-        if status == _SKIP:
-            reporter.advance()
-            continue
-        rate = learning_rate(config.lr, (epoch + (step - 1) / steps) / config.epochs, config.lr_schedule,
-                             config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
-        value = float(train_step(model, optimizer, images, targets[:, indices], device))
-        sums["loss"] += value * len(indices)
-        sums["images"] += len(indices)
-        reporter.advance(loss=value, lr=rate)
-    reporter.end_phase()
-    sums["seconds"] += time.perf_counter() - begin
-    if rate is None:  # no step trained in this call: the rate the schedule gives here
-        rate = learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
-    return {"loss": sums["loss"] / max(sums["images"], 1), "lr": rate, "images": sums["images"],
-            "seconds": sums["seconds"], "images_per_s": sums["images"] / max(sums["seconds"], 1e-9),
-            "stopped": stopped, "step": step, "partial": sums}
-
-
 @torch.no_grad()
 def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
                      device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
@@ -234,8 +155,8 @@ def extract_features(model_features, dim: int, source: Source, transform, *, bat
     A random ``transform`` draws each sample's randomness from (``seed``, ``epoch``, sample). With a ``sink``
     (a :class:`~labelkit.solver.FeatureWriter`) the features go to it, each divided by ``views``, and
     the first value returned is None: nothing of size N x dim is held."""
-    loader = make_loader(source, transform, batch_size=batch_size, workers=workers, shuffle=False, keep=keep,
-                         rank=rank, world=world, seed=seed, epoch=epoch)
+    loader = make_loader(source, transform, Order(batch_size, seed=seed, epoch=epoch, rank=rank, world=world, keep=keep),
+                         workers=workers)
     features = torch.zeros((len(source), dim), dtype=torch.float32) if sink is None else None
     seen = np.zeros(len(source), dtype=bool)
     reporter.phase("label", batches_per_rank(source, keep, batch_size, world=world, workers=workers))

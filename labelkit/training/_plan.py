@@ -57,7 +57,7 @@ def _sample_images(source, count: int, seed: int) -> list[tuple[str, Any]]:
                 continue
         return out
     out = []
-    for i, image, _reason in source.iter_samples(shard_urls=source.urls[:4]):
+    for i, image, _reason in source.iter_samples(source.urls[:4]):
         if image is not None:
             out.append((source.ids[i], image))
         if len(out) >= count:
@@ -297,7 +297,7 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
               resume: bool = False, probe: bool = True) -> Plan:
     """Resolve a ``generate`` run: recipe (``auto`` by default for data without one), options, config file,
     budget. ``probe=False`` skips the timing probe (estimates are then left out)."""
-    from ..data._sources import resolve
+    from ..data import resolve
 
     if recipe is not None and recipe not in RECIPE_NAMES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPE_NAMES)}, got {recipe!r}")
@@ -444,9 +444,9 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
     """Time this run's own pieces on this machine: a few training batches through the real loader and
     augmentation, a label pass batch, and one solve on a sample; returns throughputs and sizes."""
     from ._graph import GRAPH_THUMBNAIL
-    from ..data._loading import eval_transform, make_loader
+    from ..data import Order, eval_transform, make_loader
     from ._models import SelaModel, create_backbone, feature_dim
-    from ..data._loading import augmentation_preset
+    from ..data import augmentation_preset
     from ._sela import head_balance
     from ..solver import Algorithm, Storage, kernel_path, solve
     from ._loop import resolve_device
@@ -464,8 +464,8 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
         startup = time.perf_counter() - started
         batch = min(config.batch_size, max(8, len(source) // 4))  # at least one timed batch after the first
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        loader = make_loader(source, augmentation_preset(config.augment, config.image_size), batch_size=batch, workers=config.workers, shuffle=True,
-                             keep=None, rank=0, world=1, seed=config.seed, epoch=0)
+        loader = make_loader(source, augmentation_preset(config.augment, config.image_size),
+                             Order(batch, shuffle=True, seed=config.seed), workers=config.workers)
         timed, images, t0 = 0, 0, None
         for i, (_indices, x, _bad) in enumerate(loader):
             if x is None:
@@ -485,9 +485,8 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
                 break
         train_rate = images / (time.perf_counter() - t0) if images else 1.0
         model.eval()
-        label_loader = make_loader(source, eval_transform(config.image_size), batch_size=2 * batch,
-                                   workers=config.workers, shuffle=True, keep=None, rank=0, world=1,
-                                   seed=config.seed, epoch=0)
+        label_loader = make_loader(source, eval_transform(config.image_size),
+                                   Order(2 * batch, shuffle=True, seed=config.seed), workers=config.workers)
         t1, seen = time.perf_counter(), 0
         with torch.no_grad():
             for i, (_indices, x, _bad) in enumerate(label_loader):
@@ -524,9 +523,9 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
 def plan_transfer(config, *, probe: bool = True) -> Plan:
     """The plan of a ``transfer`` run: its configuration and, probed on this machine, the estimated wall time
     (training epochs and the final prediction pass), the prediction pass's memory and the disk use."""
-    from ..artefact._artefact import read_artefact
-    from ..data._sources import resolve
-    from ..quality._scoring import parse_heads
+    from ..artefact import read_artefact
+    from ..data import resolve
+    from ..quality import parse_heads
 
     parent = read_artefact(config.labels)
     ks = [parent.heads[h].k for h in parse_heads(config.heads, parent.num_heads, option="--heads")]

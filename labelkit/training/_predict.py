@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artefact._artefact import Artefact, producer_versions, read_artefact
-from ..data._sources import Source, resolve
+from ..artefact import Artefact, producer_versions, read_artefact
+from ..data import Source, resolve
 from ..errors import ConfigError, DataError
-from ..data._loading import SkipLog, eval_transform, pretrained_transforms
+from ..data import SkipLog, eval_transform, pretrained_transforms
 from ._models import SelaModel, create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
 
@@ -97,11 +97,9 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
         labels = np.stack([lab.cpu().numpy() for lab in labels])
         scores = np.stack([s.cpu().numpy() for s in scores])
         parent = _parent(model_dir)
-        manifest = source.manifest(skips.as_list())
         artefact = Artefact.build(
             [source.ids[i] for i in rows], labels, ks, scores=scores,
-            data_spec=data, data_fingerprint=manifest.fingerprint, data_count=manifest.count,
-            data_content=manifest.content, data_skipped=manifest.skipped,
+            data={**source.manifest(skips.as_list()).record(), "spec": data},
             method={"name": "predict", "model": str(model_dir), "arch": record.get("arch"),
                     "run": record.get("kind")},
             parents=[parent] if parent else [], producer=producer_versions())

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data._sources import Source, resolve
+from ..data import Source, resolve
 from ..errors import ConfigError, DataError
-from ..data._loading import SkipLog, eval_transform
+from ..data import SkipLog, eval_transform
 from ._models import create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
 

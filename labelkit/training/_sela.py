@@ -8,6 +8,7 @@ comes after the last epoch, and its labels are the artefact.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,21 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artefact._artefact import Artefact, producer_versions
+from ..artefact import Artefact, producer_versions
 from ._config import SelaConfig, memory_bytes, solver_prior
-from ..quality._consensus import consensus_labels
+from ..quality import consensus_labels
 from ..errors import ConfigError
-from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, neighbours, spherical_kmeans, train_heads_epoch
+from ._frozen import (FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours,
+                      spherical_kmeans)
 from ._graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
-from ..data._loading import augmentation_preset, eval_transform, pretrained_transforms
-from ..quality._metrics import agreement
-from ..quality._label_free import QUALITY_ROWS, head_quality, recommend_k
+from ..data import augmentation_preset, eval_transform, pretrained_transforms
+from ..quality import agreement
+from ..quality import QUALITY_ROWS, head_quality, recommend_k
 from ._models import SelaModel, create_backbone, feature_dim
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
-from ..data._loading import rank_slice
+from ..data import rank_slice
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
-from ._loop import Reporter, extract_features, learning_rate, make_optimizer, model_to, seed_everything
+from ._loop import Reporter, extract_features, make_optimizer, model_to, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
 
@@ -281,21 +283,8 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
             job.label_step(0, lambda: _label_step(job, model, dim, state, ks))
             job.checkpoint_or_stop()
-        deadline = (job.plan or {}).get("deadline")
-        for epoch in job.epochs():
-            began = time.time()
-            job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask())  # step 1
-            if epoch + 1 in schedule:
-                job.label_step(epoch + 1, lambda: _label_step(job, model, dim, state, ks))
-            job.end_epoch()
-            # --budget: stop between epochs when another one (and a last label step) would end past the deadline
-            if deadline and epoch + 1 < config.epochs and time.time() + (time.time() - began) > deadline:
-                if epoch + 1 not in schedule:
-                    job.label_step(epoch + 1, lambda: _label_step(job, model, dim, state, ks))
-                job.log({"type": "budget", "epoch": epoch + 1, "epochs": config.epochs,
-                         "message": f"stopped after epoch {epoch + 1} of {config.epochs}: the next would pass the budget"})
-                job.stopped_early = epoch + 1
-                break
+        job.run_epochs(lambda: job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask()),
+                       lambda: _label_step(job, model, dim, state, ks))
         job.merge_skips()
         run = _finish(job, model, state, ks)
         job.finish()
@@ -410,22 +399,25 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
             features = torch.cat([heads.features(views[0][rows[i:i + 65536]]) for i in range(0, len(rows), 65536)])
         return _solve_heads(job, heads, features, rows, keep, state, ks)
 
-    def lr_at(epoch: int, step: int, steps: int) -> float:
-        return learning_rate(config.lr, (epoch + step / steps) / config.epochs, config.lr_schedule, config.warmup)
+    def train() -> dict:  # step 1, the heads only
+        heads.train()
+        steps = max(1, math.ceil(int(keep.sum()) / config.batch_size))
+        smallest = 2 if _has_batchnorm(heads) else 1
+        return job.train_pass(lambda start: head_batches(views, keep, near, config, job.epoch, start, smallest),
+                              lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
+                              optimizer, steps, min_batch=smallest)
 
     if not resumed and 0 in schedule:  # the first labels come from the untrained heads
         job.label_step(0, label_step)
         job.checkpoint_or_stop()
-    for epoch in job.epochs():
-        stats = train_heads_epoch(heads, views, state.labels, optimizer, epoch=epoch, config=config, keep=keep,
-                                  lr_at=lr_at, near=near, reporter=job.reporter)  # step 1, the heads only
-        job.run_dir.log_epoch(epoch, config.epochs, stats, job.started, pending=job.label_eta(epoch))
-        if epoch + 1 in schedule:
-            job.label_step(epoch + 1, label_step)  # step 2
-        job.end_epoch()
+    job.run_epochs(train, label_step)
     run = _finish(job, model, state, ks)
     job.finish()
     return run
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
 
 
 def _method(config: SelaConfig, plan: dict | None, stopped_early: int | None = None) -> dict:
@@ -470,7 +462,7 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
         method["consensus"] = {"head": len(ks), **agreed.record()}
         job.log({"type": "consensus", **method["consensus"]})
     artefact = Artefact.build([source.ids[i] for i in rows], labels, heads_k, scores=scores, method=method,
-                              **job.provenance())
+                              data=job.provenance())
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:
         artefact.write(path)

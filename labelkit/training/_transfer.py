@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artefact._artefact import Artefact, producer_versions, read_artefact
+from ..artefact import Artefact, producer_versions, read_artefact
 from ._config import TRANSFER_RECIPES, TransferConfig
 from ..errors import DataError
-from ..data._loading import augmentation_preset, batches_per_rank, eval_transform
+from ..data import augmentation_preset, batches_per_rank, eval_transform
 from ._models import SelaModel, create_backbone, feature_dim
 from ._job import Job
-from ..quality._scoring import parse_heads
+from ..quality import parse_heads
 from ._loop import Reporter, autocast, images_to, make_optimizer, model_to, seed_everything
 
 __all__ = ["TransferConfig", "TransferRun", "TRANSFER_RECIPES", "run_transfer", "join_labels"]
@@ -63,12 +63,12 @@ def join_labels(artefact: Artefact, source, min_coverage: float) -> tuple[np.nda
 def _predict(job: Job, model, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The trained heads' argmax and softmax confidence for every kept sample that can be read (each rank
     predicts its share, then every rank has all of them); returns labels, scores and the rows predicted."""
-    from ..data._loading import make_loader
+    from ..data import Order, make_loader
 
     config, source, dist = job.config, job.source, job.dist
     model.eval()
-    loader = make_loader(source, eval_transform(config.image_size), batch_size=config.batch_size * 2,
-                         workers=config.workers, keep=keep, rank=dist.rank, world=dist.world)
+    order = Order(config.batch_size * 2, rank=dist.rank, world=dist.world, keep=keep)
+    loader = make_loader(source, eval_transform(config.image_size), order, workers=config.workers)
     heads = len(model.heads)
     labels = np.zeros((heads, len(source)), dtype=np.int64)
     scores = np.zeros((heads, len(source)), dtype=np.float32)
@@ -119,14 +119,13 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         job.announce(model, heads=ks, parent=parent.artefact_id, matched=report["matched"])
         transform = augmentation_preset(config.augment, config.image_size)
         train_model = job.parallel(model)
-        for _ in job.epochs():
-            job.train_epoch(train_model, transform, targets, optimizer, keep=labelled & ~job.skips.mask())
-            job.end_epoch()
+        job.run_epochs(lambda: job.train_epoch(train_model, transform, targets, optimizer,
+                                               keep=labelled & ~job.skips.mask()))
         predicted, scores, done = _predict(job, model, labelled & ~job.skips.mask())
         done = done[~job.merge_skips()[done]]  # a sample unreadable now gets no label, whatever it had before
         artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
                                   method={"name": "transfer", "config": config.to_dict()},
-                                  parents=[parent.artefact_id], **job.provenance())
+                                  parents=[parent.artefact_id], data=job.provenance())
         path = job.run_dir.out / "labels.parquet"
         if job.run_dir.writer:
             artefact.write(path)

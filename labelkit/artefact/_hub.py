@@ -1,0 +1,205 @@
+"""A Hugging Face Hub dataset folder from an artefact: Parquet files under ``data/``, a cluster-size figure and a
+card whose YAML the Hub reads (configs, size category, licence) and whose body says how the labels were made."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import format as fmt
+from .._util.figures import sizes_figure
+from .._util.files import atomic_folder
+from ..errors import ImportSourceError
+from ._artefact import Artefact
+
+__all__ = ["export_hub", "HUB_ROWS_PER_FILE"]
+
+
+HUB_ROWS_PER_FILE = 5_000_000  # ~60 MB a file at ten heads: well under the Hub's advice of < 500 MB per Parquet
+
+
+def _size_category(n: int) -> str:
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+              (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+    return next((name for bound, name in bounds if n < bound), "1B<n<10B")
+
+
+def _hub_files(n: int, rows_per_file: int) -> list[tuple[int, int, str]]:
+    count = max(1, -(-n // rows_per_file))
+    return [(i * rows_per_file, min(n, (i + 1) * rows_per_file), f"data/train-{i:05d}-of-{count:05d}.parquet")
+            for i in range(count)]
+
+
+def _card_yaml(artefact: Artefact, files: list[tuple[str, int]], license: str, pretty_name: str,
+               source_datasets: list[str]) -> str:
+    import pyarrow as pa
+    import yaml
+
+    dtypes = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32"}
+    features = [{"name": field.name, "dtype": dtypes[field.type]} for field in artefact.table.schema]
+    front = {
+        "license": license,
+        "annotations_creators": ["machine-generated"],
+        "source_datasets": source_datasets,
+        "task_categories": ["image-classification"],
+        "size_categories": [_size_category(artefact.num_samples)],
+        "pretty_name": pretty_name,
+        "tags": ["labelkit", "self-labelling", "pseudo-labels", "clustering", "sela"],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "dataset_info": {
+            "features": features,
+            "splits": [{"name": "train", "num_bytes": int(artefact.table.nbytes),
+                        "num_examples": artefact.num_samples}],
+            "download_size": int(sum(size for _, size in files)),
+            "dataset_size": int(artefact.table.nbytes),
+        },
+    }
+    return yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+
+
+def _provenance_rows(meta: dict) -> list[tuple[str, str]]:
+    method, data = meta["method"], meta["data"]
+    rows = [("artefact id", f"`{meta['artefact_id']}`"), ("format", f"labelkit artefact v{meta['format_version']}"),
+            ("method", method["name"])]
+    config = method.get("config") or {}
+    for key, label in (("arch", "backbone"), ("clusters", "clusters (K)"), ("heads", "heads"), ("epochs", "epochs"),
+                       ("lam", "λ (Sinkhorn)"), ("prior", "cluster prior"), ("balance", "balance τ"),
+                       ("seed", "seed")):
+        if config.get(key) not in (None, ""):
+            rows.append((label, f"`{config[key]}`"))
+    if method.get("source"):
+        rows.append(("imported from", f"`{method['source']}`" + (f" ({method['url']})" if method.get("url") else "")))
+        rows.append(("source sha256", f"`{method.get('sha256', '-')}`"))
+    rows.append(("data", f"`{data.get('spec') or '-'}`, {data['count']:,} samples"))
+    rows.append(("data fingerprint", f"`{data['fingerprint']}` (sha256 of the sorted sample ids)"))
+    if data.get("skipped"):
+        rows.append(("skipped samples", f"{len(data['skipped']):,} (undecodable; listed in the metadata)"))
+    producer = meta["producer"]
+    rows.append(("produced by", ", ".join(f"{k} {v}" for k, v in producer.items() if v)))
+    rows.append(("created", meta["created_at"]))
+    parents = meta.get("parents") or []
+    rows.append(("parents (lineage)", ", ".join(f"`{p}`" for p in parents) if parents else "none: made from the data"))
+    return rows
+
+
+def _quality_section(meta: dict, truth: dict | None) -> list[str]:
+    def cell(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = []
+    if truth:
+        lines += [f"Against ground truth (`{truth['truth']}`, measured at export):", "",
+                  "| head | K | NMI | adjusted NMI | ARI | accuracy |", "|---|---|---|---|---|---|"]
+        for h in truth["heads"]:
+            lines.append(f"| {h['head']} | {h['k']} | " + " | ".join(cell(h.get(name), 4) for name in
+                                                                    ("nmi", "ami", "ari", "accuracy")) + " |")
+        lines.append("")
+    quality = (meta["method"].get("quality") or {}).get("heads")
+    if quality:
+        lines += ["Label-free quality recorded by the run (no ground truth used):", "",
+                  "| head | K | agreement | stability | linear probe | balance |", "|---|---|---|---|---|---|"]
+        for row in quality:
+            lines.append(f"| {row['head']} | {row['k']} | {cell(row.get('agreement'))} | "
+                         f"{cell(row.get('stability'))} | {cell(row.get('generalisation'))} | {cell(row.get('balance'))} |")
+        which = meta["method"]["quality"].get("recommended_k")
+        if which:
+            lines.append(f"\nRecommended K (label-free): **{which['k']}**.")
+        lines.append("")
+    consensus = meta["method"].get("consensus")
+    if consensus and consensus.get("head") is not None:
+        lines.append(f"Head {consensus['head']} is the consensus of the other heads (the primary labels).\n")
+    return lines or ["No quality figures are recorded in this artefact "
+                     "(`labelkit metrics ARTEFACT --truth SPEC` measures them where ground truth exists).", ""]
+
+
+def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tuple[str, int]],
+               truth: dict | None) -> str:
+    meta = artefact.metadata
+    heads = artefact.heads
+    first = files[0][0]
+    lines = [f"# {pretty_name}", "",
+             f"Self-labels (pseudo-labels that a network assigned to unlabelled images by itself) for "
+             f"{artefact.num_samples:,} samples: {len(heads)} labelling(s) (\"heads\") of "
+             f"{', '.join(str(h.k) for h in heads)} clusters, made with "
+             "labelkit. Cluster numbers are arbitrary names, not classes.",
+             "", "## Files", "",
+             "| column | type | meaning |", "|---|---|---|",
+             "| `sample_id` | string | the sample's stable id (its path relative to the image root, or its shard key) |"]
+    for i, head in enumerate(heads):
+        lines.append(f"| `{head.name}` | int32 | cluster of head {i}, 0 … {head.k - 1} |")
+    for i in range(len(heads)):
+        if fmt.score_column(i) in artefact.table.column_names:
+            lines.append(f"| `{fmt.score_column(i)}` | float32 | confidence of head {i}'s label |")
+    lines += ["", "Rows are sorted by `sample_id`; the artefact's full metadata (provenance, configuration, lineage) "
+              f"is in each Parquet file's schema metadata under the key `{fmt.METADATA_KEY}`.", "",
+              "## Provenance", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in _provenance_rows(meta)]
+    lines += ["", "## Label quality", ""] + _quality_section(meta, truth)
+    lines += ["## Cluster sizes", "", "![cluster sizes of every head, largest first](images/cluster_sizes.png)", "",
+              "| head | K | smallest | median | largest | empty |", "|---|---|---|---|---|---|"]
+    for i, head in enumerate(heads):
+        sizes = artefact.cluster_sizes(i)
+        lines.append(f"| {i} | {head.k} | {int(sizes.min()):,} | {int(np.median(sizes)):,} | {int(sizes.max()):,} | "
+                     f"{int((sizes == 0).sum()):,} |")
+    hf = f"hf://datasets/{repo}"
+    spec = meta["data"].get("spec") or "path/to/images"
+    lines += ["", "## Joining labels to images", "",
+              f"Each `sample_id` names one sample of `{spec}` (data fingerprint `{meta['data']['fingerprint'][:16]}…`): "
+              "for an image folder the path relative to its root, for WebDataset shards the `__key__`. "
+              "Join on it, never on row order. To check that a local copy holds the same samples:", "",
+              "```bash", f"labelkit validate {hf} --data /path/to/your/copy", "```", "",
+              "## Loading", "", "labelkit (validated, with provenance):", "", "```bash", f"labelkit info {hf}",
+              f"labelkit transfer --labels {hf} --data /path/to/images --arch resnet18 --out runs/transfer", "```",
+              "", "```python", "from labelkit import read_artefact", f'art = read_artefact("{hf}")',
+              "labels = art.labels(0)  # head 0, in art.sample_ids order", "```", "",
+              "DuckDB:", "", "```sql", f"SELECT sample_id, head_0 FROM '{hf}/data/*.parquet';", "```", "",
+              "Polars:", "", "```python", "import polars as pl",
+              f'df = pl.read_parquet("{hf}/data/*.parquet")', "```", "",
+              "pandas:", "", "```python", "import pandas as pd", f'df = pd.read_parquet("{hf}/{first}")', "```", "",
+              "🤗 datasets:", "", "```python", "from datasets import load_dataset",
+              f'ds = load_dataset("{repo}", split="train")', "```", ""]
+    return "\n".join(lines)
+
+
+def export_hub(artefact: Artefact, out: str | os.PathLike, *, repo: str | None = None, license: str = "unknown",
+               pretty_name: str | None = None, source_datasets: Sequence[str] | None = None,
+               truth: dict | None = None, rows_per_file: int = HUB_ROWS_PER_FILE) -> Path:
+    """Write ``out`` as a Hugging Face Hub dataset repository: ``data/train-0000i-of-0000N.parquet`` (the
+    artefact's rows, each file carrying the full metadata) and a ``README.md`` dataset card whose YAML
+    front matter the Hub reads and whose body is generated from the artefact.
+
+    ``repo`` (``user/name``) fills in the loading snippets; ``truth`` is a :func:`labelkit.quality.score_artefact`
+    result to show beside the recorded quality. The folder is built beside ``out`` and renamed into place,
+    so an existing export is replaced whole or not at all.
+    """
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ImportSourceError(f"--out {out}: a file; --format hub writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "README.md").is_file():
+        raise ImportSourceError(f"--out {out}: a non-empty folder that is not a hub export; give a new folder")
+    repo = repo or "USER/" + re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name).strip("-")
+    pretty_name = pretty_name or f"Self-labels {artefact.artefact_id[:12]}"
+    spec = artefact.metadata["data"].get("spec") or ""
+    if source_datasets is None:
+        source_datasets = [f"extended|{spec.split(':', 1)[1]}"] if spec.startswith("builtin:") else ["original"]
+    with atomic_folder(out) as staging:
+        (staging / "data").mkdir()
+        table = artefact.table.replace_schema_metadata({fmt.METADATA_KEY: json.dumps(artefact.metadata)})
+        files = []
+        for start, stop, name in _hub_files(artefact.num_samples, rows_per_file):
+            pq.write_table(table.slice(start, stop - start), staging / name, compression="zstd",
+                           use_dictionary=[c for c in table.column_names if c != fmt.ID_COLUMN])
+            files.append((name, (staging / name).stat().st_size))
+        sizes_figure([artefact.cluster_sizes(h) for h in range(artefact.num_heads)],
+                     staging / "images" / "cluster_sizes.png")
+        card = ("---\n" + _card_yaml(artefact, files, license, pretty_name, list(source_datasets)) + "---\n\n"
+                + _card_body(artefact, repo, pretty_name, files, truth))
+        (staging / "README.md").write_text(card)
+    return out
