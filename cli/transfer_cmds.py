@@ -103,16 +103,16 @@ def eval_(protocol, run, arch, init, pretrained, data, test, split, k, temperatu
 
     Example: labelkit eval knn --model runs/digits-transfer --data builtin:digits
     """
-    from labelkit.training import evaluate
+    from labelkit.training import EvalConfig, evaluate
 
     from ._progress import BarReporter
 
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
-    result = evaluate(protocol, data=data, model=run, arch=arch, init=init, pretrained=pretrained, test=test, split=split, k=k,
-                      temperature=temperature, image_size=image_size, seed=seed, device=device,
-                      reporter=BarReporter() if main_rank and not as_json else None)
+    config = EvalConfig(protocol, data=data, model=run, arch=arch, init=init, pretrained=pretrained, test=test,
+                        split=split, k=k, temperature=temperature, image_size=image_size, seed=seed, device=device)
+    result = evaluate(config, reporter=BarReporter() if main_rank and not as_json else None)
     if not main_rank:
         return
     if as_json:

@@ -75,10 +75,10 @@ def test_generate_on_cuda_writes_a_valid_artefact(digits_run):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_eval_knn_and_predict_on_cuda_agree_with_the_cpu(digits_run, tmp_path):
-    from labelkit.training import evaluate
+    from labelkit.training import EvalConfig, evaluate
 
-    on_gpu = evaluate("knn", data="builtin:digits", model=str(digits_run), device="cuda")
-    on_cpu = evaluate("knn", data="builtin:digits", model=str(digits_run), device="cpu")
+    on_gpu = evaluate(EvalConfig("knn", data="builtin:digits", model=str(digits_run), device="cuda"))
+    on_cpu = evaluate(EvalConfig("knn", data="builtin:digits", model=str(digits_run), device="cpu"))
     assert on_gpu["n_test"] == on_cpu["n_test"] > 0
     assert on_gpu["top1"] > 0.5 and abs(on_gpu["top1"] - on_cpu["top1"]) <= 0.03  # bf16 autocast vs float32
     for device in ("cuda", "cpu"):

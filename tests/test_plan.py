@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from labelkit.training import resolve_config
 from labelkit.errors import ConfigError, DataError
-from labelkit.training._plan import BudgetError, Plan, _check_memory, auto_recipe, make_plan, parse_duration, profile_data
+from labelkit.training import BudgetError, Plan, auto_recipe, make_plan, parse_duration, profile_data
+from labelkit.training._plan import _check_memory
 from labelkit.training import label_schedule
 
 from conftest import write_image

@@ -8,7 +8,7 @@ from labelkit.artefact import Artefact, read_artefact
 from labelkit.cli import main
 from labelkit.training import resolve_config
 from labelkit.errors import DataError
-from labelkit.training import evaluate, knn_accuracy, linear_accuracy
+from labelkit.training import EvalConfig, evaluate, knn_accuracy, linear_accuracy
 from labelkit.training import TRANSFER_RECIPES, TransferConfig, run_transfer
 
 from test_sela import _blobs
@@ -97,7 +97,7 @@ def test_eval_on_a_run_caches_features_and_splits_disjointly(tmp_path):
     data = _blobs(tmp_path / "blobs.npz")
     _, path = _artefact(tmp_path, data)
     run_transfer(_config(tmp_path, path, data))
-    result = evaluate("knn", data=data, model=str(tmp_path / "transfer"), split=0.25, k=5)
+    result = evaluate(EvalConfig("knn", data=data, model=str(tmp_path / "transfer"), split=0.25, k=5))
     assert result["n_train"] == 90 and result["n_test"] == 30 and result["protocol"] == "knn"
     assert list((tmp_path / "transfer").glob("features-*.npz"))
     assert result["top1"] > 0.9  # bright corner blobs are linearly obvious
@@ -105,6 +105,6 @@ def test_eval_on_a_run_caches_features_and_splits_disjointly(tmp_path):
     assert cli.exit_code == 0, cli.output
     assert set(json.loads(cli.output)) == {"protocol", "top1", "top5", "n_train", "n_test"}
     with pytest.raises(DataError, match="must be disjoint"):
-        evaluate("knn", data=data, model=str(tmp_path / "transfer"), test=data)
-    untrained = evaluate("knn", data=data, arch="labelkit_cnn", image_size=8, k=5)
+        evaluate(EvalConfig("knn", data=data, model=str(tmp_path / "transfer"), test=data))
+    untrained = evaluate(EvalConfig("knn", data=data, arch="labelkit_cnn", image_size=8, k=5))
     assert 0.0 <= untrained["top1"] <= 1.0

@@ -123,6 +123,21 @@ def _curves(history: Path, path: Path) -> Path | None:
     return path
 
 
+@dataclass
+class _Head:
+    """One head's labels over the data's samples, with what the truth (if any) says of each cluster."""
+
+    labels: np.ndarray  # cluster of each sample of the data, -1 where the artefact has none
+    present: np.ndarray  # samples of the data that carry a label
+    targets: np.ndarray | None
+    classes: list[str] | None
+    sizes: np.ndarray
+    members: list[np.ndarray]
+    purity: np.ndarray
+    entropy: np.ndarray
+    has_truth: bool
+
+
 def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike, *, truth: str | None = None,
                  run: str | None = None, head: int = 0, per_cluster: int = 16, clusters: int = 24,
                  seed: int = 0) -> Report:
@@ -139,6 +154,38 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
     if content_check(art, source)["content_match"] is False:
         warning = (f"{data} has the artefact's sample ids but other contents: these images are not the ones "
                    "the labels were made on")
+    view = _head_view(art, head, source, data, truth)
+    rng = np.random.default_rng(seed)
+    sections = _sections(view, clusters, rng)
+    shown = {c: rng.permutation(view.members[c]) for _, cs in sections for c in cs}
+    wanted = {int(i) for c, m in shown.items() for i in m[: per_cluster * 2]}  # spares replace bad images
+    images, failed = _load_selected(source, wanted)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures, blocks = _cluster_grids(view, sections, shown, images, per_cluster, out)
+    nonempty = np.flatnonzero([len(m) > 0 for m in view.members])
+    hist = _histograms(view.sizes, view.entropy[nonempty] if view.has_truth else None, len(view.sizes),
+                       out / "histograms.png")
+    figures.append(hist)
+    extra = [f'<h2>Cluster sizes and homogeneity</h2><img src="{hist.name}" alt="histograms">']
+    if run:
+        history = Path(run) / "history.jsonl"
+        if not history.is_file():
+            raise ConfigError(f"--run {run}: no history.jsonl there")
+        curves = _curves(history, out / "training.png")
+        if curves:
+            figures.append(curves)
+            extra.append(f'<h2>Training</h2><img src="{curves.name}" alt="training curves">')
+    lines = (f"<p>{len(view.present):,} of {len(source):,} images of {html.escape(data)} carry a label"
+             + (f"; {len(failed)} selected image(s) could not be read and were replaced" if failed else "") + "</p>"
+             + (f'<p style="color:#b00"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ""))
+    page = _page(art, head, artefact, _provenance(art, head) + lines + _metrics(view) + _legend(view),
+                 "".join(blocks) + "\n" + "".join(extra))
+    index = write_text_atomic(out / "index.html", page)
+    return Report(index=index, figures=figures, missing=[source.ids[i] for i in failed], warning=warning)
+
+
+def _head_view(art, head: int, source, data: str, truth: str | None) -> _Head:
     rows = source.positions_in(art.table.column("sample_id"))
     present = np.flatnonzero(rows >= 0)
     if len(present) == 0:
@@ -155,90 +202,93 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
         targets = np.where(where >= 0, truth_labels[np.maximum(where, 0)], -1)
         classes = [str(c) for c in range(int(targets.max()) + 1)]
     has_truth = targets is not None and bool((targets[present] >= 0).any())
-    sizes = np.bincount(art.labels(head), minlength=k)
     members = [np.flatnonzero(labels == c) for c in range(k)]
-    purity = np.zeros(k)
-    entropy = np.zeros(k)
-    if has_truth:
-        for c in range(k):
-            t = targets[members[c]]
-            t = t[t >= 0]
-            if len(t):
-                counts = np.bincount(t)
-                p = counts[counts > 0] / len(t)
-                purity[c], entropy[c] = counts.max() / len(t), float(-(p * np.log(p)).sum())
-    nonempty = np.flatnonzero([len(m) > 0 for m in members])
-    order = nonempty[np.lexsort((-sizes[nonempty], -purity[nonempty]))] if has_truth else \
+    purity, entropy = np.zeros(k), np.zeros(k)
+    for c in range(k if has_truth else 0):
+        t = targets[members[c]]
+        t = t[t >= 0]
+        if len(t):
+            counts = np.bincount(t)
+            p = counts[counts > 0] / len(t)
+            purity[c], entropy[c] = counts.max() / len(t), float(-(p * np.log(p)).sum())
+    return _Head(labels, present, targets, classes, np.bincount(art.labels(head), minlength=k), members, purity,
+                 entropy, has_truth)
+
+
+def _sections(view: _Head, clusters: int, rng) -> list[tuple[str, list[int]]]:
+    """The clusters to show, by section: the purest (or largest), a random sample, and with truth the most and
+    least homogeneous."""
+    sizes, purity, entropy = view.sizes, view.purity, view.entropy
+    nonempty = np.flatnonzero([len(m) > 0 for m in view.members])
+    order = nonempty[np.lexsort((-sizes[nonempty], -purity[nonempty]))] if view.has_truth else \
         nonempty[np.argsort(-sizes[nonempty], kind="stable")]
-    rng = np.random.default_rng(seed)
     top = list(order[: (clusters + 1) // 2])
     rest = [c for c in order if c not in set(top)]
     random_pick = sorted(rng.choice(rest, size=min(len(rest), clusters // 2), replace=False).tolist()) if rest else []
-    sections = [("Clusters by purity" if has_truth else "Largest clusters", top)]
+    sections = [("Clusters by purity" if view.has_truth else "Largest clusters", top)]
     if random_pick:
         sections.append(("Random clusters", random_pick))
-    if has_truth:
+    if view.has_truth:
         by_entropy = nonempty[np.argsort(entropy[nonempty], kind="stable")]
         sections += [("Most homogeneous (lowest class entropy)", list(by_entropy[:4])),
                      ("Least homogeneous (highest class entropy)", list(by_entropy[::-1][:4]))]
-    shown = {c: rng.permutation(members[c]) for _, cs in sections for c in cs}
-    wanted = {int(i) for c, m in shown.items() for i in m[: per_cluster * 2]}  # spares replace bad images
-    images, failed = _load_selected(source, wanted)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    colours = _class_colours(len(classes or [])) if has_truth else []
+    return sections
+
+
+def _cluster_grids(view: _Head, sections, shown: dict, images: dict, per_cluster: int, out: Path):
+    """One image grid per shown cluster (frames coloured by true class), and the page's sections."""
+    colours = _class_colours(len(view.classes or [])) if view.has_truth else []
     grey = (200, 200, 200)
     figures, blocks = [], []
     for title, cluster_ids in sections:
         cards = []
         for c in cluster_ids:
             picked = [int(i) for i in shown[c] if int(i) in images][:per_cluster]
-            frames = [colours[targets[i]] if has_truth and targets[i] >= 0 else grey for i in picked]
+            frames = [colours[view.targets[i]] if view.has_truth and view.targets[i] >= 0 else grey for i in picked]
             name = f"cluster_{c:05d}.png"
             if not (out / name).exists():
                 figures.append(_grid([images[i] for i in picked], frames, out / name))
-            caption = f"cluster {c} · {sizes[c]:,} samples" + (f" · purity {purity[c]:.2f}" if has_truth else "")
+            caption = (f"cluster {c} · {view.sizes[c]:,} samples"
+                       + (f" · purity {view.purity[c]:.2f}" if view.has_truth else ""))
             cards.append(f'<figure><img src="{name}" alt="{html.escape(caption)}"><figcaption>'
                          f'{html.escape(caption)}</figcaption></figure>')
         blocks.append(f"<h2>{html.escape(title)}</h2><div class=grid>{''.join(cards)}</div>")
-    hist = _histograms(sizes, entropy[nonempty] if has_truth else None, k, out / "histograms.png")
-    figures.append(hist)
-    extra = [f'<h2>Cluster sizes and homogeneity</h2><img src="{hist.name}" alt="histograms">']
-    if run:
-        history = Path(run) / "history.jsonl"
-        if not history.is_file():
-            raise ConfigError(f"--run {run}: no history.jsonl there")
-        curves = _curves(history, out / "training.png")
-        if curves:
-            figures.append(curves)
-            extra.append(f'<h2>Training</h2><img src="{curves.name}" alt="training curves">')
-    summary = summarize(art)
-    head_info = summary["heads"][head]
-    metrics_html = ""
-    if has_truth:
-        from ..quality import compare
+    return figures, blocks
 
-        known = present[targets[present] >= 0]
-        m = compare(labels[known], targets[known])
-        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
-        metrics_html = (f"<table><tr><th>NMI</th><th>AMI</th><th>ARI</th><th>accuracy</th><th>purity</th>"
-                        f"<th>mean class entropy</th></tr><tr><td>{m['nmi']:.3f}</td><td>{m['ami']:.3f}</td>"
-                        f"<td>{m['ari']:.3f}</td><td>{acc}</td><td>{m['purity']:.3f}</td>"
-                        f"<td>{m['entropy_mean']:.3f}</td></tr></table>")
-    legend = ""
-    if has_truth and classes:
-        legend = "<p class=legend>" + " ".join(
-            f'<span style="border-color: rgb{colours[i]}">{html.escape(str(name))}</span>'
-            for i, name in enumerate(classes)) + "</p>"
-    method = summary["method"]
-    provenance = (f"<p>artefact <code>{summary['artefact_id'][:16]}…</code> · {summary['num_samples']:,} samples · "
-                  f"{summary['num_heads']} heads · head {head}: K={head_info['k']}, sizes {head_info['size_min']}–"
-                  f"{head_info['size_max']}, {head_info['empty']} empty · method {html.escape(method['name'])} · "
-                  f"data {html.escape(str(summary['data']['spec']))} · created {summary['created_at']}</p>"
-                  f"<p>{len(present):,} of {len(source):,} images of {html.escape(data)} carry a label"
-                  + (f"; {len(failed)} selected image(s) could not be read and were replaced" if failed else "")
-                  + "</p>" + (f'<p style="color:#b00"><b>Warning:</b> {html.escape(warning)}</p>' if warning else ""))
-    page = f"""<!doctype html>
+
+def _metrics(view: _Head) -> str:
+    if not view.has_truth:
+        return ""
+    from ..quality import compare
+
+    known = view.present[view.targets[view.present] >= 0]
+    m = compare(view.labels[known], view.targets[known])
+    acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
+    return (f"<table><tr><th>NMI</th><th>AMI</th><th>ARI</th><th>accuracy</th><th>purity</th>"
+            f"<th>mean class entropy</th></tr><tr><td>{m['nmi']:.3f}</td><td>{m['ami']:.3f}</td>"
+            f"<td>{m['ari']:.3f}</td><td>{acc}</td><td>{m['purity']:.3f}</td>"
+            f"<td>{m['entropy_mean']:.3f}</td></tr></table>")
+
+
+def _legend(view: _Head) -> str:
+    if not (view.has_truth and view.classes):
+        return ""
+    colours = _class_colours(len(view.classes))
+    return "<p class=legend>" + " ".join(f'<span style="border-color: rgb{colours[i]}">{html.escape(str(name))}</span>'
+                                         for i, name in enumerate(view.classes)) + "</p>"
+
+
+def _provenance(art, head: int) -> str:
+    summary = summarize(art)
+    head_info, method = summary["heads"][head], summary["method"]
+    return (f"<p>artefact <code>{summary['artefact_id'][:16]}…</code> · {summary['num_samples']:,} samples · "
+            f"{summary['num_heads']} heads · head {head}: K={head_info['k']}, sizes {head_info['size_min']}–"
+            f"{head_info['size_max']}, {head_info['empty']} empty · method {html.escape(method['name'])} · "
+            f"data {html.escape(str(summary['data']['spec']))} · created {summary['created_at']}</p>")
+
+
+def _page(art, head: int, artefact, top: str, body: str) -> str:
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>labelkit report: head {head}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
@@ -249,10 +299,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 .legend span {{ border: 4px solid; padding: 0 6px; margin-right: 4px; display: inline-block; }}
 </style></head><body>
 <h1>Self-labels of head {head} ({html.escape(Path(remote.redact(str(artefact))).name)})</h1>
-{provenance}{metrics_html}{legend}
-{''.join(blocks)}
-{''.join(extra)}
+{top}
+{body}
 </body></html>
 """
-    index = write_text_atomic(out / "index.html", page)
-    return Report(index=index, figures=figures, missing=[source.ids[i] for i in failed], warning=warning)

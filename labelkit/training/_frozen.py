@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._util.files import atomic_path
+from ..data import Order
 
 __all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "head_batches", "head_step", "neighbours", "spherical_kmeans",
            "weights_digest", "cached_views"]
@@ -331,10 +332,10 @@ def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch
 
     def fill(array):
         for v in range(count):
-            features, _ = extract_features(net, dim, source, plain if v == 0 else augmented,
-                                           batch_size=config.batch_size, workers=config.workers,
-                                           device=job.device, skips=job.skips, reporter=job.reporter,
-                                           keep=~job.skips.mask(), seed=config.seed, epoch=v)
+            order = Order(config.batch_size, seed=config.seed, epoch=v, keep=~job.skips.mask())
+            features, _ = extract_features(net, dim, source, plain if v == 0 else augmented, order,
+                                           workers=config.workers, device=job.device, skips=job.skips,
+                                           reporter=job.reporter)
             array[v] = features.numpy()
 
     views = cache.write((count, len(source), dim), fill, lambda: dict(job.skips.skipped))

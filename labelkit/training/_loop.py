@@ -11,7 +11,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -147,19 +147,18 @@ def train_step(model: torch.nn.Module, optimizer, images: torch.Tensor, labels: 
 
 # What a rank can do at a training step. The ranks agree on the smallest, so all of them do the same.
 @torch.no_grad()
-def extract_features(model_features, dim: int, source: Source, transform, *, batch_size: int, workers: int,
-                     device: torch.device, skips: SkipLog, reporter: Reporter, keep: np.ndarray | None = None,
-                     rank: int = 0, world: int = 1, seed: int = 0, epoch: int = 0, sink=None,
-                     views: int = 1) -> tuple[torch.Tensor | None, np.ndarray]:
-    """One pass over every (kept) sample exactly once; returns (N, dim) float32 features and a seen mask.
-    A random ``transform`` draws each sample's randomness from (``seed``, ``epoch``, sample). With a ``sink``
-    (a :class:`~labelkit.solver.FeatureWriter`) the features go to it, each divided by ``views``, and
-    the first value returned is None: nothing of size N x dim is held."""
-    loader = make_loader(source, transform, Order(batch_size, seed=seed, epoch=epoch, rank=rank, world=world, keep=keep),
-                         workers=workers)
+def extract_features(model_features, dim: int, source: Source, transform, order: Order, *, workers: int,
+                     device: torch.device, skips: SkipLog, reporter: Reporter,
+                     sink: Callable[[np.ndarray, torch.Tensor], None] | None = None) -> tuple[torch.Tensor | None, np.ndarray]:
+    """One pass over the samples of ``order`` (a labelling pass: every kept sample exactly once across ranks);
+    returns (N, dim) float32 features and a seen mask. A random ``transform`` draws each sample's randomness
+    from (``order.seed``, ``order.epoch``, sample). With a ``sink(rows, features)`` (e.g. adding to a
+    :class:`~labelkit.solver.FeatureWriter`) the features go there and the first value returned is None:
+    nothing of size N x dim is held."""
+    loader = make_loader(source, transform, order, workers=workers)
     features = torch.zeros((len(source), dim), dtype=torch.float32) if sink is None else None
     seen = np.zeros(len(source), dtype=bool)
-    reporter.phase("label", batches_per_rank(source, keep, batch_size, world=world, workers=workers))
+    reporter.phase("label", batches_per_rank(source, order.keep, order.batch_size, world=order.world, workers=workers))
     for indices, images, bad in loader:
         skips.add(bad)
         if images is not None:
@@ -168,7 +167,7 @@ def extract_features(model_features, dim: int, source: Source, transform, *, bat
             if sink is None:
                 features[indices] = out.float().cpu()
             else:
-                sink.add(indices.numpy(), out, views)
+                sink(indices.numpy(), out)
             seen[indices.numpy()] = True
         reporter.advance()
     reporter.end_phase()

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from ..artefact import Artefact, producer_versions, read_artefact
-from ..data import Source, resolve
+from ..data import Order, SkipLog, Source, eval_transform, pretrained_transforms, resolve
 from ..errors import ConfigError, DataError
-from ..data import SkipLog, eval_transform, pretrained_transforms
 from ._models import SelaModel, create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
 
@@ -136,9 +135,9 @@ def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *,
     else:
         transform = eval_transform(record["image_size"])
     dim = feature_dim(model.backbone)
-    features, seen = extract_features(model.features, dim, source, transform, batch_size=batch_size,
-                                      workers=workers, device=device, skips=skips, reporter=reporter,
-                                      rank=dist.rank, world=dist.world)
+    features, seen = extract_features(model.features, dim, source, transform,
+                                      Order(batch_size, rank=dist.rank, world=dist.world), workers=workers,
+                                      device=device, skips=skips, reporter=reporter)
     rows, values = dist.gather_rows(np.flatnonzero(seen), features[torch.from_numpy(seen)].numpy().T)
     features[torch.from_numpy(rows)] = torch.from_numpy(values.T.astype(np.float32))
     seen[rows] = True

@@ -11,19 +11,20 @@ the run directory under the data fingerprint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import Source, resolve
+from ..data import Order, SkipLog, Source, eval_transform, resolve
 from ..errors import ConfigError, DataError
-from ..data import SkipLog, eval_transform
 from ._models import create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
 
-__all__ = ["load_backbone", "features_of", "knn_accuracy", "linear_accuracy", "evaluate", "PROTOCOLS"]
+__all__ = ["load_backbone", "features_of", "knn_accuracy", "linear_accuracy", "evaluate", "EvalConfig", "PROTOCOLS"]
 
 PROTOCOLS = ("knn", "linear")
 
@@ -59,9 +60,8 @@ def features_of(backbone, source: Source, image_size: int, *, cache: Path | None
     dist, dev = from_environment(resolve_device(device))
     backbone = model_to(backbone, dev)
     features, seen = extract_features(backbone, feature_dim(backbone), source, eval_transform(image_size),
-                                      batch_size=batch_size, workers=workers, device=dev, skips=SkipLog(source),
-                                      reporter=reporter if dist.main and reporter else Reporter(),
-                                      rank=dist.rank, world=dist.world)
+                                      Order(batch_size, rank=dist.rank, world=dist.world), workers=workers, device=dev,
+                                      skips=SkipLog(source), reporter=reporter if dist.main and reporter else Reporter())
     features = features.numpy()
     rows, values = dist.gather_rows(np.flatnonzero(seen), features[seen].T)  # under torchrun: every rank's share
     features[rows], seen[rows] = values.T, True
@@ -109,24 +109,48 @@ def linear_accuracy(train_x, train_y, test_x, test_y, *, seed: int = 0) -> tuple
     return _topk(scores, np.asarray(test_y))
 
 
-def evaluate(protocol: str, *, data: str, model: str | None = None, arch: str | None = None, init: str | None = None,
-             pretrained: bool = False,
-             test: str | None = None, split: float = 0.2, k: int = 50, temperature: float = 0.1,
-             image_size: int | None = None, seed: int = 0, device: str = "auto", workers: int = 0,
-             reporter: Reporter | None = None) -> dict:
-    """Evaluate a backbone on ``data`` (train) against ``test`` or a seeded, stratified ``split`` of ``data``."""
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if model and (arch or init or pretrained):
-        raise ConfigError(f"--model {model} brings its own architecture and weights; drop --arch/--init/--pretrained, "
-                          "or drop --model")
-    backbone, size, run_dir = load_backbone(model, arch, init, image_size, pretrained)
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``labelkit eval`` measures: a ``protocol`` (``knn`` or ``linear``) on the features of a backbone --
+    a run's (``model``), or ``arch`` with ``init`` weights or timm's ``pretrained`` ones -- trained on ``data``
+    and tested on ``test`` or on a seeded, stratified ``split`` of ``data``; ``k`` and ``temperature`` for kNN."""
+
+    protocol: str
+    data: str
+    model: str | None = None
+    arch: str | None = None
+    init: str | None = None
+    pretrained: bool = False
+    test: str | None = None
+    split: float = 0.2
+    k: int = 50
+    temperature: float = 0.1
+    image_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.model and (self.arch or self.init or self.pretrained):
+            raise ConfigError(f"--model {self.model} brings its own architecture and weights; drop "
+                              "--arch/--init/--pretrained, or drop --model")
+        if self.test is None and not 0.0 < self.split < 1.0:
+            raise ConfigError(f"--split must lie in (0, 1), got {self.split}")
+
+
+def evaluate(config: EvalConfig, reporter: Reporter | None = None) -> dict:
+    """Evaluate a backbone as ``config`` says; returns top-1 and top-5 accuracy and the sizes of both sides."""
+    c = config
+    data, test, device, workers = c.data, c.test, c.device, c.workers
+    backbone, size, run_dir = load_backbone(c.model, c.arch, c.init, c.image_size, c.pretrained)
     train_source = resolve(data)
     if not train_source.has_truth:
         raise DataError(f"{data}: evaluation needs ground-truth classes (class folders, shard cls, npz labels)")
     if reporter is not None:
-        name = json.loads((run_dir / "config.json").read_text())["arch"] if run_dir else arch
-        reporter.begin({"command": "eval", "protocol": protocol, "arch": name, "model": model, "image_size": size,
+        name = json.loads((run_dir / "config.json").read_text())["arch"] if run_dir else c.arch
+        reporter.begin({"command": "eval", "protocol": c.protocol, "arch": name, "model": c.model, "image_size": size,
                         "data": data, "samples": len(train_source), "test": test})
     from ._distributed import from_environment
 
@@ -149,17 +173,15 @@ def evaluate(protocol: str, *, data: str, model: str | None = None, arch: str | 
             tr = np.flatnonzero(usable)
             x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], test_x[keep], test_y[keep]
         else:
-            if not 0.0 < split < 1.0:
-                raise ConfigError(f"--split must lie in (0, 1), got {split}")
             from sklearn.model_selection import train_test_split
 
             indices = np.flatnonzero(usable)
-            tr, te = train_test_split(indices, test_size=split, stratify=train_y[indices], random_state=seed)
+            tr, te = train_test_split(indices, test_size=c.split, stratify=train_y[indices], random_state=c.seed)
             x_train, y_train, x_test, y_test = train_x[tr], train_y[tr], train_x[te], train_y[te]
-        if protocol == "knn":
-            top1, top5 = knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=temperature)
+        if c.protocol == "knn":
+            top1, top5 = knn_accuracy(x_train, y_train, x_test, y_test, k=c.k, temperature=c.temperature)
         else:
-            top1, top5 = linear_accuracy(x_train, y_train, x_test, y_test, seed=seed)
-        return {"protocol": protocol, "top1": top1, "top5": top5, "n_train": int(len(y_train)), "n_test": int(len(y_test))}
+            top1, top5 = linear_accuracy(x_train, y_train, x_test, y_test, seed=c.seed)
+        return {"protocol": c.protocol, "top1": top1, "top5": top5, "n_train": int(len(y_train)), "n_test": int(len(y_test))}
     finally:
         dist.close()

@@ -24,13 +24,12 @@ from ..errors import ConfigError
 from ._frozen import (FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours,
                       spherical_kmeans)
 from ._graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
-from ..data import augmentation_preset, eval_transform, pretrained_transforms
+from ..data import Order, augmentation_preset, eval_transform, pretrained_transforms, rank_slice
 from ..quality import agreement
 from ..quality import QUALITY_ROWS, head_quality, recommend_k
 from ._models import SelaModel, create_backbone, feature_dim
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
-from ..data import rank_slice
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
 from ._loop import Reporter, extract_features, make_optimizer, model_to, seed_everything
 
@@ -125,10 +124,10 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
     try:
         features, seen = None, None
         for transform in views:
-            view, view_seen = extract_features(model.features, dim, source, transform, batch_size=config.batch_size * 2,
-                                               workers=config.workers, device=job.device, skips=job.skips,
-                                               reporter=job.reporter, keep=keep, rank=dist.rank, world=dist.world,
-                                               sink=writer, views=len(views))
+            order = Order(config.batch_size * 2, keep=keep, rank=dist.rank, world=dist.world)
+            sink = None if writer is None else lambda rows, out: writer.add(rows, out, len(views))
+            view, view_seen = extract_features(model.features, dim, source, transform, order, workers=config.workers,
+                                               device=job.device, skips=job.skips, reporter=job.reporter, sink=sink)
             if writer is None:
                 features = view if features is None else features.add_(view)
             seen = view_seen if seen is None else seen & view_seen
@@ -164,9 +163,8 @@ def _graph_start(job: Job, state: SelaState, ks: list[int]) -> dict:
         side = min(config.image_size, GRAPH_THUMBNAIL)
         transform = eval_transform(side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         pixels, seen = extract_features(Thumbnail(grey=False), 3 * side * side, source, transform,
-                                        batch_size=config.batch_size * 2, workers=config.workers,
-                                        device=torch.device("cpu"), skips=job.skips, reporter=job.reporter,
-                                        keep=~job.skips.mask())
+                                        Order(config.batch_size * 2, keep=~job.skips.mask()), workers=config.workers,
+                                        device=torch.device("cpu"), skips=job.skips, reporter=job.reporter)
         rows = np.flatnonzero(seen & ~job.skips.mask())
         held = pixels.numel() * pixels.element_size()
         x = pixels[torch.from_numpy(rows)].view(len(rows), 3, -1)

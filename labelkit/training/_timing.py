@@ -1,0 +1,108 @@
+"""The timing probe: this run's own pieces timed on this machine -- a few training batches through the real
+loader and augmentation, a label pass batch, one solve on a sample -- so the plan's estimates are measured, not
+assumed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..data import Order, augmentation_preset, eval_transform, make_loader
+from ..solver import Algorithm, Storage, kernel_path, solve
+from ._config import memory_bytes
+from ._graph import GRAPH_THUMBNAIL
+from ._loop import resolve_device
+from ._models import SelaModel, create_backbone, feature_dim
+
+__all__ = []
+
+
+def _probe(config, source, ks: list[int] | None = None) -> dict:
+    """Throughputs and sizes of a run as ``config`` would make it: ``ks`` given (a transfer run's heads) means
+    no label step is timed."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    state = torch.get_rng_state()
+    torch.manual_seed(config.seed)
+    try:
+        solves = ks is None  # a SeLa run solves; a transfer run (ks given: its heads' K) does not
+        ks = config.head_clusters() if solves else ks
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        model = SelaModel(backbone, ks, getattr(config, "head_temperature", None)).to(device)
+        dim = feature_dim(model.backbone)
+        startup = time.perf_counter() - started
+        batch = min(config.batch_size, max(8, len(source) // 4))  # at least one timed batch after the first
+        train_rate = _train_rate(model, config, source, batch, device)
+        label_rate = _label_rate(model, config, source, batch, device)
+        # the path the run will take at full size, timed on a sample of rows from features of the run's width
+        path = kernel_path(len(source), max(ks), device, memory_bytes(getattr(config, "label_memory", None)),
+                           scratch=config.out)
+        solve_s = _solve_seconds(config, len(source), ks, dim, path) if solves else 0.0
+        checkpoint = sum(p.numel() * p.element_size() * 2 for p in model.parameters())
+    finally:
+        torch.set_rng_state(state)
+    side = min(config.image_size, GRAPH_THUMBNAIL)
+    return {"train_images_per_s": round(train_rate, 1), "label_images_per_s": round(label_rate, 1),
+            "solve_s_per_step": round(solve_s, 3), "startup_s": round(startup + 2.0, 2),
+            # the graph start: one thumbnail pass (decoding dominates, as in the label pass) and the spectral
+            # embedding (measured: 4.8 s for 10,782 samples on 2 cores, close to linear in N)
+            "graph_s": round(len(source) / label_rate + 4.5e-4 * len(source), 2),
+            "feature_dim": int(dim), "kernel": path if solves else None, "thumbnail_pixels": 3 * side * side,
+            "checkpoint_bytes": int(checkpoint), "probe_s": round(time.perf_counter() - started, 2)}
+
+
+def _train_rate(model, config, source, batch: int, device) -> float:
+    """Images a second of training steps, after the first batch (which pays for start-up)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loader = make_loader(source, augmentation_preset(config.augment, config.image_size),
+                         Order(batch, shuffle=True, seed=config.seed), workers=config.workers)
+    timed, images, t0 = 0, 0, None
+    for i, (_indices, x, _bad) in enumerate(loader):
+        if x is None:
+            continue
+        if i == 1:  # the first batch pays for worker start-up and lazy initialisation
+            t0 = time.perf_counter()
+        x = x.to(device)
+        loss = sum(torch.nn.functional.cross_entropy(out, torch.zeros(len(x), dtype=torch.long, device=device))
+                   for out in model(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i >= 1:
+            images += len(x)
+            timed += 1
+        if timed >= 6 or images >= len(source):
+            break
+    return images / (time.perf_counter() - t0) if images else 1.0
+
+
+def _label_rate(model, config, source, batch: int, device) -> float:
+    """Images a second of the label pass (plain view, features only)."""
+    model.eval()
+    loader = make_loader(source, eval_transform(config.image_size), Order(2 * batch, shuffle=True, seed=config.seed),
+                         workers=config.workers)
+    t1, seen = time.perf_counter(), 0
+    with torch.no_grad():
+        for i, (_indices, x, _bad) in enumerate(loader):
+            if x is not None:
+                model.features(x.to(device))
+                seen += len(x)
+            if i >= 2:
+                break
+    return seen / (time.perf_counter() - t1) if seen else 1.0
+
+
+def _solve_seconds(config, n: int, ks: list[int], dim: int, path: str) -> float:
+    """Seconds of one label step's solves at N = ``n``, scaled from solves on up to 20,000 rows."""
+    from ._sela import head_balance
+
+    rows = min(n, 20_000)
+    seconds = 0.0
+    for k in sorted(set(ks)):
+        features, weight = torch.randn(rows, dim), torch.randn(k, dim) * (2 / dim**0.5)
+        t2 = time.perf_counter()
+        solve(features=features, weight=weight, algorithm=Algorithm(lam=config.lam, tol=config.sinkhorn_tol),
+              balance=head_balance(config, k, rows), storage=Storage(kernel=path))
+        seconds += (time.perf_counter() - t2) * ks.count(k) * n / rows
+    return seconds
