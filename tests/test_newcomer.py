@@ -80,12 +80,12 @@ def test_resume_takes_the_saved_options_and_only_given_differences_are_errors(tm
 
 
 def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
-    import labelkit.training._sela
+    import labelkit.training
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(labelkit.training._sela, "run_sela", interrupted)
+    monkeypatch.setattr(labelkit.training, "run_sela", interrupted)  # where the command looks it up
     result = _cli("generate", "--data", "builtin:digits", "--out", tmp_path / "r")  # the plan reads the data first
     assert result.exit_code == 130
     assert f"labelkit generate --out {tmp_path / 'r'} --resume" in result.output
