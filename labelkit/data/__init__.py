@@ -36,6 +36,7 @@ _EXPORTS = {
     "train_transform": "._transforms",
     "eval_transform": "._transforms",
     "pretrained_transforms": "._transforms",
+    "run_transforms": "._transforms",
     "augmentation_preset": "._transforms",
     "Order": "._loading",
     "make_loader": "._loading",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 __all__ = ["Augmentation", "AUGMENTATION_PRESETS", "AUGMENTATIONS", "train_transform", "augmentation_preset",
-           "eval_transform", "pretrained_transforms", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "eval_transform", "pretrained_transforms", "run_transforms", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,3 +99,13 @@ def pretrained_transforms(backbone, augment: str) -> tuple[object, object, dict]
     plain = timm.data.create_transform(**cfg, is_training=False)
     size = int(cfg["input_size"][-1])
     return plain, augmentation_preset(augment, size, tuple(cfg["mean"]), tuple(cfg["std"])), cfg
+
+
+def run_transforms(backbone, image_size: int, augment: str, pretrained: bool) -> tuple[object, object]:
+    """The (plain, augmented) transforms of a run: with pretrained weights, the backbone's own input
+    configuration (size, interpolation, crop, mean, std: :func:`pretrained_transforms`); otherwise the run's
+    ``image_size`` with ImageNet statistics and the ``augment`` preset. Every command chooses here."""
+    if pretrained:
+        plain, augmented, _ = pretrained_transforms(backbone, augment)
+        return plain, augmented
+    return eval_transform(image_size), augmentation_preset(augment, image_size)

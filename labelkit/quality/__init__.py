@@ -4,6 +4,9 @@ which-K, and consensus labels across heads."""
 from .._util.lazy import lazy_exports
 
 _EXPORTS = {
+    "kmeans": "._kmeans",
+    "spherical_kmeans": "._kmeans",
+    "unit_centroids": "._kmeans",
     "ConsensusResult": "._consensus",
     "consensus_labels": "._consensus",
     "consensus_artefact": "._consensus",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._kmeans import kmeans
 from ._metrics import ami, contingency, entropy, nmi
 
 __all__ = ["head_quality", "recommend_k", "probe_accuracy", "QUALITY_ROWS"]
@@ -54,12 +55,6 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, fold
     model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0))
     split = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return float(cross_val_score(model, features, labels, cv=split).mean())
-
-
-def _kmeans(features: np.ndarray, k: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import KMeans
-
-    return KMeans(k, n_init=1, random_state=seed).fit_predict(features)
 
 
 def head_quality(labels, ks: list[int], *, features=None, previous=None, seed: int = 0) -> list[dict]:
@@ -96,7 +91,7 @@ def head_quality(labels, ks: list[int], *, features=None, previous=None, seed: i
         fits = int(min(len(kmeans_rows), _WORK / (100 * k * max(d, 1))))
         if features is not None and fits >= min(n, 20 * k) and k < fits:
             some = kmeans_rows[:: max(1, len(kmeans_rows) // fits)][:fits]
-            found = _kmeans(features[some], k, seed + h)
+            found = kmeans(features[some], k, seed + h)[0]
             row["agreement_kmeans"] = ami(contingency(labels[h][some], found))
         row["agreement"] = row["agreement_kmeans"] if features is not None else row["agreement_heads"]
         if previous is not None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._util import collectives
+
 __all__ = ["Distributed", "from_environment"]
 
 
@@ -56,11 +58,8 @@ class Distributed:
         none waits alone in a collective that the others never reach."""
         if not self.enabled:
             return status
-        import torch.distributed as dist
-
         value = torch.tensor([status], dtype=torch.int64, device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return int(value.item())
+        return int(collectives.all_reduce(value, self.group, "min").item())
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any."""
@@ -68,33 +67,16 @@ class Distributed:
 
     def gather_rows(self, rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's ``rows`` (sample indices) and ``values[..., rows]`` on every rank."""
-        if not self.enabled:
-            return rows, values
-        import torch.distributed as dist
-
-        parts = [None] * self.world
-        dist.all_gather_object(parts, (rows, values))
+        parts = collectives.all_gather((rows, values), self.group)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=-1)
 
     def broadcast(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
-        if not self.enabled:
-            return value
-        import torch.distributed as dist
-
-        box = [value if self.main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return collectives.broadcast(value, self.group)
 
     def gather_dict(self, local: dict) -> dict:
-        if not self.enabled:
-            return dict(local)
-        import torch.distributed as dist
-
-        parts = [None] * self.world
-        dist.all_gather_object(parts, dict(local))
         merged = {}
-        for part in parts:
+        for part in collectives.all_gather(dict(local), self.group):
             merged.update(part)
         return merged
 

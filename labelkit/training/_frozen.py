@@ -22,9 +22,9 @@ from torch import nn
 
 from .._util.files import atomic_path
 from ..data import Order
+from ..quality import spherical_kmeans
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "head_batches", "head_step", "neighbours", "spherical_kmeans",
-           "weights_digest", "cached_views"]
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "head_batches", "head_step", "neighbours", "weights_digest", "cached_views"]
 
 
 class Whiten(nn.Module):
@@ -216,23 +216,6 @@ def _search(x: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor, k:
         sims[inside, own[inside]] = -math.inf
         out[start:start + block] = candidates[sims.topk(k, dim=1).indices]
     return out
-
-
-def spherical_kmeans(x: torch.Tensor, k: int, seed: int, *, sample: int | None = None,
-                     rounds: int = 20) -> torch.Tensor:
-    """Unit-norm centroids of unit-norm rows ``x``: ``rounds`` Lloyd rounds on cosine similarity from k random
-    rows of a seeded ``sample`` (empty clusters re-seeded from random rows). Cheap at any k, unlike k-means++."""
-    rng = np.random.default_rng(seed)
-    if sample is not None and sample < len(x):
-        x = x[torch.from_numpy(np.sort(rng.choice(len(x), sample, replace=False)))]
-    centres = x[torch.from_numpy(rng.choice(len(x), k, replace=False))]
-    for _ in range(rounds):
-        assigned = torch.cat([(x[i:i + 65536] @ centres.T).argmax(1) for i in range(0, len(x), 65536)])
-        sums = torch.zeros_like(centres).index_add_(0, assigned, x)
-        empty = torch.from_numpy(np.flatnonzero(torch.bincount(assigned, minlength=k).numpy() == 0))
-        sums[empty] = x[torch.from_numpy(rng.choice(len(x), len(empty), replace=False))]
-        centres = nn.functional.normalize(sums, dim=1)
-    return centres
 
 
 class _CrossEntropy(torch.autograd.Function):

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from ..quality import kmeans
+
 __all__ = ["Thumbnail", "spectral_labels", "GRAPH_LIMIT", "GRAPH_MIN", "GRAPH_THUMBNAIL"]
 
 # Above this many samples the exact kNN graph and the eigensolver cost more than they give on a CPU budget;
@@ -49,7 +51,6 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
 
     Returns ((T, N) int64 labels, a record of what was done and how long it took)."""
     import scipy.sparse as sp
-    from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
     from sklearn.manifold import spectral_embedding
     from sklearn.neighbors import NearestNeighbors
@@ -76,7 +77,7 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
         part = embedding[:, : min(2 * k, dims)]
         # on the unit sphere, clusters that the eigenvectors separate by direction are split evenly by k-means
         part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-        labels.append(KMeans(k, n_init=3, random_state=seed + h).fit_predict(part))
+        labels.append(kmeans(part, k, seed + h, restarts=3)[0])
     labels = np.stack(labels).astype(np.int64)
     return labels, {"samples": n, "pixels": int(x.shape[1]), "pca": components, "neighbours": neighbours,
                     "components": int(_components(affinity)[0]), "dims": dims,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artefact import Artefact, producer_versions, read_artefact
-from ..data import Order, SkipLog, Source, eval_transform, pretrained_transforms, resolve
+from ..data import Order, SkipLog, Source, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import SelaModel, create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
@@ -130,10 +130,7 @@ def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *,
         return features, seen
     config = record.get("config", {})
     backbone = model.backbone.net if "frozen" in record else model.backbone
-    if config.get("pretrained"):
-        transform = pretrained_transforms(backbone, "none")[0]
-    else:
-        transform = eval_transform(record["image_size"])
+    transform = run_transforms(backbone, record["image_size"], "none", bool(config.get("pretrained")))[0]
     dim = feature_dim(model.backbone)
     features, seen = extract_features(model.features, dim, source, transform,
                                       Order(batch_size, rank=dist.rank, world=dist.world), workers=workers,

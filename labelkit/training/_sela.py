@@ -21,19 +21,18 @@ from ..artefact import Artefact, producer_versions
 from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
-from ._frozen import (FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours,
-                      spherical_kmeans)
+from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours
 from ._graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
-from ..data import Order, augmentation_preset, eval_transform, pretrained_transforms, rank_slice
+from ..data import Order, eval_transform, rank_slice, run_transforms
 from ..quality import agreement
-from ..quality import QUALITY_ROWS, head_quality, recommend_k
+from ..quality import QUALITY_ROWS, head_quality, recommend_k, unit_centroids
 from ._models import SelaModel, create_backbone, feature_dim
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
 from ._loop import Reporter, extract_features, make_optimizer, model_to, seed_everything
 
-__all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState", "augmentation", "FrozenBackbone", "frozen_model"]
+__all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState", "FrozenBackbone", "frozen_model"]
 
 
 def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
@@ -46,10 +45,6 @@ def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[
         return [epochs]
     power = 1 if spacing == "even" else 2
     return sorted({round(epochs * ((i - 1) / (steps - 1)) ** power) for i in range(1, steps + 1)})
-
-
-def augmentation(config: SelaConfig):
-    return augmentation_preset(config.augment, config.image_size)
 
 
 @dataclass
@@ -107,14 +102,14 @@ def head_balance(config: SelaConfig, k: int, n: int) -> Balance:
     return Balance(prior=prior, tau=config.balance, floor=config.balance_floor, exact=config.exact_balance and equal)
 
 
-def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int]) -> dict:
+def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int], transforms: tuple) -> dict:
     """Step 2: one pass for the features, then one Sinkhorn solve per head, warm-started."""
     config, dist, source = job.config, job.dist, job.source
     model.eval()
     # the plain view, plus label_views - 1 augmented ones whose features are averaged in: labels then follow
     # what the augmentation leaves unchanged (``label_augment`` replaces the plain view by an augmented one)
-    views = [augmentation(config) if config.label_augment else eval_transform(config.image_size)]
-    views += [augmentation(config)] * (config.label_views - 1)
+    plain, augmented = transforms
+    views = [augmented if config.label_augment else plain] + [augmented] * (config.label_views - 1)
     keep = ~job.skips.mask()
     here = len(rank_slice(np.flatnonzero(keep), dist.rank, dist.world))
     writer = None
@@ -274,15 +269,15 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         job.label_schedule = schedule
         job.announce(model, heads=ks, label_steps=len(schedule))
         train_model = job.parallel(model)
-        transform = augmentation(config)
+        transforms = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
             job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
             job.checkpoint_or_stop()
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
-            job.label_step(0, lambda: _label_step(job, model, dim, state, ks))
+            job.label_step(0, lambda: _label_step(job, model, dim, state, ks, transforms))
             job.checkpoint_or_stop()
-        job.run_epochs(lambda: job.train_epoch(train_model, transform, state.labels, optimizer, keep=~job.skips.mask()),
-                       lambda: _label_step(job, model, dim, state, ks))
+        job.run_epochs(lambda: job.train_epoch(train_model, transforms[1], state.labels, optimizer, keep=~job.skips.mask()),
+                       lambda: _label_step(job, model, dim, state, ks, transforms))
         job.merge_skips()
         run = _finish(job, model, state, ks)
         job.finish()
@@ -298,10 +293,7 @@ def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, di
         job.skips.skipped.update(source.check_finite(config.skip_bad))
         return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
     net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
-    if config.pretrained:  # timm's own input size, interpolation, crop, mean and std for these weights
-        plain, augmented, _ = pretrained_transforms(net, config.augment)
-    else:
-        plain, augmented = eval_transform(config.image_size), augmentation(config)
+    plain, augmented = run_transforms(net, config.image_size, config.augment, config.pretrained)
     views, record = cached_views(job, net, plain, augmented, feature_dim(net))
     return net, views, record
 
@@ -339,22 +331,10 @@ def _seed_prototypes(heads: SelaModel, features: torch.Tensor, keep: np.ndarray,
             k = head.out_features
             rows = np.sort(rng.choice(kept, min(len(kept), max(20_000, 40 * k)), replace=False))
             x = torch.nn.functional.normalize(heads.features(features[torch.from_numpy(rows)].float()), dim=1)
-            centres = _kmeans(x, k, seed * 1000 + h)
+            centres = unit_centroids(x, k, seed * 1000 + h)
             head.weight.copy_(centres * head.weight.norm(dim=1, keepdim=True))
             if head.bias is not None:
                 head.bias.zero_()
-
-
-def _kmeans(x: torch.Tensor, k: int, seed: int, rounds: int = 10) -> torch.Tensor:
-    """Unit-norm centroids of ``x``: scikit-learn's KMeans (k-means++ seeding, best of 3) while that is cheap;
-    for large problems, where k-means++ seeding alone takes minutes, ``rounds`` Lloyd rounds from K random
-    samples (empty clusters re-seeded)."""
-    if len(x) * k <= 2e7:
-        from sklearn.cluster import KMeans
-
-        centres = torch.from_numpy(KMeans(k, n_init=3, max_iter=100, random_state=seed).fit(x.numpy()).cluster_centers_)
-        return torch.nn.functional.normalize(centres.float(), dim=1)
-    return spherical_kmeans(x, k, seed, rounds=rounds)
 
 
 def _run_frozen(job: Job, ks: list[int]) -> SelaRun:

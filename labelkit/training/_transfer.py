@@ -16,7 +16,7 @@ import torch
 from ..artefact import Artefact, producer_versions, read_artefact
 from ._config import TRANSFER_RECIPES, TransferConfig
 from ..errors import DataError
-from ..data import augmentation_preset, batches_per_rank, eval_transform
+from ..data import batches_per_rank, run_transforms
 from ._models import SelaModel, create_backbone, feature_dim
 from ._job import Job
 from ..quality import parse_heads
@@ -60,7 +60,7 @@ def join_labels(artefact: Artefact, source, min_coverage: float) -> tuple[np.nda
 
 
 @torch.no_grad()
-def _predict(job: Job, model, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _predict(job: Job, model, transform, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The trained heads' argmax and softmax confidence for every kept sample that can be read (each rank
     predicts its share, then every rank has all of them); returns labels, scores and the rows predicted."""
     from ..data import Order, make_loader
@@ -68,7 +68,7 @@ def _predict(job: Job, model, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     config, source, dist = job.config, job.source, job.dist
     model.eval()
     order = Order(config.batch_size * 2, rank=dist.rank, world=dist.world, keep=keep)
-    loader = make_loader(source, eval_transform(config.image_size), order, workers=config.workers)
+    loader = make_loader(source, transform, order, workers=config.workers)
     heads = len(model.heads)
     labels = np.zeros((heads, len(source)), dtype=np.int64)
     scores = np.zeros((heads, len(source)), dtype=np.float32)
@@ -117,11 +117,11 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         if not job.start(record, model=model, optimizer=optimizer):
             job.log({"type": "join", **report})
         job.announce(model, heads=ks, parent=parent.artefact_id, matched=report["matched"])
-        transform = augmentation_preset(config.augment, config.image_size)
+        plain, transform = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         train_model = job.parallel(model)
         job.run_epochs(lambda: job.train_epoch(train_model, transform, targets, optimizer,
                                                keep=labelled & ~job.skips.mask()))
-        predicted, scores, done = _predict(job, model, labelled & ~job.skips.mask())
+        predicted, scores, done = _predict(job, model, plain, labelled & ~job.skips.mask())
         done = done[~job.merge_skips()[done]]  # a sample unreadable now gets no label, whatever it had before
         artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
                                   method={"name": "transfer", "config": config.to_dict()},
