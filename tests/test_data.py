@@ -180,3 +180,30 @@ def test_compare_to_data(image_tree):
     report = compare_to_data(art, str(image_tree))
     assert report["in_both"] == 2 and report["only_in_artefact"] == 1 and report["only_in_data"] == 4
     assert report["examples_only_in_artefact"] == ["zebra/z.png"] and not report["fingerprint_match"]
+
+
+def test_a_registered_kind_of_data_is_resolved_before_folders(tmp_path, monkeypatch):
+    from labelkit.data import SOURCE_KINDS, ArraySource, MapSource, register_source
+
+    monkeypatch.setattr("labelkit.data._resolve.SOURCE_KINDS", list(SOURCE_KINDS))
+    images = np.zeros((3, 4, 4), dtype=np.uint8)
+    register_source("dots", lambda spec: spec.startswith("dots:"), lambda spec: ArraySource(spec, images, None))
+    assert len(resolve("dots:three")) == 3
+    with pytest.raises(DataError, match="no such file or directory"):
+        resolve(str(tmp_path / "nothing"))  # other specs still reach the built-in kinds
+
+    class Incomplete(MapSource):  # a source must say how to load, read and size its samples
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete("x", ["a"], None, None)
+
+
+def test_truth_tables_are_read_with_their_own_separator(tmp_path):
+    from labelkit.quality import load_truth
+
+    for name, sep in (("t.csv", ","), ("t.tsv", "\t")):
+        path = tmp_path / name
+        path.write_text(f"sample_id{sep}label\n007{sep}cat\n010{sep}dog\n")
+        ids, labels = load_truth(str(path))
+        assert ids.to_pylist() == ["007", "010"] and labels.tolist() == [0, 1]

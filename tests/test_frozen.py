@@ -331,3 +331,20 @@ def test_embedding_table_is_read_by_chunks_never_whole(tmp_path, monkeypatch):
     assert requests and all(rows is not None for rows in requests)  # never the whole table at once
     nmi = agreement(read_artefact(tmp_path / "run").labels(0), y)["nmi"]
     assert nmi > 0.9
+
+
+def test_an_embedding_table_run_past_its_deadline_stops_between_epochs(tmp_path):
+    """Tables and frozen backbones go through the image runs' epoch loop, --budget's deadline included."""
+    import time
+
+    from labelkit.training import resolve_config, run_sela
+
+    x, _ = blobs(n=400, d=16, k=4)
+    np.save(tmp_path / "t.npy", x)
+    config = resolve_config({"data": str(tmp_path / "t.npy"), "clusters": (4,), "heads": 1, "epochs": 6,
+                             "out": str(tmp_path / "run")})
+    run_ = run_sela(config, plan={"deadline": time.time() - 1})  # as if the budget were spent already
+    history = [json.loads(line) for line in run_.history.read_text().splitlines()]
+    assert [r["epoch"] for r in history if r["type"] == "epoch"] == [1]
+    assert [r for r in history if r["type"] == "budget"][0]["epochs"] == 6
+    assert read_artefact(run_.artefact).metadata["method"]["recipe"]["stopped_after_epoch"] == 1

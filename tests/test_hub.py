@@ -109,3 +109,25 @@ def test_cli_hub_export_with_truth_and_safe_rewrites(tmp_path):
     refused = runner.invoke(main, ["export", str(art_path), "--format", "hub", "--out", str(tmp_path / "mine")])
     assert refused.exit_code == 1 and "not a hub export" in refused.output
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_hub_folder_follows_the_umask_and_a_failed_export_leaves_the_old_one(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    out = export_hub(_artefact(), tmp_path / "hub", rows_per_file=1000)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # was 0o700: a staging folder made by mkdtemp
+    before = sorted(p.name for p in out.rglob("*"))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    import labelkit.artefact._hub as hub
+
+    monkeypatch.setattr(hub, "sizes_figure", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_hub(_artefact(), out, rows_per_file=1000)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hub"]  # no staging folder left beside it

@@ -323,6 +323,11 @@ def _check_prior(config: "SelaConfig") -> None:
     memory_bytes(config.label_memory)
 
 
+def _one_of(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _check(config) -> None:
     if isinstance(config, SelaConfig):
         if config.heads < 1:
@@ -332,10 +337,8 @@ def _check(config) -> None:
         config.head_clusters()
         if config.label_views < 1:
             raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
-        if config.start not in STARTS:
-            raise ConfigError(f"--start must be one of {', '.join(STARTS)}, got {config.start!r}")
-        if config.label_spacing not in LABEL_SPACINGS:
-            raise ConfigError(f"--label-spacing must be one of {', '.join(LABEL_SPACINGS)}, got {config.label_spacing!r}")
+        _one_of("--start", config.start, STARTS)
+        _one_of("--label-spacing", config.label_spacing, LABEL_SPACINGS)
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
         for name in ("views", "pca", "head_hidden", "neighbours"):
@@ -352,10 +355,8 @@ def _check(config) -> None:
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.augment not in AUGMENTATIONS:
-        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
+    _one_of("--augment", config.augment, AUGMENTATIONS)
+    _one_of("--lr-schedule", config.lr_schedule, LR_SCHEDULES)
     if config.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
     if config.lr <= 0:
