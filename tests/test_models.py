@@ -68,3 +68,50 @@ def test_cosine_heads_are_a_linear_map_of_the_features():
     plain = SelaModel(backbone, [4]).eval()
     weight, bias = plain.head_weights(0)
     assert torch.allclose(plain(x)[0], plain.features(x) @ weight.T + bias, atol=1e-5)
+
+
+def test_importing_labelkit_leaves_the_hub_switched_on(tmp_path):
+    """labelkit changes no process-wide setting: a user's own hub reads keep working in the same process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = ("import os, labelkit.cli, labelkit.training as t; t.create_backbone('labelkit_cnn', 16); "
+            "import huggingface_hub.constants as c; print(os.environ.get('HF_HUB_OFFLINE'), c.HF_HUB_OFFLINE)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "False"]
+
+
+def _fake_hub_cache(root, repo: str, state: dict) -> None:
+    """The layout huggingface_hub gives a downloaded repository: refs/main names the snapshot holding the file."""
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    (folder / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "snapshots" / "0123abcd" / "model.safetensors"))
+
+
+def test_pretrained_weights_come_from_the_local_cache_and_never_the_network(tmp_path, monkeypatch):
+    import huggingface_hub
+    import timm.models._builder as builder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(builder, "download_cached_file", no_network)
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConfigError, match="not in the local cache.*--init FILE"):
+        create_backbone("resnet18", 32, pretrained=True)
+    reference = timm.create_model("resnet18")
+    _fake_hub_cache(tmp_path / "hub", timm.models.get_pretrained_cfg("resnet18").hf_hub_id, reference.state_dict())
+    loaded = create_backbone("resnet18", 32, pretrained=True)
+    assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
+    assert torch.equal(loaded.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)

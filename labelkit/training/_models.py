@@ -2,15 +2,16 @@
 
 ``import labelkit.training`` registers ``alexnet`` (SeLa's BatchNorm AlexNet, conv widths 96-256-384-384-256),
 ``alexnet_small`` (64-192-384-256-256) and ``labelkit_cnn`` (a compact conv net for tiny images) with timm, so
-``timm.create_model("alexnet")`` and every other timm name go through one path. Nothing is ever downloaded.
+``timm.create_model("alexnet")`` and every other timm name go through one path. Nothing is ever downloaded:
+pretrained weights are looked up in the local caches and handed to timm as a file (no process-wide switch).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access, ever
+from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -161,19 +162,40 @@ def create_backbone(arch: str, image_size: int, init: str | None = None, in_chan
     cfg = timm.models.get_pretrained_cfg(arch)
     if arch in _TAKES_IMG_SIZE or (cfg is not None and cfg.fixed_input_size):
         kwargs["img_size"] = image_size
-    try:
-        model = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
-    except ConfigError:
-        raise
-    except Exception as exc:  # hub offline, no cached file, no weights for this name: each its own type
-        if not pretrained:
-            raise
-        raise ConfigError(f"--pretrained: timm's weights for {arch} are not in the local cache and labelkit does "
-                          f"not download ({type(exc).__name__}); fetch them once with timm where there is a "
-                          "network, or give local weights with --init FILE") from None
+    if pretrained:  # a local file only: timm is never asked for a URL or a hub repository
+        kwargs["pretrained_cfg_overlay"] = {"file": cached_weights(arch)}
+    model = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
     if init:
         load_weights(model, init)
     return model
+
+
+def cached_weights(arch: str) -> str:
+    """The local file of timm's pretrained weights for ``arch``, from the Hugging Face cache (``HF_HUB_CACHE``,
+    ``HF_HOME``) or torch's hub cache (``TORCH_HOME``), found without any network access; a
+    :class:`ConfigError` naming ``--init`` when neither holds them."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface"), "hub")
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors",
+                                                                                    "pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(hub_id, name, cache_dir=hub)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = getattr(cfg, "url", None)
+    if url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+        if os.path.isfile(path):
+            return path
+    where = "timm has no pretrained weights for it" if cfg is None or not (hub_id or url) else \
+        "they are not in the local cache (Hugging Face or torch hub) and labelkit does not download"
+    raise ConfigError(f"--pretrained {arch}: {where}; fetch them once with timm where there is a network, or give "
+                      "local weights with --init FILE")
 
 
 # keys under which a backbone's weights sit in the checkpoints labelkit reads
