@@ -207,3 +207,35 @@ def test_truth_tables_are_read_with_their_own_separator(tmp_path):
         path.write_text(f"sample_id{sep}label\n007{sep}cat\n010{sep}dog\n")
         ids, labels = load_truth(str(path))
         assert ids.to_pylist() == ["007", "010"] and labels.tolist() == [0, 1]
+
+
+class _FlakyFolder:
+    """A folder source whose one file fails to read (an I/O error, as a network share or bucket gives)."""
+
+    def __init__(self, source, failing: str, fail_times: int):
+        self.source, self.failing, self.left, self.calls = source, failing, fail_times, 0
+        self.read = source.read
+
+    def __call__(self, i: int) -> bytes:
+        if self.source.ids[i] == self.failing:
+            self.calls += 1
+            if self.left:
+                self.left -= 1
+                raise OSError(5, "Input/output error")
+        return self.read(i)
+
+
+def test_io_errors_are_retried_then_stop_the_run_and_are_never_recorded_as_bad_images(image_tree, monkeypatch):
+    monkeypatch.setattr("labelkit._util.files.time.sleep", lambda seconds: None)
+    (image_tree / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    source = resolve(str(image_tree))
+    flaky = _FlakyFolder(source, "dog/e.bmp", fail_times=2)  # fails twice, then reads: a dropped connection
+    monkeypatch.setattr(source, "read", flaky)
+    seen, log = _pass(source)
+    assert flaky.calls == 3 and set(log.skipped) == {"cat/broken.png"}  # the bad image alone is skipped
+    assert len(seen) == len(source) - 1
+    down = _FlakyFolder(source, "dog/e.bmp", fail_times=99)  # an outage: no number of tries helps
+    monkeypatch.setattr(source, "read", down)
+    with pytest.raises(DataError, match=r"cannot read sample 'dog/e.bmp' \(OSError: \[Errno 5\] Input/output error\)"):
+        _pass(source)
+    assert down.calls == 3

@@ -10,11 +10,14 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["atomic_path", "atomic_folder", "temporary_beside", "publish", "sha256_file", "write_text_atomic",
-           "read_keys", "pread_into", "pwrite_all"]
+           "read_keys", "retrying", "pread_into", "pwrite_all"]
 
 
 def temporary_beside(path: Path, kind: str = "tmp") -> Path:
@@ -67,6 +70,22 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def retrying(read: Callable[[], T], attempts: int = 3, wait: float = 0.2) -> T:
+    """``read()``, tried again after a short wait (doubling) when it fails with an I/O error, at most
+    ``attempts`` times in all: a dropped connection or a busy server is often gone a moment later. A file that
+    is not there is not waited for."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(wait * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def read_keys(path: str | os.PathLike) -> list[str]:

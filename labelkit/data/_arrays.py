@@ -52,9 +52,8 @@ class ArraySource(MapSource):
     def sizes(self) -> np.ndarray:
         return np.full(len(self), self.images[0].nbytes, dtype=np.int64)
 
-    def iter_bytes(self):
-        for sample_id, image in zip(self.ids, self.images):
-            yield sample_id, image.tobytes()
+    def read(self, i: int) -> bytes:
+        return self.images[i].tobytes()
 
 
 def load_npz(spec: str) -> ArraySource:

@@ -102,9 +102,8 @@ class EmbeddingSource(MapSource):
             digest.update(np.ascontiguousarray(self._array).data)
         return "bytes"
 
-    def iter_bytes(self):
-        for i, sample_id in enumerate(self.ids):
-            yield sample_id, self.vectors(np.array([i])).tobytes()
+    def read(self, i: int) -> bytes:
+        return self.vectors(np.array([i])).tobytes()
 
     def load(self, i: int):
         raise DataError(f"{self.spec} holds embedding vectors, not images; give an image spec with the same "

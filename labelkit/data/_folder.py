@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ._source import IMAGE_EXTENSIONS, MapSource, decode_image
+from ._source import IMAGE_EXTENSIONS, MapSource
 
 __all__ = ["FolderSource", "RemoteFolderSource"]
 
@@ -41,15 +41,11 @@ class FolderSource(MapSource):
             targets = np.array([class_index.get(i.split("/", 1)[0], -1) if "/" in i else -1 for i in ids], np.int64)
         super().__init__(spec, ids, targets, classes or None)
 
-    def load(self, i: int):
-        return decode_image(self.root / self.ids[i])
+    def read(self, i: int) -> bytes:
+        return (self.root / self.ids[i]).read_bytes()
 
     def sizes(self) -> np.ndarray:
         return np.array([os.stat(self.root / sample_id).st_size for sample_id in self.ids], dtype=np.int64)
-
-    def iter_bytes(self):
-        for sample_id in self.ids:
-            yield sample_id, (self.root / sample_id).read_bytes()
 
 
 class RemoteFolderSource(MapSource):
@@ -98,8 +94,8 @@ class RemoteFolderSource(MapSource):
             self._fs = (os.getpid(), remote.filesystem(self.spec)[0])
         return self._fs[1]
 
-    def load(self, i: int):
-        return decode_image(self.fs.cat_file(self._paths[i]))
+    def read(self, i: int) -> bytes:
+        return self.fs.cat_file(self._paths[i])
 
     def sizes(self) -> np.ndarray:
         missing = [i for i, size in enumerate(self._sizes) if size is None]
@@ -107,6 +103,4 @@ class RemoteFolderSource(MapSource):
             self._sizes[i] = self.fs.size(self._paths[i])
         return np.array(self._sizes, dtype=np.int64)
 
-    def iter_bytes(self):
-        for sample_id, path in zip(self.ids, self._paths):
-            yield sample_id, self.fs.cat_file(path)
+

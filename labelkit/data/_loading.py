@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ._source import Source
+from ._source import DecodeError, ReadFailure, Source
 from ..errors import DataError
 
 __all__ = ["Order", "make_loader", "SkipLog", "rank_slice", "batches_per_rank"]
@@ -57,8 +57,10 @@ class _MapDataset(Dataset):
         i = int(self.indices[j])
         try:
             image = self.source.load(i)
-        except Exception as exc:  # PIL and the OS raise many types for bad files
+        except DecodeError as exc:
             return i, None, f"cannot decode: {exc}"
+        except OSError as exc:  # after retries: reported to the main process, which stops the run
+            return i, None, ReadFailure(f"{type(exc).__name__}: {exc}")
         return i, _transform(self.transform, image, _sample_seed(self.seed, self.epoch, i)), None
 
 
@@ -193,6 +195,9 @@ class SkipLog:
     def add(self, bad: list[tuple[int, str]]) -> None:
         for i, reason in bad:
             sample_id = self.source.ids[i]
+            if isinstance(reason, ReadFailure):
+                raise DataError(f"{self.source.spec}: cannot read sample {sample_id!r} ({reason}), tried 3 times; "
+                                "stopped here (the last checkpoint stays: fix the storage and --resume)")
             if self.strict:
                 raise DataError(f"{self.source.spec}: bad sample {sample_id!r}: {reason} (drop --strict to skip)")
             self.skipped[sample_id] = reason

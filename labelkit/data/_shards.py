@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 
 from ..errors import DataError
-from ._source import StreamSource, decode_image
+from ._source import DecodeError, StreamSource, decode_image
 
 __all__ = ["ShardSource"]
 
@@ -165,5 +165,5 @@ class ShardSource(StreamSource):
                         continue
                     try:
                         yield index[key], decode_image(data), None
-                    except Exception as exc:  # PIL raises many types for bad bytes
+                    except DecodeError as exc:  # only undecodable bytes are skipped; a failing read stops the run
                         yield index[key], None, f"cannot decode: {exc}"

@@ -8,13 +8,16 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from .._util.files import retrying
 from ..errors import DataError
 
-__all__ = ["Source", "MapSource", "StreamSource", "Manifest", "decode_image", "IMAGE_EXTENSIONS"]
+__all__ = ["Source", "MapSource", "StreamSource", "Manifest", "decode_image", "DecodeError", "ReadFailure",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _MAX_EXAMPLES = 5
@@ -49,13 +52,29 @@ class Manifest:
         }
 
 
+class DecodeError(DataError):
+    """A sample's bytes were read but are not an image this build can decode: the sample is skipped (and
+    recorded), unlike an I/O error, which stops the run."""
+
+
+class ReadFailure(str):
+    """The reason a sample could not be read (an I/O error, after retries), as a loader reports it from its
+    worker processes; :class:`~labelkit.data.SkipLog` turns it into a :class:`DataError`, never a skip."""
+
+
 def decode_image(data: bytes | str | os.PathLike) -> "PIL.Image.Image":  # noqa: F821
-    """Decode fully (truncated files fail here, not later) and convert to RGB."""
+    """Decode fully (truncated files fail here, not later) and convert to RGB. A path is read first (its I/O
+    errors are raised as they are); whatever fails in decoding raises :class:`DecodeError`."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-        image.load()
-        return image.convert("RGB")
+    if not isinstance(data, bytes):
+        data = Path(data).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises many types (OSError among them) for bytes that are no image
+        raise DecodeError(str(exc) or type(exc).__name__) from None
 
 
 class Source(abc.ABC):
@@ -176,12 +195,17 @@ class MapSource(Source):
     map_style = True
 
     @abc.abstractmethod
-    def load(self, i: int):
-        """The PIL image of sample ``i``."""
+    def read(self, i: int) -> bytes:
+        """The bytes of sample ``i`` as stored (I/O errors raise ``OSError``)."""
 
-    @abc.abstractmethod
+    def load(self, i: int):
+        """The PIL image of sample ``i``: read (tried again on I/O errors), then decoded."""
+        return decode_image(retrying(lambda: self.read(i)))
+
     def iter_bytes(self) -> Iterator[tuple[str, bytes]]:
         """(id, the sample's bytes as stored) in id order."""
+        for i, sample_id in enumerate(self.ids):
+            yield sample_id, self.read(i)
 
     def sample_digests(self) -> Iterator[tuple[str, bytes]]:
         for sample_id, data in self.iter_bytes():
