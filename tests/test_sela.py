@@ -213,3 +213,28 @@ def test_features_on_disk_with_label_views_and_a_broken_image(tmp_path):
     assert b.num_samples == 40
     assert (a.label_matrix() == b.label_matrix()).all()  # two colours: float16 features cannot move a label
     assert sorted(p.name for p in (tmp_path / "disk").iterdir() if "features" in p.name) == []
+
+
+def test_augmented_label_views_are_different_draws_at_every_label_step(tmp_path, monkeypatch):
+    """Each augmented view of each label step draws its own augmentation (not sample seed (0, 0, i) for all)."""
+    import torch
+
+    import labelkit.training._sela as sela
+
+    drawn, original = [], sela.extract_features
+
+    def recording(model_features, dim, source, transform, order, **kwargs):
+        features, seen = original(model_features, dim, source, transform, order, **kwargs)
+        drawn.append(((order.seed, order.epoch), features.clone()))
+        return features, seen
+
+    monkeypatch.setattr(sela, "extract_features", recording)
+    options = dict(data=_blobs(tmp_path / "b.npz", size=12), clusters=(3,), heads=1, epochs=2, label_steps=3,
+                   label_views=3, augment="paper", start="random", seed=4, label_spacing="even")
+    run_sela(_tiny(tmp_path, out=str(tmp_path / "run"), **options))
+    streams = [stream for stream, _ in drawn]
+    assert len(streams) == 3 * 3 and len(set(streams)) == len(streams)  # 3 label steps x 3 views
+    assert all(seed == 4 for seed, _ in streams)
+    for step in range(3):  # within a step the two augmented views differ, as they differ from the plain one
+        plain, first, second = (features for _, features in drawn[3 * step:3 * step + 3])
+        assert not torch.equal(first, second) and not torch.equal(plain, first)

@@ -144,10 +144,11 @@ class Job:
     def log(self, record: dict) -> None:
         self.run_dir.log(record)
 
-    def label_step(self, epoch: int, step) -> None:
-        """Run one label step (``step()`` returns its record) and log it; its wall time feeds the ETA."""
+    def label_step(self, epoch: int, step: Callable[[int], dict]) -> None:
+        """Run the label step after ``epoch`` epochs (``step(epoch)`` returns its record) and log it; its wall
+        time feeds the ETA."""
         began = time.perf_counter()
-        record = step()
+        record = step(epoch)
         self._label_seconds.append(time.perf_counter() - began)
         if self.dist.enabled:  # the collectives the solve went through
             record["group"] = {"backend": self.dist.backend, "ranks": self.dist.world}
@@ -184,8 +185,8 @@ class Job:
     def epochs(self) -> range:
         return range(self.epoch, self.config.epochs)
 
-    def run_epochs(self, train: Callable[[], dict], label_step: Callable[[], dict] | None = None) -> None:
-        """The SeLa loop from the current epoch on: ``train()`` (step 1) every epoch, ``label_step()`` (step 2)
+    def run_epochs(self, train: Callable[[], dict], label_step: Callable[[int], dict] | None = None) -> None:
+        """The SeLa loop from the current epoch on: ``train()`` (step 1) every epoch, ``label_step(epoch)`` (step 2)
         after the epochs of :attr:`label_schedule`, a checkpoint after each epoch; with ``--budget``, stop
         between epochs when another one (and a last label step) would end past the plan's deadline."""
         deadline = (self.plan or {}).get("deadline")

@@ -95,6 +95,13 @@ def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None =
     return record
 
 
+def label_view_stream(epoch: int, view: int, views: int) -> int:
+    """The random stream of augmented view ``view`` of the label step after ``epoch`` epochs: its own for every
+    view and every label step, and never a training epoch's (those are 0, 1, ...), so that the views average
+    different augmentations and a resumed run draws the same ones."""
+    return -1 - (epoch * views + view)
+
+
 def head_balance(config: SelaConfig, k: int, n: int) -> Balance:
     """Prior, relaxation and rounding of a head's solve: exact-balance rounding is for equal sizes only."""
     prior = solver_prior(config, k, n)
@@ -102,8 +109,10 @@ def head_balance(config: SelaConfig, k: int, n: int) -> Balance:
     return Balance(prior=prior, tau=config.balance, floor=config.balance_floor, exact=config.exact_balance and equal)
 
 
-def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int], transforms: tuple) -> dict:
-    """Step 2: one pass for the features, then one Sinkhorn solve per head, warm-started."""
+def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list[int], transforms: tuple,
+                epoch: int) -> dict:
+    """Step 2 after ``epoch`` epochs: one pass for the features of each view, then one Sinkhorn solve per head,
+    warm-started."""
     config, dist, source = job.config, job.dist, job.source
     model.eval()
     # the plain view, plus label_views - 1 augmented ones whose features are averaged in: labels then follow
@@ -118,8 +127,9 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
         writer = FeatureWriter(Path(config.out) / name, len(source), dim)
     try:
         features, seen = None, None
-        for transform in views:
-            order = Order(config.batch_size * 2, keep=keep, rank=dist.rank, world=dist.world)
+        for v, transform in enumerate(views):
+            order = Order(config.batch_size * 2, seed=config.seed, epoch=label_view_stream(epoch, v, len(views)),
+                          keep=keep, rank=dist.rank, world=dist.world)
             sink = None if writer is None else lambda rows, out: writer.add(rows, out, len(views))
             view, view_seen = extract_features(model.features, dim, source, transform, order, workers=config.workers,
                                                device=job.device, skips=job.skips, reporter=job.reporter, sink=sink)
@@ -274,10 +284,10 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
             job.checkpoint_or_stop()
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
-            job.label_step(0, lambda: _label_step(job, model, dim, state, ks, transforms))
+            job.label_step(0, lambda epoch: _label_step(job, model, dim, state, ks, transforms, epoch))
             job.checkpoint_or_stop()
         job.run_epochs(lambda: job.train_epoch(train_model, transforms[1], state.labels, optimizer, keep=~job.skips.mask()),
-                       lambda: _label_step(job, model, dim, state, ks, transforms))
+                       lambda epoch: _label_step(job, model, dim, state, ks, transforms, epoch))
         job.merge_skips()
         run = _finish(job, model, state, ks)
         job.finish()
@@ -371,7 +381,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
     job.label_schedule = schedule
 
-    def label_step() -> dict:
+    def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
         heads.eval()
         with torch.no_grad():
             features = torch.cat([heads.features(views[0][rows[i:i + 65536]]) for i in range(0, len(rows), 65536)])
