@@ -302,3 +302,18 @@ def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, monkeypatch):
     assert (~placed).sum() > 0 and placed.sum() > n // 2  # both the greedy and the left-over rule ran
     assert np.array_equal(labels.numpy()[placed], reference[placed])
     assert sorted(np.bincount(labels.numpy(), minlength=k).tolist()) == [n // k] * (k - n % k) + [n // k + 1] * (n % k)
+
+
+def test_annealing_that_runs_out_labels_at_the_lambda_it_reached_and_warm_starts_at_the_full_one():
+    features, weight = realistic(6000, 120)
+    logits = features @ weight.T
+    cold = solve(logits, algorithm=Algorithm(lam=200.0))  # peaked: solved by annealing, 239 iterations here
+    with pytest.warns(RuntimeWarning, match=r"during annealing, at lam=50 of 200"):
+        cut = solve(logits, algorithm=Algorithm(lam=200.0, max_iter=60))
+    assert cut.lam == 50.0 and cut.error < 0.01
+    # the labels are as balanced as the reported error says (assigned at lam=200 with potentials solved at
+    # lam=50, clusters were 46 % off their sizes)
+    assert np.abs(cut.sizes - 6000 / 120).sum() / 6000 < 0.03
+    warm = solve(logits, warm_start=cut, algorithm=Algorithm(lam=200.0))
+    assert warm.converged and warm.iterations < 0.7 * cold.iterations
+    assert (warm.labels == cold.labels).mean() > 0.999

@@ -34,10 +34,12 @@ class _Problem:
 
 @dataclass
 class _Loop:
-    """The state of the loop: column log-potentials ``g`` (absorbed into the kernel) and scalings ``v``, the
-    iterations run, the error after each, whether the error reached the tolerance, and the kernel builds."""
+    """The state of the loop: column log-potentials ``g`` (absorbed into the kernel) and scalings ``v`` at
+    inverse temperature ``lam``, the iterations run, the error after each, whether the error reached the
+    tolerance, and the kernel builds."""
 
     g: torch.Tensor
+    lam: float
     v: torch.Tensor | None = None
     iterations: int = 0
     errors: list[float] = field(default_factory=list)
@@ -78,7 +80,7 @@ def solve_annealed(problem: _Problem, algorithm: Algorithm, g: torch.Tensor) -> 
     g = start / 8
     for stage in (lam / 8, lam / 4, lam / 2, lam):
         part = _iterate(problem, algorithm, g, stage, max_iter - state.iterations)
-        state = _Loop(part.g, part.v, state.iterations + part.iterations, state.errors + part.errors,
+        state = _Loop(part.g, stage, part.v, state.iterations + part.iterations, state.errors + part.errors,
                       part.converged, state.rebuilds + part.rebuilds)
         if state.iterations >= max_iter:
             break
@@ -95,7 +97,7 @@ def _iterate(problem: _Problem, algorithm: Algorithm, g: torch.Tensor, lam: floa
     that factor each: the sign of a kernel too peaked to solve directly.
     """
     kernel, columns, k = problem.kernel, problem.columns, problem.source.k
-    state = _Loop(g)
+    state = _Loop(g, lam)
     col_max = _stabilise(problem, state, lam)
     phi = columns.phi(lam)
     if columns.prior.kind == "powerlaw":

@@ -87,6 +87,9 @@ class SinkhornResult:
             processor by a timing probe (see :mod:`labelkit.solver`); ``products_why`` says why.
         density: the share of non-zero kernel entries, counted when sparse, sampled from 8 row blocks when the
             kernel stayed dense; None when not measured (small kernels, GPU, ``sparse=False``).
+        lam: the lambda the labels were solved at: the asked one, or, when lambda-annealing ran out of
+            ``max_iter``, the stage it reached (``potentials`` are then scaled to the asked lambda, as the
+            annealing itself scales them between stages, so that a warm start continues from them).
     """
 
     labels: np.ndarray
@@ -104,6 +107,7 @@ class SinkhornResult:
     products: str = "widen"  # how the sweeps multiplied: "sparse" rows, or dense blocks "widen"ed or "fused"
     products_why: str = ""  # what chose it: the probe's timings, the environment, or why only one path applied
     density: float | None = None  # share of non-zero kernel entries: counted when sparse, else from the sample
+    lam: float | None = None  # the lambda the labels were solved at: below the asked one if annealing ran out
 
 
 def solve(logits=None, *, features=None, weight=None, bias=None, warm_start: SinkhornResult | np.ndarray | None = None,
@@ -146,17 +150,22 @@ def solve(logits=None, *, features=None, weight=None, bias=None, warm_start: Sin
         with rows:
             state = solve_annealed(problem, algorithm, _first_potentials(warm_start, k, device))
             if not state.converged:
+                reached = f" during annealing, at lam={state.lam:g} of {algorithm.lam:g}" \
+                    if state.lam != algorithm.lam else ""
                 warnings.warn(
-                    f"Sinkhorn stopped at max_iter={algorithm.max_iter} with marginal error {state.errors[-1]:.2e} "
-                    f"> tol={algorithm.tol:g}; labels are usable but clusters may be less balanced (raise max_iter "
-                    "or tol)", RuntimeWarning, stacklevel=2)
+                    f"Sinkhorn stopped at max_iter={algorithm.max_iter}{reached} with marginal error "
+                    f"{state.errors[-1]:.2e} > tol={algorithm.tol:g}; labels are usable but clusters may be less "
+                    "balanced (raise max_iter or tol)", RuntimeWarning, stacklevel=2)
+            # labels come from the plan that was solved, at the lam it was solved at
             potentials = state.g + state.v.log()
             potentials -= potentials.max()
-            assigned = None if balance.exact else _assign(source, kernel, state.v, potentials, algorithm.lam, rows)
+            assigned = None if balance.exact else _assign(source, kernel, state.v, potentials, state.lam, rows)
         products = _products_of(kernel)
     finally:
         kernel.close()
-    labels, scores = _round(problem, algorithm.lam, balance, block, potentials, assigned)
+    labels, scores = _round(problem, state.lam, balance, block, potentials, assigned)
+    # a warm start solves at the full lam: potentials scale with lam (annealing doubles them between stages)
+    potentials = potentials * (algorithm.lam / state.lam)
     return _result(problem, state, path, products, potentials, labels, scores, time.perf_counter() - t0)
 
 
@@ -222,4 +231,4 @@ def _result(problem: _Problem, state: _Loop, path: str, products: tuple[str, str
         converged=state.converged, sizes=sizes.cpu().numpy(), potentials=potentials.cpu().numpy(),
         scores=scores.cpu().numpy(), seconds=seconds, rebuilds=state.rebuilds, errors=state.errors,
         targets=problem.columns.b.cpu().numpy(), kernel=path, products=products[0], products_why=products[1],
-        density=products[2])
+        density=products[2], lam=state.lam)

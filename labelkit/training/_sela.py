@@ -230,7 +230,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                 "density": None if result.density is None else round(result.density, 5),
                 "iterations": result.iterations,
                 "seconds": round(result.seconds, 3),
-                "error": result.error, "converged": result.converged, "size_min": int(result.sizes.min()),
+                "error": result.error, "converged": result.converged, "lam": result.lam,
+                "size_min": int(result.sizes.min()),
                 "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum())}
         if dist.main:  # the figures go to the history, which rank 0 writes
             labels = state.labels[h, everyone].numpy()
