@@ -204,3 +204,33 @@ def test_consensus_of_a_remote_artefact_names_it_as_parent(http_root, tmp_path):
     result = CliRunner().invoke(main, ["consensus", f"{base}/labels.parquet", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert read_artefact(out).metadata["parents"] == [art.artefact_id]
+
+
+def test_outputs_at_urls_are_written_through_fsspec_never_into_a_local_scheme_folder(tmp_path, monkeypatch):
+    import fsspec
+
+    from labelkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    art = tmp_path / "a.parquet"
+    Artefact.build([f"s{i}" for i in range(12)], np.arange(24).reshape(2, 12) % 3, 3).write(art)
+    runner = CliRunner()
+    memory = fsspec.filesystem("memory")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("sample_id,head_0\n" + "".join(f"s{i},{i % 4}\n" for i in range(12)))
+    for args, url in [(["consensus", str(art)], "memory://out/consensus.parquet"),
+                      (["import", str(csv)], "memory://out/imported.parquet"),
+                      (["export", str(art), "--format", "csv"], "memory://out/labels.csv")]:
+        result = runner.invoke(main, [*args, "--out", url])
+        assert result.exit_code == 0, result.output
+        assert memory.exists(url.removeprefix("memory://")), url
+        assert f"wrote {url}" in result.output
+    assert read_artefact("memory://out/consensus.parquet").num_samples == 12
+    refused = [(["export", str(art), "--format", "hub"], "memory://out/hub", "writes a local folder"),
+               (["report", str(art), "--data", "builtin:digits"], "s3://bucket/report", "a local folder"),
+               (["generate", "--data", "builtin:digits"], "s3://bucket/run", "must be on a local disk")]
+    for args, url, message in refused:
+        result = runner.invoke(main, [*args, "--out", url])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "labels.csv"]  # no "memory:" or "s3:"

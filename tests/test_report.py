@@ -101,3 +101,15 @@ def test_report_on_shards_streams_once_and_decodes_only_the_shown(tmp_path, monk
     monkeypatch.setattr(data_module, "decode_image", lambda b: decoded.append(1) or original(b))
     report = build_report(art, str(tmp_path / "s-000000.tar"), tmp_path / "r", per_cluster=2, clusters=2)
     assert report.index.is_file() and 0 < len(decoded) <= 2 * 2 * 2 * 3
+
+
+def test_a_second_report_into_the_same_folder_draws_its_own_grids(tmp_path):
+    root = _data(tmp_path)
+    ids = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    first = Artefact.build(ids, np.arange(len(ids)) % 2, 2).write(tmp_path / "a.parquet")
+    second = Artefact.build(ids, (np.arange(len(ids)) + 1) % 2, 2).write(tmp_path / "b.parquet")  # clusters swapped
+    out = tmp_path / "report"
+    build_report(first, str(root), out, per_cluster=4, clusters=2)
+    drawn = (out / "cluster_00000.png").read_bytes()
+    build_report(second, str(root), out, per_cluster=4, clusters=2)
+    assert (out / "cluster_00000.png").read_bytes() != drawn  # cluster 0 now holds the other images

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import IO, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["is_url", "redact", "redact_all", "filesystem", "open_input", "METADATA_BLOCK", "STREAM_BLOCK"]
+from ..errors import ConfigError
+
+__all__ = ["is_url", "redact", "redact_all", "filesystem", "open_input", "atomic_output", "refuse_url",
+           "METADATA_BLOCK", "STREAM_BLOCK"]
 
 # A URL scheme of two or more letters: "C:\data" (a Windows drive) stays a path.
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]+)://", re.IGNORECASE)
@@ -102,3 +105,39 @@ def join(base: str | os.PathLike, name: str) -> str | Path:
     if not is_url(base):
         return Path(base) / name
     return str(base).rstrip("/") + "/" + name
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A local temporary path to write one output file to, published as ``path`` when the block succeeds:
+    renamed into place on a local disk, or uploaded whole to a URL through fsspec (one put: an object store
+    shows the object complete or not at all). Nothing is published when the block fails."""
+    from .files import atomic_path
+
+    if not is_url(path):
+        with atomic_path(path) as tmp:
+            yield tmp
+        return
+    if is_http(path):
+        raise ConfigError(f"{redact(str(path))}: http(s) URLs are read-only here; write to a local path or an "
+                          "s3://, gs://, az:// or hf:// URL")
+    import tempfile
+
+    try:
+        fs, fs_path = filesystem(str(path))
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="labelkit-out-") as folder:
+        tmp = Path(folder) / Path(fs_path).name
+        yield tmp
+        parent = fs._parent(fs_path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(str(tmp), fs_path)
+
+
+def refuse_url(path: str | os.PathLike, option: str, why: str) -> None:
+    """One clear error for an output that must be local (a run directory, a report folder): never a local
+    folder named after the URL's scheme."""
+    if is_url(path) and _protocol(str(path)) != "file":
+        raise ConfigError(f"{option} {redact(str(path))}: {why}")

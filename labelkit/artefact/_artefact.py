@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 
 from . import format as fmt
 from .._util import remote
-from .._util.files import atomic_path
 from ..errors import ArtefactError
 
 __all__ = ["Artefact", "Head", "producer_versions"]
@@ -282,12 +281,13 @@ class Artefact:
             raise ArtefactError(f"head {head} does not exist: this artefact has heads 0..{self.num_heads - 1}")
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def write(self, path: str | os.PathLike) -> Path:
-        """Write atomically: the file appears complete under ``path`` or not at all."""
-        path = Path(path)
+    def write(self, path: str | os.PathLike) -> Path | str:
+        """Write atomically: the file appears complete under ``path`` (a local path or an fsspec URL such as
+        ``s3://bucket/labels.parquet``) or not at all."""
+        path = path if remote.is_url(path) else Path(path)
         schema = self._table.schema.with_metadata({fmt.METADATA_KEY: json.dumps(self.metadata)})
         table = self._table.replace_schema_metadata(schema.metadata)
-        with atomic_path(path) as tmp:
+        with remote.atomic_output(path) as tmp:
             pq.write_table(
                 table,
                 tmp,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .._util.files import atomic_path
+from .._util import remote
 from ..errors import ImportSourceError
 from ._artefact import Artefact
 from ._reading import ArtefactHeader
@@ -20,13 +20,13 @@ __all__ = ["export_artefact", "summarize", "EXPORT_FORMATS"]
 EXPORT_FORMATS = ("csv", "npy", "json")
 
 
-def export_artefact(artefact: Artefact, format: str, out: str | os.PathLike) -> Path:
+def export_artefact(artefact: Artefact, format: str, out: str | os.PathLike) -> Path | str:
     """Write the labels for tools outside labelkit: ``csv`` (sample_id + heads), ``npy`` ((heads, N) int32 in
-    sample-id order) or ``json`` (metadata, sample ids and heads)."""
-    out = Path(out)
+    sample-id order) or ``json`` (metadata, sample ids and heads), to a local path or an fsspec URL."""
+    out = out if remote.is_url(out) else Path(out)
     if format not in EXPORT_FORMATS:
         raise ImportSourceError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    with atomic_path(out) as tmp:
+    with remote.atomic_output(out) as tmp:
         if format == "csv":
             import pyarrow.csv as pacsv
 

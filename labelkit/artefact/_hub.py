@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from . import format as fmt
+from .._util import remote
 from .._util.figures import sizes_figure
 from .._util.files import atomic_folder
 from ..errors import ImportSourceError
@@ -179,6 +180,8 @@ def export_hub(artefact: Artefact, out: str | os.PathLike, *, repo: str | None =
     """
     import pyarrow.parquet as pq
 
+    remote.refuse_url(out, "--out", "--format hub writes a local folder; upload it with "
+                      "`huggingface-cli upload USER/NAME FOLDER --repo-type dataset`")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ImportSourceError(f"--out {out}: a file; --format hub writes a folder")

@@ -142,6 +142,7 @@ def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike,
                  run: str | None = None, head: int = 0, per_cluster: int = 16, clusters: int = 24,
                  seed: int = 0) -> Report:
     """Write ``out/index.html`` and its PNG figures for one head of ``artefact`` over the images of ``data``."""
+    remote.refuse_url(out, "--out", "a report is a local folder of HTML and PNG files")
     art = read_artefact(artefact)
     if not 0 <= head < art.num_heads:
         raise ConfigError(f"--head {head}: this artefact has heads 0..{art.num_heads - 1}")
@@ -245,9 +246,8 @@ def _cluster_grids(view: _Head, sections, shown: dict, images: dict, per_cluster
         for c in cluster_ids:
             picked = [int(i) for i in shown[c] if int(i) in images][:per_cluster]
             frames = [colours[view.targets[i]] if view.has_truth and view.targets[i] >= 0 else grey for i in picked]
-            name = f"cluster_{c:05d}.png"
-            if not (out / name).exists():
-                figures.append(_grid([images[i] for i in picked], frames, out / name))
+            name = f"cluster_{c:05d}.png"  # drawn anew: a grid left by another artefact, head or seed is stale
+            figures.append(_grid([images[i] for i in picked], frames, out / name))
             caption = (f"cluster {c} · {view.sizes[c]:,} samples"
                        + (f" · purity {view.purity[c]:.2f}" if view.has_truth else ""))
             cards.append(f'<figure><img src="{name}" alt="{html.escape(caption)}"><figcaption>'

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import AUGMENTATIONS
+from .._util.remote import refuse_url
 from ..errors import ConfigError
 
 __all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "resolve_config", "read_config_file",
@@ -329,6 +330,8 @@ def _one_of(option: str, value, choices) -> None:
 
 
 def _check(config) -> None:
+    refuse_url(config.out, "--out", "a run directory must be on a local disk (it holds checkpoints, replaced "
+                                    "atomically); copy labels.parquet afterwards, or `labelkit export` it to a URL")
     if isinstance(config, SelaConfig):
         if config.heads < 1:
             raise ConfigError(f"--heads must be at least 1, got {config.heads}")

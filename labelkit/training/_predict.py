@@ -104,8 +104,7 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
             parents=[parent] if parent else [], producer=producer_versions())
         path = None
         if out is not None and dist.main:
-            path = Path(out)
-            artefact.write(path)
+            path = artefact.write(out)
         return PredictRun(artefact, path, time.perf_counter() - started, skips.as_list())
     finally:
         dist.close()
