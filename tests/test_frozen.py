@@ -348,3 +348,19 @@ def test_an_embedding_table_run_past_its_deadline_stops_between_epochs(tmp_path)
     assert [r["epoch"] for r in history if r["type"] == "epoch"] == [1]
     assert [r for r in history if r["type"] == "budget"][0]["epochs"] == 6
     assert read_artefact(run_.artefact).metadata["method"]["recipe"]["stopped_after_epoch"] == 1
+
+
+def test_frozen_features_beyond_float16_are_named_not_turned_into_inf(tmp_path):
+    from safetensors.torch import save_file
+
+    backbone = create_backbone("labelkit_cnn", 16)
+    # BatchNorm's scale multiplied up: outputs of order 1e6, which float16 would store as inf
+    state = {f"backbone.{k}": (v * 1e6 if k.endswith("weight") and v.ndim == 1 else v).contiguous()
+             for k, v in backbone.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8))
+    result = run(["generate", "--data", str(tmp_path / "d.npz"), "--freeze", "--arch", "labelkit_cnn",
+                  "--image-size", "16", "--init", str(tmp_path / "w.safetensors"), "--clusters", "2",
+                  "--epochs", "1", "--quiet", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "beyond float16's range" in result.output and "view 0" in result.output, result.output

@@ -108,3 +108,22 @@ def test_eval_on_a_run_caches_features_and_splits_disjointly(tmp_path):
         evaluate(EvalConfig("knn", data=data, model=str(tmp_path / "transfer"), test=data))
     untrained = evaluate(EvalConfig("knn", data=data, arch="labelkit_cnn", image_size=8, k=5))
     assert 0.0 <= untrained["top1"] <= 1.0
+
+
+def test_knn_at_a_low_temperature_neither_overflows_nor_breaks_ties_by_class_index():
+    import math
+
+    from labelkit.errors import ConfigError
+
+    # one class-1 neighbour at cosine 0.99 and three class-0 ones at 0.98: at temperature 0.005 the closer one
+    # outweighs the three (e^2 > 3), where exp(0.99 / 0.005) is inf in float32 and every class would tie
+    angle = lambda c: [c, math.sqrt(1 - c * c)]  # noqa: E731
+    train = np.array([angle(0.99), angle(0.98), angle(0.98), angle(0.98)], dtype=np.float32)
+    train[2, 1] *= -1  # the same cosine to the query, another point
+    test = np.array([[1.0, 0.0]], dtype=np.float32)
+    top1, _ = knn_accuracy(train, np.array([1, 0, 0, 0]), test, np.array([1]), k=4, temperature=0.005)
+    assert top1 == 1.0
+    top1, _ = knn_accuracy(train, np.array([1, 0, 0, 0]), test, np.array([0]), k=4, temperature=0.1)
+    assert top1 == 1.0  # warmer, the three win
+    with pytest.raises(ConfigError, match="--temperature must be a positive number"):
+        knn_accuracy(train, np.array([1, 0, 0, 0]), test, np.array([1]), temperature=0.0)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .._util.files import atomic_path
 from ..data import Order
+from ..errors import DataError
 from ..quality import spherical_kmeans
 
 __all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "head_batches", "head_step", "neighbours", "weights_digest", "cached_views"]
@@ -291,6 +292,16 @@ def head_step(model: nn.Module, optimizer, rows: torch.Tensor, inputs: tuple, ta
     return float(loss.detach())
 
 
+def _check_float16(features: torch.Tensor, what: str) -> None:
+    """The float16 cache cannot hold finite values beyond 65,504 (they would become inf); NaN stays NaN for
+    the solver to name."""
+    largest = float(features.nan_to_num(nan=0.0).abs().max()) if features.numel() else 0.0
+    if largest > float(np.finfo(np.float16).max):
+        raise DataError(f"{what} reach {largest:.3g}, beyond float16's range (65,504), which the feature cache "
+                        "holds; the backbone's outputs are not normalised (its weights may not fit it: check "
+                        "--init), or give another --arch")
+
+
 def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch.Tensor, dict]:
     """(V, N, D) float16 features of a frozen ``net``: view 0 through ``plain``, views 1..V-1 through
     ``augmented`` (each sample's randomness drawn from (seed, view, sample)), from the cache when its key --
@@ -319,6 +330,7 @@ def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch
             features, _ = extract_features(net, dim, source, plain if v == 0 else augmented, order,
                                            workers=config.workers, device=job.device, skips=job.skips,
                                            reporter=job.reporter)
+            _check_float16(features, f"--freeze: the {config.arch} features of view {v}")
             array[v] = features.numpy()
 
     views = cache.write((count, len(source), dim), fill, lambda: dict(job.skips.skipped))

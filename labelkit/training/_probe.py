@@ -83,7 +83,11 @@ def _topk(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 50, temperature: float = 0.1,
                  classes: int | None = None, chunk: int = 1024) -> tuple[float, float]:
-    """Top-1 and top-5 of weighted kNN on L2-normalised features."""
+    """Top-1 and top-5 of weighted kNN on L2-normalised features: each of the ``k`` nearest votes for its class
+    with weight exp(similarity / temperature), taken relative to the nearest one so that no weight overflows
+    at any temperature (the ranking of the classes is the same)."""
+    if not temperature > 0:
+        raise ConfigError(f"--temperature must be a positive number, got {temperature}")
     classes = classes or int(max(train_y.max(), test_y.max())) + 1
     train = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float32), dim=1)
     test = torch.nn.functional.normalize(torch.as_tensor(test_x, dtype=torch.float32), dim=1)
@@ -92,7 +96,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 50, temperature: 
     scores = torch.zeros((len(test), classes))
     for start in range(0, len(test), chunk):
         sims, idx = (test[start : start + chunk] @ train.T).topk(k, dim=1)
-        scores[start : start + chunk].scatter_add_(1, labels[idx], (sims / temperature).exp())
+        weights = ((sims - sims[:, :1]) / temperature).exp()  # the nearest weighs 1: never inf
+        scores[start : start + chunk].scatter_add_(1, labels[idx], weights)
     return _topk(scores.numpy(), np.asarray(test_y))
 
 
@@ -136,6 +141,8 @@ class EvalConfig:
         if self.model and (self.arch or self.init or self.pretrained):
             raise ConfigError(f"--model {self.model} brings its own architecture and weights; drop "
                               "--arch/--init/--pretrained, or drop --model")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be a positive number, got {self.temperature}")
         if self.test is None and not 0.0 < self.split < 1.0:
             raise ConfigError(f"--split must lie in (0, 1), got {self.split}")
 
