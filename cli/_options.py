@@ -30,6 +30,9 @@ def _show(name: str, value) -> str:
 
 def weights_options(command):
     """``--init`` and ``--pretrained``: where a job's backbone weights come from (generate and transfer)."""
+    command = click.option("--init-partial", is_flag=True, default=None,
+                           help="Start from --init weights that fit only part of the backbone (the rest stays "
+                                "random); without it such a file is refused.")(command)
     command = click.option("--pretrained", is_flag=True, default=None,
                            help="timm's own pretrained weights (from timm's local cache; never downloaded).")(command)
     return click.option("--init", default=None, type=click.Path(dir_okay=False),

@@ -115,3 +115,24 @@ def test_pretrained_weights_come_from_the_local_cache_and_never_the_network(tmp_
     loaded = create_backbone("resnet18", 32, pretrained=True)
     assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
     assert torch.equal(loaded.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_init_that_fits_only_part_of_the_body_is_refused_unless_partial(tmp_path):
+    from safetensors.torch import save_file
+
+    from labelkit.training import init_record
+
+    full = create_backbone("resnet18", 32)
+    stem = {k: v for k, v in full.state_dict().items() if k.startswith(("conv1.", "bn1.", "layer1."))}
+    path = tmp_path / "stem.safetensors"
+    save_file({k: v.contiguous() for k, v in stem.items()}, str(path))
+    with pytest.raises(ConfigError, match=r"leaving 9\d% of the body's parameters random.*--init-partial"):
+        create_backbone("resnet18", 32, init=str(path))  # loaded silently before, the rest left random
+    model = create_backbone("resnet18", 32, init=str(path), init_partial=True)
+    assert torch.equal(model.layer1[0].conv1.weight, full.layer1[0].conv1.weight)
+    record = init_record(model)
+    assert record["loaded"] == len(stem) and record["missing"] > 0 and record["random_share"] > 0.9
+    assert record["missing_names"][0].startswith("layer")
+    whole = tmp_path / "whole.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(whole))
+    assert init_record(create_backbone("resnet18", 32, init=str(whole)))["missing"] == 0

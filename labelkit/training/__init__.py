@@ -53,6 +53,7 @@ _EXPORTS = {
     "SelaModel": "._models",
     "create_backbone": "._models",
     "feature_dim": "._models",
+    "init_record": "._models",
     "ALEXNET_WIDTHS": "._models",
     "Plan": "._plan",
     "make_plan": "._plan",

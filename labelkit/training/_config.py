@@ -63,6 +63,7 @@ class SelaConfig:
     device: str = "auto"
     seed: int = 0
     init: str | None = None
+    init_partial: bool = False  # use --init weights that fit only part of the body (the rest stays random)
     pretrained: bool = False  # timm's own pretrained weights (from its local cache; never downloaded)
     freeze: bool = False  # fixed backbone: features cached once, the heads alone are trained
     views: int = 1  # frozen: cached views per image (1 plain + augmented ones)
@@ -170,6 +171,7 @@ class TransferConfig:
     device: str = "auto"
     seed: int = 0
     init: str | None = None
+    init_partial: bool = False  # use --init weights that fit only part of the body (the rest stays random)
     pretrained: bool = False  # timm's own pretrained weights (from its local cache)
     strict: bool = False
     out: str = "runs/transfer"

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["AlexNet", "SmallCNN", "SelaModel", "create_backbone", "feature_dim", "ALEXNET_WIDTHS"]
+__all__ = ["AlexNet", "SmallCNN", "SelaModel", "create_backbone", "feature_dim", "init_record", "ALEXNET_WIDTHS"]
 
 ALEXNET_WIDTHS = {"big": (96, 256, 384, 384, 256), "small": (64, 192, 384, 256, 256)}
 
@@ -146,12 +146,13 @@ _TAKES_IMG_SIZE = {"alexnet", "alexnet_small", "labelkit_cnn"}
 
 
 def create_backbone(arch: str, image_size: int, init: str | None = None, in_chans: int = 3,
-                    pretrained: bool = False) -> nn.Module:
+                    pretrained: bool = False, init_partial: bool = False) -> nn.Module:
     """A timm backbone without classifier (``num_classes=0``).
 
     Models with a fixed input size (ViTs) get ``image_size``. ``pretrained`` takes timm's own weights from its
     local cache (labelkit never downloads: with no cached copy the error names ``--init``); ``init`` loads
-    local weights on top (see :func:`load_weights`).
+    local weights on top (see :func:`load_weights`; ``init_partial`` accepts weights that fit only part of
+    the body); what they filled is kept as ``model.labelkit_init``.
     """
     names = timm.list_models()
     if arch not in names:
@@ -166,7 +167,7 @@ def create_backbone(arch: str, image_size: int, init: str | None = None, in_chan
         kwargs["pretrained_cfg_overlay"] = {"file": cached_weights(arch)}
     model = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
     if init:
-        load_weights(model, init)
+        model.labelkit_init = {"init": init, **load_weights(model, init, partial=init_partial)}
     return model
 
 
@@ -202,11 +203,12 @@ def cached_weights(arch: str) -> str:
 _PREFIXES = ("backbone.net.", "backbone.", "module.", "model.", "")
 
 
-def load_weights(model: nn.Module, path: str) -> dict:
+def load_weights(model: nn.Module, path: str, partial: bool = False) -> dict:
     """Load local weights into ``model``: safetensors, a timm or torchvision state dict (also inside
     ``state_dict``/``model``), or a labelkit run's ``model.safetensors``. Classifier weights (shapes that do
-    not fit) are dropped. Returns what was loaded, dropped and left missing; no key at all matching this
-    architecture is an error."""
+    not fit) are dropped. Returns what was loaded, left missing (random) and not used; no key at all matching
+    this architecture is an error, and so is a file that leaves more than half of the body's parameters random
+    unless ``partial``."""
     if not os.path.isfile(path):
         raise ConfigError(f"--init {path}: no such file")
     try:
@@ -238,9 +240,27 @@ def load_weights(model: nn.Module, path: str) -> dict:
         raise ConfigError(f"--init {path}: {len(body)} weight(s) do not fit this architecture, e.g. "
                           f"{body[0]} is {tuple(state[body[0]].shape)} in the file but "
                           f"{tuple(own[body[0]].shape)} here")
+    missing = sorted(set(own) - set(fits))
+    random = sum(own[k].numel() for k in missing if not _is_classifier(k) and own[k].is_floating_point())
+    total = sum(v.numel() for k, v in own.items() if not _is_classifier(k) and v.is_floating_point())
+    if random > total / 2 and not partial:
+        raise ConfigError(f"--init {path}: fits only {len(fits)} of the model's {len(own)} weights, leaving "
+                          f"{random / total:.0%} of the body's parameters random (e.g. {missing[0]}); give weights "
+                          "of this architecture, or --init-partial to start from them anyway")
     model.load_state_dict(fits, strict=False)
-    return {"loaded": len(fits), "missing": sorted(set(own) - set(fits)),
-            "unused": sorted(set(state) - set(fits))}
+    return {"loaded": len(fits), "missing": missing, "unused": sorted(set(state) - set(fits)),
+            "random_share": round(random / max(total, 1), 4)}
+
+
+def init_record(model: nn.Module) -> dict | None:
+    """What ``--init`` filled in ``model``, for the run's history: counts, and the first names missing (left
+    random) and unused; None without ``--init``."""
+    report = getattr(model, "labelkit_init", None)
+    if report is None:
+        return None
+    return {"type": "init", "init": report["init"], "loaded": report["loaded"], "missing": len(report["missing"]),
+            "unused": len(report["unused"]), "random_share": report["random_share"],
+            "missing_names": report["missing"][:10], "unused_names": report["unused"][:10]}
 
 
 def _is_classifier(key: str) -> bool:

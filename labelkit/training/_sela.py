@@ -26,7 +26,7 @@ from ._graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
 from ..data import Order, eval_transform, rank_slice, run_transforms
 from ..quality import agreement
 from ..quality import QUALITY_ROWS, head_quality, recommend_k, unit_centroids
-from ._models import SelaModel, create_backbone, feature_dim
+from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
@@ -267,13 +267,16 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         seed_everything(config.seed)
         if config.frozen:
             return _run_frozen(job, ks)
-        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
+                               init_partial=config.init_partial)
         model = SelaModel(backbone, ks, config.head_temperature)
         model = model_to(model, job.device)
         dim = feature_dim(model.backbone)
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         state = SelaState.initial(len(job.source), ks, config.seed)
         resumed = job.start(_run_record(config, ks, dim, job.plan), model=model, optimizer=optimizer, sela=state)
+        if not resumed and init_record(backbone):
+            job.log(init_record(backbone))  # what --init filled and what stayed random
         schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
         if config.start == "graph":  # the graph start takes the place of the label step at epoch 0
             schedule.discard(0)
@@ -303,7 +306,8 @@ def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, di
     if not source.has_pixels:
         job.skips.skipped.update(source.check_finite(config.skip_bad))
         return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
-    net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+    net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
+                               init_partial=config.init_partial)
     plain, augmented = run_transforms(net, config.image_size, config.augment, config.pretrained)
     views, record = cached_views(job, net, plain, augmented, feature_dim(net))
     return net, views, record
@@ -377,6 +381,8 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)), arch=arch,
                  views=int(views.shape[0]), width=whiten.num_features)
     job.log(origin)
+    if not resumed and net is not None and init_record(net):
+        job.log(init_record(net))
     near = neighbours(views[0], config.neighbours) if config.neighbours else None
     rows = torch.from_numpy(np.flatnonzero(keep))
     schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))

@@ -28,7 +28,8 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
     try:
         solves = ks is None  # a SeLa run solves; a transfer run (ks given: its heads' K) does not
         ks = config.head_clusters() if solves else ks
-        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
+                                   init_partial=config.init_partial)
         model = SelaModel(backbone, ks, getattr(config, "head_temperature", None)).to(device)
         dim = feature_dim(model.backbone)
         startup = time.perf_counter() - started

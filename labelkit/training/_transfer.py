@@ -17,7 +17,7 @@ from ..artefact import Artefact, producer_versions, read_artefact
 from ._config import TRANSFER_RECIPES, TransferConfig
 from ..errors import DataError
 from ..data import batches_per_rank, run_transforms
-from ._models import SelaModel, create_backbone, feature_dim
+from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
 from ..quality import parse_heads
 from ._loop import Reporter, autocast, images_to, make_optimizer, model_to, seed_everything
@@ -107,7 +107,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
             targets[i, rows >= 0] = torch.from_numpy(parent.labels(h)[rows[rows >= 0]].astype(np.int64))
         labelled = rows >= 0
         seed_everything(config.seed)
-        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained)
+        backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
+                                   init_partial=config.init_partial)
         model = model_to(SelaModel(backbone, ks), job.device)
         optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
         record = {"kind": "transfer", "config": config.to_dict(), "arch": config.arch,
@@ -116,6 +117,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
                   "producer": producer_versions()}
         if not job.start(record, model=model, optimizer=optimizer):
             job.log({"type": "join", **report})
+            if init_record(backbone):
+                job.log(init_record(backbone))
         job.announce(model, heads=ks, parent=parent.artefact_id, matched=report["matched"])
         plain, transform = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         train_model = job.parallel(model)
