@@ -322,3 +322,20 @@ def test_eta_counts_the_label_steps_still_to_come():
     assert job.label_eta(9) == 3.0 and job.label_eta(10) == 0.0
     job._label_seconds = []
     assert job.label_eta(0) == 0.0  # no pace yet
+
+
+def test_two_runs_into_one_folder_at_once_the_second_is_refused(tmp_path):
+    """The run folder is locked for the run's lifetime: no check-then-create race between two runs."""
+    import os
+
+    from labelkit.training import resolve_config
+    from labelkit.errors import ConfigError
+    from labelkit.training._loop import Reporter, RunDir
+
+    config = resolve_config({"data": "builtin:digits", "out": str(tmp_path / "run")})
+    first = RunDir(config, resume=False, reporter=Reporter())  # started, config.json not yet written
+    with pytest.raises(ConfigError, match=rf"in use by another labelkit run \(pid {os.getpid()}\)"):
+        RunDir(config, resume=False, reporter=Reporter())
+    first.close()
+    second = RunDir(config, resume=False, reporter=Reporter())  # the folder is free again
+    second.close()

@@ -82,6 +82,7 @@ class Job:
             if kind is None:
                 self.dist.barrier()
         finally:
+            self.run_dir.close()
             self.dist.close()
 
     def _request_stop(self, signum, frame) -> None:

@@ -215,10 +215,51 @@ class RunDir:
         self.resume = resume
         self.history = self.out / "history.jsonl"
         self.checkpoint = self.out / "checkpoint.pt"
+        self._lock = self._take_lock() if writer else None
+        try:
+            self._check_reuse(config)
+        except BaseException:
+            self.close()
+            raise
+        self.lines = 0
+        self._epoch_seconds: list[float] = []
+
+    def _take_lock(self):
+        """Hold ``OUT/.lock`` for the run's lifetime: a second run started into the same folder (even at the
+        same moment) is refused instead of interleaving its history and checkpoints. The operating system drops
+        the lock when the process ends, so a crashed run leaves no stale lock."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock, the checks below still apply
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"{self.out} is in use by another labelkit run ({holder}); wait for it to end or "
+                              "choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    def close(self) -> None:
+        """Release the run directory (its lock)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _check_reuse(self, config) -> None:
+        """Refuse to mix runs: a finished or started run needs ``--resume`` with the same settings."""
         stored = self.out / "config.json"
-        if writer and stored.exists():
+        if self.writer and stored.exists():
             previous = json.loads(stored.read_text()).get("config", {})
-            if not resume:
+            if not self.resume:
                 if self.finished:
                     raise ConfigError(f"{self.out} already holds a finished run; choose another --out")
                 raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
@@ -228,8 +269,6 @@ class RunDir:
                 detail = ", ".join(f"{k}: {previous.get(k)!r} -> {ours[k]!r}" for k in changed)
                 raise ConfigError(f"--resume: {self.out} holds a run with other settings ({detail})")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.lines = 0
-        self._epoch_seconds: list[float] = []
 
     def restore(self, record: dict) -> dict | None:
         """Write ``config.json`` (``record``); return the checkpoint to resume from, if resuming."""
