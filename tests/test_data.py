@@ -239,3 +239,24 @@ def test_io_errors_are_retried_then_stop_the_run_and_are_never_recorded_as_bad_i
     with pytest.raises(DataError, match=r"cannot read sample 'dog/e.bmp' \(OSError: \[Errno 5\] Input/output error\)"):
         _pass(source)
     assert down.calls == 3
+
+
+def test_folders_with_link_loops_dangling_links_odd_names_and_tar_in_their_path(tmp_path):
+    import os
+
+    root = tmp_path / "v1.target"  # ".tar" in a folder's name: still a folder, not shards
+    for i in range(6):
+        write_image(root / f"c{i % 2}" / f"{i}.png", seed=i)
+    os.symlink("..", root / "c0" / "up")  # a link back up the tree: walked once, not forever
+    os.symlink(root / "c1", root / "again")  # a second way into one folder adds nothing
+    source = resolve(str(root))
+    assert len(source) == 6 and type(source).__name__ == "FolderSource"
+    os.symlink(tmp_path / "nowhere.png", root / "c1" / "gone.png")
+    with pytest.raises(DataError, match=r"c1/gone.png: a link to nothing"):
+        resolve(str(root))
+    os.unlink(root / "c1" / "gone.png")
+    odd = os.fsencode(str(root / "c0")) + b"/caf\xe9.png"  # Latin-1, not UTF-8
+    with open(odd, "wb") as handle:
+        handle.write((root / "c0" / "0.png").read_bytes())
+    with pytest.raises(DataError, match=r"caf\\xe9\.png': the file name is not UTF-8"):
+        resolve(str(root))

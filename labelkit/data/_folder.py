@@ -24,18 +24,16 @@ class FolderSource(MapSource):
         if not root.is_dir():
             raise DataError(f"{spec}: not a directory, .npz, shard pattern or builtin:NAME")
         self.root = root
-        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir(follow_symlinks=True))
-        class_index = {name: i for i, name in enumerate(classes)}
-        ids = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(root).as_posix()
-            for name in filenames:
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    ids.append(name if rel == "." else f"{rel}/{name}")
+        ids = _image_ids(root)
         if not ids:
             raise DataError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in this folder")
         ids.sort()
+        # first-level folders are the classes (as torchvision's ImageFolder), but a link to a folder walked
+        # under its own name already is no class of its own
+        walked = {i.split("/", 1)[0] for i in ids if "/" in i}
+        classes = sorted(entry.name for entry in os.scandir(root)
+                         if entry.is_dir(follow_symlinks=True) and (not entry.is_symlink() or entry.name in walked))
+        class_index = {name: i for i, name in enumerate(classes)}
         targets = None
         if classes:
             targets = np.array([class_index.get(i.split("/", 1)[0], -1) if "/" in i else -1 for i in ids], np.int64)
@@ -46,6 +44,34 @@ class FolderSource(MapSource):
 
     def sizes(self) -> np.ndarray:
         return np.array([os.stat(self.root / sample_id).st_size for sample_id in self.ids], dtype=np.int64)
+
+
+def _image_ids(root: Path) -> list[str]:
+    """The image files under ``root`` as ids (POSIX paths relative to it). Links are followed, but no folder is
+    walked twice: a link back up the tree (``a/up -> ..``) or a second link to one folder adds nothing. A link
+    to nothing and a name that is not UTF-8 (ids are text) are errors naming the file."""
+    ids, walked = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        status = os.stat(dirpath)
+        if (status.st_dev, status.st_ino) in walked:
+            dirnames[:] = []
+            continue
+        walked.add((status.st_dev, status.st_ino))
+        dirnames.sort(key=lambda name: (os.path.islink(os.path.join(dirpath, name)), name))  # real folders first
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{os.fsencode(path)!r}: the file name is not UTF-8; sample ids are text, so "
+                                "rename it (e.g. with convmv)") from None
+            if not os.path.exists(path):
+                raise DataError(f"{path}: a link to nothing ({os.readlink(path)}); remove it or restore its target")
+            ids.append(name if rel == "." else f"{rel}/{name}")
+    return ids
 
 
 class RemoteFolderSource(MapSource):

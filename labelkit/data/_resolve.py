@@ -18,6 +18,7 @@ Specs:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,8 +43,9 @@ class SourceKind:
 
 
 def _is_shards(spec: str) -> bool:
+    """A shard path, pattern or command; never an existing folder (``v1.target/``, ``run{1}/`` are folders)."""
     lower = spec.lower()
-    return ".tar" in lower or "{" in spec or lower.startswith("pipe:")
+    return (".tar" in lower or "{" in spec or lower.startswith("pipe:")) and not os.path.isdir(spec)
 
 
 SOURCE_KINDS: list[SourceKind] = [
