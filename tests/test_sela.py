@@ -238,3 +238,17 @@ def test_augmented_label_views_are_different_draws_at_every_label_step(tmp_path,
     for step in range(3):  # within a step the two augmented views differ, as they differ from the plain one
         plain, first, second = (features for _, features in drawn[3 * step:3 * step + 3])
         assert not torch.equal(first, second) and not torch.equal(plain, first)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("lam", 0.0, "--lam: lam must be a positive number"),
+    ("sinkhorn_tol", 0.0, "--sinkhorn-tol: tol must be a positive number"),
+    ("head_temperature", 0.0, "--head-temperature must be a positive number"),  # 0 meant linear heads
+    ("warmup", 1.5, r"--warmup is the share of training"),
+    ("momentum", 1.0, r"--momentum must lie in \[0, 1\)"),
+    ("weight_decay", -1e-4, "--weight-decay must be 0 or more"),
+])
+def test_options_are_checked_before_anything_runs(tmp_path, option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        _tiny(tmp_path, **{option: value})
+    assert not (tmp_path / "run").exists()

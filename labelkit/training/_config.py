@@ -326,6 +326,21 @@ def _check_prior(config: "SelaConfig") -> None:
     memory_bytes(config.label_memory)
 
 
+def _check_solver(config) -> None:
+    """The label step's options, checked by the solver's own option objects before anything runs."""
+    from ..errors import SolverError
+    from ..solver import Algorithm
+
+    if config.head_temperature is not None and not config.head_temperature > 0:
+        raise ConfigError(f"--head-temperature must be a positive number (or unset for linear heads), got "
+                          f"{config.head_temperature}")
+    try:
+        Algorithm(lam=config.lam, tol=config.sinkhorn_tol)
+    except SolverError as exc:
+        option = "--lam" if "lam" in str(exc) else "--sinkhorn-tol"
+        raise ConfigError(f"{option}: {exc}") from None
+
+
 def _one_of(option: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
@@ -351,6 +366,7 @@ def _check(config) -> None:
             if value is not None and value < (0 if name in ("pca", "neighbours") else 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         _check_prior(config)
+        _check_solver(config)
         if config.freeze and config.label_augment:
             raise ConfigError("--label-augment needs a trained backbone; with --freeze use --views for augmented views")
     if isinstance(config, TransferConfig):
@@ -366,3 +382,9 @@ def _check(config) -> None:
         raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
     if config.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {config.lr}")
+    if not 0.0 <= config.warmup < 1.0:
+        raise ConfigError(f"--warmup is the share of training spent warming up, in [0, 1); got {config.warmup}")
+    if not 0.0 <= config.momentum < 1.0:
+        raise ConfigError(f"--momentum must lie in [0, 1), got {config.momentum}")
+    if config.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be 0 or more, got {config.weight_decay}")
