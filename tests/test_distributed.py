@@ -67,7 +67,7 @@ def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
     while time.time() < deadline and '"epoch": 3,' not in (history.read_text() if history.exists() else ""):
         time.sleep(0.02)
     kill_tree(proc.pid)
-    proc.wait()
+    proc.wait(timeout=300)
     import torch
 
     saved = torch.load(killed / "checkpoint.pt", weights_only=True)

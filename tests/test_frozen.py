@@ -132,7 +132,7 @@ def test_nan_vectors_fail_by_name_or_are_skipped(tmp_path):
 # -- heads on fixed features ----------------------------------------------------------------------------------
 
 
-def test_generate_on_embedding_table_beats_kmeans_start(tmp_path):
+def test_generate_on_embedding_table_is_no_worse_than_kmeans(tmp_path):
     from sklearn.cluster import KMeans
 
     x, y = blobs(n=800, d=32, k=8, spread=1.6, seed=1)
@@ -147,7 +147,7 @@ def test_generate_on_embedding_table_beats_kmeans_start(tmp_path):
     kmeans = KMeans(8, n_init=1, random_state=0).fit_predict(x)
     baseline = agreement(kmeans, y)["nmi"]
     nmis = [agreement(artefact.labels(h), y[np.argsort([f"{i:06d}" for i in range(800)])])["nmi"] for h in range(2)]
-    assert min(nmis) >= 0.9 and max(nmis) >= baseline - 0.02, (nmis, baseline)
+    assert min(nmis) >= baseline - 1e-9, (nmis, baseline)  # every head at least as good as k-means, no slack
     record = json.loads((out / "config.json").read_text())
     assert record["frozen"]["pixels"] is False and record["frozen"]["in_dim"] == 32
 

@@ -120,7 +120,7 @@ def test_killed_run_resumes_to_the_same_labels(tmp_path):
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     reference = tmp_path / "reference"
-    assert generate(reference).wait() == 0
+    assert generate(reference).wait(timeout=300) == 0
     killed = tmp_path / "killed"
     proc = generate(killed)
     history = killed / "history.jsonl"
@@ -132,14 +132,14 @@ def test_killed_run_resumes_to_the_same_labels(tmp_path):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=300)
     import torch
 
     saved = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert 0 < saved["epoch"] < 6, "the process must be killed before it finishes"
     assert not (killed / "labels.parquet").exists()
     resumed = generate(killed, "--resume")
-    assert resumed.wait() == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     a, b = read_artefact(reference / "labels.parquet"), read_artefact(killed / "labels.parquet")
     assert a.artefact_id == b.artefact_id
     lines = (killed / "history.jsonl").read_text().splitlines()

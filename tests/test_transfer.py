@@ -107,7 +107,8 @@ def test_eval_on_a_run_caches_features_and_splits_disjointly(tmp_path):
     with pytest.raises(DataError, match="must be disjoint"):
         evaluate(EvalConfig("knn", data=data, model=str(tmp_path / "transfer"), test=data))
     untrained = evaluate(EvalConfig("knn", data=data, arch="labelkit_cnn", image_size=8, k=5))
-    assert 0.0 <= untrained["top1"] <= 1.0
+    # a random network's features still tell bright corner blobs apart, well above chance
+    assert untrained["n_test"] == 24 and untrained["top1"] > 0.5
 
 
 def test_knn_at_a_low_temperature_neither_overflows_nor_breaks_ties_by_class_index():
