@@ -151,3 +151,35 @@ def test_a_csv_that_is_not_the_release_fails_clearly(mirror, tmp_path, content, 
     keys.write_text("\n".join(IDS) + "\n")
     with pytest.raises(ImportSourceError, match=message):
         import_labels("sela:alexnet-10x3k-csv", keys=str(keys))
+
+
+def test_two_imports_at_once_download_once_and_a_wrong_file_is_never_the_reference(mirror, tmp_path):
+    import threading
+
+    root, counter, shrink = mirror
+    item = shrink("resnet50-1k", samples=200_000, heads=1, k=1000)
+    (root / "new_models").mkdir()
+    src = root / "new_models" / "resnet50-1k_pp.pth"
+    torch.save({"labels": torch.randint(0, 1000, (200_000,))}, src)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(released.fetch(item))
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    expected = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert errors == [] and [digest for _, digest in results] == [expected, expected]
+    assert counter["sent"] == src.stat().st_size  # one download; the second import waited and found the file
+    pinned = shrink("resnet18-1k", samples=200_000, heads=1, k=1000, size=123)  # the catalogue's size differs
+    (root / "new_models" / "resnet18-1k_pp.pth").write_bytes(src.read_bytes())
+    with pytest.raises(ImportSourceError, match="is not the released file .*where the release has 123"):
+        released.fetch(pinned)
+    cache = tmp_path / "cache" / "sela"
+    assert not (cache / "resnet18-1k_pp.pth").exists() and not (cache / "resnet18-1k_pp.pth.sha256").exists()

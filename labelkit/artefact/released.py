@@ -7,6 +7,7 @@ The ImageNet training set has 1,281,167 images; every release labels all of them
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import urllib.error
@@ -32,6 +33,8 @@ class Release:
     heads: int
     k: int
     samples: int = IMAGENET_TRAIN
+    size: int | None = None  # bytes of the released file, where known: a download of another size is refused
+    sha256: str | None = None  # its hash, where known (fill in once a download has been checked by hand)
 
     @property
     def filename(self) -> str:
@@ -114,7 +117,26 @@ def fetch(item: Release, *, progress: Callable[[int, int | None], None] | None =
     Offline, the error says which URL to fetch and where to put the file.
     """
     folder = cache_dir() / "sela"
-    target = folder / item.filename
+    folder.mkdir(parents=True, exist_ok=True)
+    with _download_lock(folder / f".{item.filename}.lock"):  # a second process waits, then finds the file
+        return _fetch_locked(item, folder / item.filename, progress, timeout, retries)
+
+
+@contextlib.contextmanager
+def _download_lock(path: Path):
+    """Hold ``path`` exclusively (waiting for another holder): two imports of one release never append to one
+    ``.part`` file. The operating system drops the lock when its process ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _fetch_locked(item: Release, target: Path, progress, timeout: float, retries: int) -> tuple[Path, str]:
     record = target.with_name(target.name + ".sha256")
     if target.is_file():
         digest = sha256_file(target)
@@ -127,7 +149,6 @@ def fetch(item: Release, *, progress: Callable[[int, int | None], None] | None =
         else:  # placed there by hand: record it now, so that later uses are checked against this copy
             record.write_text(f"{digest}  {item.filename}\n")
         return target, digest
-    folder.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     error = None
     for _ in range(retries):
@@ -146,7 +167,21 @@ def fetch(item: Release, *, progress: Callable[[int, int | None], None] | None =
         raise ImportSourceError(f"sela:{item.name}: cannot download {item.url} ({reason}){kept}. Offline, fetch "
                                 f"that URL by other means and put the file at {target}") from None
     digest = sha256_file(part)
+    _check_pins(item, part, digest)
     publish(part, target)  # the part file is the download's own resumable temporary name
     record.write_text(f"{digest}  {item.filename}\n")
     return target, digest
 
+
+
+def _check_pins(item: Release, part: Path, digest: str) -> None:
+    """A download that is not the released file (another size or hash, where the catalogue knows them) is
+    deleted and refused, never recorded as the reference copy."""
+    size = part.stat().st_size
+    wrong = (f"{size:,} bytes where the release has {item.size:,}" if item.size is not None and size != item.size
+             else f"sha256 {digest[:16]}… where the release has {item.sha256[:16]}…"
+             if item.sha256 is not None and digest != item.sha256 else None)
+    if wrong:
+        part.unlink()
+        raise ImportSourceError(f"sela:{item.name}: the download from {item.url} is not the released file "
+                                f"({wrong}); it was deleted. Is the mirror serving another file?")
