@@ -136,3 +136,28 @@ def test_init_that_fits_only_part_of_the_body_is_refused_unless_partial(tmp_path
     whole = tmp_path / "whole.safetensors"
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(whole))
     assert init_record(create_backbone("resnet18", 32, init=str(whole)))["missing"] == 0
+
+
+def test_eval_uses_a_pretrained_backbones_own_input_configuration(tmp_path, monkeypatch):
+    import numpy as np
+
+    import labelkit.training._probe as probe
+    from labelkit.training import EvalConfig, evaluate
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    reference = timm.create_model("resnet18")
+    _fake_hub_cache(tmp_path / "hub", timm.models.get_pretrained_cfg("resnet18").hf_hub_id, reference.state_dict())
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    np.savez(tmp_path / "d.npz", images=(rng.integers(0, 60, (30, 8, 8)) + 90 * labels[:, None, None]).astype(np.uint8),
+             labels=labels)
+    used, original = [], probe.extract_features
+
+    def recording(backbone, dim, source, transform, *args, **kwargs):
+        used.append(repr(transform))
+        return original(backbone, dim, source, transform, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "extract_features", recording)
+    evaluate(EvalConfig("knn", data=str(tmp_path / "d.npz"), arch="resnet18", pretrained=True, image_size=32, k=3))
+    # timm's resnet18 weights expect 224 px centre crops (eval ignored this and resized to --image-size 32)
+    assert used and "CenterCrop(size=(224, 224))" in used[0] and "(32, 32)" not in used[0]

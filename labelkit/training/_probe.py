@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Order, SkipLog, Source, eval_transform, resolve
+from ..data import Order, SkipLog, Source, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
@@ -30,9 +30,10 @@ PROTOCOLS = ("knn", "linear")
 
 
 def load_backbone(run: str | None = None, arch: str | None = None, init: str | None = None,
-                  image_size: int | None = None, pretrained: bool = False) -> tuple[torch.nn.Module, int, Path | None]:
+                  image_size: int | None = None, pretrained: bool = False) -> tuple[torch.nn.Module, int, Path | None, object]:
     """The frozen backbone of a ``generate``/``transfer`` run directory (for a ``--freeze`` run: its fixed
-    backbone), or a bare timm arch (+ timm's ``pretrained`` weights and/or ``init``)."""
+    backbone), or a bare timm arch (+ timm's ``pretrained`` weights and/or ``init``); its input size, run
+    folder, and the plain transform its run used (a pretrained backbone's own input configuration)."""
     if run:
         from ._predict import load_run_model
 
@@ -40,18 +41,27 @@ def load_backbone(run: str | None = None, arch: str | None = None, init: str | N
         if "frozen" in record:
             if not record["frozen"]["pixels"]:
                 raise ConfigError(f"--model {run} was trained on embedding vectors and has no image backbone")
-            return model.backbone.net, image_size or record["image_size"], Path(run)
-        return model.backbone, image_size or record["image_size"], Path(run)
+            backbone = model.backbone.net
+        else:
+            backbone = model.backbone
+        size = image_size or record["image_size"]
+        pretrained = bool(record.get("config", {}).get("pretrained"))
+        return backbone, size, Path(run), run_transforms(backbone, size, "none", pretrained)[0]
     if not arch:
         raise ConfigError("give --model RUN_DIR, or --arch NAME (with --pretrained or --init FILE for its weights)")
     size = image_size or 224
-    return create_backbone(arch, size, init, pretrained=pretrained).eval(), size, None
+    backbone = create_backbone(arch, size, init, pretrained=pretrained).eval()
+    return backbone, size, None, run_transforms(backbone, size, "none", pretrained)[0]
 
 
-def features_of(backbone, source: Source, image_size: int, *, cache: Path | None, batch_size: int = 256,
+def features_of(backbone, source: Source, transform, *, cache: Path | None, batch_size: int = 256,
                 workers: int = 0, device: str = "auto", reporter: Reporter | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features and a mask of the samples that decoded; cached as ``features-<fingerprint>-<size>.npz``."""
-    path = cache / f"features-{source.fingerprint[:16]}-{image_size}px.npz" if cache else None
+    """(N, D) features through ``transform`` and a mask of the samples that decoded; cached as
+    ``features-<data fingerprint>-<transform digest>.npz``."""
+    import hashlib
+
+    key = hashlib.sha256(repr(transform).encode()).hexdigest()[:12]
+    path = cache / f"features-{source.fingerprint[:16]}-{key}.npz" if cache else None
     if path is not None and path.is_file():
         with np.load(path) as stored:
             return stored["features"], stored["seen"]
@@ -59,7 +69,7 @@ def features_of(backbone, source: Source, image_size: int, *, cache: Path | None
 
     dist, dev = from_environment(resolve_device(device))
     backbone = model_to(backbone, dev)
-    features, seen = extract_features(backbone, feature_dim(backbone), source, eval_transform(image_size),
+    features, seen = extract_features(backbone, feature_dim(backbone), source, transform,
                                       Order(batch_size, rank=dist.rank, world=dist.world), workers=workers, device=dev,
                                       skips=SkipLog(source), reporter=reporter if dist.main and reporter else Reporter())
     features = features.numpy()
@@ -151,7 +161,7 @@ def evaluate(config: EvalConfig, reporter: Reporter | None = None) -> dict:
     """Evaluate a backbone as ``config`` says; returns top-1 and top-5 accuracy and the sizes of both sides."""
     c = config
     data, test, device, workers = c.data, c.test, c.device, c.workers
-    backbone, size, run_dir = load_backbone(c.model, c.arch, c.init, c.image_size, c.pretrained)
+    backbone, size, run_dir, transform = load_backbone(c.model, c.arch, c.init, c.image_size, c.pretrained)
     train_source = resolve(data)
     if not train_source.has_truth:
         raise DataError(f"{data}: evaluation needs ground-truth classes (class folders, shard cls, npz labels)")
@@ -163,7 +173,7 @@ def evaluate(config: EvalConfig, reporter: Reporter | None = None) -> dict:
 
     dist, _ = from_environment(resolve_device(device))  # under torchrun: joined here once, left at the end
     try:
-        train_x, train_seen = features_of(backbone, train_source, size, cache=run_dir, device=device, workers=workers,
+        train_x, train_seen = features_of(backbone, train_source, transform, cache=run_dir, device=device, workers=workers,
                                           reporter=reporter)
         train_y = train_source.targets
         usable = train_seen & (train_y >= 0)
@@ -173,7 +183,7 @@ def evaluate(config: EvalConfig, reporter: Reporter | None = None) -> dict:
             if shared:
                 raise DataError(f"--test {test} shares {len(shared):,} sample ids with --data {data}; "
                                 "they must be disjoint")
-            test_x, test_seen = features_of(backbone, test_source, size, cache=run_dir, device=device, workers=workers,
+            test_x, test_seen = features_of(backbone, test_source, transform, cache=run_dir, device=device, workers=workers,
                                             reporter=reporter)
             test_y = test_source.targets
             keep = test_seen & (test_y >= 0)
