@@ -130,9 +130,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="labelkit-out-") as folder:
         tmp = Path(folder) / Path(fs_path).name
         yield tmp
-        parent = fs._parent(fs_path)
+        parent = fs_path.rsplit("/", 1)[0] if "/" in fs_path.strip("/") else ""
         if parent:
-            fs.makedirs(parent, exist_ok=True)
+            fs.makedirs(parent, exist_ok=True)  # object stores have no folders: a no-op there
         fs.put_file(str(tmp), fs_path)
 
 
