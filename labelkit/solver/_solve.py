@@ -27,12 +27,12 @@ How it is computed:
 * **Stopping rule.** The marginal error is the share of mass in the wrong place: (sum_i |row_i - 1| +
   sum_k |col_k - N/K|) / N, the same quantity at every N (the paper's summed change of beta tightens with N).
 * **Labels** come from the float32 logits and the final potentials, argmax_k lam * z_ik + g_k + log v_k, not
-  from the bf16 kernel. ``exact_balance=True`` rounds Q under capacities so that every cluster gets
+  from the bf16 kernel. ``Balance(exact=True)`` rounds Q under capacities so that every cluster gets
   floor(N/K) or ceil(N/K) samples (the paper's hard constraint); scores are q(label | i) of the chosen label.
-* **Priors and relaxed balance.** The column marginals b need not be N/K: ``prior="powerlaw:a"`` asks for
+* **Priors and relaxed balance.** The column marginals b need not be N/K: ``Balance(prior="powerlaw:a")`` asks for
   sizes proportional to rank^-a, the largest size going to the cluster that currently holds the most mass
   (re-matched during the first iterations, then fixed), and explicit counts fix each cluster's size.
-  ``balance=tau`` relaxes the column constraint into a KL penalty tau * KL(col | b) (unbalanced optimal
+  ``Balance(tau=tau)`` relaxes the column constraint into a KL penalty tau * KL(col | b) (unbalanced optimal
   transport, Chizat et al. 2018): the column step becomes v = (b / t)^phi with phi = tau lam / (tau lam + 1),
   so cluster sizes follow the data, and a cluster e times its prior size costs tau nats per sample. ``floor``
   keeps every relaxed cluster at a share of its prior size (the column step is clamped there), so none
