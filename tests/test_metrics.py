@@ -159,3 +159,24 @@ def test_metrics_command_json_and_plot(tmp_path):
     assert label_free.exit_code == 0 and "label-free quality" in label_free.output
     both = runner.invoke(main, ["metrics", path, "--truth", "builtin:digits", "--against", path])
     assert both.exit_code == 1 and "not both" in both.output
+
+
+def test_truth_that_is_an_artefact_or_its_export_is_refused_not_scored_against_itself(tmp_path):
+    from click.testing import CliRunner
+
+    from labelkit.artefact import export_artefact, read_artefact
+    from labelkit.cli import main
+
+    ids = [f"s{i:03d}" for i in range(60)]
+    two = Artefact.build(ids, np.stack([np.arange(60) % 3, np.arange(60) % 5]), [3, 5]).write(tmp_path / "a.parquet")
+    one = Artefact.build(ids, np.arange(60) % 3, 3).write(tmp_path / "one.parquet")
+    export_artefact(read_artefact(two), "csv", tmp_path / "two.csv")
+    export_artefact(read_artefact(one), "csv", tmp_path / "one.csv")
+    for truth in ("two.csv", "one.csv", "one.parquet"):  # each scored NMI 1.0 "vs truth" before
+        result = CliRunner().invoke(main, ["metrics", str(two), "--truth", str(tmp_path / truth)])
+        assert result.exit_code == 1, result.output
+        assert "not ground truth" in result.output and "--against" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    (tmp_path / "truth.csv").write_text("sample_id,label\n" + "".join(f"{i},{n % 3}\n" for n, i in enumerate(ids)))
+    result = CliRunner().invoke(main, ["metrics", str(two), "--truth", str(tmp_path / "truth.csv"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["heads"][0]["nmi"] == pytest.approx(1.0)

@@ -178,6 +178,11 @@ def read_label_table(path: str | Path) -> tuple["pa.Array", np.ndarray]:  # noqa
         table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
                                convert_options=pacsv.ConvertOptions(column_types={fmt.ID_COLUMN: pa.string()}))
     names = table.column_names
+    heads = [n for n in names if re.fullmatch(r"head_\d+|score_\d+", n)]
+    if heads or (table.schema.metadata or {}).get(fmt.METADATA_KEY.encode()):
+        raise DataError(f"{path}: labels (a label artefact or its export, columns {', '.join(names[:4])}"
+                        f"{', …' if len(names) > 4 else ''}), not ground truth; compare two sets of labels with "
+                        "--against, or give truth as a sample_id,label table or a data spec with classes")
     id_col = fmt.ID_COLUMN if fmt.ID_COLUMN in names else names[0]
     label_col = "label" if "label" in names else next((n for n in names if n != id_col), None)
     if label_col is None:
