@@ -17,6 +17,7 @@ from typing import IO, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ConfigError
+from .files import atomic_path
 
 __all__ = ["is_url", "redact", "redact_all", "filesystem", "open_input", "atomic_output", "refuse_url",
            "METADATA_BLOCK", "STREAM_BLOCK"]
@@ -112,8 +113,6 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """A local temporary path to write one output file to, published as ``path`` when the block succeeds:
     renamed into place on a local disk, or uploaded whole to a URL through fsspec (one put: an object store
     shows the object complete or not at all). Nothing is published when the block fails."""
-    from .files import atomic_path
-
     if not is_url(path):
         with atomic_path(path) as tmp:
             yield tmp
