@@ -12,7 +12,7 @@ import torch
 
 from .._util import collectives
 from ..errors import SolverError
-from ._numerics import _BAIL_RATE, _BF16_FLOOR, _PATIENCE, _PROBE
+from ._numerics import _BAIL_RATE, _BF16_FLOOR, _PATIENCE, _PROBE, _STALL
 from ._kernel import _Kernel, _Logits, _Rows
 from ._options import Algorithm
 from ._prior import _Columns
@@ -121,8 +121,7 @@ def _iterate(problem: _Problem, algorithm: Algorithm, g: torch.Tensor, lam: floa
         if error <= algorithm.tol:
             state.converged = True
             break
-        if (bail_rate is not None and state.iterations == _PROBE and _rate(state.errors) > bail_rate
-                and error > 10 * algorithm.tol):
+        if bail_rate is not None and _too_slow(state.errors, algorithm.tol, bail_rate, budget):
             break
         relax.update(state.errors)
         _column_step(problem, state, u, t, target, relax.w, lam, algorithm.absorb_at)
@@ -178,6 +177,20 @@ def _column_step(problem: _Problem, state: _Loop, u: torch.Tensor, t: torch.Tens
         state.v = torch.ones_like(state.v)
         _build(problem, state, lam)
         _row_scalings(problem.kernel, u, problem.rows)
+
+
+def _too_slow(errors: list[float], tol: float, bail_rate: float, budget: int) -> bool:
+    """Whether to give up the direct solve for annealing: after the probe, when the error barely shrinks; later,
+    every ``_STALL`` iterations, when the rate of the last ``_STALL`` would not reach ``tol`` within the budget
+    left. The second catches kernels that start nearly balanced but are too peaked to move the last samples
+    between clusters: the error creeps down at a constant few parts per thousand an iteration."""
+    done, error = len(errors), errors[-1]
+    if done == _PROBE:
+        return _rate(errors) > bail_rate and error > 10 * tol
+    if done < 2 * _STALL or done % _STALL:
+        return False
+    rho = (error / errors[-_STALL - 1]) ** (1 / _STALL) if errors[-_STALL - 1] > 0 else 1.0
+    return rho >= 1.0 or math.log(tol / error) / math.log(rho) > budget - done
 
 
 def _rate(errors: list[float]) -> float:

@@ -34,3 +34,6 @@ _SPARSE_BYTES = 16  # per non-zero: float32 value and int32 column, in the rows 
 
 
 _BAIL_RATE = 0.99  # a probe shrinking the error by less than 1 % an iteration switches to annealing
+
+
+_STALL = 50  # iterations over which a direct solve's rate is judged against the budget left

@@ -27,8 +27,9 @@ class Algorithm:
         max_iter: cap on iterations; hitting it returns ``converged=False`` and warns.
         omega: over-relaxation in [1, 2); 1 is the plain iteration; None estimates the best value from the
             convergence rate of the first iterations.
-        anneal: when the first iterations show a kernel too peaked to solve directly, solve at lam/8, lam/4,
-            lam/2 and lam in turn, each warm-starting the next.
+        anneal: when the first iterations show a kernel too peaked to solve directly, or later ones show the
+            error too slow to reach ``tol`` within ``max_iter``, solve at lam/8, lam/4, lam/2 and lam in turn,
+            each warm-starting the next.
         absorb_at: re-stabilise the kernel when a scaling's log exceeds this.
     """
 
