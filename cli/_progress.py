@@ -89,6 +89,9 @@ class BarReporter(Reporter):
                     f"iterations per head, {record['seconds']:.1f} s, NMI to previous {heads[0]['nmi_previous']:.3f}")
             if "nmi" in heads[0]:
                 line += f", head 0 NMI to truth {heads[0]['nmi']:.3f}"
+            stalled = [h["error"] for h in heads if not h.get("converged", True)]
+            if stalled:
+                line += f"; {len(stalled)} stopped at the iteration cap (error up to {max(stalled):.1e})"
             click.echo(line, err=True)
 
 

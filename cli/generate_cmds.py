@@ -137,6 +137,11 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
                f"{plural(run.labels.num_heads, 'head')}) in {run.seconds:.0f} s")
     if run.skipped:
         click.echo(f"skipped {len(run.skipped)} undecodable sample(s), e.g. {run.skipped[0]['sample_id']}")
+    solver = run.solver or {}
+    if solver.get("unconverged"):
+        click.echo(f"{solver['unconverged']} of {plural(solver['solves'], 'Sinkhorn solve')} stopped at the iteration "
+                   f"cap short of the tolerance {solver['tolerance']:g} (worst marginal error "
+                   f"{solver['worst_error']:.1e}): their labels are usable, their clusters less exactly balanced")
     if run.metrics:
         first = run.consensus["head"] if run.consensus else None
         order = ([first] if first is not None else []) + [m["head"] for m in run.metrics if m["head"] != first]

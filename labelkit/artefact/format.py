@@ -149,6 +149,17 @@ METADATA_SCHEMA: dict = {
                                    "one's NMI with the result; the score column is the share of heads that agree.",
                     "required": ["reference", "k", "heads"],
                 },
+                "solver": {
+                    "type": "object",
+                    "description": "How the label steps' Sinkhorn solves ended (labelkit.solver): how many there "
+                                   "were, how many stopped at the iteration cap before reaching the tolerance, and "
+                                   "the largest marginal error (share of misplaced mass) of those.",
+                    "required": ["solves", "unconverged"],
+                    "properties": {"solves": {"type": "integer", "minimum": 0},
+                                   "unconverged": {"type": "integer", "minimum": 0},
+                                   "worst_error": {"type": ["number", "null"]},
+                                   "tolerance": {"type": "number"}},
+                },
                 "sha256": _SHA256,
             },
         },

@@ -13,6 +13,7 @@ _EXPORTS = {
     "RECIPE_NAMES": "._config",
     "LABEL_SPACINGS": "._config",
     "FROZEN_RECIPE": "._config",
+    "TABLE_RECIPE": "._config",
     "resolve_config": "._config",
     "read_config_file": "._config",
     "default_workers": "._config",

@@ -45,7 +45,8 @@ class Whiten(nn.Module):
         gives a tensor for an index array and has ``shape``), or of its ``rows`` when given. ``dim`` None keeps
         the directions that hold ``variance`` of the total, at most ``cap`` (whitening gives every kept
         direction unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every
-        direction with non-negligible variance."""
+        direction with non-negligible variance. ``scale`` False keeps the directions' own variances (one common
+        factor brings the largest to 1): a projection, not a whitening."""
         rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
         n, in_dim = len(rows), features.shape[1]
         picked = rows[np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))]

@@ -9,7 +9,7 @@ same start UMAP uses) and clustered by k-means, one K per head. SeLa then trains
 under augmentation and re-solves them every epoch; the network quickly learns what the pixels cannot show
 (shifts, rotations, strokes), and its balanced labels overtake the start within a few epochs.
 
-Ground truth is never read here.
+Ground truth is only measured here (each start's NMI in the history, where the data has classes), never used.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import time
 import numpy as np
 import torch
 
-from ..quality import kmeans
+from ..data import Order, eval_transform
+from ..quality import agreement, kmeans
+from ._job import Job
+from ._loop import extract_features
 
-__all__ = ["Thumbnail", "spectral_labels", "GRAPH_LIMIT", "GRAPH_MIN", "GRAPH_THUMBNAIL"]
+__all__ = ["Thumbnail", "spectral_labels", "image_graph_start", "vector_graph_start", "GRAPH_LIMIT", "GRAPH_MIN", "GRAPH_THUMBNAIL"]
 
 # Above this many samples the exact kNN graph and the eigensolver cost more than they give on a CPU budget;
 # the auto recipe then starts from random labels, as the paper does.
@@ -113,3 +116,55 @@ def _bridged(affinity, points: np.ndarray, weight: float, most: int = 200):
         cols.append(outside[nearest[best, 0]])
     bridges = sp.csr_matrix((np.full(len(rows), 0.01 * weight), (rows, cols)), shape=affinity.shape)
     return affinity.maximum(bridges).maximum(bridges.T)
+
+
+def image_graph_start(job: Job, labels_out: torch.Tensor, ks: list[int]) -> dict:
+    """The first labels of every head, written into ``labels_out`` (T, N), from the spectral embedding of the
+    thumbnails' kNN graph; rank 0 computes them, every rank receives them. Returns the start's record."""
+    config, dist, source = job.config, job.dist, job.source
+    computed = None
+    if dist.main:
+        side = min(config.image_size, GRAPH_THUMBNAIL)
+        transform = eval_transform(side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        pixels, seen = extract_features(Thumbnail(grey=False), 3 * side * side, source, transform,
+                                        Order(config.batch_size * 2, keep=~job.skips.mask()), workers=config.workers,
+                                        device=torch.device("cpu"), skips=job.skips, reporter=job.reporter)
+        rows = np.flatnonzero(seen & ~job.skips.mask())
+        held = pixels.numel() * pixels.element_size()
+        x = pixels[torch.from_numpy(rows)].view(len(rows), 3, -1)
+        grey = bool(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]))
+        del pixels
+        job.reporter.phase("graph", 1)
+        labels, info = spectral_labels((x[:, 0] if grey else x.flatten(1)).numpy(), ks, config.seed)
+        job.reporter.advance()
+        job.reporter.end_phase()
+        info.update(grey=grey, thumbnail=side, memory_bytes=2 * held)  # the pixels and their selected rows
+        computed = rows, labels, info, dict(job.skips.skipped)
+    rows, labels, info, skipped = dist.broadcast(computed)
+    job.skips.skipped.update(skipped)
+    labels_out[:, torch.from_numpy(rows)] = torch.from_numpy(labels)
+    return {**info, **_start_truth(source, rows, labels, ks)}
+
+
+def vector_graph_start(job: Job, features, keep: np.ndarray, labels_out: torch.Tensor, ks: list[int]) -> dict:
+    """The graph start of images on fixed features: the first labels of every head, written into
+    ``labels_out`` (T, N), from the spectral embedding of the kNN graph of ``features`` (the vectors as given,
+    before the heads' whitening) on the ``keep`` rows. Returns the start's record."""
+    rows = np.flatnonzero(keep)
+    x = torch.cat([features[torch.from_numpy(rows[i:i + 65536])].float() for i in range(0, len(rows), 65536)])
+    job.reporter.phase("graph", 1)
+    labels, info = spectral_labels(x.numpy(), ks, job.config.seed)
+    job.reporter.advance()
+    job.reporter.end_phase()
+    labels_out[:, torch.from_numpy(rows)] = torch.from_numpy(labels)
+    return {**info, **_start_truth(job.source, rows, labels, ks)}
+
+
+def _start_truth(source, rows: np.ndarray, labels: np.ndarray, ks: list[int]) -> dict:
+    """Each head's NMI to the data's classes, where it has them (measured only, never used)."""
+    if not source.has_truth:
+        return {}
+    truth = source.targets[rows]
+    known = truth >= 0
+    return {"heads": [{"head": h, "k": ks[h], "nmi": agreement(labels[h][known], truth[known])["nmi"]}
+                      for h in range(len(ks))]}

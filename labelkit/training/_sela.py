@@ -8,6 +8,7 @@ comes after the last epoch, and its labels are the artefact.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -22,8 +23,8 @@ from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
 from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours
-from ._graph import GRAPH_THUMBNAIL, Thumbnail, spectral_labels
-from ..data import Order, eval_transform, rank_slice, run_transforms
+from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
+from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
 from ..quality import QUALITY_ROWS, head_quality, recommend_k, unit_centroids
 from ._models import SelaModel, create_backbone, feature_dim, init_record
@@ -60,6 +61,7 @@ class SelaRun:
     history: Path
     quality: dict | None = None  # label-free quality per head and the recommended K (labelkit.quality)
     consensus: dict | None = None  # the consensus head, when one was appended
+    solver: dict | None = None  # how the Sinkhorn solves ended: count, unconverged, worst error
 
 
 @dataclass
@@ -159,39 +161,6 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
     return {**record, "features": "disk"}
 
 
-def _graph_start(job: Job, state: SelaState, ks: list[int]) -> dict:
-    """The first labels of every head from the spectral embedding of the thumbnails' kNN graph
-    (:mod:`labelkit.training`); rank 0 computes them, every rank receives them."""
-    config, dist, source = job.config, job.dist, job.source
-    computed = None
-    if dist.main:
-        side = min(config.image_size, GRAPH_THUMBNAIL)
-        transform = eval_transform(side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        pixels, seen = extract_features(Thumbnail(grey=False), 3 * side * side, source, transform,
-                                        Order(config.batch_size * 2, keep=~job.skips.mask()), workers=config.workers,
-                                        device=torch.device("cpu"), skips=job.skips, reporter=job.reporter)
-        rows = np.flatnonzero(seen & ~job.skips.mask())
-        held = pixels.numel() * pixels.element_size()
-        x = pixels[torch.from_numpy(rows)].view(len(rows), 3, -1)
-        grey = bool(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]))
-        del pixels
-        job.reporter.phase("graph", 1)
-        labels, info = spectral_labels((x[:, 0] if grey else x.flatten(1)).numpy(), ks, config.seed)
-        job.reporter.advance()
-        job.reporter.end_phase()
-        info.update(grey=grey, thumbnail=side, memory_bytes=2 * held)  # the pixels and their selected rows
-        computed = rows, labels, info, dict(job.skips.skipped)
-    rows, labels, info, skipped = dist.broadcast(computed)
-    job.skips.skipped.update(skipped)
-    state.labels[:, torch.from_numpy(rows)] = torch.from_numpy(labels)
-    if source.has_truth:  # measured only
-        truth = source.targets[rows]
-        known = truth >= 0
-        info["heads"] = [{"head": h, "k": ks[h], "nmi": agreement(labels[h][known], truth[known])["nmi"]}
-                         for h in range(len(ks))]
-    return info
-
-
 def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch.Tensor, labelled: np.ndarray,
                  state: SelaState, ks: list[int]) -> dict:
     """One Sinkhorn solve per head on ``features`` (this rank's ``rows``), warm-started; the new labels and
@@ -285,7 +254,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         train_model = job.parallel(model)
         transforms = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
-            job.log({"type": "start", "epoch": 0, **_graph_start(job, state, ks)})
+            job.log({"type": "start", "epoch": 0, **image_graph_start(job, state.labels, ks)})
             job.checkpoint_or_stop()
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
             job.label_step(0, lambda epoch: _label_step(job, model, dim, state, ks, transforms, epoch))
@@ -359,13 +328,8 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
         raise ConfigError("--freeze and embedding tables train heads in one process; run without torchrun")
     net, views, origin = _frozen_features(job)
     keep = ~job.skips.mask()
-    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep))
-    with torch.no_grad():  # whitened once, chunk by chunk into one tensor; the heads train on these
-        whitened = torch.empty((len(views), len(views[0]), whiten.num_features))
-        for v, view in enumerate(views):
-            for i in range(0, len(view), 65536):
-                whitened[v, i:i + 65536] = whiten(view[i:i + 65536].float())
-        views = whitened
+    raw = views[0]
+    whiten, views = _whitened(views, keep, config, scale=net is not None)
     heads = SelaModel(FeatureTrunk(whiten.num_features, config.head_hidden), ks, config.head_temperature)
     model = SelaModel(FrozenBackbone(net, whiten, heads.backbone), ks, config.head_temperature)
     model.heads = heads.heads  # one set of heads: trained through ``heads``, saved and predicted through ``model``
@@ -385,7 +349,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
         job.log(init_record(net))
     near = neighbours(views[0], config.neighbours) if config.neighbours else None
     rows = torch.from_numpy(np.flatnonzero(keep))
-    schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
+    graph, schedule = _frozen_schedule(job, int(keep.sum()), resumed)
     job.label_schedule = schedule
 
     def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
@@ -402,13 +366,44 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
                               lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
                               optimizer, steps, min_batch=smallest)
 
-    if not resumed and 0 in schedule:  # the first labels come from the untrained heads
+    if not resumed and graph:  # the first labels come from the features' kNN graph
+        job.log({"type": "start", "epoch": 0, **vector_graph_start(job, raw, keep, state.labels, ks)})
+        job.checkpoint_or_stop()
+    elif not resumed and 0 in schedule:  # the first labels come from the untrained heads
         job.label_step(0, label_step)
         job.checkpoint_or_stop()
     job.run_epochs(train, label_step)
     run = _finish(job, model, state, ks)
     job.finish()
     return run
+
+
+def _whitened(views, keep: np.ndarray, config: SelaConfig, scale: bool) -> tuple[Whiten, torch.Tensor]:
+    """The whitening fitted on the plain view, and every view through it, chunk by chunk into one (V, N, width)
+    tensor that the heads train on. A table's vectors keep their variances (``scale`` False; TABLE_RECIPE says
+    why); a backbone's features are whitened."""
+    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep), scale=scale)
+    with torch.no_grad():
+        whitened = torch.empty((len(views), len(views[0]), whiten.num_features))
+        for v, view in enumerate(views):
+            for i in range(0, len(view), 65536):
+                whitened[v, i:i + 65536] = whiten(view[i:i + 65536].float())
+    return whiten, whitened
+
+
+def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
+    """Whether the first labels come from the features' kNN graph (the recipe asks for it and ``n`` is in the
+    graph's range), and the epochs whose end has a label step."""
+    config = job.config
+    schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
+    graph = config.start == "graph" and GRAPH_MIN <= n <= GRAPH_LIMIT
+    if graph:  # the graph start takes the place of the label step at epoch 0
+        schedule.discard(0)
+    elif config.start == "graph" and not resumed:
+        job.log({"type": "start", "epoch": 0, "graph": False,
+                 "why": f"{n:,} samples are outside the graph start's range of {GRAPH_MIN:,}-{GRAPH_LIMIT:,}: "
+                        "the first labels come from the untrained heads"})
+    return graph, schedule
 
 
 def _has_batchnorm(model: torch.nn.Module) -> bool:
@@ -445,6 +440,7 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     scores = state.scores[:, rows].numpy()
     method = _method(config, job.plan, job.stopped_early)
     quality = _quality(job, state, ks)
+    method["solver"] = _solver_record(job.run_dir.history, config.sinkhorn_tol)
     if quality:
         method["quality"] = quality
         job.log({"type": "quality", **quality})
@@ -470,4 +466,13 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
                    for h, head in enumerate(labels)]
     return SelaRun(out=job.run_dir.out, artefact=path, labels=artefact, metrics=metrics,
                    seconds=time.perf_counter() - job.started, skipped=job.skips.as_list(), history=job.run_dir.history,
-                   quality=quality, consensus=method.get("consensus"))
+                   quality=quality, consensus=method.get("consensus"), solver=method["solver"])
+
+
+def _solver_record(history: Path, tolerance: float) -> dict:
+    """How the run's Sinkhorn solves ended, from its history (so a resumed run counts the steps before it)."""
+    solves = [head for line in history.read_text().splitlines() if line.strip()
+              for record in [json.loads(line)] if record.get("type") == "label_step" for head in record["heads"]]
+    stalled = [head["error"] for head in solves if not head["converged"]]
+    return {"solves": len(solves), "unconverged": len(stalled), "worst_error": max(stalled, default=None),
+            "tolerance": tolerance}

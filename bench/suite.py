@@ -1,0 +1,319 @@
+"""The development suite: several data sets of *distinct* samples with known classes, none a copy of another,
+made reproducibly from what any machine has, and labelkit's defaults beside what users would pick instead.
+
+Sets (``make`` writes them; the classes are the first folder level, or a table's ``label`` column):
+
+* ``digits``     -- the 1,797 built-in scikit-learn digits at their own 8 px (grey).
+* ``glyphs``     -- 3,000 letters rendered at 28 px from the system's and matplotlib's fonts, one font per
+                    sample, with random pose (rotation, scale, shift), stroke width, blur and noise (grey).
+* ``textures``   -- 3,000 colour crops (32 px) of ten scikit-image sample pictures, at random places, scales and
+                    orientations; the class is the picture.
+* ``glyphs-tail``-- 1,171 further glyphs with Zipf class sizes (400, 200, ..., 40); run without K.
+* ``*-pixels``   -- the pixels of digits, glyphs and textures as embedding tables (Parquet, with ``label``).
+
+Methods: k-means on the same pixels (scikit-learn, 3 starts), UMAP + k-means (umap-learn: 10-d, 15
+neighbours, min_dist 0; ``pip install -e '.[bench]'``) and ``labelkit generate --data SET`` with its defaults
+(the command a user types, in a child process; ``--clusters`` only where the set's K is known to the user).
+Both baselines are told the true K. Prints one table, worst labelkit margin first, with the CPU.
+
+Run:  .venv/bin/python bench/suite.py make /tmp/suite
+      .venv/bin/python bench/suite.py run /tmp/suite [--sets glyphs,textures] [--skip-labelkit] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SETS = ("digits", "glyphs", "textures", "glyphs-tail", "digits-pixels", "glyphs-pixels", "textures-pixels")
+LETTERS = "ABCDEFGHKM"
+PICTURES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "brick",
+            "grass", "gravel", "retina")
+
+
+# ---------------------------------------------------------------------------------------------------- making sets
+
+def _write_folder(root: Path, images: list, labels: np.ndarray, names: list[str]) -> None:
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+
+
+def _write_table(path: Path, images: list, labels: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.stack([np.asarray(im, dtype=np.float32).ravel() / 255 for im in images])
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    table = pa.table({"sample_id": [f"{i:05d}" for i in range(len(x))], "embedding": vectors,
+                      "label": pa.array(labels, pa.int64())})
+    pq.write_table(table, path)
+
+
+def _digits() -> tuple[list, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = [np.clip(im * 16, 0, 255).astype(np.uint8) for im in d.images]
+    return images, d.target, [str(c) for c in range(10)]
+
+
+def _fonts() -> list[str]:
+    """Every TrueType font here that draws all the letters (symbol fonts are left out)."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    paths = sorted(Path("/usr/share/fonts").rglob("*.ttf")) + sorted(
+        (Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf").glob("*.ttf"))
+    fonts, seen = [], set()
+    for path in paths:
+        try:
+            font = ImageFont.truetype(str(path), 40)
+        except OSError:
+            continue
+        drawn = []
+        for ch in LETTERS + "\uffff":
+            canvas = Image.new("L", (64, 64))
+            ImageDraw.Draw(canvas).text((8, 4), ch, font=font, fill=255)
+            drawn.append(np.asarray(canvas).tobytes())
+        missing = drawn[-1]
+        if len(set(drawn[:-1])) == len(LETTERS) and missing not in drawn[:-1] and path.name not in seen:
+            fonts.append(str(path))
+            seen.add(path.name)
+    return fonts
+
+
+def _glyph(font_path: str, ch: str, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    font = ImageFont.truetype(font_path, int(rng.integers(30, 44)))
+    canvas = Image.new("L", (64, 64))
+    draw = ImageDraw.Draw(canvas)
+    box = draw.textbbox((0, 0), ch, font=font)
+    x, y = (64 - (box[2] + box[0])) / 2, (64 - (box[3] + box[1])) / 2
+    draw.text((x, y), ch, font=font, fill=255)
+    stroke = int(rng.integers(-1, 3))  # thinner, as drawn, or bolder
+    if stroke > 0:
+        canvas = canvas.filter(ImageFilter.MaxFilter(2 * stroke + 1))
+    elif stroke < 0:
+        thinner = canvas.filter(ImageFilter.MinFilter(3))
+        ink = np.asarray(canvas, dtype=np.float32).sum()
+        canvas = thinner if np.asarray(thinner, dtype=np.float32).sum() > 0.4 * ink else canvas  # never erased
+    canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR,
+                           translate=tuple(rng.uniform(-5, 5, 2)))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))
+    image = np.asarray(canvas.resize((28, 28), Image.BILINEAR), dtype=np.float32)
+    image = image * rng.uniform(0.6, 1.0) + rng.normal(0, rng.uniform(0, 20), image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _glyphs(counts: list[int], seed: int) -> tuple[list, np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    fonts = _fonts()
+    labels = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
+    rng.shuffle(labels)
+    images = [_glyph(fonts[int(rng.integers(len(fonts)))], LETTERS[k], rng) for k in labels]
+    return images, labels, list(LETTERS)
+
+
+def _textures(per_class: int, seed: int) -> tuple[list, np.ndarray, list[str]]:
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, name in enumerate(PICTURES):
+        picture = getattr(skimage.data, name)()
+        if picture.ndim == 2:
+            picture = np.stack([picture] * 3, axis=-1)
+        picture = Image.fromarray(np.ascontiguousarray(picture[..., :3]).astype(np.uint8))
+        width, height = picture.size
+        for _ in range(per_class):
+            side = int(rng.integers(min(48, width, height) // 1, min(width, height) // 3 + 49))
+            left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+            crop = picture.crop((left, top, left + side, top + side)).resize((32, 32), Image.BILINEAR)
+            crop = crop.rotate(90 * int(rng.integers(4)))
+            images.append(np.asarray(crop))
+            labels.append(k)
+    order = rng.permutation(len(labels))
+    return [images[i] for i in order], np.asarray(labels)[order], list(PICTURES)
+
+
+def make(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tail_counts = [round(400 / (r + 1) ** 1.0) for r in range(10)]  # 400, 200, ..., 40
+    sets = {"digits": _digits(), "glyphs": _glyphs([300] * 10, seed=1), "textures": _textures(300, seed=2),
+            "glyphs-tail": _glyphs(tail_counts, seed=3)}
+    for name, (images, labels, names) in sets.items():
+        _write_folder(root / name, images, labels, names)
+        if name != "glyphs-tail":
+            _write_table(root / f"{name}-pixels.parquet", images, labels)
+        print(f"{name}: {len(images)} images, class sizes {np.bincount(labels).tolist()}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- running
+
+def _load(root: Path, name: str) -> tuple[np.ndarray, np.ndarray, Path]:
+    from PIL import Image
+
+    if name.endswith("-pixels"):
+        import pyarrow.parquet as pq
+
+        path = root / f"{name}.parquet"
+        table = pq.read_table(path)
+        x = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+        return x, table.column("label").to_numpy(), path
+    path = root / name
+    files = sorted(path.rglob("*.png"))
+    x = np.stack([np.asarray(Image.open(f), dtype=np.float32).ravel() / 255 for f in files])
+    classes = sorted({f.parent.name for f in files})
+    return x, np.array([classes.index(f.parent.name) for f in files]), path
+
+
+def _baselines(x: np.ndarray, y: np.ndarray, k: int, umap_seeds: int) -> list[dict]:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    rows = []
+    start = time.perf_counter()
+    rows.append({"method": "k-means", "nmi": nmi(y, KMeans(k, n_init=3, random_state=0).fit_predict(x)),
+                 "seconds": time.perf_counter() - start})
+    try:
+        import umap
+    except ImportError:
+        return rows
+    scores, start = [], time.perf_counter()
+    for seed in range(umap_seeds):
+        z = umap.UMAP(n_components=10, n_neighbors=15, min_dist=0.0, random_state=seed).fit_transform(x)
+        scores.append(nmi(y, KMeans(k, n_init=3, random_state=0).fit_predict(z)))
+    rows.append({"method": "UMAP + k-means", "nmi": float(np.mean(scores)), "spread": float(np.std(scores)),
+                 "seconds": (time.perf_counter() - start) / umap_seeds})
+    return rows
+
+
+def _labelkit(path: Path, k: int | None, extra: list[str]) -> dict:
+    from labelkit.artefact import read_artefact
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = ["labelkit", "generate", "--data", str(path), "--out", str(out)]
+        command += ["--clusters", str(k)] if k else []
+        command += extra
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "labelkit", *command[1:]], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        artefact = read_artefact(out / "labels.parquet")
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        solves = [h for r in history if r["type"] == "label_step" for h in r["heads"]]
+        truth = _truth(path, artefact.sample_ids)
+        heads = [nmi(truth, artefact.labels(h)) for h in range(artefact.num_heads)]
+        chosen = _chosen_head(artefact.metadata.get("method", {}), [h.k for h in artefact.heads])
+        return {"method": "labelkit", "nmi": heads[chosen], "heads": heads, "chosen": chosen, "seconds": seconds,
+                "command": " ".join(command), "stdout_tail": done.stdout[-1500:],
+                "solves": len(solves), "unconverged": sum(not h["converged"] for h in solves)}
+
+
+def _chosen_head(method: dict, ks: list[int]) -> int:
+    """The head a user would keep without ground truth: the consensus head when there is one, else the head of
+    the recommended K (or any K) that agrees most with the others."""
+    if "consensus" in method:
+        return method["consensus"]["head"]
+    quality = method.get("quality", {})
+    rows = quality.get("heads", [])
+    k = (quality.get("recommended_k") or {}).get("k")
+    rows = [r for r in rows if k is None or r["k"] == k]
+    if not rows or any(r.get("agreement") is None for r in rows):
+        return 0
+    return max(rows, key=lambda r: r["agreement"])["head"]
+
+
+def _truth(path: Path, sample_ids) -> np.ndarray:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["sample_id", "label"])
+        by_id = dict(zip(table.column("sample_id").to_pylist(), table.column("label").to_pylist()))
+        return np.array([by_id[s] for s in sample_ids])
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    return np.array([classes.index(s.split("/")[0]) for s in sample_ids])
+
+
+def run(root: Path, sets: list[str], skip_labelkit: bool, umap_seeds: int, extra: list[str]) -> list[dict]:
+    results = []
+    for name in sets:
+        x, y, path = _load(root, name)
+        k = len(np.unique(y))
+        rows = _baselines(x, y, k, umap_seeds)
+        if not skip_labelkit:
+            rows.append(_labelkit(path, None if name == "glyphs-tail" else k, extra))
+        best = max(r["nmi"] for r in rows if r["method"] != "labelkit")
+        margin = next((r["nmi"] - best for r in rows if r["method"] == "labelkit"), float("nan"))
+        results.append({"set": name, "samples": len(y), "k": k, "rows": rows, "margin": margin})
+        print(f"{name}: " + ", ".join(f"{r['method']} {r['nmi']:.3f} ({r['seconds']:.0f} s)" for r in rows),
+              flush=True)
+    return results
+
+
+def _cpu() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cell(rows: dict, method: str) -> str:
+    return f"{rows[method]['nmi']:.3f}" if method in rows else "-"
+
+
+def _print_table(results: list[dict]) -> None:
+    print(f"\nCPU: {_cpu()}, {len(os.sched_getaffinity(0))} cores; worst labelkit margin first")
+    print("| set | N | K | labelkit | UMAP + k-means | k-means | labelkit s | unconverged solves | margin |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(results, key=lambda r: (r["margin"] if r["margin"] == r["margin"] else -1)):
+        by = {row["method"]: row for row in r["rows"]}
+        mine = by.get("labelkit", {})
+        seconds = f"{mine['seconds']:.0f}" if mine else "-"
+        stalls = f"{mine['unconverged']} of {mine['solves']}" if mine else "-"
+        print(f"| {r['set']} | {r['samples']} | {r['k']} | {_cell(by, 'labelkit')} | {_cell(by, 'UMAP + k-means')} | "
+              f"{_cell(by, 'k-means')} | {seconds} | {stalls} | {r['margin']:+.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("make", "run"))
+    parser.add_argument("root")
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--skip-labelkit", action="store_true")
+    parser.add_argument("--umap-seeds", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args, extra = parser.parse_known_args()
+    root = Path(args.root)
+    if args.action == "make":
+        make(root)
+        return
+    results = run(root, args.sets.split(","), args.skip_labelkit, args.umap_seeds, extra)
+    _print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
