@@ -440,7 +440,8 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     scores = state.scores[:, rows].numpy()
     method = _method(config, job.plan, job.stopped_early)
     quality = _quality(job, state, ks)
-    method["solver"] = _solver_record(job.run_dir.history, config.sinkhorn_tol)
+    if job.run_dir.writer:  # the rank that keeps the history and writes the artefact
+        method["solver"] = _solver_record(job.run_dir.history, config.sinkhorn_tol)
     if quality:
         method["quality"] = quality
         job.log({"type": "quality", **quality})
@@ -466,7 +467,7 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
                    for h, head in enumerate(labels)]
     return SelaRun(out=job.run_dir.out, artefact=path, labels=artefact, metrics=metrics,
                    seconds=time.perf_counter() - job.started, skipped=job.skips.as_list(), history=job.run_dir.history,
-                   quality=quality, consensus=method.get("consensus"), solver=method["solver"])
+                   quality=quality, consensus=method.get("consensus"), solver=method.get("solver"))
 
 
 def _solver_record(history: Path, tolerance: float) -> dict:
