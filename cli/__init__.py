@@ -1,7 +1,8 @@
 """The ``labelkit`` command: thin click commands over the library.
 
-Library errors (:class:`labelkit.errors.LabelkitError`) become one ``Error: …`` line and exit code 1 (75 for a
-run stopped by SIGTERM/SIGUSR1 after its checkpoint, ready for ``--resume``); click's usage errors exit with 2. Heavy imports happen inside command bodies so ``labelkit --help`` is instant.
+Library errors (:class:`labelkit.errors.LabelkitError`) become one ``Error: …`` line and the error's exit code:
+2 for an invalid or impossible option (:class:`~labelkit.errors.ConfigError`, like click's own usage errors), 75
+for a run stopped by SIGTERM/SIGUSR1 after its checkpoint (ready for ``--resume``), 1 for any other failure. Heavy imports happen inside command bodies so ``labelkit --help`` is instant.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class _Group(click.Group):
         except LabelkitError as exc:
             message = " ".join(str(exc).split("\n"))
             error = click.ClickException(message)
-            error.exit_code = getattr(exc, "exit_code", 1)  # 75 for a preempted run (labelkit.errors)
+            error.exit_code = exc.exit_code
             raise error from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:

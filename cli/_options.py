@@ -7,13 +7,16 @@ import dataclasses
 import click
 
 
-def default(cls, name: str, recipe: dict | None = None, recipe_name: str = "digits") -> str:
-    """``[value]`` for a config field, with the recipe's value beside it where a recipe changes it."""
+def default(cls, name: str, recipes: tuple = (), auto: str | None = None) -> str:
+    """``[…]`` for a config field: what the auto recipe decides it from (``auto``), the value of each named recipe
+    that changes it (``recipes``: (label, dict) pairs), and the class default, labelled "paper" beside them."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    text = _show(name, field.default)
-    if recipe and name in recipe and recipe[name] != field.default:
-        text += f"; {recipe_name}: {_show(name, recipe[name])}"
-    return f"[{text}]"
+    parts = [f"auto: {auto}"] if auto else []
+    parts += [f"{label}: {_show(name, recipe[name])}" for label, recipe in recipes
+              if name in recipe and recipe[name] != field.default]
+    value = _show(name, field.default)
+    parts.append(f"paper: {value}" if parts else value)
+    return "[" + "; ".join(parts) + "]"
 
 
 def _show(name: str, value) -> str:
@@ -38,3 +41,17 @@ def weights_options(command):
     return click.option("--init", default=None, type=click.Path(dir_okay=False),
                         help="Local backbone weights: safetensors, a timm/torchvision state dict, or a run's "
                              "model.safetensors.")(command)
+
+
+def deprecated_alias(command):
+    """The artefact or run that a command reads is its first argument; an older ``--flag`` spelling of it still
+    works for one release, with a warning. Returns ``resolve(argument, old, flag, name)`` for the command body."""
+    def resolve(argument, old, flag: str, name: str):
+        if old is not None:
+            if argument is not None and argument != old:
+                raise click.UsageError(f"give the {name} once: as the first argument ({argument}) or {flag} ({old})")
+            click.echo(f"warning: {flag} is deprecated and goes in the next release; give the {name} first: "
+                       f"labelkit {command} {name.upper()} …", err=True)
+            return old
+        return argument
+    return resolve

@@ -132,7 +132,8 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "npy", "json", "hub"]), required=True,
               help="csv: sample_id + one column per head; npy: (heads, N) int32 in sample-id order; json; "
                    "hub: a Hugging Face Hub dataset folder (data/*.parquet + README.md card).")
-@click.option("--out", required=True, type=click.Path(), help="File to write (a folder for --format hub).")
+@click.option("--out", default=None, type=click.Path(),
+              help="File to write, a folder for --format hub [beside the artefact: its name with .csv, .npy, .json or -hub].")
 @click.option("--repo", default=None, metavar="USER/NAME", help="hub: the Hub repository, for the card's snippets.")
 @click.option("--license", "license_", default="unknown", show_default=True,
               help="hub: the card's license id (that of the images' terms, e.g. cc-by-4.0, other).")
@@ -147,14 +148,15 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
     """Export labels for tools outside labelkit, or as a folder ready to upload to the Hugging Face Hub.
 
     \b
-    Example: labelkit export labels.parquet --format csv --out labels.csv
+    Example: labelkit export runs/sela --format csv            # writes runs/sela/labels.csv
     Example: labelkit export runs/sela --format hub --out hub/ --repo me/digits-selflabels
              hf upload me/digits-selflabels hub/ --repo-type dataset
     """
     from labelkit.artefact import read_artefact
-    from labelkit.artefact import HUB_ROWS_PER_FILE, export_artefact, export_hub
+    from labelkit.artefact import HUB_ROWS_PER_FILE, export_artefact, export_hub, output_beside
 
     art = read_artefact(artefact)
+    out = out or output_beside(artefact, "-hub" if fmt == "hub" else f".{fmt}")
     if fmt != "hub":
         path = export_artefact(art, fmt, out)
         click.echo(f"wrote {path}")
@@ -174,7 +176,8 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
 
 @click.command(name="import", short_help="Artefact from released SeLa labels (sela:NAME, .pth, CSV), JSON or .npy.")
 @click.argument("src")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Artefact (.parquet) to write.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Artefact (.parquet) to write [SRC's name with .parquet, in the current folder].")
 @click.option("--keys", type=click.Path(dir_okay=False), default=None,
               help="Text file with one sample id a line, in the order of the label columns.")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
@@ -182,7 +185,8 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
               help="K of every head (default: the release's K, else largest label + 1).")
 def import_(src: str, out: str, keys: str | None, image_root: str | None, clusters: int | None) -> None:
-    """Build an artefact from released SeLa labels, a label CSV, an `export --format json` file or .npy.
+    """Build an artefact from released SeLa labels, a label CSV or .npy; or bring back a labelkit JSON export or
+    artefact (a file, run directory or Hub export folder) whole, with its id, data, method and parents.
 
     SRC is a file, or sela:NAME for a label set released with the SeLa paper, downloaded once to the cache
     ($LABELKIT_CACHE, else ~/.cache/labelkit; $LABELKIT_SELA_MIRROR replaces the download site):
@@ -196,8 +200,15 @@ def import_(src: str, out: str, keys: str | None, image_root: str | None, cluste
 
     from ._progress import download_bar
 
+    import os
+
     with download_bar(src) as progress:
         art = import_labels(src, keys=keys, image_root=image_root, clusters=clusters, progress=progress)
+    if out is None:
+        name = os.path.basename(os.path.normpath(src.replace("sela:", "sela-", 1))) or "labels"
+        out = os.path.splitext(name)[0] + ".parquet"
+    if os.path.exists(out) and os.path.samefile(out, src):
+        raise click.UsageError(f"--out {out} is the file being imported; give another --out")
     art.write(out)
     click.echo(f"wrote {out}: {art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
 

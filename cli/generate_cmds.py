@@ -5,15 +5,33 @@ from __future__ import annotations
 import click
 
 from labelkit.data import AUGMENTATIONS
-from labelkit.training import LABEL_SPACINGS, LR_SCHEDULES, RECIPE_NAMES, RECIPES, STARTS, SelaConfig
+from labelkit.training import (FROZEN_RECIPE, LABEL_SPACINGS, LR_SCHEDULES, RECIPE_NAMES, RECIPES, STARTS,
+                               TABLE_RECIPE, SelaConfig)
 
 from ._options import default, weights_options
 
-_DIGITS = RECIPES["builtin:digits"]
+# What the auto recipe (the default for images without a recipe of their own) decides each option from; the
+# plan printed before a run says what it chose and why.
+_AUTO = {
+    "arch": "from the images' size and the device",
+    "clusters": "one head at each of 10, 30, 100 that the data can fill",
+    "heads": "one per K, or 3 of a given K",
+    "epochs": "what fits --budget, at most 12",
+    "label_steps": "one after every epoch",
+    "batch_size": "from the device",
+    "image_size": "from the images' size",
+    "augment": "from the images (grey or colour, small or photos)",
+    "start": "graph for 100-100,000 samples",
+    "label_spacing": "even",
+    "lr_schedule": "cosine",
+    "workers": "from the images and the device",
+    "out": "runs/<the data's name>",
+}
+_RECIPES = (("tables", {**FROZEN_RECIPE, **TABLE_RECIPE}), ("builtin:digits", RECIPES["builtin:digits"]))
 
 
 def _d(name: str) -> str:
-    return default(SelaConfig, name, _DIGITS)
+    return default(SelaConfig, name, _RECIPES, _AUTO.get(name))
 
 
 def _clusters(ctx, param, value):

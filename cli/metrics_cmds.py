@@ -94,7 +94,8 @@ def _label_free(path: str, result: dict, as_json: bool) -> None:
 
 @click.command(short_help="Consensus labels of an artefact's heads (aligned, then voted).")
 @click.argument("artefact", type=click.Path())
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Artefact to write (.parquet).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Artefact to write (.parquet) [ARTEFACT-consensus.parquet beside the artefact].")
 @click.option("--k", "k", type=int, default=None, help="K of the consensus [that of the reference head, else head 0].")
 @click.option("--reference", type=int, default=None,
               help="Head the others are aligned to [the head of that K agreeing most with the others].")
@@ -105,15 +106,16 @@ def consensus(artefact, out, k, reference, heads) -> None:
     The result has one head and a score column (the share of heads that agree with each label); its parent
     is ARTEFACT.
 
-    Example: labelkit consensus runs/digits/labels.parquet --out consensus.parquet
+    Example: labelkit consensus runs/digits        # writes runs/digits/labels-consensus.parquet
     """
-    from labelkit.artefact import read_artefact
+    from labelkit.artefact import output_beside, read_artefact
     from labelkit.quality import consensus_artefact
     from labelkit.quality import parse_heads
 
     art = read_artefact(artefact)
     voting = None if heads == "all" else parse_heads(heads, art.num_heads)
     result, info = consensus_artefact(art, k=k, reference=reference, heads=voting)
+    out = out or output_beside(artefact, "-consensus.parquet")
     result.write(out)
     click.echo(f"wrote {out}: consensus of heads {info.heads} (K={info.k}, reference head {info.reference}); "
                f"{info.scores.mean():.1%} of votes agree with it; NMI of each head with it: "

@@ -8,27 +8,38 @@ import click
 
 
 @click.command(short_help="Label new images (or vectors) with a trained generate/transfer run.")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="A finished generate or transfer run directory.")
+@click.argument("run_dir", metavar="RUN", required=False, type=click.Path(file_okay=False))
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False), hidden=True,
+              help="Deprecated: give the run directory as the first argument.")
 @click.option("--data", required=True, metavar="SPEC", help="Images (folder, shards, .npz) or vectors to label.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The artefact to write (.parquet).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="The artefact to write (.parquet) [RUN/predicted-<the data's name>.parquet].")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Samples per forward pass.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [CPUs, at most 8].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def predict(model_dir, data, out, batch_size, workers, device, quiet) -> None:
-    """Label every sample of --data with each head of the run in --model: its argmax and softmax score.
+def predict(run_dir, model_dir, data, out, batch_size, workers, device, quiet) -> None:
+    """Label every sample of --data with each head of RUN (a finished generate or transfer run directory): its
+    argmax and softmax score.
 
     The artefact's parent is the run's own artefact. Under torchrun each process labels its share.
 
     \b
-    Example: labelkit predict --model runs/digits --data builtin:digits --out predicted.parquet
+    Example: labelkit predict runs/digits --data new-images/
     """
     from labelkit.training import default_workers
     from labelkit.training import run_predict
 
     from ._progress import BarReporter, plural
 
+    from ._options import deprecated_alias
+
+    model_dir = deprecated_alias("predict")(run_dir, model_dir, "--model", "run")
+    if model_dir is None:
+        raise click.UsageError("give the run directory whose model labels the data: labelkit predict RUN --data SPEC")
+    if out is None:
+        stem = os.path.basename(os.path.normpath(data)).split(".")[0] or "data"
+        out = os.path.join(model_dir, f"predicted-{stem.replace(':', '-')}.parquet")
     main_rank = os.environ.get("RANK", "0") == "0"
     run = run_predict(model_dir, data, out, batch_size=batch_size,
                       workers=default_workers() if workers is None else workers, device=device,

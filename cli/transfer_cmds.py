@@ -7,20 +7,34 @@ import json
 import click
 
 from labelkit.data import AUGMENTATIONS
-from labelkit.training import LR_SCHEDULES, TRANSFER_RECIPES, TransferConfig
+from labelkit.training import LR_SCHEDULES, TRANSFER_RECIPE_NAMES, TRANSFER_RECIPES, TransferConfig
 
-from ._options import default, weights_options
+from ._options import default, deprecated_alias, weights_options
 
-_DIGITS = TRANSFER_RECIPES["builtin:digits"]
+_RECIPES = (("builtin:digits", TRANSFER_RECIPES["builtin:digits"]),)
+_SOURCE = "the run that made the labels"
+# What the source recipe (the default for labels made by generate on images) takes each option from
+_AUTO = {"image_size": _SOURCE, "augment": _SOURCE,
+         "batch_size": _SOURCE, "lr": _SOURCE, "lr_schedule": _SOURCE, "workers": _SOURCE,
+         "epochs": "what fits --budget, at most 30", "out": "beside the labels' run, as RUN-transfer"}
 
 
 def _d(name: str) -> str:
-    return default(TransferConfig, name, _DIGITS)
+    return default(TransferConfig, name, _RECIPES, _AUTO.get(name)).replace("[auto:", "[source:")
 
 
 @click.command(short_help="Train any architecture from an artefact's labels.")
-@click.option("--labels", default=None, type=click.Path(), help="The label artefact (or a run directory) to learn from.")
-@click.option("--data", default=None, metavar="SPEC", help="The images the artefact labels (joined by sample id).")
+@click.argument("artefact", required=False, type=click.Path())
+@click.option("--labels", default=None, type=click.Path(), hidden=True,
+              help="Deprecated: give the artefact as the first argument.")
+@click.option("--recipe", type=click.Choice(TRANSFER_RECIPE_NAMES), default=None,
+              help="Defaults to build on: source (the input size and training of the run that made the labels), "
+                   "paper (the paper's ImageNet setting) or digits [source for labels made by generate on images; "
+                   "the data's own recipe where it has one; else paper].")
+@click.option("--budget", default=None, metavar="DURATION",
+              help="Finish within this time (15m, 2h, 1h30m): a probe on the real data sets the epochs [15m on a CPU "
+                   "with the source recipe; none otherwise].")
+@click.option("--data", default=None, metavar="SPEC", help="The images the artefact labels, joined by sample id [the data the artefact records].")
 @click.option("--arch", default=None, help=f"Any timm model name, or alexnet / alexnet_small {_d('arch')}.")
 @click.option("--heads", default=None, help=f"Artefact heads to learn: all, or a list like 0,3 {_d('heads')}.")
 @click.option("--epochs", type=int, default=None, help=f"Training epochs {_d('epochs')}.")
@@ -42,35 +56,40 @@ def _d(name: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="JSON or TOML options file.")
 @click.option("--quiet", is_flag=True, help="No progress bars or epoch lines.")
-def transfer(dry_run, resume, config_file, quiet, **options) -> None:
-    """Train an architecture from scratch on an artefact's labels (label transfer, SeLa section 4.3).
+def transfer(artefact, recipe, budget, dry_run, resume, config_file, quiet, **options) -> None:
+    """Train an architecture from scratch on the labels of ARTEFACT (a label artefact or a run directory):
+    label transfer, SeLa section 4.3.
 
     Writes model.safetensors, config.json, history.jsonl and labels.parquet: the trained model's own
-    predictions, an artefact whose parent is the source artefact.
+    predictions, an artefact whose parent is the source artefact. Ends with how its labels keep the source's,
+    and their scores against the data's classes where it has them.
 
-    \b
-    Example: labelkit transfer --labels runs/digits/labels.parquet --data builtin:digits --arch alexnet
-    Multi-GPU: torchrun --nproc_per_node=8 -m labelkit transfer --labels … --data … --arch alexnet
+    
+    Example: labelkit transfer runs/digits --arch alexnet
+    Multi-GPU: torchrun --nproc_per_node=8 -m labelkit transfer runs/r50 --data … --arch alexnet --epochs 90
     """
-    from labelkit.training import resolve_config
-    from labelkit.training import run_transfer
+    from labelkit.training import plan_transfer, run_transfer
 
-    from ._progress import BarReporter
+    from ._progress import BarReporter, plural
     from ._resume import interrupted
 
     import os
 
-    config = resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES, resume=resume)
+    options["labels"] = deprecated_alias("transfer")(artefact, options["labels"], "--labels", "artefact")
+    if options["labels"] is None and not resume:
+        raise click.UsageError("give the artefact (or run directory) whose labels to learn: labelkit transfer ARTEFACT")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
-    if main_rank and (dry_run or not quiet) and not resume:
-        from labelkit.training import plan_transfer
-
-        for line in plan_transfer(config).lines():
+    plan = plan_transfer(options, config_file, recipe=recipe, budget=budget, resume=resume,
+                         probe=main_rank and (dry_run or not quiet))  # and whenever the budget sets the epochs
+    config = plan.config
+    if main_rank and (dry_run or not quiet):
+        for line in plan.lines():
             click.echo(line, err=not dry_run)
     if dry_run:
         return
     with interrupted("transfer", config.out):
-        run = run_transfer(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None)
+        run = run_transfer(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None,
+                           plan=None if resume else plan.record())
     if not main_rank:
         return
     click.echo(f"joined {run.matched:,} samples ({run.missing_labels:,} without a label, "
@@ -80,13 +99,29 @@ def transfer(dry_run, resume, config_file, quiet, **options) -> None:
                    f"have none, e.g. {run.join['undecodable_examples'][0]}")
     if not run.fingerprint_match:
         click.echo("note: the data fingerprint differs from the artefact's (not the same file list)")
-    click.echo(f"wrote {run.artefact} (parent {run.labels.metadata['parents'][0][:16]}…) in {run.seconds:.0f} s")
+    click.echo(f"wrote {run.artefact} ({plural(run.labels.num_samples, 'sample')}, parent "
+               f"{run.labels.metadata['parents'][0][:16]}…) in {run.seconds:.0f} s")
+    truth = {m["head"]: m for m in run.metrics or []}
+    for row in run.against_source or []:
+        line = (f"head {row['head']} (K={row['k']}, source head {row['source_head']}): keeps the source's label on "
+                f"{row['same']:.1%} of samples (NMI {row['nmi']:.3f})")
+        if row["head"] in truth:
+            m = truth[row["head"]]
+            line += f"; vs truth NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  purity {m['purity']:.3f}" \
+                + (f"  accuracy {m['accuracy']:.3f}" if m["accuracy"] is not None else "")
+        click.echo(line)
+
+
+_PROTOCOLS = ("knn", "linear")
 
 
 @click.command(name="eval", short_help="kNN or linear-probe accuracy of a trained backbone.")
-@click.argument("protocol", type=click.Choice(["knn", "linear"]))
-@click.option("--model", "run", default=None, type=click.Path(file_okay=False), help="A generate or transfer run directory.")
-@click.option("--arch", default=None, help="Instead of --model: a bare timm arch (untrained unless --init).")
+@click.argument("arguments", nargs=-1, metavar="[RUN]")
+@click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None,
+              help="knn: weighted kNN (k=50, T=0.1); linear: a linear probe [knn].")
+@click.option("--model", "run", default=None, type=click.Path(file_okay=False), hidden=True,
+              help="Deprecated: give the run directory as the first argument.")
+@click.option("--arch", default=None, help="Instead of RUN: a bare timm arch (untrained unless --init).")
 @click.option("--init", default=None, type=click.Path(dir_okay=False), help="Weights for --arch.")
 @click.option("--pretrained", is_flag=True, help="With --arch: timm's own pretrained weights (from its local cache).")
 @click.option("--data", required=True, metavar="SPEC", help="Training data with ground-truth classes.")
@@ -98,10 +133,13 @@ def transfer(dry_run, resume, config_file, quiet, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and probe seed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(protocol, run, arch, init, pretrained, data, test, split, k, temperature, image_size, seed, device, as_json) -> None:
-    """Measure frozen features: weighted kNN (k=50, T=0.1) or a linear probe, top-1 and top-5.
+def eval_(arguments, protocol, run, arch, init, pretrained, data, test, split, k, temperature, image_size, seed,
+          device, as_json) -> None:
+    """Measure the frozen features of RUN (a generate or transfer run directory): weighted kNN (k=50, T=0.1) or a
+    linear probe, top-1 and top-5.
 
-    Example: labelkit eval knn --model runs/digits-transfer --data builtin:digits
+    \b
+    Example: labelkit eval runs/digits-transfer --data builtin:digits --protocol linear
     """
     from labelkit.training import EvalConfig, evaluate
 
@@ -110,6 +148,19 @@ def eval_(protocol, run, arch, init, pretrained, data, test, split, k, temperatu
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    words = list(arguments)
+    if words and words[0] in _PROTOCOLS and not os.path.isdir(words[0]):  # the old `eval knn --model RUN`
+        if protocol is not None and protocol != words[0]:
+            raise click.UsageError(f"give the protocol once: {words[0]} or --protocol {protocol}")
+        protocol = words.pop(0)
+        click.echo(f"warning: `eval {protocol}` is deprecated and goes in the next release: "
+                   f"labelkit eval RUN --protocol {protocol}", err=True)
+    if len(words) > 1:
+        raise click.UsageError(f"one run directory, not {len(words)}: {' '.join(words)}")
+    run = deprecated_alias("eval")(words[0] if words else None, run, "--model", "run")
+    if run is None and arch is None:
+        raise click.UsageError("give the run directory to measure (labelkit eval RUN --data SPEC), or --arch")
+    protocol = protocol or "knn"
     config = EvalConfig(protocol, data=data, model=run, arch=arch, init=init, pretrained=pretrained, test=test,
                         split=split, k=k, temperature=temperature, image_size=image_size, seed=seed, device=device)
     result = evaluate(config, reporter=BarReporter() if main_rank and not as_json else None)

@@ -1,4 +1,6 @@
-"""Exceptions raised by labelkit. The CLI turns each into one ``Error: …`` line and exit code 1."""
+"""Exceptions raised by labelkit. The CLI turns each into one ``Error: …`` line and the error's ``exit_code``: 1
+for a failure, 2 for an option that is invalid or impossible (as for click's own usage errors), 75 for a run
+that stopped to be resumed."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ PREEMPTED_EXIT_CODE = 75
 class LabelkitError(Exception):
     """Base class for every error that labelkit reports to a user."""
 
+    exit_code = 1
+
 
 class ArtefactError(LabelkitError):
     """A label artefact is invalid, unreadable, or of an unsupported version.
@@ -38,7 +42,9 @@ class DataError(LabelkitError):
 
 
 class ConfigError(LabelkitError):
-    """An option or configuration value is invalid or impossible."""
+    """An option or configuration value is invalid or impossible: a usage error, exit code 2."""
+
+    exit_code = 2
 
 
 class SolverError(LabelkitError):

@@ -121,3 +121,21 @@ def http_root(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def cli(*args):
+    """``labelkit ARGS`` in-process (each argument turned into a string), as click's test runner gives it."""
+    from click.testing import CliRunner
+
+    from labelkit.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    """48 small PNGs in 3 class folders."""
+    root = tmp_path / "shapes"
+    for i in range(48):
+        write_image(root / f"class{i % 3}" / f"img_{i:03d}.png", size=(8, 8), color=(i % 3) * 100, seed=i)
+    return root

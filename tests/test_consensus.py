@@ -92,7 +92,7 @@ def test_consensus_command_writes_an_artefact_with_its_parent(tmp_path):
     one = tmp_path / "one.parquet"
     Artefact.build(ids, heads[:1], 4).write(one)
     refused = runner.invoke(main, ["consensus", str(one), "--out", str(tmp_path / "x.parquet")])
-    assert refused.exit_code == 1 and "has one head" in refused.output
+    assert refused.exit_code == 2 and "has one head" in refused.output
     assert not (tmp_path / "x.parquet").exists()
 
 

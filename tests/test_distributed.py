@@ -106,14 +106,14 @@ def test_two_process_transfer_and_eval(tmp_path):
     parent = Artefact.build(source.ids, source.targets, 3).write(tmp_path / "labels.parquet")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "labelkit"]
-    done = subprocess.run([*launcher, "transfer", "--labels", str(parent), "--data", data, "--arch", "labelkit_cnn",
+    done = subprocess.run([*launcher, "transfer", str(parent), "--data", data, "--arch", "labelkit_cnn",
                            "--epochs", "2", "--batch-size", "32", "--image-size", "8", "--workers", "0",
                            "--device", "cpu", "--augment", "none", "--out", str(tmp_path / "t"), "--quiet"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     child = read_artefact(tmp_path / "t" / "labels.parquet")
     assert list(child.sample_ids) == source.ids and child.metadata["parents"]
-    evaluated = subprocess.run([*launcher, "eval", "knn", "--model", str(tmp_path / "t"), "--data", data, "--k", "5",
+    evaluated = subprocess.run([*launcher, "eval", str(tmp_path / "t"), "--data", data, "--k", "5",
                                 "--device", "cpu", "--json"], env=env, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     lines = [line for line in evaluated.stdout.splitlines() if line.startswith("{")]

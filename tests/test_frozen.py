@@ -272,28 +272,28 @@ def test_predict_embeddings_matches_the_runs_heads(tmp_path):
     out = tmp_path / "run"
     assert run(["generate", "--data", str(tmp_path / "t.npz"), "--clusters", "4", "--heads", "2", "--epochs", "10",
                 "--quiet", "--out", str(out)]).exit_code == 0
-    first = run(["predict", "--model", str(out), "--data", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p1.parquet")])
+    first = run(["predict", str(out), "--data", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p1.parquet")])
     assert first.exit_code == 0, first.output
-    run(["predict", "--model", str(out), "--data", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p2.parquet")])
+    run(["predict", str(out), "--data", str(tmp_path / "t.npz"), "--out", str(tmp_path / "p2.parquet")])
     p1, p2 = read_artefact(tmp_path / "p1.parquet"), read_artefact(tmp_path / "p2.parquet")
     parent = read_artefact(out / "labels.parquet")
     assert p1.artefact_id == p2.artefact_id
     assert p1.metadata["parents"] == [parent.artefact_id]
     assert agreement(p1.labels(0), parent.labels(0))["nmi"] > 0.9
-    images = run(["predict", "--model", str(out), "--data", "builtin:digits", "--out", str(tmp_path / "p3.parquet")])
+    images = run(["predict", str(out), "--data", "builtin:digits", "--out", str(tmp_path / "p3.parquet")])
     assert images.exit_code == 1 and "trained on embedding vectors" in images.output
 
 
 def test_predict_images_with_a_frozen_and_a_trained_run(tmp_path):
     out = tmp_path / "frozen"
     assert run(["generate", "--freeze", "--epochs", "3", "--label-steps", "2", "--quiet", "--out", str(out)]).exit_code == 0
-    result = run(["predict", "--model", str(out), "--data", "builtin:digits", "--out", str(tmp_path / "p.parquet")])
+    result = run(["predict", str(out), "--data", "builtin:digits", "--out", str(tmp_path / "p.parquet")])
     assert result.exit_code == 0, result.output
     predicted, parent = read_artefact(tmp_path / "p.parquet"), read_artefact(out / "labels.parquet")
     assert predicted.num_samples == 1797 and predicted.num_heads == parent.num_heads
     assert agreement(predicted.labels(0), parent.labels(0))["nmi"] > 0.5
     # eval measures the fixed backbone of a frozen run
-    result = run(["eval", "knn", "--model", str(out), "--data", "builtin:digits", "--json"])
+    result = run(["eval", str(out), "--data", "builtin:digits", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["top1"] > 0.5
 

@@ -82,7 +82,7 @@ def test_eval_knn_and_predict_on_cuda_agree_with_the_cpu(digits_run, tmp_path):
     assert on_gpu["n_test"] == on_cpu["n_test"] > 0
     assert on_gpu["top1"] > 0.5 and abs(on_gpu["top1"] - on_cpu["top1"]) <= 0.03  # bf16 autocast vs float32
     for device in ("cuda", "cpu"):
-        _invoke("predict", "--model", digits_run, "--data", "builtin:digits", "--out", tmp_path / f"{device}.parquet",
+        _invoke("predict", digits_run, "--data", "builtin:digits", "--out", tmp_path / f"{device}.parquet",
                 "--device", device, "--workers", "0", "--quiet")
     gpu, cpu = (read_artefact(tmp_path / f"{d}.parquet").label_matrix() for d in ("cuda", "cpu"))
     assert (gpu == cpu).mean() >= 0.98
@@ -91,7 +91,7 @@ def test_eval_knn_and_predict_on_cuda_agree_with_the_cpu(digits_run, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transfer_on_cuda(digits_run, tmp_path):
-    _invoke("transfer", "--labels", digits_run / "labels.parquet", "--data", "builtin:digits", "--arch", "alexnet",
+    _invoke("transfer", digits_run / "labels.parquet", "--data", "builtin:digits", "--arch", "alexnet",
             "--epochs", "1", "--image-size", "32", "--device", "cuda", "--out", tmp_path / "t", "--quiet")
     child = read_artefact(tmp_path / "t" / "labels.parquet")
     assert child.metadata["parents"] and child.num_samples == 1797

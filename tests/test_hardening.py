@@ -191,7 +191,7 @@ def test_command_line_choices_and_defaults_come_from_the_library():
         params = {p.name: p for p in command.params}
         assert list(params["augment"].type.choices) == list(AUGMENTATIONS)
         assert list(params["lr_schedule"].type.choices) == list(LR_SCHEDULES)
-        assert f"[{cls.epochs}" in params["epochs"].help and f"[{cls.lr}" in params["lr"].help
+        assert f"paper: {cls.epochs}]" in params["epochs"].help and f"paper: {cls.lr}]" in params["lr"].help
     assert "heavy" in AUGMENTATIONS
 
 

@@ -158,7 +158,7 @@ def test_metrics_command_json_and_plot(tmp_path):
     label_free = runner.invoke(main, ["metrics", path])  # no reference: the label-free table
     assert label_free.exit_code == 0 and "label-free quality" in label_free.output
     both = runner.invoke(main, ["metrics", path, "--truth", "builtin:digits", "--against", path])
-    assert both.exit_code == 1 and "not both" in both.output
+    assert both.exit_code == 2 and "not both" in both.output
 
 
 def test_truth_that_is_an_artefact_or_its_export_is_refused_not_scored_against_itself(tmp_path):

@@ -6,30 +6,16 @@ import stat
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from labelkit.artefact import Artefact, read_artefact
-from labelkit.cli import main
 from labelkit.data import resolve
 
+from conftest import cli as _cli
 from conftest import write_image
 from test_sela import _blobs
 
 GENERATE = ["generate", "--arch", "labelkit_cnn", "--clusters", "3", "--heads", "2", "--epochs", "2",
             "--label-steps", "2", "--image-size", "8", "--batch-size", "16", "--augment", "digits", "--quiet"]
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture
-def shapes(tmp_path):
-    """48 small PNGs in 3 class folders."""
-    root = tmp_path / "shapes"
-    for i in range(48):
-        write_image(root / f"class{i % 3}" / f"img_{i:03d}.png", size=(8, 8), color=(i % 3) * 100, seed=i)
-    return root
 
 
 def test_same_seed_same_labels_with_any_worker_count(tmp_path):
@@ -71,12 +57,14 @@ def test_resume_takes_the_saved_options_and_only_given_differences_are_errors(tm
                    image_size=8, workers=0, out=str(out))
     with pytest.raises(KeyboardInterrupt):
         run_sela(resolve_config(options), reporter=CtrlC())
+    clash = _cli("generate", "--out", out, "--resume", "--epochs", "5", "--quiet")
+    assert clash.exit_code == 2 and "epochs: 3 -> 5" in clash.output
     result = _cli("generate", "--out", out, "--resume", "--quiet")  # nothing else: the rest comes from the run
     assert result.exit_code == 0, result.output
     assert "resuming at epoch 1 of 3" in result.output
     assert read_artefact(out).metadata["method"]["config"]["data"] == data
-    clash = _cli("generate", "--out", out, "--resume", "--epochs", "5", "--quiet")
-    assert clash.exit_code == 1 and "epochs: 3 -> 5" in clash.output
+    finished = _cli("generate", "--out", out, "--resume", "--quiet")
+    assert finished.exit_code == 2 and "nothing to resume" in finished.output
 
 
 def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
@@ -110,9 +98,9 @@ def test_eval_rejects_contradictions_and_says_the_image_size(tmp_path):
     data = _blobs(tmp_path / "b.npz")
     run = tmp_path / "run"
     assert _cli(*GENERATE, "--data", data, "--workers", 0, "--out", run).exit_code == 0
-    clash = _cli("eval", "knn", "--model", run, "--arch", "resnet18", "--data", data)
-    assert clash.exit_code == 1 and "drop --arch" in clash.output
-    result = _cli("eval", "knn", "--arch", "labelkit_cnn", "--image-size", "8", "--data", data, "--k", "5")
+    clash = _cli("eval", run, "--arch", "resnet18", "--data", data)
+    assert clash.exit_code == 2 and "drop --arch" in clash.output
+    result = _cli("eval", "--arch", "labelkit_cnn", "--image-size", "8", "--data", data, "--k", "5")
     assert result.exit_code == 0, result.output
     assert "at 8 px" in result.output
 
@@ -148,7 +136,7 @@ def test_a_wrong_data_path_is_one_line(tmp_path):
 def test_start_line_names_the_job_and_a_finished_run_keeps_no_checkpoint(tmp_path):
     data = _blobs(tmp_path / "b.npz")
     art = Artefact.build(resolve(data).ids, np.array([resolve(data).targets]), [3]).write(tmp_path / "l.parquet")
-    result = _cli("transfer", "--labels", art, "--data", data, "--arch", "labelkit_cnn", "--epochs", 1,
+    result = _cli("transfer", art, "--data", data, "--arch", "labelkit_cnn", "--epochs", 1,
                   "--image-size", 8, "--batch-size", 32, "--workers", 0, "--out", tmp_path / "t", "--quiet")
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
@@ -160,8 +148,8 @@ def test_start_line_names_the_job_and_a_finished_run_keeps_no_checkpoint(tmp_pat
 def test_wording_heads_option_and_iterations_per_head(tmp_path, capsys):
     data = _blobs(tmp_path / "b.npz")
     art = Artefact.build(resolve(data).ids, np.array([resolve(data).targets]), [3]).write(tmp_path / "l.parquet")
-    result = _cli("transfer", "--labels", art, "--data", data, "--heads", "0,5", "--out", tmp_path / "t")
-    assert result.exit_code == 1 and "--heads 0,5" in result.output
+    result = _cli("transfer", art, "--data", data, "--heads", "0,5", "--out", tmp_path / "t")
+    assert result.exit_code == 2 and "--heads 0,5" in result.output
     help_text = _cli("--help").output
     assert "--clusters 10" in help_text
     assert "--show" in _cli("report", "--help").output
@@ -211,7 +199,7 @@ def test_transfer_accepts_generates_labels_when_some_files_are_corrupt(tmp_path,
     assert result.exit_code == 0, result.output
     skipped = read_artefact(run).metadata["data"]["skipped"]
     assert sorted(s["sample_id"] for s in skipped) == ["class0/truncated.png", "class1/text.jpg", "class2/empty.png"]
-    result = _cli("transfer", "--labels", run, "--data", shapes, "--arch", "labelkit_cnn", "--epochs", 1,
+    result = _cli("transfer", run, "--data", shapes, "--arch", "labelkit_cnn", "--epochs", 1,
                   "--image-size", 8, "--batch-size", 16, "--workers", 0, "--out", tmp_path / "t")
     assert result.exit_code == 0, result.output  # 48 of 51 samples: coverage counts only decodable ones
     assert "3 sample(s) could not be decoded" in result.output

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from labelkit.training import resolve_config
 from labelkit.errors import ConfigError, DataError
 from labelkit.training import BudgetError, Plan, auto_recipe, make_plan, parse_duration, profile_data
-from labelkit.training._plan import _check_memory
+from labelkit.training._plan import check_memory
 from labelkit.training import label_schedule
 
 from conftest import write_image
@@ -130,7 +130,7 @@ def test_images_of_wildly_different_sizes_ask_for_an_image_size(tmp_path):
 def test_a_label_step_larger_than_memory_stops_up_front():
     plan = Plan(config=resolve_config({}), recipe="auto", machine={"device": "cpu", "ram_available": 10**9})
     with pytest.raises(BudgetError, match="--clusters"):
-        _check_memory(plan, 2 * 10**9)
+        check_memory(plan, 2 * 10**9)
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -221,7 +221,7 @@ def test_transfer_dry_run_prints_its_plan_and_writes_nothing(tmp_path):
     labels = tmp_path / "labels.parquet"
     Artefact.build(source.ids, np.arange(40) % 2, [2], method={"name": "test"}).write(labels)
     out = tmp_path / "transfer"
-    result = CliRunner().invoke(cli, ["transfer", "--labels", str(labels), "--data", str(data), "--arch", "labelkit_cnn",
+    result = CliRunner().invoke(cli, ["transfer", str(labels), "--data", str(data), "--arch", "labelkit_cnn",
                                       "--image-size", "16", "--epochs", "3", "--dry-run", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "plan: transfer" in result.output and "3 epochs" in result.output and "prediction pass" in result.output

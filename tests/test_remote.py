@@ -231,6 +231,6 @@ def test_outputs_at_urls_are_written_through_fsspec_never_into_a_local_scheme_fo
                (["generate", "--data", "builtin:digits"], "s3://bucket/run", "must be on a local disk")]
     for args, url, message in refused:
         result = runner.invoke(main, [*args, "--out", url])
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "labels.csv"]  # no "memory:" or "s3:"

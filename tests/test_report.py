@@ -52,7 +52,7 @@ def test_report_without_truth_sorts_by_size_and_replaces_bad_images(tmp_path):
     report = build_report(art, str(root), tmp_path / "r", per_cluster=4)
     assert report.missing == ["03.png"]
     text, _ = _page_files(report.index)
-    assert "Largest clusters" in text and "purity" not in text
+    assert "All 2 clusters, largest first" in text and "purity" not in text
 
 
 def test_report_errors_and_cli(tmp_path):
@@ -66,7 +66,7 @@ def test_report_errors_and_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "index.html").is_file() and (tmp_path / "cli" / "histograms.png").is_file()
     assert CliRunner().invoke(main, ["report", str(good), "--data", str(root), "--out", str(tmp_path / "c2"),
-                                     "--head", "3"]).exit_code == 1
+                                     "--head", "3"]).exit_code == 2
 
 
 def test_report_decodes_only_the_images_it_shows(tmp_path, monkeypatch):

@@ -99,10 +99,11 @@ def test_tiny_run_writes_artefact_model_and_history(tmp_path):
 def test_out_dir_with_another_run_needs_resume(tmp_path):
     config = _tiny(tmp_path, epochs=1, label_steps=1)
     run_sela(config)
-    with pytest.raises(ConfigError, match="already holds a finished run; choose another --out"):
+    with pytest.raises(ConfigError, match="holds a finished run .*: choose another --out"):
         run_sela(config)
     with pytest.raises(ConfigError, match="finished run .* nothing to resume"):
         run_sela(config, resume=True)
+    (tmp_path / "run" / "labels.parquet").unlink()  # as if it had stopped before its end
     changed = _tiny(tmp_path, epochs=1, label_steps=1, lr=0.1)
     with pytest.raises(ConfigError, match=r"other settings \(lr: 0.05 -> 0.1\)"):
         run_sela(changed, resume=True)
@@ -154,7 +155,7 @@ def test_generate_command_prints_artefact_and_metrics(tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "labels.parquet" in result.output and "NMI" in result.output
     again = CliRunner().invoke(main, ["generate", "--data", data, "--out", str(tmp_path / "r"), "--quiet"])
-    assert again.exit_code == 1 and "already holds a finished run" in again.output
+    assert again.exit_code == 2 and "holds a finished run" in again.output
 
 
 def test_generate_on_webdataset_shards(tmp_path):

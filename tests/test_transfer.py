@@ -75,8 +75,9 @@ def test_interrupted_transfer_resumes_to_the_same_model(tmp_path):
     resumed = run_transfer(_config(tmp_path, path, data, epochs=4, augment="digits", out=str(tmp_path / "b")),
                            resume=True)
     assert resumed.labels.artefact_id == full.labels.artefact_id
-    epochs = [json.loads(line).get("epoch") for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
-    assert epochs == [None, 1, 2, 3, 4]  # the join record, then each epoch once
+    records = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert [(r["type"], r.get("epoch")) for r in records] == [("join", None), *[("epoch", e) for e in range(1, 5)],
+                                                              ("quality", None)]  # each epoch once
 
 
 def test_knn_and_linear_know_the_answer():
@@ -101,7 +102,7 @@ def test_eval_on_a_run_caches_features_and_splits_disjointly(tmp_path):
     assert result["n_train"] == 90 and result["n_test"] == 30 and result["protocol"] == "knn"
     assert list((tmp_path / "transfer").glob("features-*.npz"))
     assert result["top1"] > 0.9  # bright corner blobs are linearly obvious
-    cli = CliRunner().invoke(main, ["eval", "linear", "--model", str(tmp_path / "transfer"), "--data", data, "--json"])
+    cli = CliRunner().invoke(main, ["eval", str(tmp_path / "transfer"), "--protocol", "linear", "--data", data, "--json"])
     assert cli.exit_code == 0, cli.output
     assert set(json.loads(cli.output)) == {"protocol", "top1", "top5", "n_train", "n_test"}
     with pytest.raises(DataError, match="must be disjoint"):

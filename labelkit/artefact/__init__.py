@@ -18,6 +18,7 @@ _EXPORTS = {
     "check_artefact": "._reading",
     "artefact_path": "._reading",
     "artefact_files": "._reading",
+    "output_beside": "._reading",
     "read_label_table": "._tables",
     "import_labels": "._importing",
     "imagefolder_keys": "._importing",

@@ -21,8 +21,9 @@ EXPORT_FORMATS = ("csv", "npy", "json")
 
 
 def export_artefact(artefact: Artefact, format: str, out: str | os.PathLike) -> Path | str:
-    """Write the labels for tools outside labelkit: ``csv`` (sample_id + heads), ``npy`` ((heads, N) int32 in
-    sample-id order) or ``json`` (metadata, sample ids and heads), to a local path or an fsspec URL."""
+    """Write the labels for tools outside labelkit: ``csv`` (sample_id, the heads, then their scores), ``npy``
+    ((heads, N) int32 in sample-id order) or ``json`` (metadata, sample ids, heads and scores: ``import`` turns it
+    back into the same artefact), to a local path or an fsspec URL."""
     out = out if remote.is_url(out) else Path(out)
     if format not in EXPORT_FORMATS:
         raise ImportSourceError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -30,8 +31,9 @@ def export_artefact(artefact: Artefact, format: str, out: str | os.PathLike) -> 
         if format == "csv":
             import pyarrow.csv as pacsv
 
-            columns = [fmt.ID_COLUMN] + [h.name for h in artefact.heads]
-            pacsv.write_csv(artefact.table.select(columns), tmp)
+            names = artefact.table.column_names
+            scores = [fmt.score_column(h) for h in range(artefact.num_heads) if fmt.score_column(h) in names]
+            pacsv.write_csv(artefact.table.select([fmt.ID_COLUMN] + [h.name for h in artefact.heads] + scores), tmp)
         elif format == "npy":
             with open(tmp, "wb") as handle:
                 np.save(handle, artefact.label_matrix())
@@ -41,6 +43,9 @@ def export_artefact(artefact: Artefact, format: str, out: str | os.PathLike) -> 
                 "sample_ids": artefact.table.column(fmt.ID_COLUMN).to_pylist(),
                 "heads": {h.name: artefact.labels(i).tolist() for i, h in enumerate(artefact.heads)},
             }
+            if artefact.scores(0) is not None:
+                document["scores"] = {fmt.score_column(i): artefact.scores(i).tolist()
+                                      for i in range(artefact.num_heads)}
             tmp.write_text(json.dumps(document))
     return out
 

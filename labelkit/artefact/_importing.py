@@ -1,5 +1,6 @@
-"""Labels from outside labelkit into an artefact: the released SeLa labels, checkpoints, label CSVs, JSON
-exports and ``.npy`` arrays, joined to sample ids by a key column, a key file or an ImageFolder tree."""
+"""Labels from outside labelkit into an artefact: the released SeLa labels, checkpoints, label CSVs and ``.npy``
+arrays, joined to sample ids by a key column, a key file or an ImageFolder tree; and labelkit's own JSON exports
+and artefacts (a file, a run directory, a Hub export folder) back whole, with their id and metadata."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import format as fmt
 from . import released
 from .._util import remote
 from .._util.files import read_keys as _read_key_file
 from .._util.files import sha256_file
 from ..errors import ImportSourceError
 from ._artefact import Artefact
+from ._reading import read_artefact
 from ._tables import _load_csv
 
 __all__ = ["import_labels", "imagefolder_keys", "read_keys"]
@@ -88,20 +91,46 @@ def _load_checkpoint(path: Path) -> np.ndarray:
     return obj.numpy()
 
 
-def _load_export_json(path: Path) -> tuple[list[str], np.ndarray, list[int]]:
-    """Ids, labels (heads, N) and K per head from a file written by ``export --format json``."""
+def _load_export_json(path: Path) -> tuple[list[str], np.ndarray, list[int], dict, np.ndarray | None]:
+    """Ids, labels (heads, N), K per head, the artefact's metadata and its scores (heads, N) or None, from a file
+    written by ``export --format json``."""
     try:
         document = json.loads(path.read_text())
-        ids, heads = document["sample_ids"], document["heads"]
-        names = [h["name"] for h in document["metadata"]["heads"]]
-        ks = [int(h["k"]) for h in document["metadata"]["heads"]]
+        ids, heads, metadata = document["sample_ids"], document["heads"], document["metadata"]
+        names = [h["name"] for h in metadata["heads"]]
+        ks = [int(h["k"]) for h in metadata["heads"]]
         labels = np.array([heads[name] for name in names], dtype=np.int64)
+        kept = document.get("scores") or {}
+        scores = np.array([kept[fmt.score_column(h)] for h in range(len(names))], dtype=np.float32) if kept else None
     except (ValueError, KeyError, TypeError) as exc:
         raise ImportSourceError(f"{path}: not a labelkit JSON export (sample_ids, heads, metadata.heads): "
                                 f"{type(exc).__name__}: {exc}") from None
-    if labels.ndim != 2 or labels.shape[1] != len(ids):
-        raise ImportSourceError(f"{path}: {len(ids)} sample ids but head columns of other lengths")
-    return [str(i) for i in ids], labels, ks
+    if labels.ndim != 2 or labels.shape[1] != len(ids) or (scores is not None and scores.shape != labels.shape):
+        raise ImportSourceError(f"{path}: {len(ids)} sample ids but head or score columns of other lengths")
+    return [str(i) for i in ids], labels, ks, metadata, scores
+
+
+def _from_export_json(path: Path) -> Artefact:
+    """The artefact a JSON export was written from, whole: the same id, data, method, parents and scores. Labels
+    edited since the export make a new artefact whose parent is the exported one."""
+    ids, labels, ks, metadata, scores = _load_export_json(path)
+    kept = {"data": metadata.get("data"), "producer": metadata.get("producer")}
+    artefact = Artefact.build(ids, labels, ks, scores=scores, method=metadata.get("method"),
+                              parents=metadata.get("parents", ()), **{k: v for k, v in kept.items() if v})
+    if artefact.artefact_id == metadata.get("artefact_id"):
+        artefact.metadata["created_at"] = metadata.get("created_at", artefact.metadata["created_at"])
+        return artefact
+    method = {"name": "import", "source": path.name, "sha256": sha256_file(path),
+              "note": "labels changed since the export; the exported artefact is the parent"}
+    data = {k: v for k, v in (metadata.get("data") or {}).items() if k in ("spec", "content")}
+    return Artefact.build(ids, labels, ks, scores=scores, method=method, data=data,
+                          parents=[metadata["artefact_id"]] if metadata.get("artefact_id") else [])
+
+
+def _is_artefact(path: Path) -> bool:
+    """A label artefact as every other command reads it: a Parquet file, a run directory or a Hub export."""
+    return path.suffix.lower() == ".parquet" or (path.is_dir() and (
+        (path / "labels.parquet").is_file() or any((path / "data").glob("*.parquet"))))
 
 
 def import_labels(
@@ -125,11 +154,24 @@ def import_labels(
     if str(source).startswith("sela:"):
         item = released.release(str(source))
         path, digest = released.fetch(item, progress=progress)
+    elif path.exists() and _is_artefact(path):
+        if keys or image_root or clusters:
+            raise ImportSourceError(f"{path} is a label artefact with its own ids and K; drop --keys, --image-root "
+                                    "and --clusters")
+        return read_artefact(path)  # the same artefact, whole (e.g. a Hub export folder as one file)
+    elif not path.exists():
+        raise ImportSourceError(f"{path}: no such file or folder")
     elif not path.is_file():
-        raise ImportSourceError(f"{path}: no such file")
-    file_keys, labels, layout, exported_k = _read_labels(path, item.samples if item else None)
-    if clusters is None:
-        clusters = item.k if item is not None else exported_k
+        raise ImportSourceError(f"{path}: a folder without labels.parquet or data/*.parquet; give a label file, a "
+                                "run directory or a Hub export")
+    elif path.suffix.lower() == ".json":
+        if keys or image_root or clusters:
+            raise ImportSourceError(f"{path} is a labelkit JSON export with its own ids and K; drop --keys, "
+                                    "--image-root and --clusters")
+        return _from_export_json(path)
+    file_keys, labels, layout, scores = _read_labels(path, item.samples if item else None)
+    if clusters is None and item is not None:
+        clusters = item.k
     if item is not None:
         labels = _check_release(item, path, labels, layout)
         file_keys = None if file_keys is None else _imagenet_ids(file_keys)
@@ -142,20 +184,18 @@ def import_labels(
         method.update(url=remote.redact(item.url), release=item.description)
     if layout:
         method["layout"] = layout
-    return Artefact.build(ids, labels, clusters, data={"spec": data_spec or image_root}, method=method)
+    return Artefact.build(ids, labels, clusters, scores=scores, data={"spec": data_spec or image_root}, method=method)
 
 
-def _read_labels(path: Path, samples: int | None) -> tuple[list[str] | None, np.ndarray, str | None, list[int] | None]:
-    """(keys or None, labels (heads, N), the CSV layout found, K per head of a JSON export) from a label file of
-    any supported type; ``samples``, when known, tells the orientation of small CSV files."""
+def _read_labels(path: Path, samples: int | None) -> tuple[list[str] | None, np.ndarray, str | None, np.ndarray | None]:
+    """(keys or None, labels (heads, N), the CSV layout found, the scores of a labelkit CSV export or None) from
+    a label file of any supported type; ``samples``, when known, tells the orientation of small CSV files."""
     suffix = path.suffix.lower()
-    file_keys, layout, exported_k = None, None, None
+    file_keys, layout, scores = None, None, None
     if suffix in (".pth", ".pt", ".tar"):
         labels = _load_checkpoint(path)
     elif suffix in (".csv", ".tsv", ".txt"):
-        file_keys, labels, layout = _load_csv(path, samples)
-    elif suffix == ".json":
-        file_keys, labels, exported_k = _load_export_json(path)
+        file_keys, labels, layout, scores = _load_csv(path, samples)
     elif suffix == ".npy":
         try:
             labels = np.load(path, allow_pickle=False)
@@ -164,12 +204,13 @@ def _read_labels(path: Path, samples: int | None) -> tuple[list[str] | None, np.
         if not np.issubdtype(labels.dtype, np.integer):
             raise ImportSourceError(f"{path}: labels must be integers, got dtype {labels.dtype}")
     else:
-        raise ImportSourceError(f"{path}: unknown label file type {suffix!r}; expected .pth, .pt, .csv, .json or .npy")
+        raise ImportSourceError(f"{path}: unknown label file type {suffix!r}; expected .pth, .pt, .csv, .json, "
+                                ".npy, or an artefact (.parquet, a run directory, a Hub export)")
     if labels.ndim == 1:
         labels = labels[None, :]
     if labels.ndim != 2:
         raise ImportSourceError(f"{path}: labels must have shape (N,) or (heads, N), got {labels.shape}")
-    return file_keys, labels, layout, exported_k
+    return file_keys, labels, layout, scores
 
 
 def _join_ids(path: Path, labels: np.ndarray, file_keys: list[str] | None, keys: str | None,

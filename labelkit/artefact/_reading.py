@@ -22,7 +22,8 @@ from .._util import remote
 from ..errors import ArtefactError
 from ._artefact import Artefact, Head, _id_problems, _range_problem, _schema_message
 
-__all__ = ["ArtefactHeader", "read_artefact", "read_header", "check_artefact", "artefact_path", "artefact_files"]
+__all__ = ["ArtefactHeader", "read_artefact", "read_header", "check_artefact", "artefact_path", "artefact_files",
+           "output_beside"]
 
 
 def artefact_files(path: str | os.PathLike) -> list[Path | str]:
@@ -50,6 +51,20 @@ def artefact_files(path: str | os.PathLike) -> list[Path | str]:
         raise ArtefactError(f"{_shown(path)}: a directory without labels.parquet or data/*.parquet; give a label "
                             "artefact, a finished run directory or a Hub export")
     return parts
+
+
+def output_beside(path: str | os.PathLike, suffix: str) -> Path:
+    """Where a command that reads the artefact ``path`` writes when no ``--out`` is given: the artefact's stem
+    and ``suffix``, in its folder (``runs/x`` or ``runs/x/labels.parquet``, ``.csv`` -> ``runs/x/labels.csv``).
+    An artefact at a URL gets it in the current folder: a default never writes anywhere remote."""
+    if remote.is_url(path):
+        name = str(path).rstrip("/").rsplit("/", 1)[-1] or "labels"
+        return Path(name.removesuffix(".parquet") + suffix)
+    path = Path(path)
+    if path.is_dir():
+        path = path / "labels.parquet" if (path / "labels.parquet").is_file() or not (path / "data").is_dir() \
+            else path.with_suffix(".parquet")  # a Hub export folder: beside the folder, not inside it
+    return path.parent / (path.name.removesuffix(".parquet") + suffix)
 
 
 def artefact_path(path: str | os.PathLike) -> Path | str:

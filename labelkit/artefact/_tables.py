@@ -99,11 +99,20 @@ def _load_wide_csv(path: Path, delimiter: str, header: bool) -> tuple[None, np.n
     return None, labels, layout
 
 
-def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None, np.ndarray, str]:
-    """Keys (or None), labels (heads, N) and a description of the layout found, from a label CSV of any
-    common layout: one sample a line or one head a line; with or without a header; with a key column of file
-    names, a row-index column, or neither; comma, semicolon, tab, space or bar separated. ``samples``, when
-    known, also tells the orientation of small files: a first line of that many fields (+1) is one head."""
+def _check_complete(path: Path, table, columns: list[str], has_header: bool) -> None:
+    """Refuse a label column with an empty value, naming the line."""
+    for name in columns:
+        if table.column(name).null_count:
+            row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
+            raise ImportSourceError(f"{path}: column {name!r} has an empty value at line {row + 1 + int(has_header)}")
+
+
+def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None, np.ndarray, str, np.ndarray | None]:
+    """Keys (or None), labels (heads, N), a description of the layout found and the ``score_*`` columns of a
+    labelkit export (heads, N) (or None), from a label CSV of any common layout: one sample a line or one head
+    a line; with or without a header; with a key column of file names, a row-index column, or neither; comma,
+    semicolon, tab, space or bar separated. ``samples``, when known, also tells the orientation of small
+    files: a first line of that many fields (+1) is one head."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -111,7 +120,7 @@ def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None,
     wide = wide or (samples is not None and samples > 1 and len(first) in (samples, samples + 1))
     has_header = _is_header(first, second)
     if wide:
-        return _load_wide_csv(path, delimiter, has_header)
+        return (*_load_wide_csv(path, delimiter, has_header), None)
     column_types = {}
     data_row = second if has_header else first
     # a key column: its values are not integers; read as strings so that zero-padded numeric ids stay ids
@@ -128,6 +137,9 @@ def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None,
     except Exception as exc:
         raise ImportSourceError(f"{path}: not a label CSV ({delimiter!r}-separated): {exc}") from None
     columns = table.column_names
+    score_columns = [c for c in columns if has_header and re.fullmatch(r"score_\d+", c)]  # labelkit's export
+    scores = np.stack([table.column(c).to_numpy().astype(np.float32) for c in score_columns]) if score_columns else None
+    columns = [c for c in columns if c not in score_columns]
     key_column = None
     int_columns = [c for c in columns if pa.types.is_integer(table.schema.field(c).type)]
     other = [c for c in columns if c not in int_columns]
@@ -140,11 +152,7 @@ def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None,
         )
     if not int_columns:
         raise ImportSourceError(f"{path}: no integer label column found")
-    for name in int_columns:
-        if table.column(name).null_count:
-            row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
-            row += 1 + int(has_header)
-            raise ImportSourceError(f"{path}: column {name!r} has an empty value at line {row}")
+    _check_complete(path, table, int_columns, has_header)
     layout = f"one sample per line ({delimiter!r}-separated{', with a header line' if has_header else ''})"
     if key_column is None and len(int_columns) > 1 and _is_index(table.column(int_columns[0]).to_numpy()):
         int_columns = int_columns[1:]
@@ -155,7 +163,9 @@ def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None,
         if any(k is None or k == "" for k in keys):
             raise ImportSourceError(f"{path}: key column {key_column!r} has empty values")
         layout += f", keys in column {key_column!r}"
-    return keys, labels, layout
+    if scores is not None and len(scores) != len(labels):
+        raise ImportSourceError(f"{path}: {len(labels)} label columns but {len(scores)} score columns")
+    return keys, labels, layout, scores
 
 
 def read_label_table(path: str | Path) -> tuple["pa.Array", np.ndarray]:  # noqa: F821

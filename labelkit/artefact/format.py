@@ -138,7 +138,10 @@ METADATA_SCHEMA: dict = {
                     "type": "object",
                     "description": "Label-free quality (labelkit.quality): per head the agreement (AMI) with "
                                    "peers of the same K, stability against the previous label step, linear-probe "
-                                   "generalisation and size balance; the recommended K when heads differ in K.",
+                                   "generalisation and size balance; the recommended K when heads differ in K. "
+                                   "A transfer keeps, per head, how its labels hold the source's (against_source: "
+                                   "the share of samples that kept their id, NMI, ARI) and, where the data has "
+                                   "classes, their scores against them (truth).",
                     "properties": {"heads": {"type": "array", "items": {"type": "object", "required": ["head", "k"]}},
                                    "recommended_k": {"type": "object", "required": ["k"]}},
                 },

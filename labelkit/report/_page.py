@@ -138,12 +138,25 @@ class _Head:
     has_truth: bool
 
 
-def build_report(artefact: str | os.PathLike, data: str, out: str | os.PathLike, *, truth: str | None = None,
-                 run: str | None = None, head: int = 0, per_cluster: int = 16, clusters: int = 24,
-                 seed: int = 0) -> Report:
-    """Write ``out/index.html`` and its PNG figures for one head of ``artefact`` over the images of ``data``."""
-    remote.refuse_url(out, "--out", "a report is a local folder of HTML and PNG files")
+def build_report(artefact: str | os.PathLike, data: str | None = None, out: str | os.PathLike | None = None, *,
+                 truth: str | None = None, run: str | None = None, head: int = 0, per_cluster: int = 16,
+                 clusters: int = 24, seed: int = 0) -> Report:
+    """Write ``out/index.html`` and its PNG figures for one head of ``artefact`` over the images of ``data``.
+
+    What the artefact knows need not be given: ``data`` defaults to the data it records, ``run`` (training
+    curves) to the run directory it is in (or is), ``out`` to ``<artefact>-report`` beside it."""
+    from ..artefact import output_beside
+
     art = read_artefact(artefact)
+    if data is None:
+        data = art.metadata["data"].get("spec")
+        if not data:
+            raise ConfigError(f"{artefact} records no data spec (it was imported without one); give --data")
+    if run is None:
+        folder = Path(artefact) if Path(artefact).is_dir() else Path(artefact).parent
+        run = str(folder) if not remote.is_url(artefact) and (folder / "history.jsonl").is_file() else None
+    out = output_beside(artefact, "-report") if out is None else out
+    remote.refuse_url(out, "--out", "a report is a local folder of HTML and PNG files")
     if not 0 <= head < art.num_heads:
         raise ConfigError(f"--head {head}: this artefact has heads 0..{art.num_heads - 1}")
     if per_cluster < 1 or clusters < 1:
@@ -223,16 +236,20 @@ def _sections(view: _Head, clusters: int, rng) -> list[tuple[str, list[int]]]:
     nonempty = np.flatnonzero([len(m) > 0 for m in view.members])
     order = nonempty[np.lexsort((-sizes[nonempty], -purity[nonempty]))] if view.has_truth else \
         nonempty[np.argsort(-sizes[nonempty], kind="stable")]
+    if len(order) <= clusters:  # every cluster fits on the page: each shown once
+        return [(f"All {len(order)} clusters, " + ("purest first" if view.has_truth else "largest first"), list(order))]
     top = list(order[: (clusters + 1) // 2])
     rest = [c for c in order if c not in set(top)]
     random_pick = sorted(rng.choice(rest, size=min(len(rest), clusters // 2), replace=False).tolist()) if rest else []
     sections = [("Clusters by purity" if view.has_truth else "Largest clusters", top)]
     if random_pick:
         sections.append(("Random clusters", random_pick))
-    if view.has_truth:
-        by_entropy = nonempty[np.argsort(entropy[nonempty], kind="stable")]
-        sections += [("Most homogeneous (lowest class entropy)", list(by_entropy[:4])),
-                     ("Least homogeneous (highest class entropy)", list(by_entropy[::-1][:4]))]
+    if view.has_truth:  # the extremes not already shown above
+        seen = set(top) | set(random_pick)
+        by_entropy = [c for c in nonempty[np.argsort(entropy[nonempty], kind="stable")] if c not in seen]
+        low, high = by_entropy[:4], [c for c in by_entropy[::-1][:4] if c not in by_entropy[:4]]
+        sections += [(title, cs) for title, cs in (("Most homogeneous (lowest class entropy)", low),
+                                                   ("Least homogeneous (highest class entropy)", high)) if cs]
     return sections
 
 

@@ -14,13 +14,14 @@ from ..data import AUGMENTATIONS
 from .._util.remote import refuse_url
 from ..errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "resolve_config", "read_config_file",
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "resolve_config", "read_config_file",
            "default_workers"]
 
 # The choices of --augment and --lr-schedule; the command line offers exactly these.
 LR_SCHEDULES = ("step", "cosine", "constant")
 STARTS = ("random", "graph")
 RECIPE_NAMES = ("auto", "paper", "digits")  # see labelkit.training
+TRANSFER_RECIPE_NAMES = ("source", "paper", "digits")  # see labelkit.training.plan_transfer
 LABEL_SPACINGS = ("quadratic", "even")
 
 

@@ -193,11 +193,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 RESUMABLE_CHANGES = {"out", "workers", "device", "strict"}
 
 
-def _saved_record(out: Path) -> dict:
+def saved_record(out: Path) -> dict:
     try:
         return json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def run_finished(out: Path) -> bool:
+    """The run in ``out`` wrote its results and dropped its checkpoint."""
+    out = Path(out)
+    return (out / "labels.parquet").is_file() and (out / "model.safetensors").is_file() \
+        and not (out / "checkpoint.pt").exists()
+
+
+def check_run_dir(out, resume: bool) -> None:
+    """Refuse, before any work, a fresh run into a folder that holds one, and a resume of a finished run. (A
+    resume into an empty folder starts the run: a requeue script may pass ``--resume`` from the first launch.)"""
+    out = Path(out)
+    if not (out / "config.json").exists():
+        return
+    if run_finished(out):
+        raise ConfigError(f"{out} holds a finished run (labels.parquet, model.safetensors)"
+                          + ("; there is nothing to resume" if resume else "") + ": choose another --out")
+    if not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
 class RunDir:
@@ -257,12 +277,10 @@ class RunDir:
     def _check_reuse(self, config) -> None:
         """Refuse to mix runs: a finished or started run needs ``--resume`` with the same settings."""
         stored = self.out / "config.json"
+        if self.writer:
+            check_run_dir(self.out, self.resume)
         if self.writer and stored.exists():
             previous = json.loads(stored.read_text()).get("config", {})
-            if not self.resume:
-                if self.finished:
-                    raise ConfigError(f"{self.out} already holds a finished run; choose another --out")
-                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             ours = config.to_dict()
             changed = sorted(k for k in ours if k not in RESUMABLE_CHANGES and previous.get(k) != ours[k])
             if changed:
@@ -272,9 +290,6 @@ class RunDir:
 
     def restore(self, record: dict) -> dict | None:
         """Write ``config.json`` (``record``); return the checkpoint to resume from, if resuming."""
-        if self.resume and self.writer and self.finished:
-            raise ConfigError(f"{self.out} holds a finished run (labels.parquet, model.safetensors); there is "
-                              "nothing to resume: choose another --out")
         saved = load_checkpoint(self.checkpoint) if self.resume and self.checkpoint.exists() else None
         self.lines = saved["history_lines"] if saved else 0
         if not self.writer:
@@ -282,14 +297,14 @@ class RunDir:
         kept = self.history.read_text().splitlines()[: self.lines] if saved and self.history.exists() else []
         write_text_atomic(self.history, "".join(line + "\n" for line in kept))
         if saved and "plan" not in record:  # the plan was made when the run started; a resume keeps it
-            record = {**record, **{k: v for k, v in _saved_record(self.out).items() if k == "plan"}}
+            record = {**record, **{k: v for k, v in saved_record(self.out).items() if k == "plan"}}
         write_text_atomic(self.out / "config.json", json.dumps(record, indent=2))
         return saved
 
     @property
     def finished(self) -> bool:
         """The run wrote its results and dropped its checkpoint."""
-        return (self.out / "labels.parquet").is_file() and self.weights.is_file() and not self.checkpoint.exists()
+        return run_finished(self.out)
 
     def finish(self) -> None:
         """Results are written: the checkpoint (weights and optimizer state, often the largest file of the

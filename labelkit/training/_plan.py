@@ -25,8 +25,7 @@ from ..errors import ConfigError, DataError
 from ._recipe import AUTO_MAX_EPOCHS, auto_recipe, machine_info, profile_data
 from ._timing import _probe
 
-__all__ = ["Plan", "make_plan", "plan_transfer", "parse_duration", "RECIPE_NAMES",
-           "DEFAULT_CPU_BUDGET"]
+__all__ = ["Plan", "make_plan", "parse_duration", "RECIPE_NAMES", "DEFAULT_CPU_BUDGET"]
 
 DEFAULT_CPU_BUDGET = 15 * 60  # seconds: a run on a CPU ends within this unless --budget says otherwise
 BUDGET_SHARE = 0.8  # plan to this share of --budget; the run stops early, between epochs, if it must
@@ -34,32 +33,6 @@ BUDGET_SHARE = 0.8  # plan to this share of --budget; the run stops early, betwe
 
 class BudgetError(ConfigError):
     """The run cannot fit the time budget or the machine."""
-
-
-# -- looking at the data and the machine -------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-# -- the auto recipe -----------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 # -- durations, probes and estimates -----------------------------------------------------------------------
@@ -107,13 +80,14 @@ class Plan:
     def lines(self) -> list[str]:
         """The plan as a person reads it."""
         c, e = self.config, self.estimate
-        what = f"recipe {self.recipe}" if isinstance(c, SelaConfig) else "transfer"
+        what = f"recipe {self.recipe}" if isinstance(c, SelaConfig) else f"transfer, recipe {self.recipe},"
         seen = [f"{self.profile['samples']:,} samples"] if "samples" in self.profile else []
         if "side_median" in self.profile:
             seen.append(f"{self.profile['side_median']} px {'grey' if self.profile['grey'] else 'colour'}")
         out = [f"plan: {what} for {c.data}" + (f" ({', '.join(seen)})" if seen else "")
                + f" on {self.machine.get('device', '?')}"
-               + (f" ({self.machine['cores']} cores)" if self.machine.get("device") == "cpu" else "")]
+               + (f" ({self.machine['cores']} cores)" if self.machine.get("device") == "cpu" else "")
+               + f", into {c.out}"]
         if isinstance(c, SelaConfig):
             if not c.frozen:
                 what_trains = f"{c.arch} at {c.image_size} px"
@@ -122,7 +96,7 @@ class Plan:
             else:
                 what_trains = "heads on the vectors"
             out.append(f"  {what_trains}, heads {c.head_clusters()}, {_plural(c.epochs, 'epoch')}, "
-                       f"{_plural(e.get('label_steps', c.label_steps), 'label step')}, batch {c.batch_size}"
+                       f"{_plural(label_step_count(c, self.profile.get('samples')), 'label step')}, batch {c.batch_size}"
                        + ("" if c.frozen else f", augment {c.augment}, start {c.start}")
                        + (f", prior {c.prior}" if c.prior != "uniform" else "")
                        + (f", balance {c.balance:g}" if c.balance is not None else ""))
@@ -181,14 +155,9 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
     budget. ``probe=False`` skips the timing probe (estimates are then left out)."""
     from ..data import is_embedding_spec, resolve
 
-    if recipe is not None and recipe not in RECIPE_NAMES:
-        raise ConfigError(f"--recipe must be one of {', '.join(RECIPE_NAMES)}, got {recipe!r}")
-    seconds = parse_duration(budget) if budget is not None else None
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and seconds is not None:
-        raise ConfigError("--budget times this one process; under torchrun give --epochs instead")
-    if resume:  # the saved configuration is the plan; it was made when the run started
-        return Plan(resolve_config(options, config_file, resume=True), recipe="saved")
+    seconds, distributed = check_recipe_and_budget(recipe, RECIPE_NAMES, budget)
+    if resume:  # the plan was made when the run started: the saved configuration and what it was chosen from
+        return resumed_plan(resolve_config(options, config_file, resume=True))
     given = {k: v for k, v in options.items() if v is not None}
     from_file = {}
     if config_file:
@@ -204,12 +173,14 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
         plan = Plan(base, recipe=name if not base.frozen else f"{name} (fixed features)")
         if base.frozen and "batch_size" not in chosen and is_embedding_spec(str(base.data)):
             source = resolve(base.data)
+            _check_count(len(source), source.spec, chosen.get("clusters"))
             plan.config = dataclasses.replace(base, batch_size=table_batch(len(source)))
             plan.profile = {"samples": len(source)}
             plan.reasons["batch_size"] = (f"{plan.config.batch_size}: at least 12 steps an epoch, so that the heads "
                                           "fit the first labels before they are solved again")
     else:
         source = resolve(base.data)
+        _check_count(len(source), source.spec, chosen.get("clusters"))
         profile = profile_data(source, seed=base.seed)
         _check_sizes(profile, chosen)
         machine = machine_info(base.device)
@@ -225,10 +196,49 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
         seconds = DEFAULT_CPU_BUDGET
         plan.reasons["budget"] = f"{_clock(seconds)} (the default on a CPU; --budget changes it)"
     plan.budget = seconds
+    from ._loop import check_run_dir
+
+    if os.environ.get("RANK", "0") == "0":  # before the probe: a folder in use is refused in seconds (rank 0
+        check_run_dir(plan.config.out, resume=False)  # alone: the others may look after it wrote config.json)
     if probe and not plan.config.frozen and not distributed:
         _fit_budget(plan, source or resolve(plan.config.data), epochs_given="epochs" in chosen,
                     steps_given="label_steps" in chosen)
     return plan
+
+
+def check_recipe_and_budget(recipe: str | None, names: tuple, budget: str | None) -> tuple[float | None, bool]:
+    """(the budget in seconds or None, whether this is one of several torchrun processes), refusing a recipe
+    not in ``names`` and a budget under torchrun (it times one process)."""
+    if recipe is not None and recipe not in names:
+        raise ConfigError(f"--recipe must be one of {', '.join(names)}, got {recipe!r}")
+    seconds = parse_duration(budget) if budget is not None else None
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and seconds is not None:
+        raise ConfigError("--budget times this one process; under torchrun give --epochs instead")
+    return seconds, distributed
+
+
+def resumed_plan(config) -> Plan:
+    """The plan of a resumed run: its saved configuration, the recipe and profile it was chosen from."""
+    from pathlib import Path
+
+    from ._loop import check_run_dir, saved_record
+
+    check_run_dir(config.out, resume=True)
+    saved = saved_record(Path(config.out)).get("plan") or {}
+    return Plan(config, recipe=f"{saved.get('recipe') or 'saved'} (resumed)", profile=saved.get("profile") or {},
+                machine=machine_info(config.device), budget=saved.get("budget_s"))
+
+
+def label_step_count(config: SelaConfig, n: int | None = None) -> int:
+    """The label steps a run of ``n`` samples solves: its schedule, less the one before the first epoch that the
+    graph start replaces (fixed features outside the graph's range start from the untrained heads instead)."""
+    from ._graph import GRAPH_LIMIT, GRAPH_MIN
+    from ._sela import label_schedule
+
+    schedule = label_schedule(config.epochs, config.label_steps, config.label_spacing)
+    graph = config.start == "graph" and (not config.frozen or n is None or GRAPH_MIN <= n <= GRAPH_LIMIT)
+    return len(schedule) - (1 if graph and 0 in schedule else 0)
 
 
 def table_batch(n: int) -> int:
@@ -256,6 +266,19 @@ def _default_out(data: str) -> str:
     return f"runs/{stem}"
 
 
+def _check_count(n: int, spec: str, clusters) -> None:
+    """Refuse, before any probe or training, data with fewer samples than clusters."""
+    if clusters is None:
+        if n < 2:
+            raise DataError(f"{spec} holds {n} sample{'' if n == 1 else 's'}: too few to cluster (no --clusters was "
+                            "given and the fewest clusters that mean anything is 2, so at least 2 samples are needed)")
+        return
+    ks = (clusters,) if isinstance(clusters, int) else tuple(clusters)
+    if max(ks) > n:
+        raise ConfigError(f"K = {','.join(map(str, ks))} clusters but {spec} holds only {n:,} "
+                          f"sample{'' if n == 1 else 's'} and every cluster needs at least one: give a smaller --clusters")
+
+
 def _check_sizes(profile: dict, chosen: dict) -> None:
     """Images of wildly different sizes have no one input size that suits them all: ask for one."""
     if "image_size" in chosen:
@@ -269,6 +292,7 @@ def _check_sizes(profile: dict, chosen: dict) -> None:
 def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) -> None:
     """Probe this machine, set the epochs (and label steps) to fit the budget, and estimate the run."""
     config = plan.config
+    _check_count(len(source), source.spec, config.head_clusters())
     probe = _probe(config, source)
     plan.probe = probe
     n = len(source)
@@ -278,10 +302,7 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
     per_epoch = n / probe["train_images_per_s"]
     if plan.budget is not None and not epochs_given:
         plan.config = _epochs_in_budget(plan, n, fixed, per_epoch, per_step, steps_given)
-    from ._sela import label_schedule
-
-    schedule = label_schedule(plan.config.epochs, plan.config.label_steps, plan.config.label_spacing)
-    count = len(schedule) - (1 if plan.config.start == "graph" and 0 in schedule else 0)
+    count = label_step_count(plan.config)
     seconds = fixed + plan.config.epochs * per_epoch + count * per_step
     if "epochs" in plan.reasons or (plan.budget is not None and not epochs_given):
         plan.reasons["epochs"] = (f"{_plural(plan.config.epochs, 'epoch')} and {_plural(count, 'label step')} fit the "
@@ -290,7 +311,7 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
                                      and plan.recipe == "auto" else ""))
     plan.estimate = {"seconds": round(seconds, 1), **_resources(plan, probe, n, count), "label_steps": count,
                      "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
-    _check_memory(plan, plan.estimate["label_memory"])
+    check_memory(plan, plan.estimate["label_memory"])
 
 
 def _epochs_in_budget(plan: Plan, n: int, fixed: float, per_epoch: float, per_step: float,
@@ -340,36 +361,10 @@ def _resources(plan: Plan, probe: dict, n: int, label_steps: int) -> dict:
             "features": "disk" if spilled else "memory", "kernel_bytes": {name: int(b) for name, b in kernels.items()}}
 
 
-def _check_memory(plan: Plan, needed: int) -> None:
+def check_memory(plan: Plan, needed: int) -> None:
     machine = plan.machine
     free = machine.get("gpu_free") if machine.get("device") == "cuda" else machine.get("ram_available")
     if free is not None and needed > 0.9 * free:
         where = "GPU memory" if machine.get("device") == "cuda" else "available RAM"
         raise BudgetError(f"the label step needs about {_bytes(needed)} but this machine has {_bytes(free)} of {where}; "
                           "lower --clusters or --heads, or use --freeze with --pca to label smaller features")
-
-
-def plan_transfer(config, *, probe: bool = True) -> Plan:
-    """The plan of a ``transfer`` run: its configuration and, probed on this machine, the estimated wall time
-    (training epochs and the final prediction pass), the prediction pass's memory and the disk use."""
-    from ..artefact import read_artefact
-    from ..data import resolve
-    from ..quality import parse_heads
-
-    parent = read_artefact(config.labels)
-    ks = [parent.heads[h].k for h in parse_heads(config.heads, parent.num_heads, option="--heads")]
-    source = resolve(config.data)
-    n = len(source)
-    plan = Plan(config, recipe="transfer", machine=machine_info(config.device), profile={"samples": n})
-    if not probe or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return plan
-    plan.probe = _probe(config, source, ks=ks)
-    per_epoch = n / plan.probe["train_images_per_s"]
-    predict = n / plan.probe["label_images_per_s"]
-    seconds = plan.probe["startup_s"] + config.epochs * per_epoch + predict
-    memory = n * (plan.probe["feature_dim"] * 4 + sum(ks) * 4)  # features, or each head's scores, of every sample
-    disk = 2 * plan.probe["checkpoint_bytes"] + n * (len(ks) * 8 + 24) + 4096 * config.epochs
-    plan.estimate = {"seconds": round(seconds, 1), "label_memory": int(memory), "disk": int(disk),
-                     "label_steps": 0, "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(predict, 2)}
-    _check_memory(plan, memory)
-    return plan

@@ -109,13 +109,22 @@ def auto_recipe(profile: dict, machine: dict, clusters_given: bool) -> tuple[dic
 
 def _small_images(profile: dict, machine: dict, recipe: dict, why: dict) -> None:
     gpu, grey = machine["device"] == "cuda", profile["grey"]
-    recipe["arch"] = "labelkit_cnn"
-    why["arch"] = f"images of {profile['side_median']} px: a compact conv net (0.1 M parameters) fits them"
+    from ._models import create_backbone
+
+    side = profile["side_median"]
     size = 16 if grey else 32
-    size = min(size, max(8, 4 * round(profile["side_median"] / 4)))
+    size = min(size, max(8, 4 * round(side / 4)))
     recipe["image_size"] = size
-    why["image_size"] = ("grey shapes keep their form at 16 px, where an epoch costs about a third of one at "
-                         "28 px" if grey and size == 16 else f"{size} px: the images' own scale")
+    if size < side:
+        why["image_size"] = (f"{size} px, down from the images' {side} px: small "
+                             + ("grey shapes keep their form" if grey else "colour images keep their objects")
+                             + f" at {size} px, where an epoch costs about {(size / side) ** 2:.0%} of one at {side} px")
+    else:
+        why["image_size"] = f"{size} px: the images' own size ({side} px), nothing to gain by upscaling"
+    recipe["arch"] = "labelkit_cnn"
+    weights = sum(p.numel() for p in create_backbone("labelkit_cnn", size).parameters())
+    why["arch"] = (f"images of {side} px: a compact conv net ({weights / 1e6:.1f} M parameters before the heads) "
+                   "fits them")
     recipe["augment"] = "digits" if grey else "paper"
     why["augment"] = ("small grey images: crops, small rotations, brightness and contrast; no flips (they change "
                       "digits and letters) and no colour jitter" if grey else
