@@ -81,6 +81,10 @@ class BarReporter(Reporter):
             click.echo(f"epoch {record['epoch']:>4}/{record['epochs']}  loss {record['loss']:.4f}  "
                        f"lr {record['lr']:.4g}  {record['images_per_s']:.0f} img/s  "
                        f"elapsed {_clock(record['elapsed_s'])}  eta {_clock(record['eta_s'])}", err=True)
+        elif record["type"] == "decoded":
+            where = "memory" if record["where"] == "memory" else "a memory-mapped file"
+            click.echo(f"decoded the images once at {record['side']} px into {where} ({record['seconds']:.1f} s); "
+                       "every pass augments them by the batch", err=True)
         elif record["type"] == "label_step":
             heads = record["heads"]
             iterations = [h["iterations"] for h in heads]

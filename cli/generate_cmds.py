@@ -139,7 +139,8 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
-    plan = make_plan(options, config_file, recipe=recipe, budget=budget, resume=resume)
+    plan = make_plan(options, config_file, recipe=recipe, budget=budget, resume=resume,
+                     probe=True if dry_run else None)  # otherwise only where a budget sets the epochs
     config = plan.config
     if main_rank and (dry_run or not quiet):
         for line in plan.lines():

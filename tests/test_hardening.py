@@ -126,7 +126,8 @@ def test_exact_balance_across_ranks_equals_one_process(tmp_path):
     np.testing.assert_allclose(scores, single.scores, rtol=1e-5)
 
 
-def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path):
+def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path, monkeypatch):
+    import labelkit.training._job as job
     from labelkit.artefact import Artefact
     from labelkit.training import TRANSFER_RECIPES, TransferConfig, run_transfer
     from conftest import write_image
@@ -146,6 +147,9 @@ def test_transfer_never_labels_a_sample_it_could_not_read(tmp_path):
     config = resolve_config(dict(labels=str(labels), data=str(root), arch="labelkit_cnn", epochs=1, batch_size=8,
                                  image_size=8, workers=0, device="cpu", augment="none", out=str(tmp_path / "t")),
                             cls=TransferConfig, recipes=TRANSFER_RECIPES)
+    # the per-sample path, which reads every file in every pass (shards, data above the memory budget); images
+    # decoded once are labelled as they were read, once
+    monkeypatch.setattr(job, "keep_decoded", lambda *args, **kwargs: None)
     run = run_transfer(config, reporter=BreakBeforePredict())
     child = read_artefact(run.artefact)
     assert "c1/005.png" not in set(child.sample_ids) and child.num_samples == 23

@@ -76,7 +76,8 @@ def test_interrupted_transfer_resumes_to_the_same_model(tmp_path):
                            resume=True)
     assert resumed.labels.artefact_id == full.labels.artefact_id
     records = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
-    assert [(r["type"], r.get("epoch")) for r in records] == [("join", None), *[("epoch", e) for e in range(1, 5)],
+    assert [(r["type"], r.get("epoch")) for r in records] == [("join", None), ("decoded", None),
+                                                              *[("epoch", e) for e in range(1, 5)],
                                                               ("quality", None)]  # each epoch once
 
 

@@ -43,6 +43,10 @@ _EXPORTS = {
     "SkipLog": "._loading",
     "rank_slice": "._loading",
     "batches_per_rank": "._loading",
+    "keep_decoded": "._decoded",
+    "decoding": "._decoded",
+    "BatchTransform": "._decoded",
+    "Decoded": "._decoded",
 }
 
 __all__ = list(_EXPORTS)

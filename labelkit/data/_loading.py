@@ -20,6 +20,7 @@ from ..errors import DataError
 
 __all__ = ["Order", "make_loader", "SkipLog", "rank_slice", "batches_per_rank"]
 
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
@@ -215,18 +216,58 @@ class SkipLog:
         return len(self.skipped)
 
 
-def make_loader(source: Source, transform, order: Order, workers: int = 0) -> DataLoader:
-    """A DataLoader over ``source`` yielding ``(indices, images, bad)``, reading the samples of ``order``.
+def make_loader(source: Source, transform, order: Order, workers: int = 0, device: torch.device | None = None):
+    """A loader over ``source`` yielding ``(indices, images, bad)``, reading the samples of ``order``.
 
     Random augmentation is drawn per sample from (seed, epoch, sample), so it does not depend on ``workers``.
+    A source whose images were decoded once (``source.decoded``, see :func:`labelkit.data.keep_decoded`) with a transform
+    that has a batch form (``transform.batch``) is read from memory and transformed a batch at a time, on
+    ``device`` if given (the images then come on it).
     """
+    decoded, batch = getattr(source, "decoded", None), getattr(transform, "batch", None)
+    if source.map_style and decoded is not None and batch is not None:
+        return _DecodedLoader(decoded, batch, _map_indices(source, order), order, device)
     generator = torch.Generator().manual_seed(order.seed * 100003 + order.epoch)
     common = dict(batch_size=order.batch_size, num_workers=workers, collate_fn=_collate, drop_last=False,
                   generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
     if source.map_style:
-        indices = np.arange(len(source)) if order.keep is None else np.flatnonzero(order.keep)
-        if order.shuffle:
-            indices = np.random.default_rng([order.seed, order.epoch]).permutation(indices)
-        indices = rank_slice(indices, order.rank, order.world)[order.skip_batches * order.batch_size:]
+        indices = _map_indices(source, order)
         return DataLoader(_MapDataset(source, indices, transform, order.seed, order.epoch), shuffle=False, **common)
     return DataLoader(_ShardDataset(source, transform, order), **common)
+
+
+def _map_indices(source: Source, order: Order) -> np.ndarray:
+    """The samples this rank reads in a pass of ``order``, in order, from its starting batch."""
+    indices = np.arange(len(source)) if order.keep is None else np.flatnonzero(order.keep)
+    if order.shuffle:
+        indices = np.random.default_rng([order.seed, order.epoch]).permutation(indices)
+    return rank_slice(indices, order.rank, order.world)[order.skip_batches * order.batch_size:]
+
+
+class _DecodedLoader:
+    """Batches of decoded images (:class:`~labelkit.data.Decoded`) through a batch transform, in the order and
+    with the per-sample seeds of the per-sample path."""
+
+    def __init__(self, decoded, transform, indices: np.ndarray, order: Order, device: torch.device | None):
+        self.decoded, self.transform, self.indices, self.order = decoded, transform, indices, order
+        self.device = device
+        self.unreadable = np.zeros(len(decoded.pixels), dtype=bool)
+        self.unreadable[list(decoded.bad)] = True
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.order.batch_size)
+
+    def __iter__(self):
+        size, base = self.order.batch_size, _sample_seed(self.order.seed, self.order.epoch, 0)
+        for start in range(0, len(self.indices), size):
+            chunk = self.indices[start:start + size]
+            failed = self.unreadable[chunk]
+            bad = [(int(i), self.decoded.bad[int(i)]) for i in chunk[failed]]
+            good = chunk[~failed]
+            if len(good) == 0:
+                yield torch.zeros(0, dtype=torch.long), None, bad
+                continue
+            seeds = (np.uint64(base) + good.astype(np.uint64)) % np.uint64(1 << 63)  # _sample_seed of each
+            pixels = self.decoded.batch(good)
+            images = self.transform(pixels if self.device is None else pixels.to(self.device, non_blocking=True), seeds)
+            yield torch.from_numpy(good.astype(np.int64)), images, bad

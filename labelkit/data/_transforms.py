@@ -65,7 +65,17 @@ def train_transform(image_size: int, augmentation: Augmentation | None = None,
     if a.heavy:
         steps.append(T.RandomChoice([T.RandomEqualize(1.0), T.RandomAutocontrast(1.0), T.RandomAdjustSharpness(2.0, 1.0)]))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+    return _with_batch_form(T.Compose(steps), None if a.heavy else  # equalize has no batch form here
+                            dict(size=image_size, augmentation=a, mean=tuple(mean), std=tuple(std)))
+
+
+def _with_batch_form(transform, form: dict | None):
+    """``transform`` with ``.batch``: the same transform on a batch of decoded images (see
+    :class:`~labelkit.data.BatchTransform`), used where a run decoded its images once."""
+    from ._decoded import BatchTransform
+
+    transform.batch = BatchTransform(**form) if form is not None else None
+    return transform
 
 
 def augmentation_preset(name: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -87,7 +97,8 @@ def eval_transform(image_size: int, crop_pct: float | None = None, mean=IMAGENET
         resize = [T.Resize((image_size, image_size), antialias=True)]
     else:
         resize = [T.Resize(int(math.floor(image_size / crop_pct)), antialias=True), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+    return _with_batch_form(T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)]),
+                            dict(size=image_size, crop=min(1.0, crop_pct), mean=tuple(mean), std=tuple(std)))
 
 
 def pretrained_transforms(backbone, augment: str) -> tuple[object, object, dict]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..data import Order, SkipLog, batches_per_rank, make_loader, resolve
+from ..data import Order, SkipLog, batches_per_rank, keep_decoded, make_loader, resolve
 from ..errors import ConfigError, Preempted
 from ._distributed import from_environment
 from ._loop import Reporter, RunDir, learning_rate, resolve_device, seed_everything, train_step
@@ -120,6 +120,25 @@ class Job:
             torch.set_rng_state(saved["rng"])
         return True
 
+    def decode_images(self, image_size: int) -> None:
+        """Decode the images once for every pass of the run, where they fit (see
+        :func:`labelkit.data.keep_decoded`): a quarter of the free memory, else a file in the feature cache
+        (one process only: under torchrun each rank keeps its own copy in memory or none)."""
+        from .._util.system import system_memory_available
+
+        config = self.config
+        folder = None
+        if self.dist.world == 1:
+            folder = getattr(config, "feature_cache", None) or self.run_dir.out / "features"
+        began = time.perf_counter()
+        self.reporter.phase("decode", batches_per_rank(self.source, None, 256))
+        chosen = keep_decoded(self.source, image_size, budget=system_memory_available() // 4, folder=folder,
+                              workers=config.workers, on_bad=self.skips.add, progress=self.reporter.advance)
+        self.reporter.end_phase()
+        if chosen is not None and not self.resumed:
+            self.log({"type": "decoded", "side": chosen[0], "where": chosen[1],
+                      "seconds": round(time.perf_counter() - began, 2)})
+
     def announce(self, model: torch.nn.Module, **details) -> dict:
         """Tell the reporter what the job is about to do: data, model and checkpoint size, resume point."""
         parameters = sum(p.numel() for p in model.parameters())
@@ -215,7 +234,7 @@ class Job:
         def batches(start: int):
             order = Order(batch_size, shuffle=True, seed=config.seed, epoch=self.epoch, rank=dist.rank,
                           world=dist.world, keep=keep, skip_batches=start)
-            return make_loader(self.source, transform, order, workers=config.workers)
+            return make_loader(self.source, transform, order, workers=config.workers, device=self.device)
 
         steps = batches_per_rank(self.source, keep, batch_size, world=dist.world, workers=config.workers,
                                  seed=config.seed, epoch=self.epoch, shuffle=True)

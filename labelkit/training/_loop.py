@@ -118,16 +118,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_de
 
 
 def model_to(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``model`` on ``device``; channels_last on CUDA, the layout its bf16 convolutions run fastest in (the
-    images follow, see :func:`images_to`)."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    """``model`` on ``device``, channels_last: the layout convolutions run fastest in with cuDNN's bf16 and with
+    oneDNN on a CPU (the images follow, see :func:`images_to`). Measured on a 2-core AMD EPYC, training images/s:
+    labelkit_cnn at 16 px +7-23 %, ResNet-18 at 96 px +13 %, AlexNet at 32 px +10 %; its label pass about 2x."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch on ``device``, channels_last on CUDA to match :func:`model_to`."""
+    """A batch on ``device``; images (4-d) channels_last to match :func:`model_to`."""
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
 def train_step(model: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -155,7 +155,7 @@ def extract_features(model_features, dim: int, source: Source, transform, order:
     from (``order.seed``, ``order.epoch``, sample). With a ``sink(rows, features)`` (e.g. adding to a
     :class:`~labelkit.solver.FeatureWriter`) the features go there and the first value returned is None:
     nothing of size N x dim is held."""
-    loader = make_loader(source, transform, order, workers=workers)
+    loader = make_loader(source, transform, order, workers=workers, device=device)
     features = torch.zeros((len(source), dim), dtype=torch.float32) if sink is None else None
     seen = np.zeros(len(source), dtype=bool)
     reporter.phase("label", batches_per_rank(source, order.keep, order.batch_size, world=order.world, workers=workers))

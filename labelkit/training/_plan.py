@@ -150,9 +150,10 @@ def _bytes(count: float) -> str:
 
 
 def make_plan(options: dict, config_file: str | None = None, *, recipe: str | None = None, budget: str | None = None,
-              resume: bool = False, probe: bool = True) -> Plan:
+              resume: bool = False, probe: bool | None = None) -> Plan:
     """Resolve a ``generate`` run: recipe (``auto`` by default for data without one), options, config file,
-    budget. ``probe=False`` skips the timing probe (estimates are then left out)."""
+    budget. The timing probe runs where it decides something -- a budget sets the epochs -- or where ``probe``
+    asks for the estimates (a dry run); ``probe=False`` never runs it (estimates are then left out)."""
     from ..data import is_embedding_spec, resolve
 
     seconds, distributed = check_recipe_and_budget(recipe, RECIPE_NAMES, budget)
@@ -200,7 +201,8 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
 
     if os.environ.get("RANK", "0") == "0":  # before the probe: a folder in use is refused in seconds (rank 0
         check_run_dir(plan.config.out, resume=False)  # alone: the others may look after it wrote config.json)
-    if probe and not plan.config.frozen and not distributed:
+    fits = plan.budget is not None and "epochs" not in chosen
+    if (probe or (probe is None and fits)) and not plan.config.frozen and not distributed:
         _fit_budget(plan, source or resolve(plan.config.data), epochs_given="epochs" in chosen,
                     steps_given="label_steps" in chosen)
     return plan

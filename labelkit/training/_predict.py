@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artefact import Artefact, producer_versions, read_artefact
-from ..data import Order, SkipLog, Source, resolve, run_transforms
+from ..data import Order, SkipLog, Source, keep_decoded, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import SelaModel, create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
@@ -86,7 +86,7 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
     skips = SkipLog(source)
     try:
         features, seen = _features(model, record, source, skips, batch_size=batch_size, workers=workers,
-                                   device=dev, dist=dist, reporter=reporter)
+                                   device=dev, dist=dist, reporter=reporter, run_dir=model_dir)
         rows = np.flatnonzero(seen)
         with torch.no_grad():
             logits = [torch.cat([torch.nn.functional.linear(features[i:i + 65536].to(dev), *_weights(model, h))
@@ -116,7 +116,7 @@ def _weights(model: SelaModel, h: int):
 
 
 def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *, batch_size, workers, device,
-              dist, reporter) -> tuple[torch.Tensor, np.ndarray]:
+              dist, reporter, run_dir=None) -> tuple[torch.Tensor, np.ndarray]:
     """The features the heads read, for the samples that could be read (every rank gets all of them)."""
     if not source.has_pixels:
         skips.skipped.update(source.check_finite(skip=True))
@@ -130,6 +130,9 @@ def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *,
     config = record.get("config", {})
     backbone = model.backbone.net if "frozen" in record else model.backbone
     transform = run_transforms(backbone, record["image_size"], "none", bool(config.get("pretrained")))[0]
+    if run_dir is not None:  # the images a run on the same data left decoded in its folder (see keep_decoded)
+        folder = config.get("feature_cache") or Path(run_dir) / "features"
+        keep_decoded(source, record["image_size"], budget=0, folder=folder, existing_only=True)
     dim = feature_dim(model.backbone)
     features, seen = extract_features(model.features, dim, source, transform,
                                       Order(batch_size, rank=dist.rank, world=dist.world), workers=workers,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Order, SkipLog, Source, resolve, run_transforms
+from ..data import Order, SkipLog, Source, keep_decoded, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import create_backbone, feature_dim
 from ._loop import Reporter, extract_features, model_to, resolve_device
@@ -69,6 +69,8 @@ def features_of(backbone, source: Source, transform, *, cache: Path | None, batc
 
     dist, dev = from_environment(resolve_device(device))
     backbone = model_to(backbone, dev)
+    if cache is not None and getattr(transform, "batch", None) is not None:  # images the run left decoded
+        keep_decoded(source, transform.batch.size, budget=0, folder=cache / "features", existing_only=True)
     features, seen = extract_features(backbone, feature_dim(backbone), source, transform,
                                       Order(batch_size, rank=dist.rank, world=dist.world), workers=workers, device=dev,
                                       skips=SkipLog(source), reporter=reporter if dist.main and reporter else Reporter())

@@ -251,6 +251,8 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             schedule.discard(0)
         job.label_schedule = schedule
         job.announce(model, heads=ks, label_steps=len(schedule))
+        if not config.pretrained:  # a pretrained backbone's own transforms work per sample
+            job.decode_images(config.image_size)
         train_model = job.parallel(model)
         transforms = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph

@@ -4,15 +4,17 @@ assumed."""
 
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import torch
 
-from ..data import Order, augmentation_preset, eval_transform, make_loader
+from ..data import Order, augmentation_preset, decoding, eval_transform, make_loader
 from ..solver import Algorithm, Storage, kernel_path, solve
 from ._config import memory_bytes
 from ._graph import GRAPH_THUMBNAIL
-from ._loop import resolve_device
+from ._loop import images_to, model_to, resolve_device
 from ._models import SelaModel, create_backbone, feature_dim
 
 __all__ = []
@@ -30,12 +32,18 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
         ks = config.head_clusters() if solves else ks
         backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
                                    init_partial=config.init_partial)
-        model = SelaModel(backbone, ks, getattr(config, "head_temperature", None)).to(device)
+        model = model_to(SelaModel(backbone, ks, getattr(config, "head_temperature", None)), device)
         dim = feature_dim(model.backbone)
         startup = time.perf_counter() - started
         batch = min(config.batch_size, max(8, len(source) // 4))  # at least one timed batch after the first
-        train_rate = _train_rate(model, config, source, batch, device)
-        label_rate = _label_rate(model, config, source, batch, device)
+        decoded = _decoded_side(config, source)
+        if decoded is None:
+            train_rate = _train_rate(model, config, source, batch, device)
+            label_rate = _label_rate(model, config, source, batch, device)
+            decode_s = 0.0
+        else:  # the run decodes the images once and augments them by the batch: time that path
+            train_rate, label_rate = _batched_rates(model, config, decoded, batch, device)
+            decode_s = _decode_seconds(source, decoded)
         # the path the run will take at full size, timed on a sample of rows from features of the run's width
         path = kernel_path(len(source), max(ks), device, memory_bytes(getattr(config, "label_memory", None)),
                            scratch=config.out)
@@ -45,12 +53,65 @@ def _probe(config, source, ks: list[int] | None = None) -> dict:
         torch.set_rng_state(state)
     side = min(config.image_size, GRAPH_THUMBNAIL)
     return {"train_images_per_s": round(train_rate, 1), "label_images_per_s": round(label_rate, 1),
-            "solve_s_per_step": round(solve_s, 3), "startup_s": round(startup + 2.0, 2),
+            "solve_s_per_step": round(solve_s, 3), "startup_s": round(startup + 2.0 + decode_s, 2),
+            "decoded_side": decoded, "decode_s": round(decode_s, 2),
             # the graph start: one thumbnail pass (decoding dominates, as in the label pass) and the spectral
             # embedding (measured: 4.8 s for 10,782 samples on 2 cores, close to linear in N)
             "graph_s": round(len(source) / label_rate + 4.5e-4 * len(source), 2),
             "feature_dim": int(dim), "kernel": path if solves else None, "thumbnail_pixels": 3 * side * side,
             "checkpoint_bytes": int(checkpoint), "probe_s": round(time.perf_counter() - started, 2)}
+
+
+def _decoded_side(config, source) -> int | None:
+    """The side the run will keep its images decoded at, or None where it reads them per sample."""
+    from .._util.system import system_memory_available
+
+    if getattr(config, "pretrained", False) or getattr(config, "freeze", False) or config.augment == "heavy":
+        return None  # own transforms, cached features, or an augmentation without a batch form: per sample
+    folder = getattr(config, "feature_cache", None) or os.path.join(config.out, "features")
+    chosen = decoding(source, config.image_size, budget=system_memory_available() // 4, folder=folder)
+    return None if chosen is None else chosen[0]
+
+
+def _batched_rates(model, config, side: int, batch: int, device) -> tuple[float, float]:
+    """Images a second of training steps and of the label pass on decoded images (random pixels: the cost
+    does not depend on what they show), each after a first batch."""
+    pixels = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
+    seeds = np.arange(batch, dtype=np.uint64)
+    augment = augmentation_preset(config.augment, config.image_size).batch
+    plain = eval_transform(config.image_size).batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    target = torch.zeros(batch, dtype=torch.long, device=device)
+    for step in range(5):
+        if step == 1:
+            t0 = time.perf_counter()
+        x = images_to(augment(pixels, seeds + np.uint64(step * batch)) if augment else plain(pixels, seeds), device)
+        loss = sum(torch.nn.functional.cross_entropy(out, target) for out in model(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    train = 4 * batch / (time.perf_counter() - t0)
+    model.eval()
+    with torch.no_grad():
+        for step in range(3):
+            if step == 1:
+                t1 = time.perf_counter()
+            model.features(images_to(plain(pixels, seeds), device))
+    return train, 2 * batch / (time.perf_counter() - t1)
+
+
+def _decode_seconds(source, side: int, count: int = 32) -> float:
+    """Seconds to decode every image once, from the time of ``count`` of them."""
+    from PIL import Image
+
+    picked = np.linspace(0, len(source) - 1, min(len(source), count)).astype(np.int64)
+    began = time.perf_counter()
+    for i in picked:
+        try:
+            source.load(int(i)).resize((side, side), Image.BILINEAR)
+        except Exception:  # an undecodable image costs its attempt, as in the run
+            pass
+    return (time.perf_counter() - began) * len(source) / len(picked)
 
 
 def _train_rate(model, config, source, batch: int, device) -> float:
@@ -64,7 +125,7 @@ def _train_rate(model, config, source, batch: int, device) -> float:
             continue
         if i == 1:  # the first batch pays for worker start-up and lazy initialisation
             t0 = time.perf_counter()
-        x = x.to(device)
+        x = images_to(x, device)
         loss = sum(torch.nn.functional.cross_entropy(out, torch.zeros(len(x), dtype=torch.long, device=device))
                    for out in model(x))
         optimizer.zero_grad()
@@ -87,7 +148,7 @@ def _label_rate(model, config, source, batch: int, device) -> float:
     with torch.no_grad():
         for i, (_indices, x, _bad) in enumerate(loader):
             if x is not None:
-                model.features(x.to(device))
+                model.features(images_to(x, device))
                 seen += len(x)
             if i >= 2:
                 break

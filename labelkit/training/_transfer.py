@@ -136,6 +136,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
             if init_record(backbone):
                 job.log(init_record(backbone))
         job.announce(model, heads=ks, parent=parent.artefact_id, matched=report["matched"])
+        if not config.pretrained:  # a pretrained backbone's own transforms work per sample
+            job.decode_images(config.image_size)
         plain, transform = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         train_model = job.parallel(model)
         job.run_epochs(lambda: job.train_epoch(train_model, transform, targets, optimizer,
