@@ -213,3 +213,39 @@ def test_a_cluster_the_vote_empties_is_kept():
     assert (sizes > 0).all(), sizes
     assert set(np.flatnonzero(result.labels == 2)) <= set(np.flatnonzero(reference == 2))
     assert sizes[2] == round(10 / 3)  # as many as the heads gave it on average
+
+
+def _dense_vote(labels, ks, k, reference, heads):
+    """The vote as first written: an N x K table of votes, argmax per sample (the oracle of the memory-light
+    one), with the same alignment, ties and rounds."""
+    from labelkit.quality._consensus import _ROUNDS, _mapping
+
+    n = labels.shape[1]
+    rows, current = np.arange(n), labels[reference]
+    for rounds in range(1, _ROUNDS + 1):
+        votes = np.zeros((n, k))
+        for h in heads:
+            votes[rows, _mapping(labels[h], ks[h], current, k)[labels[h]]] += 1.0
+        votes[rows, labels[reference] if rounds == 1 else current] += 0.5
+        new = votes.argmax(axis=1)
+        if rounds > 1 and np.array_equal(new, current):
+            break
+        current = new
+    return current, votes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_vote_without_an_n_by_k_table_equals_the_dense_vote(seed):
+    rng = np.random.default_rng(seed)
+    n, ks = 3000, [10, 10, 10, 30, 7]
+    truth = rng.integers(0, 10, n)
+    labels = np.stack([np.where(rng.random(n) < 0.6, (truth * k) // 10, rng.integers(0, k, n)) for k in ks])
+    result = consensus_labels(labels, ks, reference=1)
+    expected, _ = _dense_vote(labels, ks, 10, 1, list(range(5)))
+    assert np.bincount(expected, minlength=10).min() > 0  # no cluster emptied: the refill (tested below) is idle
+    np.testing.assert_array_equal(result.labels, expected)
+    ties = labels[:3, :500].copy()  # three K=10 heads, often one vote each: the ties decide
+    ties[1] = rng.integers(0, 10, 500)
+    ties[2] = rng.integers(0, 10, 500)
+    np.testing.assert_array_equal(consensus_labels(ties, [10] * 3, reference=0).labels,
+                                  _dense_vote(ties, [10] * 3, 10, 0, [0, 1, 2])[0])

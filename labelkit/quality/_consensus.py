@@ -80,17 +80,37 @@ def _medoid(labels: np.ndarray, group: list[int], heads: list[int]) -> int:
     return group[int(np.argmax(mean))]
 
 
-def _keep_every_cluster(labels: np.ndarray, votes: np.ndarray, voters: int) -> np.ndarray:
+def _votes(mapped: np.ndarray, tie: np.ndarray, values) -> np.ndarray:
+    """Each sample's vote for ``values`` (one per sample, or one cluster for all): the heads whose aligned label
+    it is, plus 0.5 where it is the tie-breaking label. Never an N x K table: T passes over (T, N) labels."""
+    return (mapped == values).sum(axis=0) + 0.5 * (tie == values)
+
+
+def _vote(mapped: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """The label with the most votes of each sample (see :func:`_votes`); equal votes go to the smaller label,
+    as an argmax over the K clusters would."""
+    best_label, best_votes = None, None
+    for candidate in mapped:  # the winner is one of the labels the heads voted for
+        votes = _votes(mapped, tie, candidate)
+        if best_label is None:
+            best_label, best_votes = candidate.copy(), votes
+            continue
+        better = (votes > best_votes) | ((votes == best_votes) & (candidate < best_label))
+        best_label[better], best_votes[better] = candidate[better], votes[better]
+    return best_label
+
+
+def _keep_every_cluster(labels: np.ndarray, mapped: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
     """A cluster that the vote left empty takes back the samples that voted for it most nearly (smallest vote
     margin first), as many as the heads gave it on average, from clusters that keep at least one sample: when
     every head holds all K clusters (as the solver's floor makes them), so does their consensus."""
     labels = labels.copy()
-    k = votes.shape[1]
     sizes = np.bincount(labels, minlength=k)
     for c in np.flatnonzero(sizes == 0):
-        support = np.flatnonzero(votes[:, c] > 0)
-        margin = votes[support, labels[support]] - votes[support, c]
-        want = max(1, int(round(votes[:, c].sum() / voters)))
+        for_c = _votes(mapped, tie, c)
+        support = np.flatnonzero(for_c > 0)
+        margin = _votes(mapped[:, support], tie[support], labels[support]) - for_c[support]
+        want = max(1, int(round(for_c.sum() / len(mapped))))
         for i in support[np.argsort(margin, kind="stable")].tolist():
             if want == 0:
                 break
@@ -128,23 +148,16 @@ def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: 
     elif ks[reference] != k:
         raise ConfigError(f"the reference head {reference} has K={ks[reference]}, not K={k}")
 
-    n = labels.shape[1]
-    rows = np.arange(n)
     current = labels[reference]
     for rounds in range(1, _ROUNDS + 1):
-        votes = np.zeros((n, k), dtype=np.float64)
-        mapped = []
-        for h in heads:
-            aligned = _mapping(labels[h], ks[h], current, k)[labels[h]]
-            mapped.append(aligned)
-            votes[rows, aligned] += 1.0
-        votes[rows, labels[reference] if rounds == 1 else current] += 0.5  # ties: the reference, then the last vote
-        new = votes.argmax(axis=1)
+        mapped = np.stack([_mapping(labels[h], ks[h], current, k)[labels[h]] for h in heads])
+        tie = labels[reference] if rounds == 1 else current  # ties: the reference, then the last vote
+        new = _vote(mapped, tie)
         if rounds > 1 and np.array_equal(new, current):
             break
         current = new
-    current = _keep_every_cluster(current, votes, len(heads))
-    scores = (np.stack(mapped) == current).mean(axis=0).astype(np.float32)
+    current = _keep_every_cluster(current, mapped, tie, k)
+    scores = (mapped == current).mean(axis=0).astype(np.float32)
     return ConsensusResult(labels=current, scores=scores, k=k, reference=int(reference), heads=heads,
                            agreement=[agreement(m, current)["nmi"] for m in mapped], rounds=rounds)
 
