@@ -135,3 +135,26 @@ def test_above_the_memory_budget_the_images_are_memory_mapped_and_reused(tmp_pat
     for i in in_memory:
         torch.testing.assert_close(mapped[i], in_memory[i], rtol=0, atol=0)
     assert keep_decoded(resolve(spec), 8, budget=0, folder=None) is None  # nowhere to put it: per sample
+
+
+def test_a_file_rewritten_with_the_same_size_is_decoded_again(tmp_path):
+    import os
+
+    root = tmp_path / "f"
+    for i in range(6):
+        write_image(root / "a" / f"{i}.png", size=(10, 10), seed=i)
+    first = resolve(str(root))
+    assert keep_decoded(first, 8, budget=0, folder=tmp_path / "cache") == (10, "file")
+    victim = root / "a" / "3.png"
+    before = victim.stat()
+    write_image(victim, size=(10, 10), seed=99)  # other pixels
+    data = victim.read_bytes()
+    victim.write_bytes(data[: before.st_size].ljust(before.st_size, b"\0") if len(data) > before.st_size else
+                       data + b"\0" * (before.st_size - len(data)))  # padded or cut to the old size
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert victim.stat().st_size == before.st_size
+    second = resolve(str(root))
+    keep_decoded(second, 8, budget=0, folder=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("decoded-*.npy"))) == 2  # a new copy, not the stale one
+    i = second.ids.index("a/3.png")
+    assert not np.array_equal(np.asarray(second.decoded.pixels[i]), np.asarray(first.decoded.pixels[i]))

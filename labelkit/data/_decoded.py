@@ -191,7 +191,7 @@ def decode_images(source: Source, size: int, *, budget: int, folder: str | os.Pa
     if nbytes > budget:
         if folder is None:
             return None
-        key = hashlib.sha256(f"{source.fingerprint}\n{source.content['sha256']}\n{size}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{source.fingerprint}\n{_stamp(source)}\n{size}".encode()).hexdigest()[:20]
         path = Path(folder) / f"decoded-{key}.npy"
         if path.is_file() and path.with_suffix(".json").is_file():
             bad = {int(i): reason for i, reason in json.loads(path.with_suffix(".json").read_text()).items()}
@@ -203,6 +203,20 @@ def decode_images(source: Source, size: int, *, budget: int, folder: str | os.Pa
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     return _decode(source, size, path, workers, on_bad, progress)
+
+
+def _stamp(source: Source) -> str:
+    """What a decoded file must match besides the ids: for local files, each one's size and modification time (a
+    file rewritten with the same size is decoded again, never served stale); for other sources, their content
+    fingerprint (the bytes of an array, the sizes of remote files)."""
+    root = getattr(source, "root", None)
+    if not isinstance(root, Path):
+        return source.content["sha256"]
+    digest = hashlib.sha256()
+    for sample_id in source.ids:
+        stat = os.stat(root / sample_id)
+        digest.update(f"{sample_id}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _decode(source: Source, size: int, path: Path | None, workers: int, on_bad, progress) -> Decoded:
