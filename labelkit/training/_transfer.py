@@ -148,8 +148,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
                            source.targets[done] if source.has_truth else None)
         job.log({"type": "quality", **quality})
         method = {"name": "transfer", "config": config.to_dict(), "quality": quality}
-        if plan or job.plan:
-            method["recipe"] = plan or job.plan
+        if job.plan:
+            method["recipe"] = job.plan
         if job.stopped_early:
             method["stopped_early"] = job.stopped_early
         artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
