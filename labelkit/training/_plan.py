@@ -159,13 +159,7 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
     seconds, distributed = check_recipe_and_budget(recipe, RECIPE_NAMES, budget)
     if resume:  # the plan was made when the run started: the saved configuration and what it was chosen from
         return resumed_plan(resolve_config(options, config_file, resume=True))
-    given = {k: v for k, v in options.items() if v is not None}
-    from_file = {}
-    if config_file:
-        from ._config import read_config_file
-
-        from_file = read_config_file(config_file)
-    chosen = {**from_file, **given}
+    chosen = chosen_options(options, config_file)
     data = chosen.get("data", SelaConfig.data)
     name = recipe or ("digits" if data in RECIPES else "auto")
     base = resolve_config(options, config_file, recipes=_recipes_for(name, data))
@@ -197,15 +191,30 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
         seconds = DEFAULT_CPU_BUDGET
         plan.reasons["budget"] = f"{_clock(seconds)} (the default on a CPU; --budget changes it)"
     plan.budget = seconds
-    from ._loop import check_run_dir
 
-    if os.environ.get("RANK", "0") == "0":  # before the probe: a folder in use is refused in seconds (rank 0
-        check_run_dir(plan.config.out, resume=False)  # alone: the others may look after it wrote config.json)
+    refuse_used_out(plan.config.out)
     fits = plan.budget is not None and "epochs" not in chosen
     if (probe or (probe is None and fits)) and not plan.config.frozen and not distributed:
         _fit_budget(plan, source or resolve(plan.config.data), epochs_given="epochs" in chosen,
                     steps_given="label_steps" in chosen)
     return plan
+
+
+def chosen_options(options: dict, config_file: str | None) -> dict:
+    """What the user chose: the config file's options under the command line's (``None``: not given)."""
+    from ._config import read_config_file
+
+    return {**(read_config_file(config_file) if config_file else {}),
+            **{k: v for k, v in options.items() if v is not None}}
+
+
+def refuse_used_out(out) -> None:
+    """Before the probe: a run folder in use is refused in seconds (by rank 0 alone: the others may look after
+    it wrote config.json)."""
+    from ._loop import check_run_dir
+
+    if os.environ.get("RANK", "0") == "0":
+        check_run_dir(out, resume=False)
 
 
 def check_recipe_and_budget(recipe: str | None, names: tuple, budget: str | None) -> tuple[float | None, bool]:

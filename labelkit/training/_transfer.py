@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from ..artefact import Artefact, producer_versions, read_artefact
-from ._config import TRANSFER_RECIPE_NAMES, TRANSFER_RECIPES, TransferConfig, read_config_file, resolve_config
+from ._config import TRANSFER_RECIPE_NAMES, TRANSFER_RECIPES, TransferConfig, resolve_config
 from ..errors import ConfigError, DataError
 from ..data import batches_per_rank, is_embedding_spec, resolve, run_transforms
 from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
 from ..quality import agreement, parse_heads
-from ._loop import Reporter, autocast, check_run_dir, images_to, make_optimizer, model_to, seed_everything
+from ._loop import Reporter, autocast, images_to, make_optimizer, model_to, seed_everything
 from ._plan import (BUDGET_SHARE, DEFAULT_CPU_BUDGET, BudgetError, Plan, _clock, check_memory,
-                    check_recipe_and_budget, resumed_plan)
+                    check_recipe_and_budget, chosen_options, refuse_used_out, resumed_plan)
 from ._recipe import machine_info
 from ._timing import _probe
 
@@ -201,8 +201,7 @@ def plan_transfer(options: dict, config_file: str | None = None, *, recipe: str 
     if resume:
         return resumed_plan(resolve_config(options, config_file, cls=TransferConfig, recipes=TRANSFER_RECIPES,
                                            resume=True))
-    chosen = {**(read_config_file(config_file) if config_file else {}),
-              **{k: v for k, v in options.items() if v is not None}}
+    chosen = chosen_options(options, config_file)
     if not chosen.get("labels"):
         raise ConfigError("transfer needs the label artefact (or the run directory) to learn from")
     parent = read_artefact(chosen["labels"])
@@ -217,8 +216,7 @@ def plan_transfer(options: dict, config_file: str | None = None, *, recipe: str 
         seconds = DEFAULT_CPU_BUDGET
         plan.reasons["budget"] = f"{_clock(seconds)} (the default on a CPU; --budget changes it)"
     plan.budget = seconds
-    if os.environ.get("RANK", "0") == "0":  # before the probe: a folder in use is refused in seconds
-        check_run_dir(config.out, resume=False)
+    refuse_used_out(config.out)
     if not distributed and (probe or (seconds is not None and "epochs" not in chosen)):  # the budget needs it
         _estimate(plan, source, ks, fit_epochs=seconds is not None and "epochs" not in chosen)
     return plan
