@@ -37,6 +37,14 @@ def _print_summary(summary: dict) -> None:
         else:
             sizes = f"{head['size_min']:>10}{head['size_max']:>10}{head['size_mean']:>10.1f}{head['empty']:>7}"
         click.echo(f"  {head['name']:<8}{head['k']:>7}{sizes}" + ("  consensus of the others" if h == voted else ""))
+    for head in summary["heads"]:
+        if head["names"] is not None:
+            named = [(c, n) for c, n in enumerate(head["names"]) if n is not None]
+            shown = ", ".join(f"{c}={n}" for c, n in named[:12]) + (", …" if len(named) > 12 else "")
+            click.echo(f"names      {head['name']}: {len(named)} of {head['k']} named: {shown}")
+        if head["status"] is not None:
+            counts = {s: head["status"].count(s) for s in dict.fromkeys(head["status"])}
+            click.echo(f"reviewed   {head['name']}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     if summary.get("read", {}).get("footer_only"):
         click.echo("sizes      not read: only the footer of this remote file was fetched (--full reads the labels)")
     which = (method.get("quality") or {}).get("recommended_k")
@@ -143,8 +151,11 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
 @click.option("--truth", default=None, metavar="SPEC", help="hub: also measure and show metrics against this truth.")
 @click.option("--rows-per-file", type=click.IntRange(min=1), default=None,
               help="hub: rows per Parquet file (default 5,000,000).")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None, metavar="C",
+              help="Only the samples whose confidence (the primary head's score) is at least C; the rest are "
+                   "left out and counted.")
 def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, source_datasets, truth,
-           rows_per_file) -> None:
+           rows_per_file, min_confidence) -> None:
     """Export labels for tools outside labelkit, or as a folder ready to upload to the Hugging Face Hub.
 
     \b
@@ -157,6 +168,11 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
 
     art = read_artefact(artefact)
     out = out or output_beside(artefact, "-hub" if fmt == "hub" else f".{fmt}")
+    if min_confidence is not None:
+        whole = art.num_samples
+        art = art.subset(art.confidence() >= min_confidence, {"min_confidence": min_confidence})
+        click.echo(f"confidence >= {min_confidence:g}: {art.num_samples:,} of {whole:,} samples "
+                   f"({art.num_samples / whole:.1%}) exported")
     if fmt != "hub":
         path = export_artefact(art, fmt, out)
         click.echo(f"wrote {path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from labelkit.data import AUGMENTATIONS
@@ -113,8 +115,11 @@ def _clusters(ctx, param, value):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="JSON or TOML file of these options; command-line options win.")
+@click.option("--align-to", default=None, type=click.Path(), metavar="ARTEFACT",
+              help="At the end, also write OUT/labels-aligned.parquet: the labels with the ids (and names) of this "
+                   "earlier artefact's clusters (labelkit align).")
 @click.option("--quiet", is_flag=True, help="No progress bars or epoch lines.")
-def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> None:
+def generate(recipe, budget, dry_run, resume, config_file, quiet, align_to, **options) -> None:
     """Self-label a data set with SeLa and write a label artefact and a checkpoint.
 
     With no options it runs the digits recipe on builtin:digits (about 8 minutes on 2 CPU cores) and prints
@@ -136,8 +141,6 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
     from ._progress import BarReporter, plural
     from ._resume import interrupted
 
-    import os
-
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
     plan = make_plan(options, config_file, recipe=recipe, budget=budget, resume=resume,
                      probe=True if dry_run else None)  # otherwise only where a budget sets the epochs
@@ -147,6 +150,10 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
             click.echo(line, err=not dry_run)
     if dry_run:
         return
+    if align_to and main_rank:
+        from labelkit.artefact import read_header
+
+        read_header(align_to)  # a wrong path fails now, not after the run
     with interrupted("generate", config.out):
         run = run_sela(config, resume=resume, reporter=BarReporter(quiet) if main_rank else None,
                        plan=None if resume else plan.record())
@@ -172,6 +179,8 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
     elif run.consensus:
         c = run.consensus
         click.echo(f"consensus, head {c['head']} (K={c['k']}): heads agree with it on {c['mean_score']:.1%} of votes")
+    if align_to:
+        _align_run(run.artefact, align_to)
     which = (run.quality or {}).get("recommended_k")
     if which:
         click.echo("which K (no ground truth used): k-means = AMI with k-means of K clusters on the label step's "
@@ -181,6 +190,20 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, **options) -> 
             cells = [row[name] for name in ("agreement_kmeans", "agreement_heads", "stability", "generalisation", "balance")]
             text = " ".join("        -" if v is None else f"{v:>9.3f}" for v in cells)
             click.echo(f"  {row['k']:>6} {text}{'   <- recommended' if row['k'] == which['k'] else ''}")
+
+
+def _align_run(labels, old) -> None:
+    from labelkit.artefact import read_artefact
+    from labelkit.quality import align_artefact
+
+    aligned, transitions = align_artefact(read_artefact(labels), read_artefact(old))
+    out = os.path.join(os.path.dirname(labels), "labels-aligned.parquet")
+    aligned.write(out)
+    for t in transitions:
+        counts = ", ".join(f"{n} {kind}" for kind, n in t.counts().items())
+        click.echo(f"aligned head {t.head} to {old}: ids held on {t.held:.1%} of {t.common:,} common samples "
+                   f"({t.held_before:.1%} before); {counts}")
+    click.echo(f"wrote {out} (labelkit diff {old} {out} lists the changes)")
 
 
 COMMANDS = [generate]

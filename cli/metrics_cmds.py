@@ -28,9 +28,11 @@ def _fmt(value, digits=4):
 @click.option("--min-coverage", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="Fail when fewer of the artefact's samples than this share have a reference label.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--per-cluster", is_flag=True,
+              help="Also a table of every cluster: name, size, majority reference label, purity, entropy.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write cluster-size and per-cluster-entropy histograms to this PNG.")
-def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plot) -> None:
+def metrics(artefact, truth, against, heads, average, min_coverage, as_json, per_cluster, plot) -> None:
     """NMI, AMI, ARI, accuracy, purity, per-cluster entropy and cluster sizes, per head.
 
     With neither --truth nor --against: label-free quality per head (agreement with the other heads of its K,
@@ -47,14 +49,16 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
     if truth is None and against is None:
         _label_free(artefact, label_free(art, heads), as_json)
         return
-    result = score_artefact(art, truth=truth, against=against, heads=heads, min_coverage=min_coverage, average=average)
+    result = score_artefact(art, truth=truth, against=against, heads=heads, min_coverage=min_coverage, average=average,
+                            per_cluster=per_cluster)
     if plot:
         from labelkit.report import metrics_figure
 
         metrics_figure([art.cluster_sizes(h["head"]) for h in result["heads"]], result, plot)
     if as_json:
         out = {k: v for k, v in result.items() if k != "heads"}
-        out["heads"] = [{k: h.get(k) for k in _JSON_KEYS} for h in result["heads"]]
+        out["heads"] = [{k: h.get(k) for k in _JSON_KEYS + (("clusters",) if per_cluster else ())}
+                        for h in result["heads"]]
         click.echo(json.dumps(out, indent=2))
         return
     from labelkit._util.remote import redact
@@ -68,6 +72,13 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, plo
         click.echo(f"{h['head']:>4} {h['k']:>6} {_fmt(h['nmi'])} {_fmt(h['ami'])} {_fmt(h['ari'])} "
                    f"{_fmt(h['accuracy']):>7} {_fmt(h['purity'])} {_fmt(h['entropy_mean'], 3):>7} "
                    f"{str(h['size_min']) + '..' + str(h['size_max']):>15} {h['empty']:>6}")
+    for h in result["heads"] if per_cluster else ():
+        click.echo(f"head {h['head']}: {'cluster':>7} {'name':<20} {'size':>8} {'majority':>9} {'purity':>7} "
+                   f"{'entropy':>7}")
+        for row in h["clusters"]:
+            cells = [_fmt(row[key], 3) for key in ("purity", "entropy")]
+            click.echo(f"        {row['cluster']:>7} {(row['name'] or '-')[:20]:<20} {row['size']:>8,} "
+                       f"{'-' if row['majority'] is None else row['majority']:>9} {cells[0]:>7} {cells[1]:>7}")
     if plot:
         click.echo(f"wrote {plot}")
 
@@ -103,7 +114,9 @@ def _label_free(path: str, result: dict, as_json: bool) -> None:
 def consensus(artefact, out, k, reference, heads) -> None:
     """Align the heads of an artefact (Hungarian matching for the same K, contingency for others) and vote.
 
-    The result has one head and a score column (the share of heads that agree with each label); its parent
+    The result has one head and a score column (each label's confidence: the mean over the voting heads of
+    their probability of their label where they agree with it, 0 where not; without head scores, the share of
+    heads that agree); its parent
     is ARTEFACT.
 
     Example: labelkit consensus runs/digits        # writes runs/digits/labels-consensus.parquet

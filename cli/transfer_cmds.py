@@ -47,6 +47,8 @@ def _d(name: str) -> str:
               help=f"paper; heavy adds equalize/autocontrast/sharpness, which fixed labels allow {_d('augment')}.")
 @click.option("--min-coverage", type=click.FloatRange(0, 1), default=None,
               help=f"Stop when fewer samples than this share join the labels by id {_d('min_coverage')}.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None, metavar="C",
+              help="Train only on labels at least this confident (the artefact's primary score) [all labels].")
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
@@ -94,6 +96,9 @@ def transfer(artefact, recipe, budget, dry_run, resume, config_file, quiet, **op
         return
     click.echo(f"joined {run.matched:,} samples ({run.missing_labels:,} without a label, "
                f"{run.missing_samples:,} labels without a sample)")
+    if "confident" in run.join:
+        click.echo(f"trained on the {run.join['confident']:,} samples whose labels are at least "
+                   f"{options['min_confidence']:g} confident ({run.join['confident'] / run.matched:.1%})")
     if run.join["undecodable"]:
         click.echo(f"{run.join['undecodable']:,} sample(s) could not be decoded when the labels were made and "
                    f"have none, e.g. {run.join['undecodable_examples'][0]}")

@@ -26,7 +26,13 @@ _EXPORTS = {
     "export_artefact": "._export",
     "summarize": "._export",
     "EXPORT_FORMATS": "._export",
+    "cluster_names": "._export",
     "export_hub": "._hub",
+    "name_clusters": "._naming",
+    "read_names": "._naming",
+    "read_examples": "._naming",
+    "names_from_examples": "._naming",
+    "relabelling": "._naming",
     "HUB_ROWS_PER_FILE": "._hub",
 }
 

@@ -28,10 +28,28 @@ _MAX_LISTED = 5  # examples named in an error message
 
 @dataclass(frozen=True)
 class Head:
-    """One labelling head: its column name and its number of clusters."""
+    """One labelling head: its column name, its number of clusters and, when given, each cluster's name (None
+    where not named) and review status."""
 
     name: str
     k: int
+    names: tuple[str | None, ...] | None = None
+    status: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_metadata(cls, entry: dict) -> "Head":
+        names, status = entry.get("names"), entry.get("status")
+        return cls(entry["name"], int(entry["k"]), tuple(names) if names is not None else None,
+                   tuple(status) if status is not None else None)
+
+    def cluster_name(self, cluster: int) -> str | None:
+        """The name of one cluster, or None when it has none."""
+        return self.names[cluster] if self.names is not None else None
+
+    def label(self, cluster: int) -> str:
+        """What to show for a cluster: its name, else its number."""
+        name = self.cluster_name(cluster)
+        return name if name is not None else str(cluster)
 
 
 def producer_versions() -> dict[str, str | None]:
@@ -88,6 +106,20 @@ def _id_problems(ids: pa.Array) -> list[str]:
     return problems
 
 
+def _check_count(ids: int, labels: int) -> None:
+    if ids != labels:
+        raise ArtefactError(f"{ids} sample ids but {labels} labels per head; they must match one to one")
+    if labels == 0:
+        raise ArtefactError("an artefact needs at least one sample")
+
+
+def _checked_ids(sample_ids) -> pa.Array:
+    ids = pa.array(sample_ids, type=pa.string()) if not isinstance(sample_ids, pa.Array) else sample_ids
+    if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
+        raise ArtefactError(f"sample_id must be strings, got {ids.type}")
+    return ids
+
+
 def _range_problem(name: str, k: int, labels: np.ndarray, ids: pa.Array) -> str | None:
     if labels.size == 0:
         return None
@@ -105,6 +137,25 @@ def _check_metadata(metadata: dict) -> None:
     errors = sorted(jsonschema.Draft202012Validator(fmt.METADATA_SCHEMA).iter_errors(metadata), key=str)
     if errors:
         raise ArtefactError(f"invalid artefact metadata: {_schema_message(errors[0])}")
+    problems = fmt.curation_problems(metadata["heads"])
+    if problems:
+        raise ArtefactError(f"invalid artefact metadata: {problems[0]}", problems)
+
+
+def _head_entries(ks: list[int], names, status) -> list[dict]:
+    """The metadata's head entries: name and K, with each head's cluster names and status where given."""
+    for given in (names, status):
+        if given is not None and len(given) != len(ks):
+            raise ArtefactError(f"{len(ks)} heads but names or status for {len(given)}")
+    entries = []
+    for h, k in enumerate(ks):
+        entry = {"name": fmt.head_column(h), "k": k}
+        for key, given in (("names", names), ("status", status)):
+            value = given[h] if given is not None else None
+            if value is not None:
+                entry[key] = [None if v is None else str(v) for v in value] if key == "names" else list(value)
+        entries.append(entry)
+    return entries
 
 
 def _head_ks(ks: Sequence[int] | int | None, matrix: np.ndarray) -> list[int]:
@@ -172,7 +223,8 @@ class Artefact:
         data: dict | None = None,
         method: dict | None = None,
         parents: Iterable[str] = (),
-        producer: dict | None = None,
+        names: Sequence[Sequence[str | None] | None] | None = None,
+        status: Sequence[Sequence[str] | None] | None = None,
     ) -> "Artefact":
         """Validate and assemble an artefact; rows are sorted by sample id.
 
@@ -185,16 +237,12 @@ class Artefact:
                 ``spec``, ``fingerprint`` and ``count`` (default: those of ``sample_ids``), ``content``, ``skipped``.
             method: how the labels were made, e.g. ``{"name": "sela", "config": {...}}``.
             parents: artefact ids this one derives from.
+            names, status: per head, None or the K cluster names (None for a cluster not named) and review
+                states (``unreviewed``, ``accepted``, ``rejected``).
         """
-        ids = pa.array(sample_ids, type=pa.string()) if not isinstance(sample_ids, pa.Array) else sample_ids
-        if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
-            raise ArtefactError(f"sample_id must be strings, got {ids.type}")
-        matrix = _as_label_matrix(labels)
+        ids, matrix = _checked_ids(sample_ids), _as_label_matrix(labels)
         heads_n, n = matrix.shape
-        if n != len(ids):
-            raise ArtefactError(f"{len(ids)} sample ids but {n} labels per head; they must match one to one")
-        if n == 0:
-            raise ArtefactError("an artefact needs at least one sample")
+        _check_count(len(ids), n)
         ks = _head_ks(ks, matrix)
         order = pc.sort_indices(ids, sort_keys=[("", "ascending")]) if n > 1 else pa.array([0])
         ids_sorted = ids.take(order).cast(pa.string())
@@ -209,19 +257,27 @@ class Artefact:
         if scores is not None:
             scores = np.asarray(scores, dtype=np.float32).reshape(heads_n, n)[:, order.to_numpy()]
         heads = [(fmt.head_column(h), k, matrix[h]) for h, k in enumerate(ks)]
+        entries = _head_entries(ks, names, status)
         metadata = {
             "format_version": fmt.FORMAT_VERSION,
-            "artefact_id": fmt.compute_artefact_id(ids_sorted, heads),
+            "artefact_id": fmt.compute_artefact_id(ids_sorted, heads, entries),
             "num_samples": n,
-            "heads": [{"name": name, "k": k} for name, k, _ in heads],
+            "heads": entries,
             "data": _data_section(data or {}, ids_sorted),
-            "producer": producer or producer_versions(),
+            "producer": producer_versions(),
             "method": remote.redact_all(method or {"name": "unknown"}),
             "parents": list(parents),
             "created_at": _now(),
         }
         _check_metadata(metadata)
         return cls(_label_table(ids_sorted, matrix, ks, scores), metadata)
+
+    def restamped(self, producer: dict, created_at: str) -> "Artefact":
+        """The same artefact as recorded by another writer at another time (an import of a labelkit export keeps
+        the original's); neither enters the artefact id."""
+        metadata = {**self.metadata, "producer": producer, "created_at": created_at}
+        _check_metadata(metadata)
+        return Artefact(self._table, metadata)
 
     # -- accessors -------------------------------------------------------------------------------------------
     @property
@@ -231,7 +287,26 @@ class Artefact:
 
     @property
     def heads(self) -> list[Head]:
-        return [Head(h["name"], int(h["k"])) for h in self.metadata["heads"]]
+        return [Head.from_metadata(h) for h in self.metadata["heads"]]
+
+    def revise(self, method: dict, *, labels: np.ndarray | None = None, ks: Sequence[int] | None = None,
+               names=None, status=None, parents: Iterable[str] = ()) -> "Artefact":
+        """A new version of these labels whose parent is this artefact: the same sample ids, data and scores,
+        with the labels, K, names or status given replacing this one's (per head lists; None keeps a head's)."""
+        old = self.heads
+        matrix = self.label_matrix() if labels is None else labels
+        ks = [h.k for h in old] if ks is None else list(ks)
+
+        def merged(given, key):
+            given = given or [None] * len(old)
+            return [given[h] if given[h] is not None else getattr(old[h], key) for h in range(len(old))]
+
+        scores = None
+        if all(self.scores(h) is not None for h in range(self.num_heads)):
+            scores = np.stack([self.scores(h) for h in range(self.num_heads)])
+        return Artefact.build(self._table.column(fmt.ID_COLUMN).combine_chunks(), matrix, ks, scores=scores,
+                              data=self.metadata["data"], method=method, parents=[self.artefact_id, *parents],
+                              names=merged(names, "names"), status=merged(status, "status"))
 
     @property
     def num_heads(self) -> int:
@@ -261,6 +336,57 @@ class Artefact:
         """int32 labels of one head, in sample-id order."""
         self._check_head(head)
         return self._table.column(fmt.head_column(head)).to_numpy().astype(np.int32, copy=False)
+
+    @property
+    def primary_head(self) -> int:
+        """The head that holds the artefact's main labels: the consensus head where there is one, else head 0."""
+        voted = (self.metadata["method"].get("consensus") or {}).get("head")
+        return int(voted) if voted is not None else 0
+
+    def confidence(self) -> np.ndarray:
+        """Each sample's confidence: the score of the primary head (see :mod:`labelkit.artefact.format`: the
+        network's probability of the label, or for a consensus head that of the agreeing heads)."""
+        scores = self.scores(self.primary_head)
+        if scores is None:
+            raise ArtefactError(f"artefact {self.artefact_id[:12]} has no score columns, so no confidence; "
+                                "labels from generate, transfer, predict or consensus have them")
+        return scores
+
+    def subset(self, keep: np.ndarray, why: dict) -> "Artefact":
+        """The samples where ``keep`` (a boolean mask in sample-id order) holds, as a new artefact whose parent is
+        this one: the same heads, K, names, data and method, with ``why`` recorded as ``method.subset``."""
+        keep = np.asarray(keep, dtype=bool)
+        rows = np.flatnonzero(keep)
+        scores = None
+        if all(self.scores(h) is not None for h in range(self.num_heads)):
+            scores = np.stack([self.scores(h)[rows] for h in range(self.num_heads)])
+        heads = self.heads
+        return Artefact.build(self.sample_ids[rows].tolist(), self.label_matrix()[:, rows], [h.k for h in heads],
+                              scores=scores, data=self.metadata["data"], parents=[self.artefact_id],
+                              method={**self.metadata["method"], "subset": {**why, "kept": len(rows),
+                                                                            "of": self.num_samples}},
+                              names=[h.names for h in heads], status=[h.status for h in heads])
+
+    def with_novelty(self, novelty: np.ndarray, record: dict) -> "Artefact":
+        """The same artefact with each sample's ``novelty`` score (sample-id order) and ``novel`` flag (past
+        ``record["threshold"]``), and ``record`` as ``method.novelty``; not part of the artefact id."""
+        novelty = np.asarray(novelty, dtype=np.float32)
+        table = self._table.append_column(pa.field(fmt.NOVELTY_COLUMN, pa.float32()), pa.array(novelty))
+        table = table.append_column(pa.field(fmt.NOVEL_COLUMN, pa.bool_()), pa.array(novelty > record["threshold"]))
+        metadata = {**self.metadata, "method": {**self.metadata["method"], "novelty": record}}
+        _check_metadata(metadata)
+        return Artefact(table, metadata)
+
+    def with_name_columns(self) -> "Artefact":
+        """The same artefact with a ``name_H`` column (each sample's cluster name) for every named head, so that
+        SQL and dataframes read names without the metadata."""
+        table = self._table
+        for h, head in enumerate(self.heads):
+            column = fmt.name_column(h)
+            if head.names is not None and column not in table.column_names:
+                lookup = pa.array(list(head.names), pa.string())
+                table = table.append_column(pa.field(column, pa.string()), lookup.take(pa.array(self.labels(h))))
+        return Artefact(table, self.metadata)
 
     def scores(self, head: int = 0) -> np.ndarray | None:
         self._check_head(head)

@@ -43,6 +43,9 @@ def _card_yaml(artefact: Artefact, files: list[tuple[str, int]], license: str, p
 
     dtypes = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32"}
     features = [{"name": field.name, "dtype": dtypes[field.type]} for field in artefact.table.schema]
+    for h, head in enumerate(artefact.heads):
+        if head.names is not None:  # 🤗 datasets then shows the names (ClassLabel.int2str)
+            features[1 + h] = {"name": head.name, "dtype": {"class_label": {"names": _class_names(head)}}}
     front = {
         "license": license,
         "annotations_creators": ["machine-generated"],
@@ -61,6 +64,14 @@ def _card_yaml(artefact: Artefact, files: list[tuple[str, int]], license: str, p
         },
     }
     return yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+
+
+def _class_names(head) -> dict[str, str]:
+    """A ClassLabel's names for every cluster: its name, else its number (``cluster N`` should a name be that
+    number already)."""
+    taken = {n for n in head.names if n is not None}
+    return {str(c): head.names[c] if head.names[c] is not None else (str(c) if str(c) not in taken else f"cluster {c}")
+            for c in range(head.k)}
 
 
 def _provenance_rows(meta: dict) -> list[tuple[str, str]]:
@@ -132,10 +143,18 @@ def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tupl
              "| column | type | meaning |", "|---|---|---|",
              "| `sample_id` | string | the sample's stable id (its path relative to the image root, or its shard key) |"]
     for i, head in enumerate(heads):
-        lines.append(f"| `{head.name}` | int32 | cluster of head {i}, 0 … {head.k - 1} |")
+        named = sum(n is not None for n in head.names or ())
+        lines.append(f"| `{head.name}` | int32 | cluster of head {i}, 0 … {head.k - 1}"
+                     + (f"; {named} of them named (the ClassLabel names in the front matter)" if named else "") + " |")
     for i in range(len(heads)):
         if fmt.score_column(i) in artefact.table.column_names:
             lines.append(f"| `{fmt.score_column(i)}` | float32 | confidence of head {i}'s label |")
+    subset = meta["method"].get("subset")
+    if subset:
+        why = ", ".join(f"{k} {v}" for k, v in subset.items() if k not in ("kept", "of"))
+        lines += ["", f"These are {subset['kept']:,} of the {subset['of']:,} samples of the parent artefact "
+                  f"`{meta['parents'][0][:16]}…`, those with {why.replace('_', ' ')} "
+                  f"({subset['kept'] / subset['of']:.1%} pass)."]
     lines += ["", "Rows are sorted by `sample_id`; the artefact's full metadata (provenance, configuration, lineage) "
               f"is in each Parquet file's schema metadata under the key `{fmt.METADATA_KEY}`.", "",
               "## Provenance", "", "| | |", "|---|---|"]

@@ -114,17 +114,17 @@ def _from_export_json(path: Path) -> Artefact:
     """The artefact a JSON export was written from, whole: the same id, data, method, parents and scores. Labels
     edited since the export make a new artefact whose parent is the exported one."""
     ids, labels, ks, metadata, scores = _load_export_json(path)
-    kept = {"data": metadata.get("data"), "producer": metadata.get("producer")}
+    curation = {key: [head.get(key) for head in metadata["heads"]] for key in ("names", "status")}
     artefact = Artefact.build(ids, labels, ks, scores=scores, method=metadata.get("method"),
-                              parents=metadata.get("parents", ()), **{k: v for k, v in kept.items() if v})
+                              parents=metadata.get("parents", ()), data=metadata.get("data"), **curation)
     if artefact.artefact_id == metadata.get("artefact_id"):
-        artefact.metadata["created_at"] = metadata.get("created_at", artefact.metadata["created_at"])
-        return artefact
+        return artefact.restamped(metadata.get("producer") or artefact.metadata["producer"],
+                                  metadata.get("created_at", artefact.metadata["created_at"]))
     method = {"name": "import", "source": path.name, "sha256": sha256_file(path),
               "note": "labels changed since the export; the exported artefact is the parent"}
     data = {k: v for k, v in (metadata.get("data") or {}).items() if k in ("spec", "content")}
     return Artefact.build(ids, labels, ks, scores=scores, method=method, data=data,
-                          parents=[metadata["artefact_id"]] if metadata.get("artefact_id") else [])
+                          parents=[metadata["artefact_id"]] if metadata.get("artefact_id") else [], **curation)
 
 
 def _is_artefact(path: Path) -> bool:
@@ -169,7 +169,7 @@ def import_labels(
             raise ImportSourceError(f"{path} is a labelkit JSON export with its own ids and K; drop --keys, "
                                     "--image-root and --clusters")
         return _from_export_json(path)
-    file_keys, labels, layout, scores = _read_labels(path, item.samples if item else None)
+    file_keys, labels, layout, extras = _read_labels(path, item.samples if item else None)
     if clusters is None and item is not None:
         clusters = item.k
     if item is not None:
@@ -184,18 +184,25 @@ def import_labels(
         method.update(url=remote.redact(item.url), release=item.description)
     if layout:
         method["layout"] = layout
-    return Artefact.build(ids, labels, clusters, scores=scores, data={"spec": data_spec or image_root}, method=method)
+    named = extras.get("names")
+    if named:
+        ks = [clusters or int(labels[h].max()) + 1 for h in range(len(labels))]
+        named = [None if pairs is None else [pairs.get(c) for c in range(ks[h])] for h, pairs in enumerate(named)]
+    return Artefact.build(ids, labels, clusters, scores=extras.get("scores"), data={"spec": data_spec or image_root},
+                          method=method, names=named)
 
 
-def _read_labels(path: Path, samples: int | None) -> tuple[list[str] | None, np.ndarray, str | None, np.ndarray | None]:
-    """(keys or None, labels (heads, N), the CSV layout found, the scores of a labelkit CSV export or None) from
+def _read_labels(path: Path, samples: int | None) -> tuple[list[str] | None, np.ndarray, str | None, dict]:
+    """(keys or None, labels (heads, N), the CSV layout found, the scores and cluster names of a labelkit CSV
+    export (``{"scores": …, "names": …}``, empty otherwise)) from
     a label file of any supported type; ``samples``, when known, tells the orientation of small CSV files."""
     suffix = path.suffix.lower()
-    file_keys, layout, scores = None, None, None
+    file_keys, layout, extras = None, None, {}
     if suffix in (".pth", ".pt", ".tar"):
         labels = _load_checkpoint(path)
     elif suffix in (".csv", ".tsv", ".txt"):
-        file_keys, labels, layout, scores = _load_csv(path, samples)
+        file_keys, labels, layout, extras = _load_csv(path, samples)
+        extras = extras or {}
     elif suffix == ".npy":
         try:
             labels = np.load(path, allow_pickle=False)
@@ -210,7 +217,7 @@ def _read_labels(path: Path, samples: int | None) -> tuple[list[str] | None, np.
         labels = labels[None, :]
     if labels.ndim != 2:
         raise ImportSourceError(f"{path}: labels must have shape (N,) or (heads, N), got {labels.shape}")
-    return file_keys, labels, layout, scores
+    return file_keys, labels, layout, extras
 
 
 def _join_ids(path: Path, labels: np.ndarray, file_keys: list[str] | None, keys: str | None,

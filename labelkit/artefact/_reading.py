@@ -122,7 +122,8 @@ def _read_metadata(pfile: pq.ParquetFile) -> tuple[dict | None, list[str]]:
             f"{fmt.READABLE_MAJOR}.x; upgrade labelkit (pip install -U labelkit)"
         )
     validator = jsonschema.Draft202012Validator(fmt.METADATA_SCHEMA)
-    return meta, [_schema_message(e) for e in sorted(validator.iter_errors(meta), key=str)]
+    problems = [_schema_message(e) for e in sorted(validator.iter_errors(meta), key=str)]
+    return meta, problems or fmt.curation_problems(meta["heads"])
 
 
 def _newer_minor(meta: dict) -> bool:
@@ -164,6 +165,16 @@ def _schema_problems(schema: pa.Schema, num_rows: int, meta: dict) -> list[str]:
             expected.add(score)
             if schema.field(score).type != pa.float32():
                 problems.append(f"column {score!r} must be float32, found {schema.field(score).type}")
+        named = fmt.name_column(i)
+        if named in names and head.get("names") is not None:
+            expected.add(named)
+            if not pa.types.is_string(schema.field(named).type):
+                problems.append(f"column {named!r} must be string, found {schema.field(named).type}")
+    if fmt.NOVELTY_COLUMN in names and (meta.get("method") or {}).get("novelty"):
+        expected |= {fmt.NOVELTY_COLUMN, fmt.NOVEL_COLUMN}
+        for column, kind in ((fmt.NOVELTY_COLUMN, pa.float32()), (fmt.NOVEL_COLUMN, pa.bool_())):
+            if column not in names or schema.field(column).type != kind:
+                problems.append(f"column {column!r} must be there, of type {kind}, with method.novelty")
     extra = [c for c in names if c not in expected]
     if extra and not _newer_minor(meta):
         problems.append(f"unexpected column(s) {extra}: not part of format {meta['format_version']}")
@@ -196,14 +207,49 @@ def _column_problems(table: pa.Table, meta: dict) -> list[str]:
         if problem:
             problems.append(problem)
         heads.append((name, k, labels))
+        problem = _name_column_problem(table, len(heads) - 1, head, labels)
+        if problem:
+            problems.append(problem)
+    problems += _novel_problems(table, meta)
     if heads and len(heads) == len(meta.get("heads", [])) and not ids.null_count:
-        actual = fmt.compute_artefact_id(ids.cast(pa.string()), heads)
+        actual = fmt.compute_artefact_id(ids.cast(pa.string()), heads, meta["heads"])
         if actual != meta["artefact_id"]:
             problems.append(
                 f"artefact_id in metadata ({meta['artefact_id'][:12]}…) does not match the content "
                 f"({actual[:12]}…): ids or labels were changed after writing"
             )
     return problems
+
+
+def _novel_problems(table: pa.Table, meta: dict) -> list[str]:
+    """``novel`` must say what ``novelty`` and the recorded threshold say."""
+    record = (meta.get("method") or {}).get("novelty")
+    names = table.column_names
+    if not record or fmt.NOVELTY_COLUMN not in names or fmt.NOVEL_COLUMN not in names:
+        return []
+    expected = table.column(fmt.NOVELTY_COLUMN).to_numpy() > record["threshold"]
+    differs = np.flatnonzero(expected != table.column(fmt.NOVEL_COLUMN).to_numpy(zero_copy_only=False))
+    if len(differs):
+        return [f"column 'novel' disagrees with novelty > {record['threshold']} at {len(differs)} row(s), first "
+                f"row {int(differs[0])}"]
+    return []
+
+
+def _name_column_problem(table: pa.Table, h: int, head: dict, labels: np.ndarray) -> str | None:
+    """A ``name_H`` column must say what the head's names say of each sample's cluster."""
+    column = fmt.name_column(h)
+    if column not in table.column_names or head.get("names") is None \
+            or not pa.types.is_string(table.schema.field(column).type):
+        return None
+    expected = pa.array(head["names"], pa.string()).take(pa.array(labels))
+    actual = table.column(column).combine_chunks()
+    differs = pc.invert(pc.fill_null(pc.equal(actual, expected), False))
+    differs = pc.and_not(differs, pc.and_(actual.is_null(), expected.is_null()))
+    if pc.any(differs).as_py():
+        row = int(np.flatnonzero(differs.to_numpy(zero_copy_only=False))[0])
+        return (f"column {column!r} says {actual[row].as_py()!r} at row {row} but cluster {int(labels[row])} is named "
+                f"{expected[row].as_py()!r} in the metadata")
+    return None
 
 
 @dataclass(frozen=True)
@@ -218,7 +264,7 @@ class ArtefactHeader:
 
     @property
     def heads(self) -> list[Head]:
-        return [Head(h["name"], int(h["k"])) for h in self.metadata["heads"]]
+        return [Head.from_metadata(h) for h in self.metadata["heads"]]
 
 
 def _each_part(parts: list, block_size: int) -> Iterator[tuple[Path | str, pq.ParquetFile, int, dict | None, list[str]]]:

@@ -107,9 +107,9 @@ def _check_complete(path: Path, table, columns: list[str], has_header: bool) -> 
             raise ImportSourceError(f"{path}: column {name!r} has an empty value at line {row + 1 + int(has_header)}")
 
 
-def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None, np.ndarray, str, np.ndarray | None]:
-    """Keys (or None), labels (heads, N), a description of the layout found and the ``score_*`` columns of a
-    labelkit export (heads, N) (or None), from a label CSV of any common layout: one sample a line or one head
+def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None, np.ndarray, str, dict | None]:
+    """Keys (or None), labels (heads, N), a description of the layout found and what else a labelkit export
+    holds (``scores``: the ``score_*`` columns (heads, N) or None; ``names``: per head the clusters' names), from a label CSV of any common layout: one sample a line or one head
     a line; with or without a header; with a key column of file names, a row-index column, or neither; comma,
     semicolon, tab, space or bar separated. ``samples``, when known, also tells the orientation of small
     files: a first line of that many fields (+1) is one head."""
@@ -139,7 +139,8 @@ def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None,
     columns = table.column_names
     score_columns = [c for c in columns if has_header and re.fullmatch(r"score_\d+", c)]  # labelkit's export
     scores = np.stack([table.column(c).to_numpy().astype(np.float32) for c in score_columns]) if score_columns else None
-    columns = [c for c in columns if c not in score_columns]
+    name_columns = [c for c in columns if has_header and re.fullmatch(r"name_\d+", c)]  # cluster names, ditto
+    columns = [c for c in columns if c not in score_columns and c not in name_columns]
     key_column = None
     int_columns = [c for c in columns if pa.types.is_integer(table.schema.field(c).type)]
     other = [c for c in columns if c not in int_columns]
@@ -165,7 +166,27 @@ def _load_csv(path: Path, samples: int | None = None) -> tuple[list[str] | None,
         layout += f", keys in column {key_column!r}"
     if scores is not None and len(scores) != len(labels):
         raise ImportSourceError(f"{path}: {len(labels)} label columns but {len(scores)} score columns")
-    return keys, labels, layout, scores
+    return keys, labels, layout, {"scores": scores, "names": _cluster_names(path, table, int_columns, name_columns)}
+
+
+def _cluster_names(path: Path, table, label_columns: list[str], name_columns: list[str]) -> list[dict] | None:
+    """Per head, ``{cluster: name}`` from the ``name_H`` columns of a labelkit CSV export (one name per cluster)."""
+    if not name_columns:
+        return None
+    names = []
+    for h, column in enumerate(label_columns):
+        if f"name_{h}" not in name_columns:
+            names.append(None)
+            continue
+        pairs = {}
+        for cluster, name in zip(table.column(column).to_pylist(), table.column(f"name_{h}").to_pylist()):
+            if name is None or name == "":
+                continue
+            if pairs.setdefault(cluster, name) != name:
+                raise ImportSourceError(f"{path}: cluster {cluster} of head {h} has two names, "
+                                        f"{pairs[cluster]!r} and {name!r}")
+        names.append(pairs)
+    return names
 
 
 def read_label_table(path: str | Path) -> tuple["pa.Array", np.ndarray]:  # noqa: F821

@@ -4,7 +4,18 @@ A label artefact is a Parquet file with one row per sample, sorted by ``sample_i
 
 * ``sample_id`` -- string, non-null, unique; a stable key such as a path relative to the data root;
 * ``head_0`` … ``head_{T-1}`` -- int32 labels of each head, in ``[0, K_h)``;
-* optionally ``score_0`` … -- float32 confidence of each assignment.
+* optionally ``score_0`` … -- float32 confidence of each assignment (SeLa labels written by format 1.2: the network's
+  softmax probability of the label; for a consensus head: see ``method.consensus``);
+* optionally ``name_0`` … -- string, each sample's cluster name (null where its cluster has none), for readers
+  that join on names (format 1.2); it must agree with the head's ``names`` and is not part of the artefact id;
+* optionally ``novelty`` (float32, higher = further from everything the model was trained on) and ``novel``
+  (bool: ``novelty`` above ``method.novelty.threshold``), written by ``predict --novelty`` (format 1.2). A novel
+  sample keeps its nearest cluster in the head columns, so every label stays in ``[0, K)``; "none of these" is
+  ``novel``.
+
+Each head's metadata may name its clusters (format 1.2): ``names`` holds K entries, a unique string or ``null`` for
+a cluster not named yet, and ``status`` K review states (:data:`CLUSTER_STATUS`). Both are part of the labels'
+meaning, so they enter the artefact id.
 
 The schema-level metadata key ``labelkit`` holds a JSON object described by :data:`METADATA_SCHEMA`.
 ``schemas/artefact-metadata-v1.schema.json`` is generated from it (``python -m labelkit.artefact.format``) and a test
@@ -15,7 +26,9 @@ Hashes:
 * ``data.fingerprint`` -- sha256 of the sorted sample ids, each followed by ``\\n`` (UTF-8);
 * ``artefact_id`` -- sha256 of ``labelkit-artefact-v1\\n``, that same id stream, then for each head
   ``{name}:{k}\\n`` and its labels as little-endian int32. Identical labels give identical ids whatever the
-  Parquet bytes (compression, row groups, writer).
+  Parquet bytes (compression, row groups, writer). A head with ``names`` or ``status`` adds, after its labels,
+  ``names\n`` and the names as compact JSON (UTF-8) then ``\n``, and the same for ``status``; an artefact without
+  them keeps the id it had under format 1.1.
 """
 
 from __future__ import annotations
@@ -35,14 +48,20 @@ __all__ = [
     "METADATA_KEY",
     "ID_COLUMN",
     "METADATA_SCHEMA",
+    "CLUSTER_STATUS",
     "head_column",
     "score_column",
+    "name_column",
+    "NOVELTY_COLUMN",
+    "NOVEL_COLUMN",
     "fingerprint_ids",
     "compute_artefact_id",
+    "curation_problems",
     "json_schema_text",
 ]
 
-FORMAT_VERSION = "1.1.0"  # 1.1: optional data.content and data.skipped
+FORMAT_VERSION = "1.2.0"  # 1.1: optional data.content and data.skipped; 1.2: cluster names and status
+CLUSTER_STATUS = ("unreviewed", "accepted", "rejected")
 READABLE_MAJOR = 1
 METADATA_KEY = "labelkit"
 ID_COLUMN = "sample_id"
@@ -82,6 +101,17 @@ METADATA_SCHEMA: dict = {
                 "properties": {
                     "name": {"type": "string", "pattern": "^head_[0-9]+$"},
                     "k": {"type": "integer", "minimum": 1},
+                    "names": {
+                        "type": "array",
+                        "description": "Name of each of the K clusters, null where not named (format 1.2); "
+                                       "names are unique within a head.",
+                        "items": {"type": ["string", "null"], "minLength": 1},
+                    },
+                    "status": {
+                        "type": "array",
+                        "description": "Review state of each of the K clusters (format 1.2).",
+                        "items": {"enum": list(CLUSTER_STATUS)},
+                    },
                 },
             },
         },
@@ -149,7 +179,10 @@ METADATA_SCHEMA: dict = {
                     "type": "object",
                     "description": "How the consensus labels were voted (labelkit.quality): the head that holds "
                                    "them (in a generate artefact), the reference head, the voting heads and each "
-                                   "one's NMI with the result; the score column is the share of heads that agree.",
+                                   "one's NMI with the result. Its score column is the confidence (score: "
+                                   "'confidence'): the mean over the voting heads of each head's probability of "
+                                   "its label where it agrees with the consensus, 0 where not; without head "
+                                   "scores, the share of heads that agree.",
                     "required": ["reference", "k", "heads"],
                 },
                 "solver": {
@@ -163,6 +196,11 @@ METADATA_SCHEMA: dict = {
                                    "worst_error": {"type": ["number", "null"]},
                                    "tolerance": {"type": "number"}},
                 },
+                "novelty": {"type": "object", "description": "How predict --novelty scored each sample (the "
+                            "novelty column) and the threshold past which it is novel (the novel column).",
+                            "required": ["method", "fpr", "threshold"]},
+                "subset": {"type": "object", "description": "Why only some samples of the parent are here (e.g. "
+                           "min_confidence), and how many were kept of how many.", "required": ["kept", "of"]},
                 "sha256": _SHA256,
             },
         },
@@ -178,6 +216,13 @@ def head_column(index: int) -> str:
 
 def score_column(index: int) -> str:
     return f"score_{index}"
+
+
+def name_column(index: int) -> str:
+    return f"name_{index}"
+
+
+NOVELTY_COLUMN, NOVEL_COLUMN = "novelty", "novel"
 
 
 def _id_stream(ids: pa.Array) -> memoryview:
@@ -198,14 +243,36 @@ def fingerprint_ids(sorted_ids: pa.Array) -> str:
     return hashlib.sha256(_id_stream(sorted_ids)).hexdigest()
 
 
-def compute_artefact_id(sorted_ids: pa.Array, heads: list[tuple[str, int, np.ndarray]]) -> str:
-    """Content id of an artefact from its sorted ids and ``(name, k, labels)`` of each head."""
+def compute_artefact_id(sorted_ids: pa.Array, heads: list[tuple[str, int, np.ndarray]],
+                        curation: list[dict] | None = None) -> str:
+    """Content id of an artefact from its sorted ids, ``(name, k, labels)`` of each head and, per head, the
+    ``names`` and ``status`` its metadata holds (``curation``: the metadata's head entries)."""
     digest = hashlib.sha256(b"labelkit-artefact-v1\n")
     digest.update(_id_stream(sorted_ids))
-    for name, k, labels in heads:
+    for h, (name, k, labels) in enumerate(heads):
         digest.update(f"{name}:{k}\n".encode())
         digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+        for key in ("names", "status"):
+            value = (curation[h] if curation else {}).get(key)
+            if value is not None:
+                digest.update(f"{key}\n".encode() + json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+                              .encode() + b"\n")
     return digest.hexdigest()
+
+
+def curation_problems(heads: list[dict]) -> list[str]:
+    """What the schema cannot say about the heads' ``names`` and ``status``: K entries each, names unique."""
+    problems = []
+    for h, head in enumerate(heads):
+        for key in ("names", "status"):
+            value = head.get(key)
+            if value is not None and len(value) != head["k"]:
+                problems.append(f"heads[{h}].{key} has {len(value)} entries for K={head['k']} clusters")
+        named = [n for n in head.get("names") or [] if n is not None]
+        if len(set(named)) < len(named):
+            twice = sorted({n for n in named if named.count(n) > 1})
+            problems.append(f"heads[{h}].names must be unique; {twice[:5]!r} name several clusters")
+    return problems
 
 
 def json_schema_text() -> str:

@@ -1,5 +1,5 @@
 """Measures on labels: contingency metrics (NMI, AMI, ARI), scoring against truth, label-free quality and
-which-K, and consensus labels across heads."""
+which-K, consensus labels across heads, and the matching of one labelling's clusters to another's (align, diff)."""
 
 from .._util.lazy import lazy_exports
 
@@ -10,6 +10,10 @@ _EXPORTS = {
     "ConsensusResult": "._consensus",
     "consensus_labels": "._consensus",
     "consensus_artefact": "._consensus",
+    "Transitions": "._align",
+    "match_clusters": "._align",
+    "align_artefact": "._align",
+    "compare_artefacts": "._align",
     "head_quality": "._label_free",
     "recommend_k": "._label_free",
     "probe_accuracy": "._label_free",
@@ -28,6 +32,7 @@ _EXPORTS = {
     "AVERAGES": "._metrics",
     "load_truth": "._scoring",
     "score_artefact": "._scoring",
+    "cluster_rows": "._scoring",
     "parse_heads": "._scoring",
     "label_free": "._scoring",
 }

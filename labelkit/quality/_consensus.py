@@ -9,7 +9,9 @@ varies with the seed. The consensus aligns every head to a reference head and le
   cluster it overlaps most (an over-clustering head then votes for the union of its pieces);
 * every sample takes the label most heads give it (ties go to the reference head), the heads are re-aligned to
   that vote, and the vote is repeated until it no longer changes;
-* a sample's score is the share of heads that agree with its consensus label.
+* a sample's score is its confidence when the heads carry scores -- the mean over the voting heads of each
+  head's probability of its label where it agrees with the consensus, 0 where it does not -- else the share of
+  heads that agree with its consensus label.
 
 The reference is the head of the chosen K that agrees most (mean NMI) with all the other heads: the medoid.
 """
@@ -40,6 +42,9 @@ class ConsensusResult:
         heads: the heads that voted.
         agreement: NMI of each voting head with the consensus.
         rounds: align-and-vote rounds run.
+        confidence: float32 (N,) when the heads' scores were given: the mean over the voting heads of the score
+            of each head's label where it agrees with the consensus, 0 where it does not (see
+            :func:`consensus_labels`); None otherwise.
     """
 
     labels: np.ndarray
@@ -49,11 +54,14 @@ class ConsensusResult:
     heads: list[int]
     agreement: list[float]
     rounds: int
+    confidence: np.ndarray | None = None
 
     def record(self) -> dict:
+        extra = {} if self.confidence is None else {"score": "confidence",
+                                                    "mean_confidence": round(float(self.confidence.mean()), 4)}
         return {"reference": self.reference, "k": self.k, "heads": self.heads,
                 "agreement": [round(a, 4) for a in self.agreement], "mean_score": round(float(self.scores.mean()), 4),
-                "rounds": self.rounds}
+                "rounds": self.rounds, **extra}
 
 
 def _mapping(labels: np.ndarray, k: int, target: np.ndarray, k_target: int) -> np.ndarray:
@@ -123,13 +131,16 @@ def _keep_every_cluster(labels: np.ndarray, mapped: np.ndarray, tie: np.ndarray,
 
 
 def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: int | None = None,
-                     heads: list[int] | None = None) -> ConsensusResult:
+                     heads: list[int] | None = None, scores=None) -> ConsensusResult:
     """Consensus of the heads ``labels`` (T, N) with ``ks`` clusters.
 
     Args:
         k: the consensus's K (default: that of ``reference``, else of head 0).
         reference: the head to align to (default: the medoid of the heads of that K).
         heads: the heads that vote (default: all).
+        scores: (T, N) each head's probability of its own label (the network's softmax, see
+            :attr:`labelkit.solver.SinkhornResult.posterior`); gives each sample's confidence,
+            ``mean over the voting heads h of [h agrees] * scores[h]``: high only where the heads agree and are sure.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim != 2 or labels.shape[0] != len(ks):
@@ -157,9 +168,13 @@ def consensus_labels(labels, ks: list[int], *, k: int | None = None, reference: 
             break
         current = new
     current = _keep_every_cluster(current, mapped, tie, k)
-    scores = (mapped == current).mean(axis=0).astype(np.float32)
-    return ConsensusResult(labels=current, scores=scores, k=k, reference=int(reference), heads=heads,
-                           agreement=[agreement(m, current)["nmi"] for m in mapped], rounds=rounds)
+    agrees = mapped == current
+    confidence = None
+    if scores is not None:
+        confidence = (agrees * np.asarray(scores, dtype=np.float32)[heads]).mean(axis=0).astype(np.float32)
+    return ConsensusResult(labels=current, scores=agrees.mean(axis=0).astype(np.float32), k=k,
+                           reference=int(reference), heads=heads, rounds=rounds, confidence=confidence,
+                           agreement=[agreement(m, current)["nmi"] for m in mapped])
 
 
 def consensus_artefact(art, *, k: int | None = None, reference: int | None = None, heads: list[int] | None = None):
@@ -172,7 +187,10 @@ def consensus_artefact(art, *, k: int | None = None, reference: int | None = Non
     voted = (art.metadata["method"].get("consensus") or {}).get("head")
     if heads is None:  # a consensus head already in the artefact does not vote again
         heads = [h for h in range(art.num_heads) if h != voted]
-    result = consensus_labels(art.label_matrix(), ks, k=k, reference=reference, heads=heads)
-    return Artefact.build(art.sample_ids, result.labels[None], [result.k], scores=result.scores[None],
+    head_scores = [art.scores(h) for h in range(art.num_heads)]
+    head_scores = None if any(s is None for s in head_scores) else np.stack(head_scores)
+    result = consensus_labels(art.label_matrix(), ks, k=k, reference=reference, heads=heads, scores=head_scores)
+    score = result.confidence if result.confidence is not None else result.scores
+    return Artefact.build(art.sample_ids, result.labels[None], [result.k], scores=score[None],
                           data=art.metadata["data"], method={"name": "consensus", "consensus": result.record()},
                           parents=[art.artefact_id]), result

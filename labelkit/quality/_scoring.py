@@ -82,11 +82,12 @@ def score_artefact(
     heads: str | None = None,
     min_coverage: float = 0.99,
     average: str = "arithmetic",
+    per_cluster: bool = False,
 ) -> dict:
     """Per-head metrics of ``artefact`` against ground truth (``truth``) or another artefact (``against``).
 
-    Samples are joined by id; fails when fewer than ``min_coverage`` of the artefact's samples match.
-    Against another artefact, head h is compared with its head h (or its only head).
+    Samples are joined by id; fails when fewer than ``min_coverage`` of the artefact's samples match. Against
+    another artefact, head h is compared with its head h (or its only head). ``per_cluster``: :func:`cluster_rows`.
     """
     if (truth is None) == (against is None):
         raise ConfigError("give one of --truth SPEC or --against ARTEFACT, not both (neither: label_free)")
@@ -128,6 +129,28 @@ def score_artefact(
         row = compare(labels[matched_mask], reference_labels, average=average)
         row.update({"head": h, "k": art.heads[h].k})
         row.update(size_stats(labels, art.heads[h].k))
+        if per_cluster:
+            row["clusters"] = cluster_rows(labels[matched_mask], reference_labels, art.heads[h])
         results.append(row)
     return {"artefact_id": art.artefact_id, "n": art.num_samples, "matched": matched, "coverage": coverage,
             **reference, "average": average, "heads": results}
+
+
+def cluster_rows(labels: np.ndarray, reference: np.ndarray, head) -> list[dict]:
+    """One row per cluster of ``head`` (a :class:`labelkit.artefact.Head`): its name, its size among the matched
+    samples, the reference label most of its members have, the share that do (purity) and the entropy of their
+    reference labels (nats)."""
+    reference = np.asarray(reference)
+    values, codes = np.unique(reference, return_inverse=True)
+    counts = np.zeros((head.k, len(values)), dtype=np.int64)
+    np.add.at(counts, (labels.astype(np.int64), codes.ravel()), 1)
+    sizes = counts.sum(1)
+    rows = []
+    for c in range(head.k):
+        size = int(sizes[c])
+        p = counts[c][counts[c] > 0] / max(size, 1)
+        rows.append({"cluster": c, "name": head.cluster_name(c), "size": size,
+                     "majority": values[counts[c].argmax()].item() if size else None,
+                     "purity": float(counts[c].max() / size) if size else None,
+                     "entropy": float(-(p * np.log(p)).sum()) + 0.0 if size else None})  # + 0.0: no -0.0
+    return rows

@@ -136,6 +136,7 @@ class _Head:
     purity: np.ndarray
     entropy: np.ndarray
     has_truth: bool
+    names: tuple | None = None  # each cluster's name (None where not named), when the head has names
 
 
 def build_report(artefact: str | os.PathLike, data: str | None = None, out: str | os.PathLike | None = None, *,
@@ -226,7 +227,7 @@ def _head_view(art, head: int, source, data: str, truth: str | None) -> _Head:
             p = counts[counts > 0] / len(t)
             purity[c], entropy[c] = counts.max() / len(t), float(-(p * np.log(p)).sum())
     return _Head(labels, present, targets, classes, np.bincount(art.labels(head), minlength=k), members, purity,
-                 entropy, has_truth)
+                 entropy, has_truth, art.heads[head].names)
 
 
 def _sections(view: _Head, clusters: int, rng) -> list[tuple[str, list[int]]]:
@@ -265,7 +266,8 @@ def _cluster_grids(view: _Head, sections, shown: dict, images: dict, per_cluster
             frames = [colours[view.targets[i]] if view.has_truth and view.targets[i] >= 0 else grey for i in picked]
             name = f"cluster_{c:05d}.png"  # drawn anew: a grid left by another artefact, head or seed is stale
             figures.append(_grid([images[i] for i in picked], frames, out / name))
-            caption = (f"cluster {c} · {view.sizes[c]:,} samples"
+            named = view.names[c] if view.names is not None else None
+            caption = (f"cluster {c}" + (f" “{named}”" if named is not None else "") + f" · {view.sizes[c]:,} samples"
                        + (f" · purity {view.purity[c]:.2f}" if view.has_truth else ""))
             cards.append(f'<figure><img src="{name}" alt="{html.escape(caption)}"><figcaption>'
                          f'{html.escape(caption)}</figcaption></figure>')

@@ -77,6 +77,9 @@ class SinkhornResult:
         sizes: int64 (K,) number of samples per cluster (global when distributed).
         potentials: float64 (K,) column log-potentials; pass the result as ``warm_start`` to re-solve.
         scores: float32 (N,) assignment confidence q(label | sample) of each row.
+        posterior: float32 (N,) the model's own probability of each row's label, softmax(z)[label]: P before the
+            power lambda and the balancing, so it still tells a confident row from a doubtful one where q, at
+            lambda = 25, is 1 for nearly every row.
         seconds: wall time, kernel construction included.
         rebuilds: kernel constructions (1 + re-stabilisations).
         errors: marginal error after every iteration.
@@ -108,6 +111,7 @@ class SinkhornResult:
     products_why: str = ""  # what chose it: the probe's timings, the environment, or why only one path applied
     density: float | None = None  # share of non-zero kernel entries: counted when sparse, else from the sample
     lam: float | None = None  # the lambda the labels were solved at: below the asked one if annealing ran out
+    posterior: np.ndarray | None = None  # float32 (N,) softmax(z)[label] of each row
 
 
 def solve(logits=None, *, features=None, weight=None, bias=None, warm_start: SinkhornResult | np.ndarray | None = None,
@@ -166,7 +170,8 @@ def solve(logits=None, *, features=None, weight=None, bias=None, warm_start: Sin
     labels, scores = _round(problem, state.lam, balance, block, potentials, assigned)
     # a warm start solves at the full lam: potentials scale with lam (annealing doubles them between stages)
     potentials = potentials * (algorithm.lam / state.lam)
-    return _result(problem, state, path, products, potentials, labels, scores, time.perf_counter() - t0)
+    posterior = label_posterior(problem.source, labels, block)
+    return _result(problem, state, path, products, potentials, (labels, scores, posterior), time.perf_counter() - t0)
 
 
 def _first_potentials(warm_start, k: int, device: torch.device) -> torch.Tensor:
@@ -223,7 +228,8 @@ def _round(problem: _Problem, lam: float, balance: Balance, block: int, potentia
 
 
 def _result(problem: _Problem, state: _Loop, path: str, products: tuple[str, str, float | None],
-            potentials: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, seconds: float) -> SinkhornResult:
+            potentials: torch.Tensor, rounded: tuple, seconds: float) -> SinkhornResult:
+    labels, scores, posterior = rounded
     sizes = torch.bincount(labels, minlength=problem.source.k).to(torch.float64)
     sizes = collectives.all_reduce(sizes, problem.group).to(torch.int64)
     return SinkhornResult(
@@ -231,4 +237,16 @@ def _result(problem: _Problem, state: _Loop, path: str, products: tuple[str, str
         converged=state.converged, sizes=sizes.cpu().numpy(), potentials=potentials.cpu().numpy(),
         scores=scores.cpu().numpy(), seconds=seconds, rebuilds=state.rebuilds, errors=state.errors,
         targets=problem.columns.b.cpu().numpy(), kernel=path, products=products[0], products_why=products[1],
-        density=products[2], lam=state.lam)
+        density=products[2], lam=state.lam, posterior=posterior)
+
+
+def label_posterior(source: _Logits, labels: torch.Tensor, block: int) -> np.ndarray:
+    """softmax(z)[label] of every row, by row blocks of the logits."""
+    out = np.empty(source.n, dtype=np.float32)
+    labels = labels.to(torch.int64)
+    for start in range(0, source.n, block):
+        z = source.block(start, min(start + block, source.n)).float()
+        chosen = labels[start : start + len(z)].to(z.device)
+        log_p = z.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(z, dim=1)
+        out[start : start + len(z)] = log_p.exp().cpu().numpy()
+    return out

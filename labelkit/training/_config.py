@@ -180,6 +180,7 @@ class TransferConfig:
     image_size: int = 224
     augment: str = "paper"  # paper | heavy (+ equalize/autocontrast/sharpness) | digits | none
     min_coverage: float = 0.99
+    min_confidence: float | None = None  # train only on labels this confident (the artefact's primary score)
     workers: int | None = None  # None: labelkit.training.default_workers()
     device: str = "auto"
     seed: int = 0

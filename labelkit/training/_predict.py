@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artefact import Artefact, producer_versions, read_artefact
+from ..artefact import Artefact, read_artefact
 from ..data import Order, SkipLog, Source, keep_decoded, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import SelaModel, create_backbone, feature_dim
+from ._novelty import Novelty, describe
 from ._loop import Reporter, extract_features, model_to, resolve_device
 
 __all__ = ["load_run_model", "run_predict", "PredictRun"]
@@ -63,8 +64,17 @@ def _needs_pixels(record: dict) -> bool:
 
 
 def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None, *, batch_size: int = 256,
-                workers: int = 0, device: str = "auto", reporter: Reporter | None = None) -> PredictRun:
-    """Label every sample of ``data`` with the run in ``model_dir``; write the artefact to ``out`` (rank 0)."""
+                workers: int = 0, device: str = "auto", reporter: Reporter | None = None,
+                names: str | Path | None = None, novelty: str | None = None, novelty_fpr: float = 0.05) -> PredictRun:
+    """Label every sample of ``data`` with the run in ``model_dir``; write the artefact to ``out`` (rank 0).
+
+    ``names`` is a named or aligned version of the run's labels (``labelkit name`` / ``align``): the predictions
+    then take its cluster ids and names, and the artefact has a ``name_H`` column per named head. By default
+    that is the newest ``RUN/labels-*named.parquet`` or ``RUN/labels-aligned.parquet`` (what ``labelkit name RUN``
+    and ``generate --align-to`` write), else the run's own labels.
+
+    ``novelty`` (``knn`` or ``prototype``, see :mod:`labelkit.training._novelty`) adds each sample's novelty and
+    whether it is past the threshold that flags ``novelty_fpr`` of samples like the run's training data."""
     from ._distributed import from_environment
 
     started = time.perf_counter()
@@ -88,26 +98,41 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
         features, seen = _features(model, record, source, skips, batch_size=batch_size, workers=workers,
                                    device=dev, dist=dist, reporter=reporter, run_dir=model_dir)
         rows = np.flatnonzero(seen)
-        with torch.no_grad():
-            logits = [torch.cat([torch.nn.functional.linear(features[i:i + 65536].to(dev), *_weights(model, h))
-                                 for i in range(0, len(features), 65536)]) for h in range(len(ks))]
-        probabilities = [torch.softmax(out.float(), dim=1) for out in logits]
-        scores, labels = zip(*(p.max(dim=1) for p in probabilities))
-        labels = np.stack([lab.cpu().numpy() for lab in labels])
-        scores = np.stack([s.cpu().numpy() for s in scores])
+        labels, scores = _heads_argmax(model, features, dev)
+        method = {"name": "predict", "model": str(model_dir), "arch": record.get("arch"), "run": record.get("kind")}
+        labels, ks, head_names = _in_version_ids(labels, ks, _named_version(model_dir, names, ks), method)
         parent = _parent(model_dir)
         artefact = Artefact.build(
             [source.ids[i] for i in rows], labels, ks, scores=scores,
             data={**source.manifest(skips.as_list()).record(), "spec": data},
-            method={"name": "predict", "model": str(model_dir), "arch": record.get("arch"),
-                    "run": record.get("kind")},
-            parents=[parent] if parent else [], producer=producer_versions())
+            method=method, parents=[parent] if parent else [],
+            names=head_names).with_name_columns()
+        if novelty is not None:
+            fitted = _novelty_of(model_dir, model, record, novelty, batch_size=batch_size, workers=workers,
+                                 device=dev, dist=dist)
+            by_id = np.searchsorted(artefact.sample_ids, np.array([source.ids[i] for i in rows], dtype=object))
+            scores_sorted = np.empty(len(rows), dtype=np.float32)
+            scores_sorted[by_id] = fitted.score(features)
+            artefact = artefact.with_novelty(scores_sorted, describe(fitted, novelty_fpr))
         path = None
         if out is not None and dist.main:
             path = artefact.write(out)
         return PredictRun(artefact, path, time.perf_counter() - started, skips.as_list())
     finally:
         dist.close()
+
+
+def _heads_argmax(model: SelaModel, features: torch.Tensor, device) -> tuple[np.ndarray, np.ndarray]:
+    """Each head's most probable cluster and its softmax probability, (heads, n) each, in chunks of 64k rows."""
+    labels, scores = [], []
+    with torch.no_grad():
+        for h in range(len(model.heads)):
+            logits = torch.cat([torch.nn.functional.linear(features[i:i + 65536].to(device), *_weights(model, h))
+                                for i in range(0, len(features), 65536)])
+            score, label = torch.softmax(logits.float(), dim=1).max(dim=1)
+            labels.append(label.cpu().numpy())
+            scores.append(score.cpu().numpy())
+    return np.stack(labels), np.stack(scores)
 
 
 def _weights(model: SelaModel, h: int):
@@ -142,6 +167,76 @@ def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *,
     seen[rows] = True
     skips.skipped.update(dist.gather_dict(skips.skipped))
     return features[torch.from_numpy(seen)], seen
+
+
+def _novelty_of(model_dir, model, record: dict, method: str, **loading) -> Novelty:
+    """The run's novelty score: saved in the run folder, or fitted once on the run's own training data."""
+    from ._novelty import fit_novelty, load_novelty
+
+    path = Path(model_dir) / f"novelty-{method}.safetensors"
+    own = Path(model_dir) / "labels.parquet"
+    fingerprint = read_artefact(own).metadata["data"]["fingerprint"] if own.is_file() else ""
+    saved = load_novelty(path)
+    if saved is not None and saved.fingerprint == fingerprint:
+        return saved
+    spec = record.get("config", {}).get("data")
+    try:
+        source = resolve(spec)
+    except (DataError, ConfigError) as exc:
+        raise ConfigError(f"--novelty needs the run's training data ({spec}) once, to calibrate: {exc}") from None
+    features, _ = _features(model, record, source, SkipLog(source), reporter=Reporter(), run_dir=model_dir,
+                            **loading)
+    with torch.no_grad():
+        weight, bias = _weights(model, 0)
+        labels = torch.nn.functional.linear(features.to(weight.device), weight, bias).argmax(1).cpu().numpy()
+    fitted = fit_novelty(features, labels, method, fingerprint)
+    if loading["dist"].main:
+        fitted.save(path)
+    return fitted
+
+
+def _in_version_ids(labels: np.ndarray, ks: list[int], version, method: dict):
+    """The model's classes as the ids of a named or aligned version of the run's labels (when there is one):
+    labels, K and names per head; the version's id goes into ``method``."""
+    if version is None:
+        return labels, ks, None
+    named, maps = version
+    labels = np.stack([maps[h][labels[h]] for h in range(len(ks))])
+    ks = [max(len(maps[h]), named.heads[h].k) for h in range(len(ks))]
+    method["names"] = named.artefact_id
+    return labels, ks, [None if head.names is None else list(head.names) + [None] * (ks[h] - head.k)
+                        for h, head in enumerate(named.heads)]
+
+
+def _named_version(model_dir, names, ks: list[int]) -> tuple[Artefact, list[np.ndarray]] | None:
+    """The version of the run's labels whose ids and names predictions take, and the map from the model's
+    classes to its ids; None when the labels have no names and were not aligned."""
+    from ..artefact import relabelling
+
+    own = Path(model_dir) / "labels.parquet"
+    if names is None:
+        versions = [p for p in Path(model_dir).glob("labels-*.parquet")
+                    if p.name.endswith(("-named.parquet", "-aligned.parquet"))]
+        if versions:  # the newest named or aligned version that `name RUN` / `generate --align-to` wrote
+            names = max(versions, key=lambda p: p.stat().st_mtime_ns)
+        elif own.is_file():
+            run_labels = read_artefact(own)
+            if any(head.names is not None for head in run_labels.heads) and \
+                    [head.k for head in run_labels.heads] == ks:
+                return run_labels, [np.arange(k) for k in ks]
+            return None
+        else:
+            return None
+    if not own.is_file():
+        raise ConfigError(f"--names {names}: the run in {model_dir} has no labels.parquet to match it against")
+    named = read_artefact(names)
+    try:
+        maps = relabelling(read_artefact(own), named)
+    except ConfigError as exc:
+        raise ConfigError(f"--names {names}: {exc}") from None
+    if [len(m) for m in maps] != ks:
+        raise ConfigError(f"--names {names}: its heads have K={[h.k for h in named.heads]} but the model's {ks}")
+    return named, maps
 
 
 def _parent(model_dir) -> str | None:

@@ -192,7 +192,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                            buffer=buffer, group=dist.group)
         state.potentials[h] = torch.from_numpy(result.potentials)
         gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([result.labels.astype(np.float64),
-                                                                          result.scores.astype(np.float64)]))
+                                                                          result.posterior.astype(np.float64)]))
         state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
         state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
         info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
@@ -449,9 +449,9 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
         job.log({"type": "quality", **quality})
     heads_k = list(ks)
     if config.consensus and len(ks) > 1:  # appended as one more head, after the heads it was voted from
-        agreed = consensus_labels(labels, ks)
+        agreed = consensus_labels(labels, ks, scores=scores)
         labels = np.concatenate([labels, agreed.labels[None]])
-        scores = np.concatenate([scores, agreed.scores[None]])
+        scores = np.concatenate([scores, agreed.confidence[None]])
         heads_k.append(agreed.k)
         method["consensus"] = {"head": len(ks), **agreed.record()}
         job.log({"type": "consensus", **method["consensus"]})

@@ -71,6 +71,21 @@ def join_labels(artefact: Artefact, source, min_coverage: float) -> tuple[np.nda
     return rows, report
 
 
+def _trusted(parent: Artefact, rows: np.ndarray, min_confidence: float | None, report: dict) -> np.ndarray:
+    """The samples to train on: those with a label, and with ``min_confidence`` only the labels at least that
+    confident (SCAN's self-labelling keeps confident samples the same way); counted in ``report``."""
+    labelled = rows >= 0
+    if min_confidence is None:
+        return labelled
+    confident = parent.confidence() >= min_confidence
+    labelled[labelled] = confident[rows[labelled]]
+    report["confident"] = int(labelled.sum())
+    if not labelled.any():
+        raise ConfigError(f"--min-confidence {min_confidence:g}: no label is that confident (the highest is "
+                          f"{float(parent.confidence().max()):.3f})")
+    return labelled
+
+
 @torch.no_grad()
 def _predict(job: Job, model, transform, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The trained heads' argmax and softmax confidence for every kept sample that can be read (each rank
@@ -118,10 +133,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         source = job.source
         rows, report = join_labels(parent, source, config.min_coverage)
         ks = [parent.heads[h].k for h in heads]
-        targets = torch.zeros((len(heads), len(source)), dtype=torch.long)
-        for i, h in enumerate(heads):
-            targets[i, rows >= 0] = torch.from_numpy(parent.labels(h)[rows[rows >= 0]].astype(np.int64))
-        labelled = rows >= 0
+        targets = _targets(parent, heads, rows, len(source))
+        labelled = _trusted(parent, rows, config.min_confidence, report)
         seed_everything(config.seed)
         backbone = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
                                    init_partial=config.init_partial)
@@ -130,6 +143,7 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         record = {"kind": "transfer", "config": config.to_dict(), "arch": config.arch,
                   "image_size": config.image_size, "clusters": ks, "heads": heads, "head_temperature": None,
                   "feature_dim": feature_dim(model.backbone), "parents": [parent.artefact_id], "join": report,
+                  "class_names": [parent.heads[h].names and list(parent.heads[h].names) for h in heads],
                   "producer": producer_versions(), **({"plan": plan} if plan else {})}
         if not job.start(record, model=model, optimizer=optimizer):
             job.log({"type": "join", **report})
@@ -142,7 +156,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         train_model = job.parallel(model)
         job.run_epochs(lambda: job.train_epoch(train_model, transform, targets, optimizer,
                                                keep=labelled & ~job.skips.mask()))
-        predicted, scores, done = _predict(job, model, plain, labelled & ~job.skips.mask())
+        # every sample with a label gets the model's, also those too doubtful to train on
+        predicted, scores, done = _predict(job, model, plain, (rows >= 0) & ~job.skips.mask())
         done = done[~job.merge_skips()[done]]  # a sample unreadable now gets no label, whatever it had before
         quality = _quality(predicted[:, done], targets[:, done].numpy(), heads, ks,
                            source.targets[done] if source.has_truth else None)
@@ -153,7 +168,8 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
         if job.stopped_early:
             method["stopped_early"] = job.stopped_early
         artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
-                                  method=method, parents=[parent.artefact_id], data=job.provenance())
+                                  method=method, parents=[parent.artefact_id], data=job.provenance(),
+                                  names=record["class_names"])  # the model's classes are the source's clusters
         path = job.run_dir.out / "labels.parquet"
         if job.run_dir.writer:
             artefact.write(path)
@@ -164,6 +180,14 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
                            missing_samples=report["labels_without_sample"],
                            fingerprint_match=report["fingerprint_match"], seconds=time.perf_counter() - job.started,
                            join=report, against_source=quality["against_source"], metrics=quality.get("truth"))
+
+
+def _targets(parent: Artefact, heads: list[int], rows: np.ndarray, n: int) -> torch.Tensor:
+    """(heads, n) labels of the data's samples from the artefact's rows (0 where a sample has none)."""
+    targets = torch.zeros((len(heads), n), dtype=torch.long)
+    for i, h in enumerate(heads):
+        targets[i, rows >= 0] = torch.from_numpy(parent.labels(h)[rows[rows >= 0]].astype(np.int64))
+    return targets
 
 
 def _quality(predicted: np.ndarray, learnt: np.ndarray, heads: list[int], ks: list[int],

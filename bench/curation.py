@@ -1,0 +1,121 @@
+"""Measurements of issue 33 (README "From cluster ids to a data set"), each a subcommand:
+
+  folders FOLDER OUT [--leave-out 9] [--held 0.2] [--share 0.9]
+      OUT/train (the class folders without --leave-out, less a --held share of each), OUT/test (that held share
+      and every file of --leave-out) and OUT/part (a --share of every class), as symbolic links chosen by a hash
+      of each path (the same on every machine).
+  confidence ARTEFACT --truth SPEC
+      How the primary head's confidence ranks its wrong labels (Hungarian-mapped to the truth): accuracy per
+      confidence decile, the share of the errors among the least confident 20 %, AUROC.
+  novelty PREDICTED --novel-prefix 9/
+      AUROC of a `predict --novelty` artefact's novelty for the samples under the prefix, and the share of them and
+      of the others flagged novel.
+
+  Example (the folder of bench/digits_folder.py):
+    python bench/curation.py folders /tmp/f10k /tmp/f10k-parts
+    labelkit generate --data /tmp/f10k-parts/train --clusters 9 --out /tmp/nine
+    labelkit predict /tmp/nine --data /tmp/f10k-parts/test --novelty
+    python bench/curation.py novelty /tmp/nine/predicted-test.parquet --novel-prefix 9/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+def folders(args) -> None:
+    root, out = Path(args.folder), Path(args.out)
+    counts = {"train": 0, "test": 0, "part": 0}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        cls = relative.split("/")[0]
+        held = zlib.crc32(relative.encode()) % 1000 < args.held * 1000
+        chosen = ["test" if cls == args.leave_out or held else "train"]
+        if zlib.crc32(b"part:" + relative.encode()) % 1000 < args.share * 1000:
+            chosen.append("part")
+        for part in chosen:
+            link = out / part / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                os.symlink(path.resolve(), link)
+            counts[part] += 1
+    print(" ".join(f"{part} {n:,}" for part, n in counts.items()))
+
+
+def _truth_of(art, spec: str) -> np.ndarray:
+    from labelkit.quality import load_truth
+
+    ids, labels = load_truth(spec)
+    where = {s: i for i, s in enumerate(ids.to_pylist())}
+    return np.array([labels[where[s]] for s in art.sample_ids])
+
+
+def confidence(args) -> None:
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import roc_auc_score
+
+    from labelkit.artefact import read_artefact
+
+    art = read_artefact(args.artefact)
+    head = art.primary_head
+    labels, score, truth = art.labels(head), art.confidence(), _truth_of(art, args.truth)
+    table = np.zeros((art.heads[head].k, truth.max() + 1))
+    np.add.at(table, (labels, truth), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    mapped = np.full(art.heads[head].k, -1)
+    mapped[rows] = cols
+    wrong = mapped[labels] != truth
+    order = np.argsort(score, kind="stable")
+    deciles = [1 - wrong[part].mean() for part in np.array_split(order, 10)]
+    low = wrong[order[: len(order) // 5]].sum() / max(wrong.sum(), 1)
+    print(f"{args.artefact} head {head}: {len(labels):,} samples, {wrong.sum():,} wrong ({wrong.mean():.1%})")
+    print("accuracy by confidence decile, least confident first: " + " ".join(f"{a:.3f}" for a in deciles))
+    print(f"least confident 20% hold {low:.1%} of the errors; AUROC of 1 - confidence for an error "
+          f"{roc_auc_score(wrong, -score):.3f}")
+
+
+def novelty(args) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from labelkit.artefact import read_artefact
+
+    art = read_artefact(args.predicted)
+    novel = np.array([s.startswith(args.novel_prefix) for s in art.sample_ids])
+    score = art.table.column("novelty").to_numpy()
+    flagged = art.table.column("novel").to_numpy(zero_copy_only=False)
+    record = art.metadata["method"]["novelty"]
+    print(f"{args.predicted}: {novel.sum():,} samples under {args.novel_prefix}, {(~novel).sum():,} others; "
+          f"{record['method']}, threshold {record['threshold']:.4f} at fpr {record['fpr']}")
+    print(f"AUROC {roc_auc_score(novel, score):.3f}; flagged novel: {flagged[novel].mean():.1%} of "
+          f"{args.novel_prefix}, {flagged[~novel].mean():.1%} of the others")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("folders")
+    p.add_argument("folder")
+    p.add_argument("out")
+    p.add_argument("--leave-out", default="9")
+    p.add_argument("--held", type=float, default=0.2)
+    p.add_argument("--share", type=float, default=0.9)
+    p.set_defaults(run=folders)
+    p = sub.add_parser("confidence")
+    p.add_argument("artefact")
+    p.add_argument("--truth", required=True)
+    p.set_defaults(run=confidence)
+    p = sub.add_parser("novelty")
+    p.add_argument("predicted")
+    p.add_argument("--novel-prefix", required=True)
+    p.set_defaults(run=novelty)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
