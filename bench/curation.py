@@ -7,6 +7,9 @@
   confidence ARTEFACT --truth SPEC
       How the primary head's confidence ranks its wrong labels (Hungarian-mapped to the truth): accuracy per
       confidence decile, the share of the errors among the least confident 20 %, AUROC.
+  examples SPEC OUT.csv [--per-class 3] [--names zero,one,...]
+      A CSV of sample_id,name: --per-class samples of every true class of SPEC, chosen by a hash of the id, as a
+      person who labelled a handful by eye would give `labelkit name --from-examples`.
   novelty PREDICTED --novel-prefix 9/
       AUROC of a `predict --novelty` artefact's novelty for the samples under the prefix, and the share of them and
       of the others flagged novel.
@@ -79,6 +82,26 @@ def confidence(args) -> None:
           f"{roc_auc_score(wrong, -score):.3f}")
 
 
+def examples(args) -> None:
+    import csv
+
+    from labelkit.data import resolve
+
+    source = resolve(args.spec)
+    classes = args.names.split(",") if args.names else list(source.classes)
+    order = sorted(range(len(source)), key=lambda i: zlib.crc32(source.ids[i].encode()))
+    chosen = {c: [] for c in range(len(classes))}
+    for i in order:
+        c = int(source.targets[i])
+        if c >= 0 and len(chosen[c]) < args.per_class:
+            chosen[c].append(source.ids[i])
+    with open(args.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sample_id", "name"])
+        writer.writerows([i, classes[c]] for c in sorted(chosen) for i in chosen[c])
+    print(f"wrote {args.out}: {sum(map(len, chosen.values()))} examples of {len(classes)} classes")
+
+
 def novelty(args) -> None:
     from sklearn.metrics import roc_auc_score
 
@@ -109,6 +132,12 @@ def main() -> None:
     p.add_argument("artefact")
     p.add_argument("--truth", required=True)
     p.set_defaults(run=confidence)
+    p = sub.add_parser("examples")
+    p.add_argument("spec")
+    p.add_argument("out")
+    p.add_argument("--per-class", type=int, default=3)
+    p.add_argument("--names", default=None)
+    p.set_defaults(run=examples)
     p = sub.add_parser("novelty")
     p.add_argument("predicted")
     p.add_argument("--novel-prefix", required=True)

@@ -46,7 +46,8 @@ def _show_examples(result, head) -> None:
 
 @click.command(short_help="Name clusters (by hand, from a file or from a few examples) and mark them reviewed.")
 @click.argument("artefact", type=click.Path())
-@click.option("--head", type=click.IntRange(min=0), default=0, show_default=True, help="Which head to name.")
+@click.option("--head", type=click.IntRange(min=0), default=None,
+              help="Which head to name [the primary head: the consensus where there is one, else 0].")
 @click.option("--set", "set_", multiple=True, metavar="CLUSTER=NAME",
               help="Name one cluster (repeatable); an empty name removes it: --set 3=cat --set 7='tabby cat'.")
 @click.option("--status", "status_", multiple=True, metavar="CLUSTER=STATE",
@@ -72,6 +73,7 @@ def name(artefact, head, set_, status_, from_file, from_examples, out) -> None:
     if not (names or status or from_file or from_examples):
         raise click.UsageError("nothing to change: give --set, --status, --from or --from-examples")
     art = read_artefact(artefact)
+    head = art.primary_head if head is None else head
     how = []
     if from_examples:
         result = names_from_examples(art, head, read_examples(from_examples, art.sample_ids))
@@ -93,6 +95,9 @@ def name(artefact, head, set_, status_, from_file, from_examples, out) -> None:
                f"(parent {art.artefact_id[:16]}…)")
 
 
+_SHOWN = 8  # changes listed per head; --json has all of them
+
+
 def _show_transitions(transitions, a_name: str, b_name: str, aligned: bool) -> None:
     for t in transitions:
         counts = t.counts()
@@ -103,10 +108,9 @@ def _show_transitions(transitions, a_name: str, b_name: str, aligned: bool) -> N
         else:
             click.echo(f"  same id in both: {t.held_before:.1%} of the common samples ({t.held:.1%} once "
                        f"{b_name} is aligned to {a_name})")
-        for event in t.events:
+        changes = [event for event in t.events if event["kind"] != "kept"]
+        for event in changes[:_SHOWN]:
             kind = event["kind"]
-            if kind == "kept":
-                continue
             if kind == "split":
                 parts = ", ".join(f"{c} ({n:,})" for c, n in zip(event["new"], event["shared"]))
                 click.echo(f"  split   {a_name} {event['old'][0]} ({event['old_size']:,}) -> {b_name} {parts}")
@@ -118,6 +122,8 @@ def _show_transitions(transitions, a_name: str, b_name: str, aligned: bool) -> N
             else:
                 click.echo(f"  died    {a_name} {event['old'][0]} ({event['old_size']:,}): no {b_name} cluster "
                            "takes it")
+        if len(changes) > _SHOWN:
+            click.echo(f"  … and {len(changes) - _SHOWN} more changes (--json lists them all)")
 
 
 @click.command(short_help="Relabel a new run's clusters so that each keeps the id (and name) of the old one it matches.")

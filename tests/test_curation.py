@@ -259,6 +259,63 @@ def test_predict_writes_the_ids_and_names_of_the_newest_version(tmp_path):
     assert result.exit_code == 2 and "not a renamed or aligned version" in result.output
 
 
+def test_a_rerun_on_grown_data_starts_from_the_old_labels_and_keeps_their_ids(tmp_path):
+    y = _overlapping_blobs(tmp_path, n=900, k=3, left_out=None)
+    keep = np.random.default_rng(1).random(900) < 0.9  # the old run saw 90 % of the samples
+    x = np.load(tmp_path / "all.npz")["embeddings"]
+    np.savez(tmp_path / "part.npz", embeddings=x[keep], keys=np.array([f"{i:06d}" for i in np.flatnonzero(keep)]))
+    common = ["generate", "--clusters", "3", "--heads", "2", "--epochs", "6", "--quiet"]
+    assert cli(*common, "--data", tmp_path / "part.npz", "--out", tmp_path / "old", "--seed", "1").exit_code == 0
+    old = read_artefact(tmp_path / "old")
+    result = cli(*common, "--data", tmp_path / "all.npz", "--out", tmp_path / "new",
+                 "--start-from", tmp_path / "old" / "labels.parquet")
+    assert result.exit_code == 0, result.output
+    new = read_artefact(tmp_path / "new")
+    assert new.metadata["parents"] == [old.artefact_id]
+    start = [json.loads(line) for line in (tmp_path / "new" / "history.jsonl").read_text().splitlines()
+             if '"start"' in line]
+    assert start[0]["from"] == old.artefact_id and start[0]["matched"] == keep.sum()
+    assert start[0]["new"] == 900 - keep.sum() and start[0]["old_heads"] == [0, 1]
+    # the same ids without aligning: a fresh start would number the clusters anew
+    where = np.searchsorted(new.sample_ids, old.sample_ids)
+    for h in range(2):
+        assert (new.labels(h)[where] == old.labels(h)).mean() > 0.95
+    assert (y[new.sample_ids.astype(int)] >= 0).all()
+    # a K the old artefact has no head of, and an artefact of other samples, are refused
+    wrong_k = cli(*common[:1], "--clusters", "4", "--heads", "1", "--epochs", "2", "--data", tmp_path / "all.npz",
+                  "--out", tmp_path / "k4", "--start-from", tmp_path / "old")
+    assert wrong_k.exit_code == 2 and "none of the run's K = [4]" in wrong_k.output
+    Artefact.build(_ids(5), [0, 1, 2, 0, 1], 3).write(tmp_path / "other.parquet")
+    other = cli(*common, "--data", tmp_path / "all.npz", "--out", tmp_path / "o",
+                "--start-from", tmp_path / "other.parquet")
+    assert other.exit_code == 2 and "none of its 5 sample ids" in other.output
+    missing = cli(*common, "--data", tmp_path / "all.npz", "--out", tmp_path / "m", "--start-from", tmp_path / "nope")
+    assert missing.exit_code != 0 and "nope" in missing.output
+
+
+def test_predict_votes_the_runs_consensus_head_and_names_it(tmp_path):
+    _overlapping_blobs(tmp_path, n=600, k=3)
+    run = tmp_path / "run"
+    assert cli("generate", "--data", tmp_path / "all.npz", "--clusters", "3", "--heads", "3", "--epochs", "4",
+               "--consensus", "--quiet", "--out", run).exit_code == 0
+    own = read_artefact(run)
+    assert own.num_heads == 4 and own.primary_head == 3
+    result = cli("name", run, "--set", "0=a", "--set", "1=b", "--set", "2=c")  # the primary head by default
+    assert result.exit_code == 0 and "head 3 has 3 of 3 clusters named" in result.output, result.output
+    result = cli("predict", run, "--data", tmp_path / "all.npz", "--out", tmp_path / "p.parquet")
+    assert result.exit_code == 0, result.output
+    predicted = read_artefact(tmp_path / "p.parquet")
+    assert predicted.num_heads == 4 and predicted.primary_head == 3
+    where = np.searchsorted(own.sample_ids, predicted.sample_ids)
+    assert (predicted.labels(3) == own.labels(3)[where]).mean() > 0.95
+    assert predicted.table.column("name_3").to_pylist() == ["abc"[c] for c in predicted.labels(3)]
+    # the vote uses the training run's maps: one new sample alone gets the same consensus as among all of them
+    np.savez(tmp_path / "one.npz", embeddings=np.load(tmp_path / "all.npz")["embeddings"][:1],
+             keys=np.array([predicted.sample_ids[0]]))
+    assert cli("predict", run, "--data", tmp_path / "one.npz", "--out", tmp_path / "one.parquet").exit_code == 0
+    assert read_artefact(tmp_path / "one.parquet").labels(3)[0] == predicted.labels(3)[0]
+
+
 # -- confidence --------------------------------------------------------------------------------------------------
 
 

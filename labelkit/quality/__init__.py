@@ -10,6 +10,7 @@ _EXPORTS = {
     "ConsensusResult": "._consensus",
     "consensus_labels": "._consensus",
     "consensus_artefact": "._consensus",
+    "consensus_of_predictions": "._consensus",
     "Transitions": "._align",
     "match_clusters": "._align",
     "align_artefact": "._align",

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ConfigError
 from ._metrics import agreement
 
-__all__ = ["ConsensusResult", "consensus_labels", "consensus_artefact"]
+__all__ = ["ConsensusResult", "consensus_labels", "consensus_artefact", "consensus_of_predictions"]
 
 _ROUNDS = 10
 
@@ -194,3 +194,22 @@ def consensus_artefact(art, *, k: int | None = None, reference: int | None = Non
     return Artefact.build(art.sample_ids, result.labels[None], [result.k], scores=score[None],
                           data=art.metadata["data"], method={"name": "consensus", "consensus": result.record()},
                           parents=[art.artefact_id]), result
+
+
+def consensus_of_predictions(labels, scores, trained) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """The consensus head of new samples' predicted ``labels`` (T, N) and ``scores``, as the run whose labels
+    ``trained`` (an artefact with a consensus head) holds voted: each head mapped to the consensus by its
+    contingency table with it on the training samples (not re-estimated on the new ones, which may be few or
+    unlike them), then the same vote and confidence. None when ``trained`` has no consensus head."""
+    record = trained.metadata["method"].get("consensus")
+    if not record:
+        return None
+    heads, k, agreed = record["heads"], record["k"], trained.labels(record["head"]).astype(np.int64)
+    ks = [trained.heads[h].k for h in range(trained.num_heads)]
+    labels = np.asarray(labels, dtype=np.int64)
+    mapped = np.stack([_mapping(trained.labels(h).astype(np.int64), ks[h], agreed, k)[labels[h]] for h in heads])
+    tie = mapped[heads.index(record["reference"])]
+    vote = _vote(mapped, tie)
+    agrees = mapped == vote
+    confidence = (agrees * np.asarray(scores, dtype=np.float32)[heads]).mean(axis=0).astype(np.float32)
+    return vote, confidence, record

@@ -58,6 +58,7 @@ class SelaConfig:
     augment: str = "paper"  # paper | heavy | digits | grey | none
     label_augment: bool = False  # augment the images of the label pass too
     start: str = "random"  # first labels: random (the paper), or graph (spectral clusters of the thumbnails)
+    start_from: str | None = None  # first labels from an earlier artefact instead (see training/_start.py)
     label_spacing: str = "quadratic"  # label steps at (i/M)^2 of training (the paper's), or even
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int | None = None  # None: default_workers()
@@ -377,6 +378,10 @@ def _check(config) -> None:
         if config.label_views < 1:
             raise ConfigError(f"--label-views must be at least 1, got {config.label_views}")
         _one_of("--start", config.start, STARTS)
+        if config.start_from:
+            from ..artefact import read_header
+
+            read_header(config.start_from)  # a wrong path fails now, not after the features are cached
         _one_of("--label-spacing", config.label_spacing, LABEL_SPACINGS)
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")

@@ -97,7 +97,7 @@ class Plan:
                 what_trains = "heads on the vectors"
             out.append(f"  {what_trains}, heads {c.head_clusters()}, {_plural(c.epochs, 'epoch')}, "
                        f"{_plural(label_step_count(c, self.profile.get('samples')), 'label step')}, batch {c.batch_size}"
-                       + ("" if c.frozen else f", augment {c.augment}, start {c.start}")
+                       + ("" if c.frozen else f", augment {c.augment}, start {f'from {c.start_from}' if c.start_from else c.start}")
                        + (f", prior {c.prior}" if c.prior != "uniform" else "")
                        + (f", balance {c.balance:g}" if c.balance is not None else ""))
         else:
@@ -243,13 +243,14 @@ def resumed_plan(config) -> Plan:
 
 def label_step_count(config: SelaConfig, n: int | None = None) -> int:
     """The label steps a run of ``n`` samples solves: its schedule, less the one before the first epoch that the
-    graph start replaces (fixed features outside the graph's range start from the untrained heads instead)."""
+    graph start or ``--start-from`` replaces (fixed features outside the graph's range start from the untrained heads instead)."""
     from ._graph import GRAPH_LIMIT, GRAPH_MIN
     from ._sela import label_schedule
 
     schedule = label_schedule(config.epochs, config.label_steps, config.label_spacing)
     graph = config.start == "graph" and (not config.frozen or n is None or GRAPH_MIN <= n <= GRAPH_LIMIT)
-    return len(schedule) - (1 if graph and 0 in schedule else 0)
+    replaced = graph or bool(config.start_from)
+    return len(schedule) - (1 if replaced and 0 in schedule else 0)
 
 
 def table_batch(n: int) -> int:
@@ -308,7 +309,8 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
     plan.probe = probe
     n = len(source)
     plan.profile.setdefault("samples", n)
-    fixed = probe["startup_s"] + (probe["graph_s"] if config.start == "graph" else 0.0)
+    graph = config.start == "graph" and not config.start_from
+    fixed = probe["startup_s"] + (probe["graph_s"] if graph else 0.0)
     per_step = config.label_views * n / probe["label_images_per_s"] + probe["solve_s_per_step"]
     per_epoch = n / probe["train_images_per_s"]
     if plan.budget is not None and not epochs_given:
@@ -364,7 +366,7 @@ def _resources(plan: Plan, probe: dict, n: int, label_steps: int) -> dict:
     kernels = {"stored": n * k * 2, "disk": working, "stream": working}
     spilled = features_on_disk(n, probe["feature_dim"], k, device, memory, scratch=config.out)
     label_memory = (0 if spilled else n * probe["feature_dim"] * 4) + kernels[path]
-    if config.start == "graph":
+    if config.start == "graph" and not config.start_from:
         label_memory = max(label_memory, n * probe["thumbnail_pixels"] * 4 * 2)
     disk = 2 * probe["checkpoint_bytes"] + n * (len(config.head_clusters()) * 8 + 24) + 4096 * (config.epochs + label_steps)
     disk += n * probe["feature_dim"] * 2 if spilled else 0

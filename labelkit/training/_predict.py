@@ -100,6 +100,7 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
         rows = np.flatnonzero(seen)
         labels, scores = _heads_argmax(model, features, dev)
         method = {"name": "predict", "model": str(model_dir), "arch": record.get("arch"), "run": record.get("kind")}
+        labels, scores, ks = _with_consensus(_run_labels(model_dir), labels, scores, ks, method)
         labels, ks, head_names = _in_version_ids(labels, ks, _named_version(model_dir, names, ks), method)
         parent = _parent(model_dir)
         artefact = Artefact.build(
@@ -239,11 +240,34 @@ def _named_version(model_dir, names, ks: list[int]) -> tuple[Artefact, list[np.n
     return named, maps
 
 
-def _parent(model_dir) -> str | None:
+def _run_labels(model_dir) -> Artefact | None:
     path = Path(model_dir) / "labels.parquet"
     if not path.is_file():
         return None
     try:
-        return read_artefact(path).artefact_id
-    except Exception:  # a run's artefact that cannot be read is no lineage to record
+        return read_artefact(path)
+    except Exception:  # a run's artefact that cannot be read is no lineage to record, and no consensus to vote
         return None
+
+
+def _parent(model_dir) -> str | None:
+    labels = _run_labels(model_dir)
+    return None if labels is None else labels.artefact_id
+
+
+def _with_consensus(trained: Artefact | None, labels, scores, ks: list[int], method: dict):
+    """The predictions with the run's consensus head appended where its labels have one (voted with the
+    training samples' head-to-consensus maps, :func:`labelkit.quality.consensus_of_predictions`), so that the
+    head the run reports first, and any names given to it, exist for new samples too."""
+    from ..quality import consensus_of_predictions
+
+    if trained is None or trained.num_heads != len(ks) + 1:
+        return labels, scores, ks
+    voted = consensus_of_predictions(labels, scores, trained)
+    if voted is None:
+        return labels, scores, ks
+    agreed, confidence, record = voted
+    method["consensus"] = {"head": len(ks), "k": record["k"], "reference": record["reference"],
+                           "heads": record["heads"], "score": "confidence", "maps": "the run's training labels"}
+    return (np.concatenate([labels, agreed[None]]), np.concatenate([scores, confidence[None]]),
+            [*ks, record["k"]])

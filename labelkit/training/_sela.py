@@ -23,6 +23,7 @@ from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
 from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours
+from ._start import artefact_start, started_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
@@ -247,7 +248,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         if not resumed and init_record(backbone):
             job.log(init_record(backbone))  # what --init filled and what stayed random
         schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
-        if config.start == "graph":  # the graph start takes the place of the label step at epoch 0
+        if config.start == "graph" or config.start_from:  # the start takes the place of the label step at epoch 0
             schedule.discard(0)
         job.label_schedule = schedule
         job.announce(model, heads=ks, label_steps=len(schedule))
@@ -255,7 +256,10 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
             job.decode_images(config.image_size)
         train_model = job.parallel(model)
         transforms = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
-        if not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
+        if not resumed and config.start_from:  # the first labels come from an earlier artefact
+            job.log({"type": "start", "epoch": 0, **artefact_start(job, state.labels, ks)})
+            job.checkpoint_or_stop()
+        elif not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
             job.log({"type": "start", "epoch": 0, **image_graph_start(job, state.labels, ks)})
             job.checkpoint_or_stop()
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
@@ -368,7 +372,10 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
                               lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
                               optimizer, steps, min_batch=smallest)
 
-    if not resumed and graph:  # the first labels come from the features' kNN graph
+    if not resumed and config.start_from:  # the first labels come from an earlier artefact
+        job.log({"type": "start", "epoch": 0, **artefact_start(job, state.labels, ks)})
+        job.checkpoint_or_stop()
+    elif not resumed and graph:  # the first labels come from the features' kNN graph
         job.log({"type": "start", "epoch": 0, **vector_graph_start(job, raw, keep, state.labels, ks)})
         job.checkpoint_or_stop()
     elif not resumed and 0 in schedule:  # the first labels come from the untrained heads
@@ -398,10 +405,10 @@ def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
     graph's range), and the epochs whose end has a label step."""
     config = job.config
     schedule = set(label_schedule(config.epochs, config.label_steps, config.label_spacing))
-    graph = config.start == "graph" and GRAPH_MIN <= n <= GRAPH_LIMIT
-    if graph:  # the graph start takes the place of the label step at epoch 0
+    graph = config.start == "graph" and not config.start_from and GRAPH_MIN <= n <= GRAPH_LIMIT
+    if graph or config.start_from:  # the graph start takes the place of the label step at epoch 0
         schedule.discard(0)
-    elif config.start == "graph" and not resumed:
+    elif config.start == "graph" and not config.start_from and not resumed:
         job.log({"type": "start", "epoch": 0, "graph": False,
                  "why": f"{n:,} samples are outside the graph start's range of {GRAPH_MIN:,}-{GRAPH_LIMIT:,}: "
                         "the first labels come from the untrained heads"})
@@ -455,8 +462,9 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
         heads_k.append(agreed.k)
         method["consensus"] = {"head": len(ks), **agreed.record()}
         job.log({"type": "consensus", **method["consensus"]})
+    start = started_from(job.run_dir.history)  # labels that grew out of an earlier artefact's name it as parent
     artefact = Artefact.build([source.ids[i] for i in rows], labels, heads_k, scores=scores, method=method,
-                              data=job.provenance())
+                              data=job.provenance(), parents=[start] if start else [])
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:
         artefact.write(path)
