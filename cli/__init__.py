@@ -42,10 +42,10 @@ def main() -> None:
 
 def _register() -> None:
     from . import (artefact_cmds, curate_cmds, data_cmds, generate_cmds, metrics_cmds, predict_cmds, report_cmds,
-                   transfer_cmds)
+                   review_cmds, transfer_cmds)
 
-    for module in (generate_cmds, transfer_cmds, predict_cmds, metrics_cmds, report_cmds, curate_cmds, artefact_cmds,
-                   data_cmds):
+    for module in (generate_cmds, transfer_cmds, predict_cmds, metrics_cmds, report_cmds, curate_cmds, review_cmds,
+                   artefact_cmds, data_cmds):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -137,9 +137,17 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
 
 @click.command()
 @click.argument("artefact", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "json", "hub"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["csv", "npy", "json", "hub", "label-studio", "fiftyone", "folders"]),
+              required=True,
               help="csv: sample_id + one column per head; npy: (heads, N) int32 in sample-id order; json; "
-                   "hub: a Hugging Face Hub dataset folder (data/*.parquet + README.md card).")
+                   "hub: a Hugging Face Hub dataset folder (data/*.parquet + README.md card); label-studio, "
+                   "fiftyone, folders: one head for that tool (a folder; see `labelkit import --onto`).")
+@click.option("--head", type=click.IntRange(min=0), default=None,
+              help="label-studio, fiftyone, folders: the head [the primary head].")
+@click.option("--data", default=None, help="label-studio, fiftyone, folders: the image folder [the one recorded].")
+@click.option("--copy", is_flag=True, help="fiftyone, folders: copy the images instead of linking them.")
+@click.option("--document-root", default=None, type=click.Path(file_okay=False),
+              help="label-studio: Label Studio's LOCAL_FILES_DOCUMENT_ROOT [the data folder's parent].")
 @click.option("--out", default=None, type=click.Path(),
               help="File to write, a folder for --format hub [beside the artefact: its name with .csv, .npy, .json or -hub].")
 @click.option("--repo", default=None, metavar="USER/NAME", help="hub: the Hub repository, for the card's snippets.")
@@ -155,7 +163,7 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
               help="Only the samples whose confidence (the primary head's score) is at least C; the rest are "
                    "left out and counted.")
 def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, source_datasets, truth,
-           rows_per_file, min_confidence) -> None:
+           rows_per_file, min_confidence, **tool) -> None:
     """Export labels for tools outside labelkit, or as a folder ready to upload to the Hugging Face Hub.
 
     \b
@@ -167,12 +175,20 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
     from labelkit.artefact import HUB_ROWS_PER_FILE, export_artefact, export_hub, output_beside
 
     art = read_artefact(artefact)
-    out = out or output_beside(artefact, "-hub" if fmt == "hub" else f".{fmt}")
+    tools = ("label-studio", "fiftyone", "folders")
+    out = out or output_beside(artefact, f"-{fmt}" if fmt in ("hub", *tools) else f".{fmt}")
     if min_confidence is not None:
         whole = art.num_samples
         art = art.subset(art.confidence() >= min_confidence, {"min_confidence": min_confidence})
         click.echo(f"confidence >= {min_confidence:g}: {art.num_samples:,} of {whole:,} samples "
                    f"({art.num_samples / whole:.1%}) exported")
+    if fmt in tools:
+        from labelkit.review import export_for_tool
+
+        path = export_for_tool(art, fmt, out, **tool)
+        click.echo(f"wrote {path}/ ({art.num_samples:,} samples); after editing, `labelkit import {path} --format "
+                   f"{fmt} --onto {artefact}` brings the changes back")
+        return
     if fmt != "hub":
         path = export_artefact(art, fmt, out)
         click.echo(f"wrote {path}")
@@ -200,7 +216,12 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
               help="Image tree whose ImageFolder order the labels follow (class folders, then files, sorted).")
 @click.option("--clusters", type=click.IntRange(min=1), default=None,
               help="K of every head (default: the release's K, else largest label + 1).")
-def import_(src: str, out: str, keys: str | None, image_root: str | None, clusters: int | None) -> None:
+@click.option("--format", "fmt", type=click.Choice(["label-studio", "fiftyone", "folders"]), default=None,
+              help="SRC is a tool's edited export (Label Studio's JSON export, a FiftyOne classification folder, "
+                   "class folders): its changes become decisions on --onto.")
+@click.option("--onto", default=None, type=click.Path(), metavar="ARTEFACT",
+              help="With --format: the artefact that was exported; the result is its reviewed version.")
+def import_(src: str, out: str, keys: str | None, image_root: str | None, clusters: int | None, fmt, onto) -> None:
     """Build an artefact from released SeLa labels, a label CSV or .npy; or bring back a labelkit JSON export or
     artefact (a file, run directory or Hub export folder) whole, with its id, data, method and parents.
 
@@ -218,6 +239,9 @@ def import_(src: str, out: str, keys: str | None, image_root: str | None, cluste
 
     import os
 
+    if fmt or onto:
+        return _import_tool(src, out, fmt, onto)
+
     with download_bar(src) as progress:
         art = import_labels(src, keys=keys, image_root=image_root, clusters=clusters, progress=progress)
     if out is None:
@@ -227,6 +251,19 @@ def import_(src: str, out: str, keys: str | None, image_root: str | None, cluste
         raise click.UsageError(f"--out {out} is the file being imported; give another --out")
     art.write(out)
     click.echo(f"wrote {out}: {art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
+
+
+def _import_tool(src: str, out: str | None, fmt: str | None, onto: str | None) -> None:
+    from labelkit.artefact import output_beside
+    from labelkit.review import import_from_tool
+
+    if not (fmt and onto):
+        raise click.UsageError("--format and --onto go together: the tool's files, and the artefact they came from")
+    out = out or str(output_beside(onto, f"-{fmt}-reviewed.parquet"))
+    art, counts = import_from_tool(fmt, src, onto, out + ".decisions.jsonl")
+    art.write(out)
+    click.echo(f"{src}: {counts['moved']:,} moved, {counts['removed']:,} removed, {counts['unchanged']:,} as they "
+               f"were; wrote {out}: id {art.artefact_id[:16]}…")
 
 
 COMMANDS = [info, validate, export, import_]

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "labelkit"
 
 # Lower layers first; a part may import its own modules and parts of a lower layer, never a sibling or above.
-LAYERS = [{"errors"}, {"_util"}, {"artefact", "solver"}, {"data"}, {"quality"}, {"training", "report"}]
+LAYERS = [{"errors"}, {"_util"}, {"artefact", "solver"}, {"data"}, {"quality"}, {"training", "report"}, {"review"}]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60

@@ -304,6 +304,9 @@ class Artefact:
         scores = None
         if all(self.scores(h) is not None for h in range(self.num_heads)):
             scores = np.stack([self.scores(h) for h in range(self.num_heads)])
+        voted = self.metadata["method"].get("consensus")
+        if voted and "consensus" not in method:  # which head is the consensus (the primary head) outlives revisions
+            method = {**method, "consensus": voted}
         return Artefact.build(self._table.column(fmt.ID_COLUMN).combine_chunks(), matrix, ks, scores=scores,
                               data=self.metadata["data"], method=method, parents=[self.artefact_id, *parents],
                               names=merged(names, "names"), status=merged(status, "status"))
