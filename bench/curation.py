@@ -10,6 +10,13 @@
   examples SPEC OUT.csv [--per-class 3] [--names zero,one,...]
       A CSV of sample_id,name: --per-class samples of every true class of SPEC, chosen by a hash of the id, as a
       person who labelled a handful by eye would give `labelkit name --from-examples`.
+  review ARTEFACT --truth SPEC --out REVIEWED.parquet
+      A simulated reviewer who looks at every cluster of the primary head once: accepts it when its majority class
+      holds >= 80 % of it, merges clusters of the same majority (into the largest), and moves the minority, up to
+      5 samples a cluster, to the cluster of their class. Writes the decision log beside OUT and the reviewed
+      version, and prints the accuracy (Hungarian-matched) before and after, and the samples corrected per
+      decision (labelling images one by one corrects at most one per decision). Then
+      `labelkit generate --data SPEC --start-from OUT` is the refine run.
   novelty PREDICTED --novel-prefix 9/
       AUROC of a `predict --novelty` artefact's novelty for the samples under the prefix, and the share of them and
       of the others flagged novel.
@@ -56,6 +63,54 @@ def _truth_of(art, spec: str) -> np.ndarray:
     ids, labels = load_truth(spec)
     where = {s: i for i, s in enumerate(ids.to_pylist())}
     return np.array([labels[where[s]] for s in art.sample_ids])
+
+
+def _accuracy(labels: np.ndarray, truth: np.ndarray, k: int) -> float:
+    from scipy.optimize import linear_sum_assignment
+
+    table = np.zeros((k, truth.max() + 1))
+    np.add.at(table, (labels, truth), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / len(labels))
+
+
+def review(args) -> None:
+    from labelkit.artefact import read_artefact
+    from labelkit.review import DecisionLog, materialise
+
+    art = read_artefact(args.artefact)
+    head = art.primary_head
+    labels, truth, k = art.labels(head), _truth_of(art, args.truth), art.heads[head].k
+    log = DecisionLog(Path(args.out).with_suffix(".decisions.jsonl"))
+    if log.path.exists():
+        raise SystemExit(f"{log.path} exists; remove it to review again")
+    majority = {c: np.bincount(truth[labels == c]).argmax() for c in range(k) if (labels == c).any()}
+    share = {c: (truth[labels == c] == m).mean() for c, m in majority.items()}
+    sizes = np.bincount(labels, minlength=k)
+    into = {}  # class -> the cluster that keeps it
+    decisions = 0
+    for m in sorted(set(majority.values())):
+        group = sorted((c for c in majority if majority[c] == m), key=lambda c: -sizes[c])
+        into[m] = group[0]
+        if len(group) > 1:
+            log.append({"op": "merge", "clusters": group})
+            decisions += 1
+    for c in sorted(majority):
+        if share[c] >= 0.8:
+            log.append({"op": "status", "cluster": into[majority[c]], "status": "accepted"})
+            decisions += 1
+        wrong = art.sample_ids[(labels == c) & (truth != majority[c])][:5]
+        for sid, t in zip(wrong, truth[np.searchsorted(art.sample_ids, wrong)]):
+            if t in into:
+                log.append({"op": "move", "samples": [sid], "to": into[t]})
+                decisions += 1
+    reviewed, state = materialise(art, head, log)
+    reviewed.write(args.out)
+    before = _accuracy(labels, truth, k)
+    after = _accuracy(reviewed.labels(head), _truth_of(reviewed, args.truth), reviewed.heads[head].k)
+    print(f"{args.artefact} head {head}: {decisions} decisions ({state.pinned.sum():,} samples pinned); accuracy "
+          f"{before:.4f} -> {after:.4f} on {len(labels):,} samples: {(after - before) * len(labels) / decisions:.2f} "
+          f"samples corrected per decision; wrote {args.out}")
 
 
 def confidence(args) -> None:
@@ -138,6 +193,11 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=3)
     p.add_argument("--names", default=None)
     p.set_defaults(run=examples)
+    p = sub.add_parser("review")
+    p.add_argument("artefact")
+    p.add_argument("--truth", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=review)
     p = sub.add_parser("novelty")
     p.add_argument("predicted")
     p.add_argument("--novel-prefix", required=True)

@@ -74,7 +74,9 @@ def _clusters(ctx, param, value):
               help=f"First labels: random, or graph (spectral clusters of the images' kNN graph) {_d('start')}.")
 @click.option("--start-from", default=None, type=click.Path(), metavar="ARTEFACT",
               help="First labels from an earlier artefact of (some of) these samples, in place of --start: a rerun "
-                   "on grown data keeps its clusters; samples it lacks start at random.")
+                   "on grown data keeps its clusters; samples it lacks start at random. A reviewed version "
+                   "(labelkit review) also pins its accepted and moved samples, keeps its cluster sizes and leaves "
+                   "removed and rejected samples out.")
 @click.option("--label-spacing", type=click.Choice(LABEL_SPACINGS), default=None,
               help=f"Label steps at (i/M)^2 of training (the paper's) or evenly {_d('label_spacing')}.")
 @click.option("--label-augment/--no-label-augment", default=None, help=f"Augment the label pass too {_d('label_augment')}.")

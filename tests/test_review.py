@@ -348,3 +348,46 @@ def test_fiftyone_folder_has_the_documented_layout_and_reads_back_edits(exported
     result = cli("import", tmp_path / "fo", "--format", "fiftyone", "--onto", tmp_path / "a.parquet",
                  "--out", tmp_path / "back.parquet")
     assert result.exit_code == 0 and "1 moved, 1 removed, 8 as they were" in result.output, result.output
+
+
+# -- decisions steer the next solve ------------------------------------------------------------------------------
+
+
+def test_a_run_from_a_reviewed_version_keeps_pins_sizes_and_leaves_removed_samples_out(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 2.2
+    y = rng.integers(0, 3, 900)
+    np.savez(tmp_path / "t.npz", embeddings=(centres[y] + rng.normal(size=(900, 6))).astype(np.float32), labels=y)
+    common = ["--data", tmp_path / "t.npz", "--heads", "1", "--epochs", "6", "--quiet"]
+    assert cli("generate", *common, "--clusters", "3", "--out", tmp_path / "a").exit_code == 0
+    first = read_artefact(tmp_path / "a")
+    labels = first.labels(0)
+    # a reviewer moves five samples of cluster 0 to cluster 1 against the run, removes three, accepts cluster 2,
+    # and splits cluster 1 in two by sample id
+    moved = first.sample_ids[labels == 0][:5].tolist()
+    removed = first.sample_ids[labels == 2][:3].tolist()
+    members = first.sample_ids[labels == 1].tolist()
+    log = DecisionLog(tmp_path / "review" / "decisions.jsonl")
+    for d in ({"op": "split", "cluster": 1, "parts": [members[::2], members[1::2]]},
+              {"op": "move", "samples": moved, "to": 1},
+              {"op": "remove", "samples": removed},
+              {"op": "status", "cluster": 2, "status": "accepted"}):
+        log.append(d)
+    reviewed, state = materialise(first, 0, log)
+    reviewed.write(tmp_path / "reviewed.parquet")
+    assert reviewed.heads[0].k == 4
+    result = cli("generate", *common, "--clusters", "4", "--out", tmp_path / "b",
+                 "--start-from", tmp_path / "reviewed.parquet")
+    assert result.exit_code == 0, result.output
+    second = read_artefact(tmp_path / "b")
+    assert second.num_samples == 897 and not set(removed) & set(second.sample_ids)
+    where = np.searchsorted(second.sample_ids, reviewed.sample_ids)
+    after, before = second.labels(0)[where], reviewed.labels(0)
+    pinned = np.isin(reviewed.sample_ids, moved) | (before == 2)
+    assert (after[pinned] == before[pinned]).all()  # a person's choice outlives every label step
+    assert np.allclose(second.scores(0)[where][pinned], 1.0)
+    sizes = np.bincount(after, minlength=4)
+    assert abs(sizes - np.bincount(before, minlength=4)).max() <= 0.05 * 897  # the reviewed sizes, not 897 / 4
+    start = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()
+             if '"start"' in line][0]
+    assert start["review"] == {"head": 0, "pinned": int(pinned.sum()), "left_out": 3, "steered_heads": [0]}

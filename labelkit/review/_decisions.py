@@ -86,6 +86,7 @@ class Decisions:
     names: list
     status: list
     pinned: np.ndarray  # samples whose label a person chose: moved, examples, members of accepted clusters
+    moved: np.ndarray  # of those, the ones moved or marked as examples one by one
     applied: list = field(default_factory=list)
 
     @property
@@ -111,7 +112,8 @@ class _Replay:
         self.state = Decisions(labels=art.labels(head).astype(np.int64), k=spec.k,
                                names=list(spec.names or [None] * spec.k),
                                status=list(spec.status or ["unreviewed"] * spec.k),
-                               pinned=np.zeros(art.num_samples, dtype=bool))
+                               pinned=np.zeros(art.num_samples, dtype=bool),
+                               moved=np.zeros(art.num_samples, dtype=bool))
 
     def rows(self, samples, seq) -> np.ndarray:
         samples = np.asarray(list(samples), dtype=object)
@@ -179,6 +181,7 @@ class _Replay:
             to, rows = self.cluster(d["to"], seq), self.rows(d["samples"], seq)
         s.labels[rows] = to
         s.pinned[rows] = True
+        s.moved[rows] = True
 
 
 def replay(art: Artefact, head: int, entries: list[dict]) -> Decisions:
@@ -217,7 +220,11 @@ def materialise(art: Artefact, head: int, log: DecisionLog) -> tuple[Artefact, D
     status[head] = state.status
     method = {"name": "review", "head": head, "log": str(log.path), "log_sha256": log.sha256(),
               "decisions": len(state.applied), "removed": int(state.removed.sum()),
-              "pinned": int(state.pinned.sum())}
+              "pinned": int(state.pinned.sum()),
+              # what the next solve needs beyond the labels and statuses (generate --start-from): the samples a
+              # person placed one by one keep their label, the removed ones leave the label step
+              "moved_ids": art.sample_ids[state.moved & ~state.removed].tolist(),
+              "removed_ids": art.sample_ids[state.removed].tolist()}
     rows = np.flatnonzero(~state.removed)
     scores = None
     if all(art.scores(h) is not None for h in range(art.num_heads)):

@@ -23,7 +23,7 @@ from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
 from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours
-from ._start import artefact_start, started_from
+from ._start import SelaState, artefact_start, pinned_balance, with_pins, started_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
@@ -63,30 +63,6 @@ class SelaRun:
     quality: dict | None = None  # label-free quality per head and the recommended K (labelkit.quality)
     consensus: dict | None = None  # the consensus head, when one was appended
     solver: dict | None = None  # how the Sinkhorn solves ended: count, unconverged, worst error
-
-
-@dataclass
-class SelaState:
-    """What SeLa carries between label steps besides the network, per head: the current label of every
-    sample, its score q(label | sample), and the Sinkhorn potentials that warm-start the next solve."""
-
-    labels: torch.Tensor  # (T, N) int64
-    scores: torch.Tensor  # (T, N) float32
-    potentials: list  # T tensors of shape (K_h,), None before a head's first solve
-
-    @classmethod
-    def initial(cls, n: int, ks: list[int], seed: int) -> "SelaState":
-        """A random equipartition for every head: the labels before the first label step."""
-        rng = np.random.default_rng(seed)
-        labels = torch.from_numpy(np.stack([rng.permutation(n) % k for k in ks]).astype(np.int64))
-        return cls(labels, torch.zeros(labels.shape, dtype=torch.float32), [None] * len(ks))
-
-    def state_dict(self) -> dict:
-        return {"labels": self.labels.to(torch.int32), "scores": self.scores, "potentials": list(self.potentials)}
-
-    def load_state_dict(self, saved: dict) -> None:
-        self.labels, self.scores = saved["labels"].long(), saved["scores"]
-        self.potentials = list(saved["potentials"])
 
 
 def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None = None) -> dict:
@@ -143,7 +119,7 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
         if writer is not None:
             writer.abandon()
         raise
-    labelled = ~job.merge_skips()  # every rank learns which samples any rank could not read
+    labelled = state.keep(~job.merge_skips())  # every rank learns which samples any rank could not read
     if writer is None:
         features /= len(views)
         rows = torch.from_numpy(np.flatnonzero(seen & labelled))  # this rank's share
@@ -184,16 +160,18 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     for h in range(len(model.heads)):
         weight, bias = model.head_weights(h)
         bias = None if bias is None else bias.detach().float()
+        free, balance = pinned_balance(state, h, rows, head_balance(config, ks[h], len(everyone)))
         with warnings.catch_warnings():  # an unconverged solve is recorded in the history instead
             warnings.simplefilter("ignore", RuntimeWarning)
-            result = solve(features=features, weight=weight.detach().float(), bias=bias, warm_start=state.potentials[h],
-                           algorithm=Algorithm(lam=config.lam, tol=config.sinkhorn_tol),
-                           balance=head_balance(config, ks[h], len(everyone)),
+            result = solve(features=features if free is None or not len(free) else _rows_of(features, free),
+                           weight=weight.detach().float(), bias=bias, warm_start=state.potentials[h],
+                           algorithm=Algorithm(lam=config.lam, tol=config.sinkhorn_tol), balance=balance,
                            storage=Storage(kernel=path, memory=memory, scratch=config.out, device=job.device),
                            buffer=buffer, group=dist.group)
         state.potentials[h] = torch.from_numpy(result.potentials)
-        gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([result.labels.astype(np.float64),
-                                                                          result.posterior.astype(np.float64)]))
+        labels, posterior = with_pins(state, h, rows, free, result.labels, result.posterior)
+        gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([labels.astype(np.float64),
+                                                                          posterior.astype(np.float64)]))
         state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
         state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
         info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
@@ -202,7 +180,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                 "seconds": round(result.seconds, 3),
                 "error": result.error, "converged": result.converged, "lam": result.lam,
                 "size_min": int(result.sizes.min()),
-                "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum())}
+                "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum()),
+                **({} if free is None else {"pinned": len(rows) - len(free)})}
         if dist.main:  # the figures go to the history, which rank 0 writes
             labels = state.labels[h, everyone].numpy()
             info["nmi_previous"] = agreement(labels, previous[h])["nmi"]
@@ -219,6 +198,13 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     del buffer
     return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
             "memory_bytes": held}
+
+
+def _rows_of(features, free: torch.Tensor):
+    if isinstance(features, FeatureFile):
+        raise ConfigError("a start from a reviewed version solves with pinned rows, which needs the label step's "
+                          "features in memory; raise --label-memory")
+    return features[free.to(features.device)]
 
 
 def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | None = None,
@@ -257,7 +243,7 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         train_model = job.parallel(model)
         transforms = run_transforms(backbone, config.image_size, config.augment, config.pretrained)
         if not resumed and config.start_from:  # the first labels come from an earlier artefact
-            job.log({"type": "start", "epoch": 0, **artefact_start(job, state.labels, ks)})
+            job.log({"type": "start", "epoch": 0, **artefact_start(job, state, ks)})
             job.checkpoint_or_stop()
         elif not resumed and config.start == "graph":  # the first labels come from the images' kNN graph
             job.log({"type": "start", "epoch": 0, **image_graph_start(job, state.labels, ks)})
@@ -265,7 +251,8 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         elif not resumed and 0 in schedule:  # the first labels come from the untrained network
             job.label_step(0, lambda epoch: _label_step(job, model, dim, state, ks, transforms, epoch))
             job.checkpoint_or_stop()
-        job.run_epochs(lambda: job.train_epoch(train_model, transforms[1], state.labels, optimizer, keep=~job.skips.mask()),
+        job.run_epochs(lambda: job.train_epoch(train_model, transforms[1], state.labels, optimizer,
+                                               keep=state.keep(~job.skips.mask())),
                        lambda epoch: _label_step(job, model, dim, state, ks, transforms, epoch))
         job.merge_skips()
         run = _finish(job, model, state, ks)
@@ -373,7 +360,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
                               optimizer, steps, min_batch=smallest)
 
     if not resumed and config.start_from:  # the first labels come from an earlier artefact
-        job.log({"type": "start", "epoch": 0, **artefact_start(job, state.labels, ks)})
+        job.log({"type": "start", "epoch": 0, **artefact_start(job, state, ks)})
         job.checkpoint_or_stop()
     elif not resumed and graph:  # the first labels come from the features' kNN graph
         job.log({"type": "start", "epoch": 0, **vector_graph_start(job, raw, keep, state.labels, ks)})
@@ -381,6 +368,8 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     elif not resumed and 0 in schedule:  # the first labels come from the untrained heads
         job.label_step(0, label_step)
         job.checkpoint_or_stop()
+    keep = state.keep(keep)  # a reviewed start leaves samples out: the closures above read these
+    rows = torch.from_numpy(np.flatnonzero(keep))
     job.run_epochs(train, label_step)
     run = _finish(job, model, state, ks)
     job.finish()
@@ -444,7 +433,7 @@ def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
 
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     config, source = job.config, job.source
-    rows = np.flatnonzero(~job.skips.mask())
+    rows = np.flatnonzero(state.keep(~job.skips.mask()))
     labels = state.labels[:, rows].numpy()
     scores = state.scores[:, rows].numpy()
     method = _method(config, job.plan, job.stopped_early)
