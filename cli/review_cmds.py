@@ -12,6 +12,9 @@ import click
 @click.option("--data", default=None, help="The samples' data spec [the one the artefact records].")
 @click.option("--head", type=click.IntRange(min=0), default=None,
               help="Which head to review [the primary head: the consensus where there is one, else 0].")
+@click.option("--run", default=None, type=click.Path(file_okay=False),
+              help="The generate run of these labels: splits use its network's features, nearest clusters its "
+                   "head prototypes [the run folder the artefact is in, if any].")
 @click.option("--folder", default=None, type=click.Path(file_okay=False),
               help="Review folder: the decision log, thumbnails and reviewed.parquet [beside ARTEFACT: STEM-review/].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -19,7 +22,7 @@ import click
               help="Port to listen on (0: any free one).")
 @click.option("--expose", is_flag=True, help="Allow a --host other machines can reach (the token then guards the data).")
 @click.option("--save", "save_only", is_flag=True, help="Do not serve: write reviewed.parquet from the log and exit.")
-def review(artefact, data, head, folder, host, port, expose, save_only) -> None:
+def review(artefact, data, head, run, folder, host, port, expose, save_only) -> None:
     """Serve a review of ARTEFACT's clusters at http://HOST:PORT/?token=…; every decision is appended to
     FOLDER/decisions.jsonl at once, and "save" (or --save) writes FOLDER/reviewed.parquet, a new version whose
     parent is ARTEFACT.
@@ -29,10 +32,10 @@ def review(artefact, data, head, folder, host, port, expose, save_only) -> None:
     Example: labelkit review runs/digits --save
     """
     from labelkit.artefact import output_beside
-    from labelkit.review import ReviewSession, serve
+    from labelkit.review import ReviewSession, run_folder_of, serve
 
     folder = folder or output_beside(artefact, "-review")
-    session = ReviewSession(artefact, folder, data=data, head=head)
+    session = ReviewSession(artefact, folder, data=data, head=head, run=run or run_folder_of(artefact))
     if save_only:
         path, version = session.save()
         click.echo(f"wrote {path}: {version.num_samples:,} samples, {len(session.state.applied)} decisions of "

@@ -391,3 +391,25 @@ def test_a_run_from_a_reviewed_version_keeps_pins_sizes_and_leaves_removed_sampl
     start = [json.loads(line) for line in (tmp_path / "b" / "history.jsonl").read_text().splitlines()
              if '"start"' in line][0]
     assert start["review"] == {"head": 0, "pinned": int(pinned.sum()), "left_out": 3, "steered_heads": [0]}
+
+
+def test_with_its_run_a_review_splits_on_network_features_and_finds_neighbours_by_prototypes(tmp_path):
+    from labelkit.review import run_folder_of
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 4
+    y = rng.integers(0, 4, 400)
+    np.savez(tmp_path / "t.npz", embeddings=(centres[y] + rng.normal(size=(400, 6))).astype(np.float32))
+    assert cli("generate", "--data", tmp_path / "t.npz", "--clusters", "2", "--heads", "1", "--epochs", "4",
+               "--quiet", "--out", tmp_path / "run").exit_code == 0
+    assert run_folder_of(tmp_path / "run" / "labels.parquet") == (tmp_path / "run").resolve()
+    assert run_folder_of(tmp_path / "t.npz") is None
+    session = ReviewSession(str(tmp_path / "run"), tmp_path / "review", run=tmp_path / "run")
+    assert [c for c, _ in session.nearest(0)] == [1]
+    entry = session.decide({"op": "split", "cluster": 0, "k": 2})
+    # a K = 2 cluster of four blobs mixes them; its features split it into far purer parts
+    ids = read_artefact(tmp_path / "run").sample_ids
+    parts = [y[np.searchsorted(ids, part).astype(int)] for part in entry["parts"]]
+    whole = np.concatenate(parts)
+    purity = sum(np.bincount(p).max() for p in parts) / len(whole)
+    assert purity >= 0.9 and purity > np.bincount(whole).max() / len(whole) + 0.3, [np.bincount(p) for p in parts]

@@ -12,6 +12,7 @@ _EXPORTS = {
     "replay": "._decisions",
     "materialise": "._decisions",
     "ReviewSession": "._session",
+    "run_folder_of": "._session",
     "create_app": "._app",
     "serve": "._app",
     "TOOL_FORMATS": "._tools",

@@ -18,7 +18,7 @@ from ..artefact import Artefact, read_artefact
 from ..errors import ConfigError, DataError
 from ._decisions import DecisionLog, Decisions, materialise, replay
 
-__all__ = ["ReviewSession", "ClusterRow", "THUMBNAIL"]
+__all__ = ["ReviewSession", "ClusterRow", "THUMBNAIL", "run_folder_of"]
 
 THUMBNAIL = 96  # px, the longer side of a cached thumbnail
 _SPLIT_SIDE = 16  # px: a split sub-clusters the members' pixels at this side (vectors: the vectors)
@@ -37,7 +37,8 @@ class ClusterRow:
 class ReviewSession:
     """A review of ``head`` of ``artefact`` on ``data``, with its log and cache in ``folder``."""
 
-    def __init__(self, artefact: str, folder: str | Path, *, data: str | None = None, head: int | None = None):
+    def __init__(self, artefact: str, folder: str | Path, *, data: str | None = None, head: int | None = None,
+                 run: str | Path | None = None):
         from ..data import resolve
 
         self.artefact_path = str(artefact)
@@ -60,6 +61,13 @@ class ReviewSession:
         scores = self.art.scores(self.head)
         self.scores = np.ones(self.art.num_samples, np.float32) if scores is None else scores.astype(np.float32)
         self.state: Decisions = replay(self.art, self.head, self.log.entries())
+        self.model = self.record = None
+        if run is not None:  # splits on the network's features, nearest clusters by its head's prototypes
+            from ..training import load_run_model
+
+            self.model, self.record = load_run_model(run)
+            if self.record.get("kind") != "sela":
+                raise ConfigError(f"--run {run}: a labelkit generate run, not a {self.record.get('kind')} run")
         self._refresh()
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -107,8 +115,16 @@ class ReviewSession:
                           self.state.status[c], ids)
 
     def nearest(self, cluster: int, count: int = 5) -> list[tuple[int, float]]:
-        """The clusters whose samples the artefact's other heads most often put with this cluster's: the mean over
-        the other heads of P(other cluster | its label there) for this cluster's members. Empty with one head."""
+        """With the run's network: the clusters whose head prototypes (weight rows) are most alike in cosine.
+        Otherwise the clusters whose samples the artefact's other heads most often put with this cluster's: the
+        mean over the other heads of P(other cluster | its label there) for this cluster's members (none with
+        one head)."""
+        prototypes = self._prototypes()
+        if prototypes is not None and cluster < len(prototypes):
+            similarity = prototypes @ prototypes[cluster]
+            similarity[cluster] = -np.inf
+            best = np.argsort(-similarity)[:count]
+            return [(int(c), float(similarity[c])) for c in best if np.isfinite(similarity[c])]
         labels = self.state.labels
         kept = labels >= 0
         mine = kept & (labels == cluster)
@@ -127,6 +143,14 @@ class ReviewSession:
         score[cluster] = -1
         best = np.argsort(-score)[:count]
         return [(int(c), float(score[c])) for c in best if score[c] > 0]
+
+    def _prototypes(self) -> np.ndarray | None:
+        """Unit rows of the reviewed head's weights, when the run has that head (a consensus head has none)."""
+        if self.model is None or self.head >= len(self.model.heads):
+            return None
+        weight, _ = self.model.head_weights(self.head)
+        weight = weight.detach().float().numpy()
+        return weight / np.maximum(np.linalg.norm(weight, axis=1, keepdims=True), 1e-12)
 
     # -- samples -------------------------------------------------------------------------------------------------
     def row_of(self, sample_id: str) -> int | None:
@@ -158,7 +182,8 @@ class ReviewSession:
         return buffer.getvalue()
 
     def split_parts(self, cluster, k) -> list[list[str]]:
-        """Sub-clusters of a cluster's members (k-means on their pixels at 16 px, or their vectors), as id lists."""
+        """Sub-clusters of a cluster's members, as id lists: k-means of the run's network features of them where a
+        run was given, else of their pixels at 16 px (or their vectors)."""
         from ..quality import kmeans
 
         if not isinstance(cluster, int) or not 0 <= cluster < self.state.k:
@@ -167,7 +192,15 @@ class ReviewSession:
         rows = self.members(c)
         if not 2 <= k <= len(rows):
             raise ConfigError(f"split cluster {c} into 2 to {len(rows)} parts, not {k}")
-        x = np.stack([self._representation(int(r)) for r in rows])
+        if self.model is not None:
+            from ..training import sample_features
+
+            if (self.source_row[rows] < 0).any():
+                raise DataError(f"cluster {c} holds samples that are not in {self.data}")
+            x = sample_features(self.model, self.record, self.source, self.source_row[rows]).numpy()
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        else:
+            x = np.stack([self._representation(int(r)) for r in rows])
         parts, _ = kmeans(x, k, seed=0, restarts=3)
         ids = self.art.sample_ids[rows]
         return [ids[parts == p].tolist() for p in range(k)]
@@ -187,3 +220,19 @@ class ReviewSession:
         path = self.folder / "reviewed.parquet"
         version.write(path)
         return path, version
+
+
+def run_folder_of(artefact: str | Path) -> Path | None:
+    """The ``generate`` run folder an artefact is in (its labels.parquet, or a named or reviewed version beside
+    it), None when it is in none."""
+    import json
+
+    path = Path(artefact)
+    folder = path if path.is_dir() else path.resolve().parent
+    config = folder / "config.json"
+    if not (folder / "model.safetensors").is_file() or not config.is_file():
+        return None
+    try:
+        return folder if json.loads(config.read_text()).get("kind") == "sela" else None
+    except (OSError, ValueError):
+        return None

@@ -68,6 +68,7 @@ _EXPORTS = {
     "DEFAULT_CPU_BUDGET": "._plan",
     "BudgetError": "._plan",
     "load_run_model": "._predict",
+    "sample_features": "._predict",
     "run_predict": "._predict",
     "PredictRun": "._predict",
     "load_backbone": "._probe",

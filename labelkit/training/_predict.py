@@ -23,7 +23,7 @@ from ._models import SelaModel, create_backbone, feature_dim
 from ._novelty import Novelty, describe
 from ._loop import Reporter, extract_features, model_to, resolve_device
 
-__all__ = ["load_run_model", "run_predict", "PredictRun"]
+__all__ = ["load_run_model", "run_predict", "PredictRun", "sample_features"]
 
 
 @dataclass
@@ -57,6 +57,21 @@ def load_run_model(run: str | Path) -> tuple[SelaModel, dict]:
         raise ConfigError(f"--model {run}: model.safetensors does not fit its config.json "
                           f"({str(exc).splitlines()[0]})") from None
     return model.eval(), record
+
+
+def sample_features(model: SelaModel, record: dict, source: Source, indices, batch_size: int = 256) -> torch.Tensor:
+    """The features the heads read, of the samples at ``indices`` of ``source`` only, each decoded on its own (for
+    a few thousand samples: a cluster to split, say; whole data sets go through :func:`run_predict`)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    with torch.no_grad():
+        if not _needs_pixels(record):
+            return model.features(torch.from_numpy(source.vectors(indices)).float())
+        backbone = model.backbone.net if "frozen" in record else model.backbone
+        transform = run_transforms(backbone, record["image_size"], "none",
+                                   bool(record.get("config", {}).get("pretrained")))[0]
+        return torch.cat([model.features(torch.stack([transform(source.load(int(i)).convert("RGB"))
+                                                      for i in indices[start:start + batch_size]]))
+                          for start in range(0, len(indices), batch_size)])
 
 
 def _needs_pixels(record: dict) -> bool:
