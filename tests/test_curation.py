@@ -316,6 +316,26 @@ def test_predict_votes_the_runs_consensus_head_and_names_it(tmp_path):
     assert read_artefact(tmp_path / "one.parquet").labels(3)[0] == predicted.labels(3)[0]
 
 
+def test_predict_takes_each_heads_argmax_chunk_by_chunk(monkeypatch):
+    import torch
+
+    from labelkit.training import SelaModel, create_backbone
+    from labelkit.training._predict import _heads_argmax
+
+    torch.manual_seed(0)
+    model = SelaModel(create_backbone("labelkit_cnn", 16), [7, 5]).eval()
+    features = torch.randn(1000, model.heads[0].in_features)
+    expected = [torch.softmax(head(features), dim=1).max(dim=1) for head in model.heads]
+    rows = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: rows.append(len(x)) or linear(x, *a))
+    labels, scores = _heads_argmax(model, features, torch.device("cpu"), chunk=64)
+    assert max(rows) == 64 and sum(rows) == 2 * 1000  # never more than a chunk of logits at once
+    for h, (score, label) in enumerate(expected):
+        assert np.array_equal(labels[h], label.numpy())
+        assert np.allclose(scores[h], score.detach().numpy(), atol=1e-6)
+
+
 # -- confidence --------------------------------------------------------------------------------------------------
 
 

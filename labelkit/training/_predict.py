@@ -138,17 +138,21 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
         dist.close()
 
 
-def _heads_argmax(model: SelaModel, features: torch.Tensor, device) -> tuple[np.ndarray, np.ndarray]:
-    """Each head's most probable cluster and its softmax probability, (heads, n) each, in chunks of 64k rows."""
-    labels, scores = [], []
+def _heads_argmax(model: SelaModel, features: torch.Tensor, device, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Each head's most probable cluster and its softmax probability, (heads, n) each. Rows go ``chunk`` at a
+    time, so that no more than chunk x K logits exist at once (N x K would be 15 GB a head at 1.28 M x 3,000)."""
+    n = len(features)
+    labels = np.empty((len(model.heads), n), dtype=np.int64)
+    scores = np.empty((len(model.heads), n), dtype=np.float32)
     with torch.no_grad():
         for h in range(len(model.heads)):
-            logits = torch.cat([torch.nn.functional.linear(features[i:i + 65536].to(device), *_weights(model, h))
-                                for i in range(0, len(features), 65536)])
-            score, label = torch.softmax(logits.float(), dim=1).max(dim=1)
-            labels.append(label.cpu().numpy())
-            scores.append(score.cpu().numpy())
-    return np.stack(labels), np.stack(scores)
+            weight, bias = _weights(model, h)
+            for i in range(0, n, chunk):
+                logits = torch.nn.functional.linear(features[i:i + chunk].to(device), weight, bias).float()
+                score, label = torch.softmax(logits, dim=1).max(dim=1)
+                labels[h, i:i + chunk] = label.cpu().numpy()
+                scores[h, i:i + chunk] = score.cpu().numpy()
+    return labels, scores
 
 
 def _weights(model: SelaModel, h: int):
