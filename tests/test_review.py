@@ -64,6 +64,13 @@ def test_decisions_replay_in_order_and_undo(art, tmp_path):
     assert np.allclose(version.scores(0), np.delete(art.scores(0), 4))
 
 
+def test_a_reviewed_version_keeps_its_consensus_head_primary(tmp_path):
+    labels = np.array([[0, 0, 1, 1], [1, 1, 0, 0]])
+    art = Artefact.build(_ids(4), labels, [2, 2], method={"name": "test", "consensus": {"head": 1, "k": 2, "reference": 0, "heads": [0]}})
+    version, _ = materialise(art, 1, _log(tmp_path, {"op": "name", "cluster": 0, "name": "x"}))
+    assert version.primary_head == 1 and version.heads[1].names == ("x", None)
+
+
 @pytest.mark.parametrize("decision, message", [
     ({"op": "name", "cluster": 7, "name": "x"}, "cluster 7 is not one of 0..2"),
     ({"op": "merge", "clusters": [1, 1]}, "two or more different clusters"),
@@ -150,6 +157,14 @@ def test_samples_are_served_by_id_only_and_writes_stay_in_the_review_folder(tmp_
     saved = read_artefact(tmp_path / "review" / "reviewed.parquet")
     sizes = np.bincount(saved.labels(0), minlength=3)
     assert saved.heads[0].k == 3 and sizes[1] == 6 and sizes[0] + sizes[2] == 6 and sizes.min() > 0
+
+
+def test_the_overview_leaves_merged_away_clusters_out(session):
+    client = create_app(session, TOKEN).test_client()
+    session.decide({"op": "merge", "clusters": [0, 2]})
+    page = client.get(f"/?token={TOKEN}").get_data(as_text=True)
+    assert 'id="c0"' in page and 'id="c1"' in page and 'id="c2"' not in page
+    assert "1 empty (merged-away) clusters not shown" in page
 
 
 def test_review_command_refuses_a_public_host_and_saves_without_serving(session, tmp_path):
@@ -240,7 +255,7 @@ def test_a_review_in_the_browser_names_merges_removes_and_saves(tmp_path):
         server.shutdown()
     saved = read_artefact(tmp_path / "review" / "reviewed.parquet")
     before = read_artefact(tmp_path / "run")
-    assert saved.metadata["parents"] == [before.artefact_id]
+    assert saved.metadata["parents"] == [before.artefact_id] and saved.primary_head == before.primary_head
     assert saved.num_samples == before.num_samples - 1 and removed not in saved.sample_ids
     assert saved.heads[0].names[3] == "three-ish"
     assert (saved.labels(0) == 6).sum() == 0  # merged into 5

@@ -85,7 +85,7 @@ def _page_routes(app, session: ReviewSession, token: str) -> None:
         descending = request.args.get("desc") == "1"
         shown, page, pages = _paged(session.rows_overview(sort, descending), request.args.get("page", 1, type=int))
         return render(OVERVIEW, session=session, rows=[session.cluster_row(c) for c in shown], page=page,
-                      pages=pages, sort=sort, desc=descending, token=token)
+                      pages=pages, sort=sort, desc=descending, token=token, empty=int((session.sizes == 0).sum()))
 
     @app.get("/cluster/<int:cluster>")
     def cluster(cluster: int):

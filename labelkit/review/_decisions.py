@@ -225,6 +225,9 @@ def materialise(art: Artefact, head: int, log: DecisionLog) -> tuple[Artefact, D
               # person placed one by one keep their label, the removed ones leave the label step
               "moved_ids": art.sample_ids[state.moved & ~state.removed].tolist(),
               "removed_ids": art.sample_ids[state.removed].tolist()}
+    voted = art.metadata["method"].get("consensus")
+    if voted:  # which head is the consensus (the primary head) outlives the review
+        method["consensus"] = voted
     rows = np.flatnonzero(~state.removed)
     scores = None
     if all(art.scores(h) is not None for h in range(art.num_heads)):

@@ -50,7 +50,7 @@ OVERVIEW = """
 <h2>Clusters</h2>
 <p>sort by {% for key in ["cluster", "size", "confidence", "name", "status"] %}
  <a href="/?token={{ token }}&sort={{ key }}&desc={{ '0' if (sort == key and desc) else '1' if key in ['size', 'confidence'] else '0' }}">{{ key }}</a>
-{% endfor %} · page {{ page }} of {{ pages }}
+{% endfor %} · page {{ page }} of {{ pages }}{% if empty %} · {{ empty }} empty (merged-away) clusters not shown{% endif %}
 {% if page > 1 %}<a id="prev" href="/?token={{ token }}&sort={{ sort }}&desc={{ desc|int }}&page={{ page - 1 }}">previous</a>{% endif %}
 {% if page < pages %}<a id="next" href="/?token={{ token }}&sort={{ sort }}&desc={{ desc|int }}&page={{ page + 1 }}">next</a>{% endif %}
 · <button id="merge" onclick="decide({op: 'merge', clusters: checked('pick').map(Number)})">merge selected into the first</button></p>

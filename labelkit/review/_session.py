@@ -107,7 +107,8 @@ class ReviewSession:
         if sort not in keys:
             raise ConfigError(f"sort by one of {', '.join(keys)}, not {sort!r}")
         order = np.argsort(keys[sort], kind="stable")
-        return (order[::-1] if descending else order).tolist()
+        order = order[::-1] if descending else order
+        return order[self.sizes[order] > 0].tolist()  # a merged-away cluster keeps its id, but has nothing to show
 
     def cluster_row(self, c: int, examples: int = 4) -> ClusterRow:
         ids = self.art.sample_ids[self.members(c)[:examples]].tolist()
