@@ -253,3 +253,42 @@ def test_options_are_checked_before_anything_runs(tmp_path, option, value, messa
     with pytest.raises(ConfigError, match=message):
         _tiny(tmp_path, **{option: value})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_run_from_a_reviewed_version_resumes_with_its_pins(tmp_path):
+    from labelkit.review import DecisionLog, materialise
+
+    data = _blobs(tmp_path / "blobs.npz", n=600, size=16)
+    args = ["--data", data, "--arch", "labelkit_cnn", "--clusters", "3", "--heads", "1", "--epochs", "6",
+            "--label-steps", "4", "--batch-size", "16", "--image-size", "16", "--workers", "0", "--device", "cpu",
+            "--seed", "3", "--augment", "digits", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def generate(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "labelkit", "generate", *args, "--out", str(out), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    assert generate(tmp_path / "first").wait(timeout=300) == 0
+    first = read_artefact(tmp_path / "first" / "labels.parquet")
+    log = DecisionLog(tmp_path / "decisions.jsonl")
+    log.append({"op": "move", "samples": first.sample_ids[first.labels(0) == 0][:10].tolist(), "to": 1})
+    log.append({"op": "remove", "samples": first.sample_ids[:4].tolist()})
+    materialise(first, 0, log)[0].write(tmp_path / "reviewed.parquet")
+    start = ["--start-from", str(tmp_path / "reviewed.parquet")]
+    assert generate(tmp_path / "reference", *start).wait(timeout=300) == 0
+    killed = tmp_path / "killed"
+    proc = generate(killed, *start)
+    history = killed / "history.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if history.exists() and '"epoch": 3,' in history.read_text():
+            time.sleep(0.05)
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=300)
+    assert not (killed / "labels.parquet").exists(), "the process must be killed before it finishes"
+    resumed = generate(killed, *start, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a, b = read_artefact(tmp_path / "reference" / "labels.parquet"), read_artefact(killed / "labels.parquet")
+    assert a.artefact_id == b.artefact_id and b.num_samples == 596
