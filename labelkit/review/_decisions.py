@@ -51,13 +51,14 @@ class DecisionLog:
         if not self.path.exists():
             return []
         out = []
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        lines = self.path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                if number == len(self.path.read_text().splitlines()):  # a line cut short by a crash: not acknowledged
+                if number == len(lines):  # a line cut short by a crash: not acknowledged
                     break
                 raise ConfigError(f"{self.path}: line {number} is not JSON; the log was edited by hand") from None
         return out

@@ -90,9 +90,11 @@ class ReviewSession:
         decision.pop("time", None)
         if decision.get("op") == "split" and "parts" not in decision:
             decision["parts"] = self.split_parts(decision.get("cluster"), decision.get("k", 2))
-        replay(self.art, self.head, [*self.log.entries(), {**decision, "seq": 0}])  # raises if it cannot apply
+        entries = self.log.entries()
+        seq = entries[-1]["seq"] + 1 if entries else 1  # the number append gives it
+        trial = replay(self.art, self.head, [*entries, {**decision, "seq": seq}])  # raises if it cannot apply
         entry = self.log.append(decision)
-        self.state = replay(self.art, self.head, self.log.entries())
+        self.state = trial
         self._refresh()
         return entry
 
