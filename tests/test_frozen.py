@@ -1,6 +1,7 @@
 """Fixed features: embedding tables as data, frozen backbones with a feature cache, --init/--pretrained, predict."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -108,6 +109,86 @@ def test_laion_keys_missing(tmp_path):
     (tmp_path / "m" / "metadata" / "metadata_0.parquet").rename(tmp_path / "m" / "metadata" / "metadata_7.parquet")
     with pytest.raises(DataError, match="do not pair up"):
         resolve(str(tmp_path / "m"))
+
+
+def test_laion_parts_read_lazily_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 5)).astype(np.float16) for n in (7, 1, 12)]
+    keys = [[f"p{p}-{i:02d}" for i in range(len(x))] for p, x in enumerate(parts)]
+    laion(tmp_path / "l", list(zip(parts, keys)))
+    source = resolve(str(tmp_path / "l"))
+    assert len(source) == 20 and not isinstance(source._array, np.ndarray)  # never concatenated
+    whole = np.concatenate(parts).astype(np.float32)
+    np.testing.assert_array_equal(source.vectors(), whole)
+    for rows in (rng.permutation(20), np.array([19, 0, 7, 8]), np.arange(6, 9), np.array([], dtype=np.int64)):
+        np.testing.assert_array_equal(source.vectors(rows), whole[rows])
+
+
+def test_a_damaged_laion_part_is_named(tmp_path):
+    laion(tmp_path / "l", [(np.zeros((4, 3), np.float32), list("abcd")), (np.ones((4, 3), np.float32), list("efgh"))])
+    part = tmp_path / "l" / "img_emb" / "img_emb_1.npy"
+    part.write_bytes(part.read_bytes()[:-5])
+    with pytest.raises(DataError, match="img_emb_1.npy.*truncated"):
+        resolve(str(tmp_path / "l"))
+    laion(tmp_path / "m", [(np.zeros((4, 3), np.float32), list("abcd")), (np.ones((4, 3), np.float32), list("efgh"))])
+    (tmp_path / "m" / "metadata" / "metadata_1.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="metadata_1.parquet"):
+        resolve(str(tmp_path / "m"))
+    laion(tmp_path / "w", [(np.zeros((4, 3), np.float32), list("abcd")), (np.ones((4, 2), np.float32), list("efgh"))])
+    with pytest.raises(DataError, match="img_emb_1.npy: 2 x float32 vectors"):
+        resolve(str(tmp_path / "w"))
+
+
+def test_a_large_table_is_fingerprinted_by_sizes_and_headers(tmp_path, monkeypatch):
+    import labelkit.data._embeddings as embeddings
+
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    np.save(tmp_path / "t.npy", x)
+    assert resolve(str(tmp_path / "t.npy")).content["method"] == "bytes"  # small: every byte
+    monkeypatch.setattr(embeddings, "HASHED_BYTES", 1000)
+    read = []
+    real_read = embeddings.pread_into
+    monkeypatch.setattr(embeddings, "pread_into", lambda *a: read.append(1) or real_read(*a))
+    large = resolve(str(tmp_path / "t.npy"))
+    content = large.content
+    assert content["method"] == "sizes" and not read  # no row read for it
+    x[0, 0] += 1  # the first rows are part of what it reads
+    np.save(tmp_path / "u.npy", x)
+    assert resolve(str(tmp_path / "u.npy")).content["sha256"] != content["sha256"]
+    np.save(tmp_path / "v.npy", x[:299])
+    assert resolve(str(tmp_path / "v.npy")).content["sha256"] != content["sha256"]
+
+
+def test_a_pass_over_a_table_holds_a_block_not_the_table(tmp_path):
+    import tracemalloc
+
+    peaks = {}
+    for n in (150_000, 600_000):
+        np.save(tmp_path / f"t{n}.npy", np.ones((n, 32), np.float32))
+        tracemalloc.start()
+        source = resolve(str(tmp_path / f"t{n}.npy"))  # holds the ids, which grow with N
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        assert source.check_finite(skip=False) == {}
+        peaks[n] = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+    assert peaks[600_000] < 1.5 * peaks[150_000], peaks  # a block at a time: flat in N
+
+
+def _mapped_file_bytes() -> int:
+    line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
+def test_a_pass_over_a_table_maps_none_of_it(tmp_path):
+    # a memory map would count every page the pass touched as the process's own (resident file pages)
+    np.save(tmp_path / "t.npy", np.ones((600_000, 32), np.float32))  # 77 MB
+    before = _mapped_file_bytes()
+    source = resolve(str(tmp_path / "t.npy"))
+    assert source.check_finite(skip=False) == {}
+    source.vectors(np.random.default_rng(0).permutation(600_000)[:100_000])
+    assert _mapped_file_bytes() - before < 20 << 20
 
 
 def test_nan_vectors_fail_by_name_or_are_skipped(tmp_path):
@@ -386,6 +467,38 @@ def test_an_embedding_table_run_past_its_deadline_stops_between_epochs(tmp_path)
     assert read_artefact(run_.artefact).metadata["method"]["recipe"]["stopped_after_epoch"] == 1
 
 
+@pytest.mark.parametrize("storage", ["disk", "float16"])
+def test_a_table_beyond_memory_trains_and_labels_from_float16_files(tmp_path, monkeypatch, storage):
+    """Whitened views too large for float32 memory are kept as float16, in memory or in a file read by rows, and
+    the label step's features beyond the label memory go to a float16 file; the labels are those of the
+    in-memory run up to float16 rounding."""
+    import labelkit.training._frozen as frozen
+    import labelkit.training._sela as sela
+    from labelkit.training import resolve_config, run_sela
+
+    x, truth = blobs(n=1200, d=24, k=4)
+    np.save(tmp_path / "t.npy", x)
+    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "heads": 2, "epochs": 3, "label_steps": 3,
+               "head_hidden": 32, "neighbours": 3}
+    memory = run_sela(resolve_config({**options, "out": str(tmp_path / "memory")}))
+    seen = []
+    real_solve = sela._solve_heads
+    monkeypatch.setattr(frozen, "whitened_storage", lambda *a: storage)
+    monkeypatch.setattr(sela, "features_on_disk", lambda *a, **k: True)
+    monkeypatch.setattr(sela, "_solve_heads", lambda job, heads, features, *a: seen.append(
+        (type(features).__name__, list(Path(job.config.out).glob("*.npy")))) or real_solve(job, heads, features, *a))
+    disk = run_sela(resolve_config({**options, "out": str(tmp_path / "disk")}))
+    assert [kind for kind, _ in seen] == ["FeatureFile"] * 2  # the graph start, then two label steps
+    on_disk = {"label_features.npy"} | ({"whitened.npy"} if storage == "disk" else set())
+    assert {p.name for p in seen[0][1]} == on_disk
+    history = [json.loads(line) for line in disk.history.read_text().splitlines()]
+    assert [r["where"] for r in history if r["type"] == "whiten"] == ["disk" if storage == "disk" else "memory (float16)"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.suffix == ".npy") == []  # both removed
+    for h in range(2):
+        assert agreement(disk.labels.labels(h), memory.labels.labels(h))["nmi"] > 0.95
+        assert agreement(disk.labels.labels(h), truth)["nmi"] > 0.9
+
+
 def test_frozen_features_beyond_float16_are_named_not_turned_into_inf(tmp_path):
     from safetensors.torch import save_file
 
@@ -429,3 +542,53 @@ def test_solves_that_converge_are_counted_too(tmp_path):
     solver = read_artefact(out / "labels.parquet").metadata["method"]["solver"]
     assert solver["solves"] > 0 and solver["unconverged"] == 0 and solver["worst_error"] is None
     assert "iteration cap" not in result.output
+
+
+def test_a_table_beyond_the_neighbour_search_trains_without_it_and_says_why(tmp_path, monkeypatch):
+    import labelkit.training._plan as planning
+    import labelkit.training._table_plan as table_plan
+
+    np.save(tmp_path / "t.npy", blobs(n=400, d=8)[0])
+    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run")}
+    assert planning.make_plan(options).config.neighbours == 10  # the table recipe's
+    monkeypatch.setattr(table_plan, "NEIGHBOURS_LIMIT", 300)
+    plan = planning.make_plan(options)
+    assert plan.config.neighbours == 0 and "400 vectors are beyond" in plan.reasons["neighbours"]
+    assert planning.make_plan({**options, "neighbours": 5}).config.neighbours == 5  # given: kept
+
+
+def test_a_table_plan_fits_the_budget_with_leaner_heads_and_says_so(tmp_path, monkeypatch):
+    """The probed cost of an epoch grows with heads x hidden width; a budget that holds no epoch of the recipe's
+    five heads on a hidden layer gets two heads, then no hidden layer -- and an error where nothing fits."""
+    import labelkit.training._timing as timing
+    from labelkit.training._plan import BudgetError, make_plan
+
+    def rates(config, n, width):  # vectors a second: inversely as the heads' work
+        work = config.heads * ((config.head_hidden or 0) + 100)
+        return {"train_rows_per_s": 1e6 / work, "label_rows_per_s": 1e6, "solve_s_per_step": 1.0,
+                "feature_dim": config.head_hidden or width, "kernel": "stored"}
+
+    monkeypatch.setattr(timing, "_head_rates", rates)
+    np.save(tmp_path / "t.npy", blobs(n=4000, d=8)[0])
+    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0}
+    # recipe: 5 x (512 + 100) -> 15.3 s an epoch; two heads 6.1 s; two without the hidden layer 0.8 s
+    plan = make_plan(options, budget="60s")  # 48 s planned: three epochs of the recipe fit
+    assert plan.config.heads == 5 and plan.config.head_hidden == 512 and "heads" not in plan.reasons
+    plan = make_plan(options, budget="15s")  # 12 s: one epoch of two heads on the hidden layer
+    assert (plan.config.heads, plan.config.head_hidden) == (2, 512) and plan.config.epochs >= 1
+    assert "one epoch of the recipe's 5 heads on a 512-wide hidden layer and two label steps do not fit" \
+        in plan.reasons["heads"]
+    plan = make_plan(options, budget="8s")
+    assert (plan.config.heads, plan.config.head_hidden) == (2, None)
+    assert plan.estimate["seconds"] <= 8 and plan.estimate["per_epoch_s"] == pytest.approx(0.8)
+    plan = make_plan({**options, "heads": 5}, budget="12s")  # heads chosen: kept, the hidden layer goes
+    assert (plan.config.heads, plan.config.head_hidden) == (5, None)
+    with pytest.raises(BudgetError, match="too short for one epoch and two label steps.*give --budget"):
+        make_plan({**options, "heads": 5, "head_hidden": 512}, budget="12s")
+
+
+def test_duplicate_table_keys_are_named(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros((5, 3), np.float32))
+    (tmp_path / "v.keys.txt").write_text("c\na\nb\na\nc\n")
+    with pytest.raises(DataError, match=r"2 duplicate sample id\(s\), e.g. \['a', 'c'\]"):
+        resolve(str(tmp_path / "v.npy"))

@@ -3,13 +3,18 @@
 Specs (``--data``):
 
 * ``vectors.npy`` -- an (N, D) float array; ids from ``vectors.keys.txt`` (one per line) beside it when
-  present, else the row numbers (``000042``). The array is memory-mapped, never read whole.
+  present, else the row numbers (``000042``). Rows are read on demand, never the file whole.
 * ``table.npz`` -- an ``embeddings`` (or ``vectors``/``features``) array, optional ``keys`` and ``labels``.
 * ``table.parquet`` -- a key column (``sample_id``, ``key`` or ``id``) and one list or fixed-size-list
   vector column (``embedding``, ``vector``, ``features``, or the only list column); an integer ``label``
   column, when present, is ground truth (measured only).
 * ``laion/`` -- the LAION/clip-retrieval layout: numbered ``img_emb/img_emb_{i}.npy`` beside
   ``metadata/metadata_{i}.parquet``, whose ``key`` column names the rows of the array with the same number.
+  Each part is read on demand by rows, never concatenated; a damaged part is named.
+
+Files larger than :data:`HASHED_BYTES` in all are fingerprinted by their sizes and headers (as image folders are
+by their sizes), not by every byte: the fingerprint tells a table from another, and reading 15 GB for it would
+cost more than the run's first pass.
 
 Rows whose vector holds NaN or inf are named in one error, or skipped (and recorded in the artefact) with
 ``--skip-bad``. Generating on such a source trains the heads only; commands that need pixels say so.
@@ -17,12 +22,13 @@ Rows whose vector holds NaN or inf are named in one error, or skipped (and recor
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .._util.files import read_keys
+from .._util.files import pread_into, read_keys
 from ..errors import DataError
 from ._source import MapSource, _sorted_unique
 
@@ -32,6 +38,112 @@ _KEY_COLUMNS = ("sample_id", "key", "id")
 _VECTOR_COLUMNS = ("embedding", "embeddings", "vector", "vectors", "features", "emb")
 _NPZ_VECTORS = ("embeddings", "vectors", "features")
 _MAX_EXAMPLES = 5
+HASHED_BYTES = 256 << 20  # vector files up to this size are fingerprinted by every byte, larger ones by sizes
+_HEAD_BYTES = 4096  # of each large file, what the fingerprint reads: the .npy header and the first rows
+
+
+class _NpyRows:
+    """The rows of an (N, D) ``.npy`` file, read on demand with positional reads: nothing is mapped, so a pass
+    over a table larger than RAM leaves its pages in the OS cache and not in the process (a memory map counts
+    every page it touched as the process's own). ``rows[a:b]`` reads one run; :meth:`take` reads ascending rows
+    as runs of consecutive ones."""
+
+    ndim = 2
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(handle)
+                self.offset = handle.tell()
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{what}: not a readable .npy array: {exc}") from None
+        if len(shape) != 2:
+            raise DataError(f"{what}: vectors must be a 2-D (N, D) array, got shape {shape}")
+        if fortran:
+            raise DataError(f"{what}: stored column-major (Fortran order); save the vectors row by row")
+        if dtype.hasobject or dtype.kind not in "fiu":
+            raise DataError(f"{what}: vectors must be numbers, got {dtype}")
+        self.shape, self.dtype = (int(shape[0]), int(shape[1])), dtype
+        self.row_bytes = self.shape[1] * dtype.itemsize
+        expected = self.offset + self.shape[0] * self.row_bytes
+        actual = path.stat().st_size
+        if actual != expected:
+            raise DataError(f"{what}: its header says {self.shape[0]:,} x {self.shape[1]} {dtype} ({expected:,} "
+                            f"bytes) but the file holds {actual:,} bytes ({'truncated' if actual < expected else 'too long'})")
+        self._fd = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self):  # worker processes open their own descriptor
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"} | {"_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def _read(self, lo: int, hi: int, out: np.ndarray) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done = pread_into(self._fd, out, self.offset + lo * self.row_bytes)
+        if done < out.nbytes:
+            raise DataError(f"{self.what}: ended early at row {lo + done // self.row_bytes:,} (changed while read?)")
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise TypeError("rows are read as contiguous ranges")
+        out = np.empty((max(0, stop - start), self.shape[1]), dtype=self.dtype)
+        if len(out):
+            self._read(start, stop, out)
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows at ascending positions ``rows``."""
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
+            self._read(int(rows[lo]), int(rows[hi - 1]) + 1, out[lo:hi])
+        return out
+
+
+class _Parts:
+    """Numbered parts (the LAION layout's ``img_emb_<i>.npy``) as one (N, D) table that is never concatenated:
+    a read goes to the parts that hold the rows asked for."""
+
+    ndim = 2
+
+    def __init__(self, parts: list[_NpyRows]):
+        first = parts[0]
+        for part in parts[1:]:
+            if part.shape[1] != first.shape[1] or part.dtype != first.dtype:
+                raise DataError(f"{part.what}: {part.shape[1]} x {part.dtype} vectors, but {first.what} holds "
+                                f"{first.shape[1]} x {first.dtype}; every part must hold vectors of one width and type")
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape, self.dtype = (int(self.starts[-1]), first.shape[1]), first.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise TypeError("rows are read as contiguous ranges")
+        return self.take(np.arange(start, stop))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        bounds = np.searchsorted(part, np.arange(len(self.parts) + 1))  # rows ascend, so do their parts
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            lo, hi = bounds[p], bounds[p + 1]
+            out[lo:hi] = self.parts[p].take(rows[lo:hi] - self.starts[p])
+        return out
 
 
 class EmbeddingSource(MapSource):
@@ -52,24 +164,41 @@ class EmbeddingSource(MapSource):
             raise DataError(f"{spec}: vectors must be floating point, got {vectors.dtype}")
         if len(ids) != len(vectors):
             raise DataError(f"{spec}: {len(ids)} keys for {len(vectors)} vectors; every vector needs one key")
-        order = np.asarray(_sorted_unique(spec, ids), dtype=np.int64)
+        order = _sorted_unique(spec, ids)
         self._array, self._files = vectors, files or []
         self._rows = None if np.array_equal(order, np.arange(len(order))) else order
-        sorted_ids = [ids[i] for i in order]
+        sorted_ids = ids if self._rows is None else [ids[i] for i in order]
         if targets is not None:
             targets = np.asarray(targets, dtype=np.int64)[order]
         classes = [str(c) for c in range(int(targets.max()) + 1)] if targets is not None and len(targets) else None
         super().__init__(spec, sorted_ids, targets, classes)
         self.dim = int(vectors.shape[1])
-        self.bad = self._find_bad()
+        self._bad = None
 
     def vectors(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """float32 vectors of samples ``rows`` (positions in id order; all when None)."""
-        rows = np.arange(len(self)) if rows is None else np.arange(len(self))[rows] if isinstance(rows, slice) else rows
-        stored = rows if self._rows is None else self._rows[rows]
-        if len(stored) and np.all(np.diff(stored) == 1):  # a contiguous run: one slice of the (mapped) file
-            return np.asarray(self._array[stored[0]:stored[-1] + 1], dtype=np.float32)
-        return np.asarray(self._array[np.sort(stored)], dtype=np.float32)[np.argsort(np.argsort(stored))]
+        rows = slice(None) if rows is None else rows
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if self._rows is None and step == 1:  # positions are rows of the file: one read
+                return np.asarray(self._array[start:max(start, stop)], dtype=np.float32)
+            rows = np.arange(start, stop, step)
+        stored = np.asarray(rows, dtype=np.int64) if self._rows is None else self._rows[rows]
+        if len(stored) and np.all(np.diff(stored) == 1):  # a contiguous run: one read
+            return np.asarray(self._array[int(stored[0]):int(stored[-1]) + 1], dtype=np.float32)
+        order = np.argsort(stored, kind="stable")
+        ascending = stored[order]
+        block = self._array.take(ascending) if isinstance(self._array, (_NpyRows, _Parts)) else self._array[ascending]
+        out = np.empty((len(stored), self.dim), dtype=np.float32)
+        out[order] = block
+        return out
+
+    @property
+    def bad(self) -> dict[str, str]:
+        """id -> reason for every row with a non-finite value (one pass over the table, on first use)."""
+        if self._bad is None:
+            self._bad = self._find_bad()
+        return self._bad
 
     def _find_bad(self) -> dict[str, str]:
         bad = {}
@@ -80,6 +209,7 @@ class EmbeddingSource(MapSource):
             for i in np.flatnonzero(~finite):
                 kind = "NaN" if np.isnan(chunk[i]).any() else "inf"
                 bad[self.ids[start + i]] = f"vector holds {kind}"
+            del chunk  # before the next block is read: one block held at a time
         return bad
 
     def check_finite(self, skip: bool) -> dict[str, str]:
@@ -93,6 +223,11 @@ class EmbeddingSource(MapSource):
     def _content_into(self, digest) -> str:
         # the vectors' bytes are the content; files are hashed as stored (no float conversion)
         digest.update(repr((len(self), self.dim, str(self._array.dtype))).encode())
+        if self._files and sum(path.stat().st_size for path in self._files) > HASHED_BYTES:
+            for path in self._files:  # as a folder's sizes: each file's size, its header and first rows
+                with open(path, "rb") as handle:
+                    digest.update(f"{path.name}\t{path.stat().st_size}\n".encode() + handle.read(_HEAD_BYTES))
+            return "sizes"
         if self._files:
             for path in self._files:
                 with open(path, "rb") as handle:
@@ -155,10 +290,7 @@ def _row_ids(n: int) -> list[str]:
 
 
 def _load_npy(spec: str, path: Path) -> EmbeddingSource:
-    try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{spec}: not a readable .npy array: {exc}") from None
+    vectors = _NpyRows(path, spec)
     key_file = path.with_suffix(".keys.txt")
     ids = _read_keys(key_file) if key_file.is_file() else _row_ids(len(vectors))
     if len(ids) != len(vectors):
@@ -257,6 +389,7 @@ def _numbered(folder: Path, pattern: str) -> dict[int, Path]:
 
 
 def _load_laion(spec: str, root: Path) -> EmbeddingSource:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrays = _numbered(root / "img_emb", r"img_emb_(\d+)\.npy")
@@ -269,12 +402,16 @@ def _load_laion(spec: str, root: Path) -> EmbeddingSource:
                         "; every img_emb/img_emb_<i>.npy needs metadata/metadata_<i>.parquet with its keys")
     ids, parts = [], []
     for number in sorted(arrays):
-        part = np.load(arrays[number], mmap_mode="r", allow_pickle=False)
-        keys = _key_column(str(metadata[number]), pq.read_table(metadata[number], columns=["key"]))
+        part = _NpyRows(arrays[number], str(arrays[number]))
+        try:
+            table = pq.read_table(metadata[number], columns=["key"])
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{metadata[number]}: not a readable metadata part with a 'key' column: {exc}") from None
+        keys = _key_column(str(metadata[number]), table)
         if len(keys) != len(part):
             raise DataError(f"{metadata[number]}: {len(keys)} keys for the {len(part)} rows of {arrays[number]}")
         ids += keys
         parts.append(part)
-    vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    vectors = parts[0] if len(parts) == 1 else _Parts(parts)
     files = [arrays[n] for n in sorted(arrays)] + [metadata[n] for n in sorted(metadata)]
     return EmbeddingSource(spec, ids, vectors, files=files)

@@ -178,15 +178,25 @@ class Source(abc.ABC):
         return f"{type(self).__name__}({self.spec!r}, n={len(self)}, classes={len(self.classes or [])})"
 
 
-def _sorted_unique(spec: str, ids: list[str]) -> list[int]:
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    duplicates = sorted({ids[a] for a, b in zip(order, order[1:]) if ids[a] == ids[b]})
-    if duplicates:
-        raise DataError(
-            f"{spec}: {len(duplicates)} duplicate sample id(s), e.g. {duplicates[:_MAX_EXAMPLES]}; "
-            "sample ids (WebDataset __key__) must be unique across the whole data set"
-        )
-    return order
+def _sorted_unique(spec: str, ids: list[str]) -> np.ndarray:
+    """The positions of ``ids`` in sorted order (int64), refusing duplicates by name. Sorted by Arrow: an index
+    array, not a list of Python ints (10 M ids: 80 MB instead of about 1 GB); UTF-8 byte order is Python's
+    code point order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = pa.array(ids, type=pa.string())
+    order = pc.sort_indices(array)
+    ordered = array.take(order)
+    if len(ordered) > 1:
+        same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(zero_copy_only=False)
+        duplicates = sorted({ordered[int(i)].as_py() for i in np.flatnonzero(same)})
+        if duplicates:
+            raise DataError(
+                f"{spec}: {len(duplicates)} duplicate sample id(s), e.g. {duplicates[:_MAX_EXAMPLES]}; "
+                "sample ids (WebDataset __key__) must be unique across the whole data set"
+            )
+    return order.to_numpy().astype(np.int64)
 
 
 class MapSource(Source):

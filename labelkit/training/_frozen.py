@@ -23,9 +23,10 @@ from torch import nn
 from .._util.files import atomic_path
 from ..data import Order
 from ..errors import DataError
+from ..solver import FeatureFile, write_features
 from ..quality import spherical_kmeans
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "head_batches", "head_step", "neighbours", "weights_digest", "cached_views"]
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "ViewsOnDisk", "whitened_views", "whitened_storage", "head_batches", "head_step", "neighbours", "weights_digest", "cached_views"]
 
 
 class Whiten(nn.Module):
@@ -104,6 +105,104 @@ class TableRows:
         block = self.source.vectors(rows)
         # a float32 table's run is a read-only view of its mapped file; torch wants memory it may write
         return torch.from_numpy(block if block.flags.writeable else block.copy())
+
+
+# the whitened views stay in memory as float32 up to this size, as float16 up to a quarter of the available
+# memory (10 M x 128: 2.6 GB), and beyond that go to a float16 file in the run folder, read a batch at a time
+# (each batch's random rows are then as many positional reads: measured 4x slower an epoch at 10 M)
+WHITENED_IN_MEMORY = 1 << 30
+
+
+def whitened_storage(count: int, n: int, width: int) -> str:
+    """Where ``count`` whitened views of ``n`` x ``width`` go: ``float32`` or ``float16`` in memory, or ``disk``."""
+    from ..solver import available_memory
+
+    if count * n * width * 4 <= WHITENED_IN_MEMORY:
+        return "float32"
+    return "float16" if count * n * width * 2 <= available_memory() // 4 else "disk"
+
+
+_BLOCK = 65536  # rows per block of a pass over the features
+
+
+def whitened_views(views, keep: np.ndarray, config, scale: bool,
+                   reporter=None) -> tuple[Whiten, torch.Tensor | ViewsOnDisk, dict]:
+    """The whitening fitted on the plain view, and every view through it, block by block into one (V, N, width)
+    tensor that the heads train on -- float32 or float16, or a float16 file, as :func:`whitened_storage` says. A table's
+    vectors keep their variances (``scale`` False; TABLE_RECIPE says why); a backbone's features are whitened.
+    Also returns the history's record of the pass."""
+    began = time.perf_counter()
+    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep), scale=scale)
+    count, n, width = len(views), len(views[0]), whiten.num_features
+    blocks = [(v, i) for v in range(count) for i in range(0, n, _BLOCK)]
+    if reporter is not None:
+        reporter.phase("whiten", len(blocks))
+
+    def whitened_blocks():
+        with torch.no_grad():
+            for v, i in blocks:
+                yield whiten(views[v][i:i + _BLOCK].float())
+                if reporter is not None:
+                    reporter.advance()
+
+    storage = whitened_storage(count, n, width)
+    if storage != "disk":
+        whitened = torch.empty((count, n, width), dtype=torch.float32 if storage == "float32" else torch.float16)
+        for (v, i), block in zip(blocks, whitened_blocks()):
+            whitened[v, i:i + _BLOCK] = block
+    else:
+        path = Path(config.out) / "whitened.npy"  # derived from the table and the whitening: rewritten by a resume
+        whitened = ViewsOnDisk(FeatureFile(write_features(path, whitened_blocks(), count * n, width)), count)
+    if reporter is not None:
+        reporter.end_phase()
+    record = {"type": "whiten", "width": width, "seconds": round(time.perf_counter() - began, 2),
+              "where": "disk" if storage == "disk" else f"memory ({storage})"}
+    return whiten, whitened, record
+
+
+class ViewsOnDisk:
+    """(V, N, D) whitened views kept as a float16 file (a :class:`~labelkit.solver.FeatureFile` of V x N rows)
+    instead of in memory, indexed as the tensor they stand for: ``views[v]`` is view v's rows (read with
+    ``[a:b]`` or ``[rows]``, any order), ``views[v_of_each, rows]`` one view per row. What a table too large
+    for memory trains on: each batch reads its rows, and the pages stay in the OS cache, not the process."""
+
+    def __init__(self, file, views: int):
+        self.file = file
+        self.shape = (views, len(file) // views, file.dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            view, rows = (np.asarray(i, dtype=np.int64) for i in index)
+            return _read_rows(self.file, view * self.shape[1] + rows)
+        return _ViewRows(self, int(index))
+
+
+class _ViewRows:
+    def __init__(self, views: ViewsOnDisk, view: int):
+        self.views, self.first = views, view * views.shape[1]
+        self.shape = views.shape[1:]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self.views.file[self.first + start:self.first + max(start, stop)].float()
+            index = np.arange(start, stop, step)
+        return _read_rows(self.views.file, self.first + np.asarray(index, dtype=np.int64))
+
+
+def _read_rows(file, positions: np.ndarray) -> torch.Tensor:
+    """float32 rows of ``file`` at ``positions`` in any order (read ascending, as runs of consecutive rows)."""
+    order = np.argsort(positions, kind="stable")
+    out = torch.empty((len(positions), file.dim), dtype=torch.float32)
+    out[torch.from_numpy(order)] = file.take(positions[order]).float()
+    return out
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -20,42 +20,15 @@ import time
 from dataclasses import dataclass, field
 
 
+from ._budget import (BUDGET_SHARE, DEFAULT_CPU_BUDGET, BudgetError, _bytes, _clock, _plural, label_step_count,
+                      parse_duration)
 from ._config import RECIPE_NAMES, RECIPES, SelaConfig, memory_bytes, resolve_config
 from ..errors import ConfigError, DataError
+from ._table_plan import fit_table, fit_table_budget
 from ._recipe import AUTO_MAX_EPOCHS, auto_recipe, machine_info, profile_data
 from ._timing import _probe
 
 __all__ = ["Plan", "make_plan", "parse_duration", "RECIPE_NAMES", "DEFAULT_CPU_BUDGET"]
-
-DEFAULT_CPU_BUDGET = 15 * 60  # seconds: a run on a CPU ends within this unless --budget says otherwise
-BUDGET_SHARE = 0.8  # plan to this share of --budget; the run stops early, between epochs, if it must
-
-
-class BudgetError(ConfigError):
-    """The run cannot fit the time budget or the machine."""
-
-
-# -- durations, probes and estimates -----------------------------------------------------------------------
-
-
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``text``: ``15m``, ``2h``, ``1h30m``, ``90s``, or a bare number of minutes."""
-    text = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        seconds = float(text) * 60
-    else:
-        match = _DURATION.match(text)
-        if not text or match is None or not any(match.groups()):
-            raise ConfigError(f"--budget {text!r}: give a duration such as 15m, 2h, 1h30m or 90s")
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
-    if seconds <= 0:
-        raise ConfigError(f"--budget {text!r}: the budget must be longer than 0 s")
-    return seconds
-
 
 @dataclass
 class Plan:
@@ -105,7 +78,15 @@ class Plan:
                        f"batch {c.batch_size}, augment {c.augment}")
         for name, reason in self.reasons.items():
             out.append(f"  {name}: {reason}")
-        if e:
+        if e and "peak_memory" in e:  # heads on a table
+            budget = f" (budget {_clock(self.budget)})" if self.budget else ""
+            out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; peak memory {_bytes(e['peak_memory'])}; "
+                       f"label kernel {e['kernel']}")
+            p = self.probe
+            out.append(f"  probe: {p['train_rows_per_s']:,.0f} vectors/s training, {p['label_rows_per_s']:,.0f} "
+                       f"vectors/s label pass, {p['rows_whitened_per_s']:,.0f} vectors/s read and whitened, solve "
+                       f"{p['solve_s_per_step']:.1f} s per label step")
+        elif e:
             budget = f" (budget {_clock(self.budget)})" if self.budget else ""
             step = "label step" if isinstance(c, SelaConfig) else "prediction pass"
             out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; {step} peak memory "
@@ -129,26 +110,6 @@ class Plan:
         return out
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return ""
-
-
 def make_plan(options: dict, config_file: str | None = None, *, recipe: str | None = None, budget: str | None = None,
               resume: bool = False, probe: bool | None = None) -> Plan:
     """Resolve a ``generate`` run: recipe (``auto`` by default for data without one), options, config file,
@@ -166,13 +127,11 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
     source = None  # resolved once (a folder or shard scan can take a while) and shared by profile and probe
     if base.frozen or name != "auto":
         plan = Plan(base, recipe=name if not base.frozen else f"{name} (fixed features)")
-        if base.frozen and "batch_size" not in chosen and is_embedding_spec(str(base.data)):
+        if base.frozen and is_embedding_spec(str(base.data)):
             source = resolve(base.data)
             _check_count(len(source), source.spec, chosen.get("clusters"))
-            plan.config = dataclasses.replace(base, batch_size=table_batch(len(source)))
             plan.profile = {"samples": len(source)}
-            plan.reasons["batch_size"] = (f"{plan.config.batch_size}: at least 12 steps an epoch, so that the heads "
-                                          "fit the first labels before they are solved again")
+            fit_table(plan, len(source), chosen)
     else:
         source = resolve(base.data)
         _check_count(len(source), source.spec, chosen.get("clusters"))
@@ -186,7 +145,8 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
         plan = Plan(base, recipe="auto", reasons=reasons, profile=profile, machine=machine)
     if not plan.machine:
         plan.machine = machine_info(plan.config.device)
-    if seconds is None and plan.machine["device"] == "cpu" and name == "auto" and not plan.config.frozen \
+    table = plan.config.frozen and is_embedding_spec(str(plan.config.data))
+    if seconds is None and plan.machine["device"] == "cpu" and name == "auto" and (table or not plan.config.frozen) \
             and not distributed:
         seconds = DEFAULT_CPU_BUDGET
         plan.reasons["budget"] = f"{_clock(seconds)} (the default on a CPU; --budget changes it)"
@@ -194,7 +154,9 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
 
     refuse_used_out(plan.config.out)
     fits = plan.budget is not None and "epochs" not in chosen
-    if (probe or (probe is None and fits)) and not plan.config.frozen and not distributed:
+    if (probe or (probe is None and fits)) and table and not distributed:
+        fit_table_budget(plan, source or resolve(plan.config.data), chosen, fit=fits)
+    elif (probe or (probe is None and fits)) and not plan.config.frozen and not distributed:
         _fit_budget(plan, source or resolve(plan.config.data), epochs_given="epochs" in chosen,
                     steps_given="label_steps" in chosen)
     return plan
@@ -239,29 +201,6 @@ def resumed_plan(config) -> Plan:
     saved = saved_record(Path(config.out)).get("plan") or {}
     return Plan(config, recipe=f"{saved.get('recipe') or 'saved'} (resumed)", profile=saved.get("profile") or {},
                 machine=machine_info(config.device), budget=saved.get("budget_s"))
-
-
-def label_step_count(config: SelaConfig, n: int | None = None) -> int:
-    """The label steps a run of ``n`` samples solves: its schedule, less the one before the first epoch that the
-    graph start or ``--start-from`` replaces (fixed features outside the graph's range start from the untrained heads instead)."""
-    from ._graph import GRAPH_LIMIT, GRAPH_MIN
-    from ._sela import label_schedule
-
-    schedule = label_schedule(config.epochs, config.label_steps, config.label_spacing)
-    graph = config.start == "graph" and (not config.frozen or n is None or GRAPH_MIN <= n <= GRAPH_LIMIT)
-    replaced = graph or bool(config.start_from)
-    return len(schedule) - (1 if replaced and 0 in schedule else 0)
-
-
-def table_batch(n: int) -> int:
-    """The batch of heads on a table of ``n`` vectors: 1,024 where that leaves at least 12 steps an epoch, else
-    the largest power of two that does (at least 64). With 1,024 on 1,797 digits (two steps an epoch) the first label
-    step came after 4 updates and lost NMI 0.87 -> 0.69 of the graph start; with 128, 0.87 -> 0.72 and the other
-    head ended at 0.84 instead of 0.81 (bench/suite.py digits-pixels, textures-pixels)."""
-    batch = 1024
-    while batch > 64 and n < 12 * batch:
-        batch //= 2
-    return batch
 
 
 def _recipes_for(name: str, data: str) -> dict:
@@ -328,7 +267,7 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
 
 
 def _epochs_in_budget(plan: Plan, n: int, fixed: float, per_epoch: float, per_step: float,
-                      steps_given: bool) -> SelaConfig:
+                      steps_given: bool, smaller: str = "a smaller --image-size or --arch") -> SelaConfig:
     """The config with as many epochs (and label steps) as the budget holds at the probed speed."""
     config = plan.config
     epochs, steps = config.epochs, config.label_steps
@@ -344,8 +283,7 @@ def _epochs_in_budget(plan: Plan, n: int, fixed: float, per_epoch: float, per_st
     if epochs < 1:
         need = fixed + per_epoch + 2 * per_step
         raise BudgetError(f"--budget {_clock(plan.budget)} is too short for one epoch and one label step of "
-                          f"{n:,} samples here (about {_clock(need)}); give a longer --budget, or a smaller "
-                          "--image-size or --arch")
+                          f"{n:,} samples here (about {_clock(need)}); give a longer --budget, or {smaller}")
     epochs = min(epochs, AUTO_MAX_EPOCHS if plan.recipe == "auto" else config.epochs)
     if every or not steps_given:
         steps = epochs + 1 if every else max(1, round(steps * epochs / max(1, config.epochs)))

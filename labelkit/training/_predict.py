@@ -110,10 +110,14 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
     ks = [head.out_features for head in model.heads]
     skips = SkipLog(source)
     try:
-        features, seen = _features(model, record, source, skips, batch_size=batch_size, workers=workers,
-                                   device=dev, dist=dist, reporter=reporter, run_dir=model_dir)
+        loading = {"batch_size": batch_size, "workers": workers, "device": dev, "dist": dist}
+        fitted = None if novelty is None else _novelty_of(model_dir, model, record, novelty, **loading)
+        if _needs_pixels(record):
+            labels, scores, novel, seen = _predict_images(model, record, source, skips, fitted, reporter, model_dir,
+                                                          loading)
+        else:  # vectors: block by block, never N x D features at once
+            labels, scores, novel, seen = _predict_vectors(model, source, skips, dev, fitted, reporter)
         rows = np.flatnonzero(seen)
-        labels, scores = _heads_argmax(model, features, dev)
         method = {"name": "predict", "model": str(model_dir), "arch": record.get("arch"), "run": record.get("kind")}
         labels, scores, ks = _with_consensus(_run_labels(model_dir), labels, scores, ks, method)
         labels, ks, head_names = _in_version_ids(labels, ks, _named_version(model_dir, names, ks), method)
@@ -123,12 +127,10 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
             data={**source.manifest(skips.as_list()).record(), "spec": data},
             method=method, parents=[parent] if parent else [],
             names=head_names).with_name_columns()
-        if novelty is not None:
-            fitted = _novelty_of(model_dir, model, record, novelty, batch_size=batch_size, workers=workers,
-                                 device=dev, dist=dist)
+        if fitted is not None:
             by_id = np.searchsorted(artefact.sample_ids, np.array([source.ids[i] for i in rows], dtype=object))
             scores_sorted = np.empty(len(rows), dtype=np.float32)
-            scores_sorted[by_id] = fitted.score(features)
+            scores_sorted[by_id] = novel
             artefact = artefact.with_novelty(scores_sorted, describe(fitted, novelty_fpr))
         path = None
         if out is not None and dist.main:
@@ -153,6 +155,38 @@ def _heads_argmax(model: SelaModel, features: torch.Tensor, device, chunk: int =
                 labels[h, i:i + chunk] = label.cpu().numpy()
                 scores[h, i:i + chunk] = score.cpu().numpy()
     return labels, scores
+
+
+def _predict_images(model: SelaModel, record: dict, source: Source, skips: SkipLog, fitted: Novelty | None,
+                    reporter: Reporter, model_dir, loading: dict):
+    """As :func:`_predict_vectors`, for images: the features of every image, then the heads in chunks."""
+    features, seen = _features(model, record, source, skips, reporter=reporter, run_dir=model_dir, **loading)
+    labels, scores = _heads_argmax(model, features, loading["device"])
+    return labels, scores, None if fitted is None else fitted.score(features), seen
+
+
+def _predict_vectors(model: SelaModel, source: Source, skips: SkipLog, device, fitted: Novelty | None,
+                     reporter: Reporter, block: int = 65536):
+    """Labels and scores (heads, n), novelty (n,) or None, and which samples were read, of a table's vectors,
+    ``block`` rows at a time: the heads' input features exist for one block only."""
+    skips.skipped.update(source.check_finite(skip=True))
+    keep = np.flatnonzero(~skips.mask())
+    labels = np.empty((len(model.heads), len(keep)), dtype=np.int64)
+    scores = np.empty((len(model.heads), len(keep)), dtype=np.float32)
+    novel = None if fitted is None else np.empty(len(keep), dtype=np.float32)
+    starts = range(0, len(keep), block)
+    reporter.phase("predict", len(starts))
+    with torch.no_grad():
+        for i in starts:
+            features = model.features(torch.from_numpy(source.vectors(keep[i:i + block])).to(device))
+            labels[:, i:i + block], scores[:, i:i + block] = _heads_argmax(model, features, device)
+            if fitted is not None:
+                novel[i:i + block] = fitted.score(features.cpu())
+            reporter.advance()
+    reporter.end_phase()
+    seen = np.zeros(len(source), dtype=bool)
+    seen[keep] = True
+    return labels, scores, novel, seen
 
 
 def _weights(model: SelaModel, h: int):

@@ -22,7 +22,8 @@ from ..artefact import Artefact, producer_versions
 from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
-from ._frozen import FeatureTrunk, TableRows, Whiten, cached_views, head_batches, head_step, neighbours
+from ._frozen import (FeatureTrunk, TableRows, ViewsOnDisk, Whiten, cached_views, head_batches, head_step, neighbours,
+                      whitened_views)
 from ._start import SelaState, artefact_start, pinned_balance, with_pins, started_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
@@ -322,7 +323,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     net, views, origin = _frozen_features(job)
     keep = ~job.skips.mask()
     raw = views[0]
-    whiten, views = _whitened(views, keep, config, scale=net is not None)
+    whiten, views, whitened = whitened_views(views, keep, config, scale=net is not None, reporter=job.reporter)
     heads = SelaModel(FeatureTrunk(whiten.num_features, config.head_hidden), ks, config.head_temperature)
     model = SelaModel(FrozenBackbone(net, whiten, heads.backbone), ks, config.head_temperature)
     model.heads = heads.heads  # one set of heads: trained through ``heads``, saved and predicted through ``model``
@@ -334,27 +335,25 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     record.update(frozen={"in_dim": int(whiten.mean.numel()), "width": whiten.num_features,
                           "hidden": config.head_hidden, "pixels": net is not None})
     resumed = job.start(record, model=heads, optimizer=optimizer, sela=state)
-    arch = f"{config.arch} (frozen)" if net is not None else "heads on vectors"
-    job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)), arch=arch,
-                 views=int(views.shape[0]), width=whiten.num_features)
+    job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)),
+                 arch=f"{config.arch} (frozen)" if net is not None else "heads on vectors", views=int(views.shape[0]),
+                 width=whiten.num_features)
     job.log(origin)
+    job.log(whitened)
     if not resumed and net is not None and init_record(net):
         job.log(init_record(net))
-    near = neighbours(views[0], config.neighbours) if config.neighbours else None
+    near = neighbours(views[0][:], config.neighbours) if config.neighbours else None
     rows = torch.from_numpy(np.flatnonzero(keep))
-    graph, schedule = _frozen_schedule(job, int(keep.sum()), resumed)
-    job.label_schedule = schedule
+    graph, job.label_schedule = _frozen_schedule(job, int(keep.sum()), resumed)
 
     def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
         heads.eval()
-        with torch.no_grad():
-            features = torch.cat([heads.features(views[0][rows[i:i + 65536]]) for i in range(0, len(rows), 65536)])
-        return _solve_heads(job, heads, features, rows, keep, state, ks)
+        return _solve_on_features(job, heads, views[0], rows, keep, state, ks)
 
     def train() -> dict:  # step 1, the heads only
         heads.train()
         steps = max(1, math.ceil(int(keep.sum()) / config.batch_size))
-        smallest = 2 if _has_batchnorm(heads) else 1
+        smallest = 2 if any(isinstance(m, torch.nn.BatchNorm1d) for m in heads.modules()) else 1
         return job.train_pass(lambda start: head_batches(views, keep, near, config, job.epoch, start, smallest),
                               lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
                               optimizer, steps, min_batch=smallest)
@@ -365,7 +364,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     elif not resumed and graph:  # the first labels come from the features' kNN graph
         job.log({"type": "start", "epoch": 0, **vector_graph_start(job, raw, keep, state.labels, ks)})
         job.checkpoint_or_stop()
-    elif not resumed and 0 in schedule:  # the first labels come from the untrained heads
+    elif not resumed and 0 in job.label_schedule:  # the first labels come from the untrained heads
         job.label_step(0, label_step)
         job.checkpoint_or_stop()
     keep = state.keep(keep)  # a reviewed start leaves samples out: the closures above read these
@@ -373,20 +372,43 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     job.run_epochs(train, label_step)
     run = _finish(job, model, state, ks)
     job.finish()
+    if isinstance(views, ViewsOnDisk):  # a derived copy of the table: not worth its disk once the run is done
+        views.file.path.unlink(missing_ok=True)
     return run
 
 
-def _whitened(views, keep: np.ndarray, config: SelaConfig, scale: bool) -> tuple[Whiten, torch.Tensor]:
-    """The whitening fitted on the plain view, and every view through it, chunk by chunk into one (V, N, width)
-    tensor that the heads train on. A table's vectors keep their variances (``scale`` False; TABLE_RECIPE says
-    why); a backbone's features are whitened."""
-    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep), scale=scale)
-    with torch.no_grad():
-        whitened = torch.empty((len(views), len(views[0]), whiten.num_features))
-        for v, view in enumerate(views):
-            for i in range(0, len(view), 65536):
-                whitened[v, i:i + 65536] = whiten(view[i:i + 65536].float())
-    return whiten, whitened
+_BLOCK = 65536  # rows per block of a pass over the features
+
+
+def _solve_on_features(job: Job, heads: SelaModel, view, rows: torch.Tensor, keep: np.ndarray, state: SelaState,
+                       ks: list[int]) -> dict:
+    """The label step of heads on fixed features: the heads' input features of ``rows`` (a pass over ``view``,
+    block by block), held in memory or, where the label step's memory would not hold them, written to a float16
+    file for the solver to read by blocks; then one solve per head."""
+    config = job.config
+    dim = feature_dim(heads.backbone)
+    starts = range(0, len(rows), _BLOCK)
+    job.reporter.phase("label", len(starts))
+
+    def blocks():
+        with torch.no_grad():
+            for i in starts:
+                yield heads.features(view[rows[i:i + _BLOCK]].float())
+                job.reporter.advance()
+
+    if not features_on_disk(len(rows), dim, max(ks), job.device, memory_bytes(config.label_memory),
+                            scratch=config.out):
+        features = torch.cat(list(blocks()))
+        job.reporter.end_phase()
+        return _solve_heads(job, heads, features, rows, keep, state, ks)
+    path = Path(config.out) / "label_features.npy"
+    try:
+        file = FeatureFile(write_features(path, blocks(), len(rows), dim))
+        job.reporter.end_phase()
+        record = _solve_heads(job, heads, file, rows, keep, state, ks)
+    finally:
+        path.unlink(missing_ok=True)  # written for this step only
+    return {**record, "features": "disk"}
 
 
 def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
@@ -402,10 +424,6 @@ def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
                  "why": f"{n:,} samples are outside the graph start's range of {GRAPH_MIN:,}-{GRAPH_LIMIT:,}: "
                         "the first labels come from the untrained heads"})
     return graph, schedule
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
 
 
 def _method(config: SelaConfig, plan: dict | None, stopped_early: int | None = None) -> dict:

@@ -168,3 +168,79 @@ def _solve_seconds(config, n: int, ks: list[int], dim: int, path: str) -> float:
               balance=head_balance(config, k, rows), storage=Storage(kernel=path))
         seconds += (time.perf_counter() - t2) * ks.count(k) * n / rows
     return seconds
+
+
+def _table_probe(config, source) -> dict:
+    """The costs of heads on an embedding table as ``config`` makes them, measured here: reading and projecting
+    a block of the table (the whitening pass), and :func:`_head_rates` of the configured heads."""
+    started = time.perf_counter()
+    state = torch.get_rng_state()
+    torch.manual_seed(config.seed)
+    try:
+        n, dim = len(source), int(source.dim)
+        width = _table_width(config, dim)
+        rows = min(n, 65536)
+        t0 = time.perf_counter()
+        block = torch.from_numpy(source.vectors(slice(0, rows)))
+        read_s = time.perf_counter() - t0
+        (block - block.mean(0)) @ torch.randn(dim, width)
+        whiten_s = time.perf_counter() - t0
+        # a batch of random rows read from a file, as the training batches of a table beyond memory are
+        picked = np.sort(np.random.default_rng(config.seed).choice(n, min(n, 4 * config.batch_size), replace=False))
+        t1 = time.perf_counter()
+        source.vectors(picked)
+        random_s = (time.perf_counter() - t1) / len(picked)
+        rates = _head_rates(config, n, width)
+        if config.neighbours:  # the neighbour search, timed exact on a sample (the plan scales it)
+            from ._frozen import neighbours
+
+            sample = min(n, 4096)
+            t2 = time.perf_counter()
+            neighbours(torch.randn(sample, width), config.neighbours)
+            rates.update(neighbours_s=round(time.perf_counter() - t2, 3), neighbours_rows=sample)
+    finally:
+        torch.set_rng_state(state)
+    return {"rows_read_per_s": round(rows / max(read_s, 1e-6), 1),
+            "rows_whitened_per_s": round(rows / max(whiten_s, 1e-6), 1), "random_read_s_per_row": random_s,
+            "width": width, **rates,
+            "probe_s": round(time.perf_counter() - started, 2)}
+
+
+def _table_width(config, dim: int) -> int:
+    """The whitening's width as the run will choose it, at most: --pca, else up to 128 directions."""
+    return min(dim, config.pca) if config.pca else min(dim, 128)
+
+
+def _head_rates(config, n: int, width: int) -> dict:
+    """Samples a second of training steps and of the label pass of the trunk and heads of ``config`` on
+    ``width``-wide vectors, and the seconds of one label step's solves at ``n`` rows."""
+    from ..solver import kernel_path
+    from ._frozen import FeatureTrunk, head_step
+
+    ks = config.head_clusters()
+    trunk = FeatureTrunk(width, config.head_hidden)
+    heads = SelaModel(trunk, ks, config.head_temperature)
+    optimizer = torch.optim.SGD(heads.parameters(), lr=1e-3, momentum=0.9)
+    batch = min(config.batch_size, max(2, n))
+    x = torch.randn(batch, width)
+    targets = torch.stack([torch.randint(0, k, (batch,)) for k in ks])
+    rows = torch.arange(batch)
+    other = rows.roll(1) if config.neighbours else None
+    heads.train()
+    head_step(heads, optimizer, rows, (x, other), targets)  # the first step pays for lazy initialisation
+    steps, t0 = 0, time.perf_counter()
+    while steps < 3 or (steps < 20 and time.perf_counter() - t0 < 1.0):
+        head_step(heads, optimizer, rows, (x, other), targets)
+        steps += 1
+    train_rate = steps * batch / (time.perf_counter() - t0)
+    heads.eval()
+    block = torch.randn(min(n, 16384), width)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        heads.features(block)
+    label_rate = len(block) / max(time.perf_counter() - t1, 1e-6)
+    dim = feature_dim(trunk)
+    path = kernel_path(n, max(ks), "cpu", memory_bytes(getattr(config, "label_memory", None)), scratch=config.out)
+    return {"train_rows_per_s": round(train_rate, 1), "label_rows_per_s": round(label_rate, 1),
+            "solve_s_per_step": round(_solve_seconds(config, n, ks, dim, path), 3), "feature_dim": int(dim),
+            "kernel": path}

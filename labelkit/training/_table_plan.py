@@ -1,0 +1,158 @@
+"""The plan of heads on an embedding table: the batch, the neighbour term, and a budget that the run fits by
+its epochs and, where one epoch of the recipe's heads cannot fit, by leaner heads -- with time and memory
+estimated from a probe of this machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ._budget import BUDGET_SHARE, BudgetError, _bytes, _clock, _plural, label_step_count
+from ._config import SelaConfig, memory_bytes
+
+__all__ = []
+
+
+def table_batch(n: int) -> int:
+    """The batch of heads on a table of ``n`` vectors: 1,024 where that leaves at least 12 steps an epoch, else
+    the largest power of two that does (at least 64). With 1,024 on 1,797 digits (two steps an epoch) the first label
+    step came after 4 updates and lost NMI 0.87 -> 0.69 of the graph start; with 128, 0.87 -> 0.72 and the other
+    head ended at 0.84 instead of 0.81 (bench/suite.py digits-pixels, textures-pixels)."""
+    batch = 1024
+    while batch > 64 and n < 12 * batch:
+        batch //= 2
+    return batch
+
+
+# the neighbour term's search (training/_frozen.py neighbours) costs about probes x N^1.5 and holds N x 32 cell
+# lists; beyond this many vectors a table trains on its own labels only, unless --neighbours is given
+NEIGHBOURS_LIMIT = 500_000
+
+
+def fit_table(plan, n: int, chosen: dict) -> None:
+    """The batch and the neighbour term of heads on a table of ``n`` vectors, with their reasons."""
+    if "batch_size" not in chosen:
+        plan.config = dataclasses.replace(plan.config, batch_size=table_batch(n))
+        plan.reasons["batch_size"] = (f"{plan.config.batch_size}: at least 12 steps an epoch, so that the heads "
+                                      "fit the first labels before they are solved again")
+    if "neighbours" not in chosen and plan.config.neighbours and n > NEIGHBOURS_LIMIT:
+        plan.config = dataclasses.replace(plan.config, neighbours=0)
+        plan.reasons["neighbours"] = (f"0: {n:,} vectors are beyond the neighbour search's {NEIGHBOURS_LIMIT:,} "
+                                      "(its time grows as N^1.5); the heads train on their own labels only")
+
+
+def _table_ladder(config: SelaConfig, chosen: dict) -> list[tuple[SelaConfig, bool]]:
+    """The table recipe, then leaner heads for a budget that cannot hold one epoch of it: two heads (still a
+    consensus), then no hidden layer, then one head -- each step only where the user did not choose it."""
+    ladder = [(config, False)]
+    same_k = len(set(config.head_clusters())) == 1
+
+    def heads(c: SelaConfig, count: int) -> SelaConfig:
+        return dataclasses.replace(c, heads=count, clusters=c.clusters[:1])
+
+    if "heads" not in chosen and same_k and config.heads > 2:
+        config = heads(config, 2)
+        ladder.append((config, True))
+    if "head_hidden" not in chosen and config.head_hidden:
+        config = dataclasses.replace(config, head_hidden=None)
+        ladder.append((config, True))
+    if "heads" not in chosen and same_k and config.heads > 1:
+        config = heads(config, 1)
+        ladder.append((config, True))
+    return ladder
+
+
+def _table_costs(config: SelaConfig, n: int, probe: dict) -> tuple[float, float, float]:
+    """(fixed seconds, seconds an epoch, seconds a label step) of heads on a table of ``n`` vectors."""
+    from ._graph import GRAPH_LIMIT, GRAPH_MIN
+    from ._frozen import whitened_storage
+
+    sample = min(n, 100_000)  # what the whitening is fitted on: random rows, then a covariance
+    fixed = 2.0 + sample / probe["rows_read_per_s"] * 4 + n / probe["rows_whitened_per_s"]
+    per_epoch = n / probe["train_rows_per_s"]
+    if whitened_storage(1, n, probe["width"]) == "disk":
+        fixed += n * probe["width"] * 2 / 400e6  # written once as float16 (400 MB/s assumed: the probe writes nothing)
+        per_epoch += n * probe["random_read_s_per_row"]  # each batch reads its rows from the file
+    if config.start == "graph" and not config.start_from and GRAPH_MIN <= n <= GRAPH_LIMIT:
+        fixed += 4.5e-4 * n
+    if config.neighbours:  # the exact search costs N^2; above 50,000 rows the inverted file's probes x N^1.5
+        exact = probe["neighbours_s"] * (n / probe["neighbours_rows"]) ** 2
+        fixed += exact if n <= 50_000 else exact * 32 / math.sqrt(n)
+    return fixed, per_epoch, n / probe["label_rows_per_s"] + probe["solve_s_per_step"]
+
+
+def _table_memory(config: SelaConfig, n: int, probe: dict) -> int:
+    """Peak resident bytes of a table run: the process, the sorted ids, the labels of every head, the whitened
+    vectors where they stay in memory, and the label step (features, or none beyond the label memory, and
+    its kernel)."""
+    from ..solver import features_on_disk, kernel_path, working_bytes
+    from ._frozen import whitened_storage
+
+    k, heads = max(config.head_clusters()), config.heads
+    memory = memory_bytes(config.label_memory)
+    whitened = {"float32": n * probe["width"] * 4, "float16": n * probe["width"] * 2,
+                "disk": 0}[whitened_storage(1, n, probe["width"])]
+    path = kernel_path(n, k, "cpu", memory, scratch=config.out)
+    kernel = n * k * 2 if path == "stored" else working_bytes(n, k, "cpu", memory)
+    features = 0 if features_on_disk(n, probe["feature_dim"], k, "cpu", memory, scratch=config.out) \
+        else n * probe["feature_dim"] * 4
+    return int(450e6 + 110 * n + heads * n * 12 + whitened + features + kernel)
+
+
+def _table_schedule(config: SelaConfig, n: int, fixed: float, per_epoch: float, per_step: float, budget: float,
+                    steps_given: bool) -> SelaConfig | None:
+    """The most epochs (at most the recipe's) whose run -- with the recipe's share of label steps, and at least
+    two of them solved so that the labels follow the training -- ends within :data:`BUDGET_SHARE` of the budget;
+    None where not even one epoch does."""
+    for epochs in range(config.epochs, 0, -1):
+        steps = config.label_steps if steps_given else max(1, round(config.label_steps * epochs / config.epochs))
+        candidate = dataclasses.replace(config, epochs=epochs, label_steps=steps)
+        while not steps_given and label_step_count(candidate, n) < 2 and candidate.label_steps <= epochs:
+            candidate = dataclasses.replace(candidate, label_steps=candidate.label_steps + 1)
+        seconds = fixed + epochs * per_epoch + label_step_count(candidate, n) * per_step
+        if seconds <= BUDGET_SHARE * budget:
+            return candidate
+    return None
+
+
+def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
+    """Probe heads on a table, fit the epochs to the budget -- with leaner heads where the recipe's cannot
+    train one epoch in it -- and estimate the run's time and memory."""
+    from ._timing import _head_rates, _table_probe
+
+    n = len(source)
+    probe = _table_probe(plan.config, source)
+    recipe = plan.config
+    steps_given = "label_steps" in chosen
+    for candidate, lean in _table_ladder(recipe, chosen):
+        rates = probe if not lean else {**probe, **_head_rates(candidate, n, probe["width"])}
+        fixed, per_epoch, per_step = _table_costs(candidate, n, rates)
+        if not fit:
+            plan.config = candidate
+            break
+        fitted = _table_schedule(candidate, n, fixed, per_epoch, per_step, plan.budget, steps_given)
+        if fitted is not None:
+            plan.config = fitted
+            break
+    else:
+        need = fixed + per_epoch + 2 * per_step
+        raise BudgetError(f"--budget {_clock(plan.budget)} is too short for one epoch and two label steps of heads on "
+                          f"{n:,} vectors here, even with one head and no hidden layer (about {_clock(need)} at "
+                          f"{_bytes(_table_memory(candidate, n, rates))}); give --budget {_clock(need / BUDGET_SHARE)} "
+                          "or more, or fewer --clusters")
+    if lean and fit:
+        hidden = f" on a {recipe.head_hidden}-wide hidden layer" if recipe.head_hidden else ""
+        plan.reasons["heads"] = (f"{plan.config.heads} of K = {plan.config.clusters[0]}"
+                                 + ("" if plan.config.head_hidden else ", no hidden layer")
+                                 + f": one epoch of the recipe's {recipe.heads} heads{hidden} and two label steps do "
+                                 f"not fit the {_clock(plan.budget)} budget with {n:,} vectors here")
+    count = label_step_count(plan.config, n)
+    if fit:
+        plan.reasons["epochs"] = (f"{_plural(plan.config.epochs, 'epoch')} and {_plural(count, 'label step')} fit "
+                                  f"the {_clock(plan.budget)} budget at the probed speed"
+                                  + (" (the recipe's most)" if plan.config.epochs == recipe.epochs else ""))
+    plan.probe = rates
+    plan.estimate = {"seconds": round(fixed + plan.config.epochs * per_epoch + count * per_step, 1),
+                     "peak_memory": _table_memory(plan.config, n, rates), "label_steps": count,
+                     "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2),
+                     "kernel": rates["kernel"]}
