@@ -96,7 +96,10 @@ def _table_memory(config: SelaConfig, n: int, probe: dict) -> int:
     kernel = n * k * 2 if path == "stored" else working_bytes(n, k, "cpu", memory)
     features = 0 if features_on_disk(n, probe["feature_dim"], k, "cpu", memory, scratch=config.out) \
         else n * probe["feature_dim"] * 4
-    return int(450e6 + 110 * n + heads * n * 12 + whitened + features + kernel)
+    # per row, beyond the features and the kernel, the label step holds its labels, posteriors, their gathered
+    # copies and the rounding's candidates: about 220 bytes, read off the RSS of the 10 M run of bench/scale.py
+    # (+2.2 GB over the epochs' plateau; the process, ids, labels and whitened copy matched the plateau within 10 %)
+    return int(450e6 + 110 * n + heads * n * 12 + whitened + features + kernel + 220 * n)
 
 
 def _table_schedule(config: SelaConfig, n: int, fixed: float, per_epoch: float, per_step: float, budget: float,
