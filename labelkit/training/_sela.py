@@ -24,7 +24,7 @@ from ..quality import consensus_labels
 from ..errors import ConfigError
 from ._frozen import (FeatureTrunk, TableRows, ViewsOnDisk, Whiten, cached_views, head_batches, head_step, neighbours,
                       whitened_views)
-from ._start import SelaState, artefact_start, pinned_balance, with_pins, started_from
+from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins, started_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
@@ -171,10 +171,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                            buffer=buffer, group=dist.group)
         state.potentials[h] = torch.from_numpy(result.potentials)
         labels, posterior = with_pins(state, h, rows, free, result.labels, result.posterior)
-        gathered_rows, values = dist.gather_rows(rows.numpy(), np.stack([labels.astype(np.float64),
-                                                                          posterior.astype(np.float64)]))
-        state.labels[h, gathered_rows] = torch.from_numpy(values[0].astype(np.int64))
-        state.scores[h, gathered_rows] = torch.from_numpy(values[1].astype(np.float32))
+        store_labels(dist, state, h, rows, labels, posterior)
         info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
                 "density": None if result.density is None else round(result.density, 5),
                 "iterations": result.iterations,
