@@ -103,15 +103,29 @@ def write_released(path: Path, seed: int = 0) -> None:
     Artefact.build(ids, labels, [k] * heads, method={"name": "sela"}).write(path)
 
 
+# Each command runs under this small wrapper, which forks it and reads its rusage. Run straight from the bench, a
+# command's peak would include the bench's own: subprocess starts children with vfork, and the kernel carries the
+# parent's high-water RSS into the child's at exec (writing a LAION copy made a 0.4 GB command read 1.8 GB).
+_WRAPPER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def measure(command: list[str], log: Path) -> tuple[float, float, int]:
     """(seconds, peak RSS in GB, exit status) of one command in a fresh process."""
+    report = log.with_suffix(".rusage")
     started = time.perf_counter()
     with open(log, "ab") as out:
         out.write(("\n$ " + shlex.join(command) + "\n").encode())
         out.flush()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    return time.perf_counter() - started, usage.ru_maxrss * 1024 / 1e9, os.waitstatus_to_exitcode(status)
+        subprocess.run([sys.executable, "-c", _WRAPPER, str(report), *command], stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    maxrss_kb, status = (int(x) for x in report.read_text().split())
+    return seconds, maxrss_kb * 1024 / 1e9, status
 
 
 def estimate_line(run: Path, seconds: float, peak: float) -> str:
