@@ -17,7 +17,7 @@ from typing import Callable, Iterator, TypeVar
 T = TypeVar("T")
 
 __all__ = ["atomic_path", "atomic_folder", "temporary_beside", "publish", "sha256_file", "write_text_atomic",
-           "read_keys", "retrying", "pread_into", "pwrite_all"]
+           "read_keys", "retrying", "pread_into", "pwrite_all", "consecutive_runs"]
 
 
 def temporary_beside(path: Path, kind: str = "tmp") -> Path:
@@ -140,3 +140,12 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def consecutive_runs(positions):
+    """(lo, hi) index ranges of ``positions`` (a 1-D integer array) whose values run consecutively: one read or
+    write each."""
+    import numpy as np
+
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(positions)].tolist())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._util.files import pread_into, read_keys
+from .._util.files import consecutive_runs, pread_into, read_keys
 from ..errors import DataError
 from ._source import MapSource, _sorted_unique
 
@@ -105,8 +105,7 @@ class _NpyRows:
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The rows at ascending positions ``rows``."""
         out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
+        for lo, hi in consecutive_runs(rows):
             self._read(int(rows[lo]), int(rows[hi - 1]) + 1, out[lo:hi])
         return out
 

@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .._util.files import atomic_path, pread_into, publish, pwrite_all, temporary_beside
+from .._util.files import atomic_path, consecutive_runs, pread_into, publish, pwrite_all, temporary_beside
 from ..errors import DataError
 
 __all__ = ["FeatureFile", "FeatureWriter", "write_features"]
@@ -100,7 +100,7 @@ class FeatureFile:
         """The rows at ascending ``indices`` (of this view), read as runs of consecutive rows."""
         indices = np.asarray(indices, dtype=np.int64)
         out = torch.empty((len(indices), self.dim), dtype=_DTYPES[self.dtype])
-        for lo, hi in _runs(indices):
+        for lo, hi in consecutive_runs(indices):
             out[lo:hi] = self[int(indices[lo]):int(indices[hi - 1]) + 1]
         return out
 
@@ -151,12 +151,6 @@ def write_features(path: str | os.PathLike, blocks: Iterable, rows: int, dim: in
         if written != rows:
             raise DataError(f"features file {path}: {written:,} rows written but {rows:,} announced")
     return path
-
-
-def _runs(positions: np.ndarray):
-    """(lo, hi) index ranges of ``positions`` whose values run consecutively: one read or write each."""
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    return zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(positions)].tolist())
 
 
 _HEADER_BYTES = 128  # a 2-D float16/float32 .npy header of any realistic shape fits, padded, in 128 bytes
@@ -214,7 +208,7 @@ class FeatureWriter:
             self.samples.append(samples[new])
             self.rows += int(new.sum())
         where = self._row[samples]
-        for lo, hi in _runs(where):
+        for lo, hi in consecutive_runs(where):
             first, count = int(where[lo]), hi - lo
             chunk = values[lo:hi]
             if not new[lo:hi].all():  # rows that a view before this one wrote: add to them
