@@ -592,3 +592,17 @@ def test_duplicate_table_keys_are_named(tmp_path):
     (tmp_path / "v.keys.txt").write_text("c\na\nb\na\nc\n")
     with pytest.raises(DataError, match=r"2 duplicate sample id\(s\), e.g. \['a', 'c'\]"):
         resolve(str(tmp_path / "v.npy"))
+
+
+def test_views_on_disk_read_the_rows_asked_for_in_any_order(tmp_path):
+    from labelkit.solver import FeatureFile, write_features
+    from labelkit.training._frozen import ViewsOnDisk
+
+    views = torch.randn(2, 50, 4).half()
+    on_disk = ViewsOnDisk(FeatureFile(write_features(tmp_path / "w.npy", [views.reshape(100, 4)], 100, 4)), 2)
+    rng = np.random.default_rng(0)
+    rows, which = rng.integers(0, 50, 30), rng.integers(0, 2, 30)  # random order, repeats included
+    torch.testing.assert_close(on_disk[which, rows], views[which, rows].float())
+    torch.testing.assert_close(on_disk[1][rows], views[1, rows].float())
+    torch.testing.assert_close(on_disk[1][10:20], views[1, 10:20].float())
+    assert on_disk.shape == (2, 50, 4) and len(on_disk[0]) == 50
