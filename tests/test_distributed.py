@@ -181,3 +181,66 @@ def test_labelkit_leaves_only_a_group_it_made(monkeypatch):
     finally:
         made.close()
     assert not dist.is_initialized()
+
+
+def test_table_under_torchrun_gives_the_labels_of_one_process(tmp_path):
+    """Two processes, each holding the whitened rows of its half of the table, train on the batches that one
+    process takes (each batch gathered from the ranks that hold it) and solve with the solver's collectives: the
+    labels, scores and artefact id equal a plain run's, with a hidden BatchNorm layer, the graph start (rank 0),
+    bad rows found by each rank in its half, and label features on disk."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 24)) * 1.5
+    vectors = (centres[rng.integers(0, 6, 1200)] + rng.normal(size=(1200, 24))).astype(np.float32)
+    vectors[[100, 1000]] = np.nan  # one in each rank's half
+    np.save(tmp_path / "t.npy", vectors)
+    options = ["generate", "--data", str(tmp_path / "t.npy"), "--clusters", "6", "--heads", "2", "--head-hidden", "32",
+               "--epochs", "3", "--label-steps", "3", "--neighbours", "0", "--skip-bad", "--label-memory", "20000",
+               "--device", "cpu", "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "labelkit"]
+    two = subprocess.run([*launcher, *options, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, "-m", "labelkit", *options, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    history = [json.loads(line) for line in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
+    whiten = [r for r in history if r.get("type") == "whiten"]
+    assert whiten[0]["rows"] == 599 and whiten[0]["ranks"] == 2  # rank 0 holds its half of the 1,198 good rows
+    steps = [r for r in history if r.get("type") == "label_step"]
+    assert steps and all(s["group"] == {"backend": "gloo", "ranks": 2} and s["features"] == "disk" for s in steps)
+    assert any(r.get("type") == "start" and "components" in r for r in history)  # the graph start, by rank 0
+    shared, alone = (read_artefact(tmp_path / run / "labels.parquet") for run in ("two", "one"))
+    assert shared.num_samples == 1198 and "100" not in set(shared.sample_ids)
+    assert (shared.label_matrix() == alone.label_matrix()).all()
+    assert shared.artefact_id == alone.artefact_id  # the scores too
+    assert not list((tmp_path / "two").glob("*rank*"))  # per-rank scratch files removed
+
+    near = [option if option != "0" else "5" for option in options]  # --neighbours 5
+    refused = subprocess.run([*launcher, *near, "--out", str(tmp_path / "near")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--neighbours 0 under torchrun" in refused.stdout + refused.stderr
+
+
+def test_frozen_backbone_under_torchrun_extracts_by_rank_and_gives_the_labels_of_one_process(tmp_path):
+    """--freeze under torchrun: each rank extracts the features of its share of the images into the one cache file
+    (the augmented view's randomness is drawn per sample, so which rank draws it does not matter), then trains as a
+    table does: the cache and the labels equal a plain run's."""
+    data = _blobs(tmp_path / "blobs.npz", n=300, size=16)
+    options = ["generate", "--data", data, "--freeze", "--arch", "labelkit_cnn", "--image-size", "16", "--views", "2",
+               "--clusters", "3,6", "--heads", "2", "--epochs", "3", "--label-steps", "2", "--neighbours", "0",
+               "--device", "cpu", "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "labelkit", *options, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = subprocess.run([sys.executable, "-m", "labelkit", *options, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    caches = [np.load(next((tmp_path / run / "features").glob("*.npy"))) for run in ("two", "one")]
+    assert caches[0].shape == (2, 300, 128) and np.abs(caches[0][:, -1]).sum() > 0  # the last image's rows written
+    assert np.array_equal(caches[0], caches[1])
+    assert not list((tmp_path / "two" / "features").glob("*.partial"))
+    shared, alone = (read_artefact(tmp_path / run / "labels.parquet") for run in ("two", "one"))
+    assert (shared.label_matrix() == alone.label_matrix()).all()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["all_reduce", "all_gather", "broadcast", "rank", "world_size"]
+__all__ = ["all_reduce", "all_gather", "all_gather_tensors", "broadcast", "rank", "world_size"]
 
 
 def _dist():
@@ -34,6 +34,17 @@ def all_gather(value: Any, group) -> list:
     dist = _dist()
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, value, group=group)
+    return parts
+
+
+def all_gather_tensors(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape and dtype on each), in rank order; ``[tensor]`` in one process.
+    Unlike :func:`all_gather`, nothing is pickled: what a training step gathers goes as it is."""
+    if group is None:
+        return [tensor]
+    dist = _dist()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
 
 

@@ -147,5 +147,7 @@ def consecutive_runs(positions):
     write each."""
     import numpy as np
 
+    if len(positions) == 0:
+        return iter(())
     breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     return zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(positions)].tolist())

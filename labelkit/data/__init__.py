@@ -10,6 +10,8 @@ from .._util.lazy import lazy_exports
 
 _EXPORTS = {
     "Source": "._source",
+    "Ids": "._ids",
+    "id_array": "._ids",
     "MapSource": "._source",
     "StreamSource": "._source",
     "Manifest": "._source",

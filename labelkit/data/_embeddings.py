@@ -30,6 +30,7 @@ import numpy as np
 
 from .._util.files import consecutive_runs, pread_into, read_keys
 from ..errors import DataError
+from ._ids import Ids, row_ids
 from ._source import MapSource, _sorted_unique
 
 __all__ = ["EmbeddingSource", "is_embedding_spec", "load_embeddings"]
@@ -155,18 +156,21 @@ class EmbeddingSource(MapSource):
     kind = "embeddings"
     has_pixels = False
 
-    def __init__(self, spec: str, ids: list[str], vectors, targets: np.ndarray | None = None,
+    def __init__(self, spec: str, ids, vectors, targets: np.ndarray | None = None,
                  files: list[Path] | None = None):
+        import pyarrow as pa
+
         if vectors.ndim != 2 or vectors.shape[1] < 1:
             raise DataError(f"{spec}: vectors must be a 2-D (N, D) array, got shape {vectors.shape}")
         if not np.issubdtype(vectors.dtype, np.floating):
             raise DataError(f"{spec}: vectors must be floating point, got {vectors.dtype}")
         if len(ids) != len(vectors):
             raise DataError(f"{spec}: {len(ids)} keys for {len(vectors)} vectors; every vector needs one key")
+        ids = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
         order = _sorted_unique(spec, ids)
         self._array, self._files = vectors, files or []
         self._rows = None if np.array_equal(order, np.arange(len(order))) else order
-        sorted_ids = ids if self._rows is None else [ids[i] for i in order]
+        sorted_ids = Ids(ids if self._rows is None else ids.take(pa.array(order)))  # not N Python strings
         if targets is not None:
             targets = np.asarray(targets, dtype=np.int64)[order]
         classes = [str(c) for c in range(int(targets.max()) + 1)] if targets is not None and len(targets) else None
@@ -196,14 +200,16 @@ class EmbeddingSource(MapSource):
     def bad(self) -> dict[str, str]:
         """id -> reason for every row with a non-finite value (one pass over the table, on first use)."""
         if self._bad is None:
-            self._bad = self._find_bad()
+            self._bad = self.find_bad()
         return self._bad
 
-    def _find_bad(self) -> dict[str, str]:
+    def find_bad(self, rows: slice = slice(None)) -> dict[str, str]:
+        """id -> reason for every row among ``rows`` with a non-finite value (one pass over them)."""
         bad = {}
         block = 65536
-        for start in range(0, len(self), block):
-            chunk = self.vectors(slice(start, start + block))
+        first, last, _ = rows.indices(len(self))
+        for start in range(first, last, block):
+            chunk = self.vectors(slice(start, min(start + block, last)))
             finite = np.isfinite(chunk).all(axis=1)
             for i in np.flatnonzero(~finite):
                 kind = "NaN" if np.isnan(chunk[i]).any() else "inf"
@@ -211,13 +217,15 @@ class EmbeddingSource(MapSource):
             del chunk  # before the next block is read: one block held at a time
         return bad
 
-    def check_finite(self, skip: bool) -> dict[str, str]:
-        """The rows to skip; without ``skip`` any bad row is an error naming them."""
-        if self.bad and not skip:
-            names = list(self.bad)[:_MAX_EXAMPLES]
-            raise DataError(f"{self.spec}: {len(self.bad)} vector(s) hold NaN or inf, e.g. rows {names}; "
+    def check_finite(self, skip: bool, bad: dict[str, str] | None = None) -> dict[str, str]:
+        """The rows to skip (``bad``, or :attr:`bad` of the whole table); without ``skip`` any bad row is an
+        error naming them."""
+        bad = self.bad if bad is None else bad
+        if bad and not skip:
+            names = list(bad)[:_MAX_EXAMPLES]
+            raise DataError(f"{self.spec}: {len(bad)} vector(s) hold NaN or inf, e.g. rows {names}; "
                             "fix them or give --skip-bad to leave them out (they are recorded as skipped)")
-        return dict(self.bad)
+        return dict(bad)
 
     def _content_into(self, digest) -> str:
         # the vectors' bytes are the content; files are hashed as stored (no float conversion)
@@ -283,15 +291,10 @@ def _read_keys(path: Path) -> list[str]:
         raise DataError(f"{path}: {exc}; every vector needs a key") from None
 
 
-def _row_ids(n: int) -> list[str]:
-    width = max(6, len(str(max(n - 1, 0))))
-    return [str(i).zfill(width) for i in range(n)]
-
-
 def _load_npy(spec: str, path: Path) -> EmbeddingSource:
     vectors = _NpyRows(path, spec)
     key_file = path.with_suffix(".keys.txt")
-    ids = _read_keys(key_file) if key_file.is_file() else _row_ids(len(vectors))
+    ids = _read_keys(key_file) if key_file.is_file() else row_ids(len(vectors))
     if len(ids) != len(vectors):
         raise DataError(f"{key_file}: {len(ids)} keys for the {len(vectors)} rows of {spec}; one key per row")
     return EmbeddingSource(spec, ids, vectors, files=[path])
@@ -302,7 +305,7 @@ def _load_npz(spec: str, path: Path) -> EmbeddingSource:
         with np.load(path, allow_pickle=False) as archive:
             name = next(n for n in _NPZ_VECTORS if n in archive.files)
             vectors = archive[name]
-            keys = [str(k) for k in archive["keys"]] if "keys" in archive.files else _row_ids(len(vectors))
+            keys = [str(k) for k in archive["keys"]] if "keys" in archive.files else row_ids(len(vectors))
             labels = archive["labels"] if "labels" in archive.files else None
     except (ValueError, OSError) as exc:
         raise DataError(f"{spec}: not a readable .npz archive: {exc}") from None
@@ -349,7 +352,7 @@ def _table_vectors(spec: str, column) -> np.ndarray:
     return values.astype(np.float32, copy=False).reshape(len(column), dim)
 
 
-def _key_column(spec: str, table) -> list[str]:
+def _key_column(spec: str, table):
     name = next((c for c in _KEY_COLUMNS if c in table.column_names), None)
     if name is None:
         raise DataError(f"{spec}: no key column (one of {', '.join(_KEY_COLUMNS)}); columns: {table.column_names}")
@@ -357,7 +360,11 @@ def _key_column(spec: str, table) -> list[str]:
     if column.null_count:
         rows = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
         raise DataError(f"{spec}: {len(rows)} row(s) without a {name}, e.g. rows {rows[:_MAX_EXAMPLES].tolist()}")
-    return [str(k) for k in column.to_pylist()]
+    import pyarrow as pa
+
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type):
+        return column.cast(pa.string()).combine_chunks()  # as str() writes them, without N Python strings
+    return pa.array([str(k) for k in column.to_pylist()], type=pa.string())
 
 
 def _load_parquet(spec: str, path: Path) -> EmbeddingSource:
@@ -409,8 +416,8 @@ def _load_laion(spec: str, root: Path) -> EmbeddingSource:
         keys = _key_column(str(metadata[number]), table)
         if len(keys) != len(part):
             raise DataError(f"{metadata[number]}: {len(keys)} keys for the {len(part)} rows of {arrays[number]}")
-        ids += keys
+        ids.append(keys)
         parts.append(part)
     vectors = parts[0] if len(parts) == 1 else _Parts(parts)
     files = [arrays[n] for n in sorted(arrays)] + [metadata[n] for n in sorted(metadata)]
-    return EmbeddingSource(spec, ids, vectors, files=files)
+    return EmbeddingSource(spec, pa.concat_arrays(ids), vectors, files=files)

@@ -206,7 +206,7 @@ class SkipLog:
     def mask(self) -> np.ndarray:
         """Boolean mask over the source's samples: True where a sample was skipped."""
         bad = np.zeros(len(self.source), dtype=bool)
-        bad[[self.source.index[i] for i in self.skipped]] = True
+        bad[self.source.positions_of(list(self.skipped))] = True
         return bad
 
     def as_list(self) -> list[dict]:

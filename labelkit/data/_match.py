@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._resolve import resolve
+from ._ids import id_array
 from ._source import _MAX_EXAMPLES, Source
 
 __all__ = ["compare_to_data", "content_check", "describe_match"]
@@ -15,7 +16,7 @@ def compare_to_data(artefact, spec: str) -> dict:
 
     source = resolve(spec)
     art_ids = artefact.table.column("sample_id").combine_chunks()
-    data_ids = pa.array(source.ids, type=pa.string())
+    data_ids = id_array(source.ids)
     in_data = pc.is_in(art_ids, value_set=data_ids)
     in_art = pc.is_in(data_ids, value_set=art_ids)
     only_art = art_ids.filter(pc.invert(in_data))

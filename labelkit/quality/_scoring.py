@@ -22,13 +22,13 @@ def load_truth(spec: str) -> tuple[pa.Array, np.ndarray]:
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in (".parquet", ".csv", ".tsv"):
         return read_label_table(path)
-    from ..data import resolve
+    from ..data import id_array, resolve
 
     source = resolve(spec)
     if not source.has_truth:
         raise DataError(f"{spec}: this data has no ground-truth classes (class folders, shard 'cls' or npz 'labels')")
     keep = source.targets >= 0
-    ids = pa.array(source.ids, type=pa.string()).filter(pa.array(keep))
+    ids = id_array(source.ids).filter(pa.array(keep))
     return ids, source.targets[keep]
 
 

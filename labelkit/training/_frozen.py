@@ -26,7 +26,7 @@ from ..errors import DataError
 from ..solver import FeatureFile, write_features
 from ..quality import spherical_kmeans
 
-__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "ViewsOnDisk", "whitened_views", "whitened_storage", "head_batches", "head_step", "neighbours", "weights_digest", "cached_views"]
+__all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "ViewsOnDisk", "whitened_views", "whitened_storage", "head_draws", "head_batches", "head_step", "neighbours", "weights_digest", "cached_views"]
 
 
 class Whiten(nn.Module):
@@ -125,39 +125,51 @@ def whitened_storage(count: int, n: int, width: int) -> str:
 _BLOCK = 65536  # rows per block of a pass over the features
 
 
-def whitened_views(views, keep: np.ndarray, config, scale: bool,
-                   reporter=None) -> tuple[Whiten, torch.Tensor | ViewsOnDisk, dict]:
+def whitened_views(views, keep: np.ndarray, config, scale: bool, reporter=None,
+                   shard=None) -> tuple[Whiten, torch.Tensor | ViewsOnDisk, dict]:
     """The whitening fitted on the plain view, and every view through it, block by block into one (V, N, width)
     tensor that the heads train on -- float32 or float16, or a float16 file, as :func:`whitened_storage` says. A table's
     vectors keep their variances (``scale`` False; TABLE_RECIPE says why); a backbone's features are whitened.
-    Also returns the history's record of the pass."""
+    Under torchrun (a :class:`~labelkit.training._sharded.Shard`), rank 0 fits the whitening and every rank
+    whitens its own rows only (:class:`~labelkit.training._sharded.ShardedViews`). Also returns the history's
+    record of the pass."""
+    from ._sharded import ShardedViews
+
     began = time.perf_counter()
-    whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep), scale=scale)
+    whiten = None
+    if shard is None or shard.dist.main:
+        whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep), scale=scale)
+    if shard is not None:
+        whiten = shard.dist.broadcast(whiten)
     count, n, width = len(views), len(views[0]), whiten.num_features
-    blocks = [(v, i) for v in range(count) for i in range(0, n, _BLOCK)]
+    held = n if shard is None else len(shard.rows)
+    blocks = [(v, i) for v in range(count) for i in range(0, held, _BLOCK)]
     if reporter is not None:
         reporter.phase("whiten", len(blocks))
 
     def whitened_blocks():
         with torch.no_grad():
             for v, i in blocks:
-                yield whiten(views[v][i:i + _BLOCK].float())
+                rows = slice(i, i + _BLOCK) if shard is None else shard.rows[i:i + _BLOCK]
+                yield whiten(views[v][rows].float())
                 if reporter is not None:
                     reporter.advance()
 
-    storage = whitened_storage(count, n, width)
+    storage = whitened_storage(count, held, width)
     if storage != "disk":
-        whitened = torch.empty((count, n, width), dtype=torch.float32 if storage == "float32" else torch.float16)
+        whitened = torch.empty((count, held, width), dtype=torch.float32 if storage == "float32" else torch.float16)
         for (v, i), block in zip(blocks, whitened_blocks()):
             whitened[v, i:i + _BLOCK] = block
-    else:
-        path = Path(config.out) / "whitened.npy"  # derived from the table and the whitening: rewritten by a resume
-        whitened = ViewsOnDisk(FeatureFile(write_features(path, whitened_blocks(), count * n, width)), count)
+    else:  # derived from the table and the whitening: rewritten by a resume
+        path = Path(config.out) / ("whitened.npy" if shard is None else f"whitened-rank{shard.dist.rank}.npy")
+        whitened = ViewsOnDisk(FeatureFile(write_features(path, whitened_blocks(), count * held, width)), count)
     if reporter is not None:
         reporter.end_phase()
     record = {"type": "whiten", "width": width, "seconds": round(time.perf_counter() - began, 2),
               "where": "disk" if storage == "disk" else f"memory ({storage})"}
-    return whiten, whitened, record
+    if shard is not None:  # what this rank (rank 0 writes the history) holds of the rows
+        record.update(rows=held, ranks=shard.dist.world)
+    return whiten, whitened if shard is None else ShardedViews(whitened, shard, n), record
 
 
 class ViewsOnDisk:
@@ -251,6 +263,28 @@ class FeatureCache:
             del array
         with atomic_path(self.record) as tmp:
             Path(tmp).write_text(json.dumps({"parts": self.parts, "skipped": skipped()}, sort_keys=True, indent=1))
+        return _read_only(self.path)
+
+    def write_shared(self, shape: tuple[int, int, int], fill, skipped, dist) -> torch.Tensor:
+        """:meth:`write` by every torchrun rank at once: rank 0 creates the file, each rank's ``fill`` writes
+        its own rows into it, and rank 0 publishes it once all have. The folder must be one that every rank
+        sees (the run folder is: the ranks share checkpoints through it)."""
+        partial = self.path.with_name(self.path.name + ".partial")
+        if dist.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
+        dist.barrier()
+        array = np.load(partial, mmap_mode="r+")
+        fill(array)
+        array.flush()
+        del array
+        found = skipped()  # a collective: every rank's unreadable samples
+        dist.barrier()
+        if dist.main:
+            partial.replace(self.path)
+            with atomic_path(self.record) as tmp:
+                Path(tmp).write_text(json.dumps({"parts": self.parts, "skipped": found}, sort_keys=True, indent=1))
+        dist.barrier()
         return _read_only(self.path)
 
 
@@ -351,6 +385,25 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(logits, target)
 
 
+def head_draws(count: int, keep: np.ndarray, near: torch.Tensor | None, config, epoch: int, min_batch: int = 1):
+    """The draws of one epoch of the heads on ``count`` cached views: for each batch, its rows (numpy), the view
+    of each row and each row's drawn neighbour (None without ``near``). A batch below ``min_batch`` samples
+    draws nothing (view None: BatchNorm cannot train on one sample; the loop skips it). Everything comes from
+    (seed, epoch), so a resumed epoch, and every torchrun rank, draws the same."""
+    rng = np.random.default_rng([config.seed, epoch])
+    order = rng.permutation(np.flatnonzero(keep))
+    batch = config.batch_size
+    for step in range(max(1, math.ceil(len(order) / batch))):
+        rows = order[step * batch:(step + 1) * batch]
+        if len(rows) < min_batch:
+            yield rows, None, None
+            continue
+        view = rng.integers(0, count, len(rows))
+        other = None if near is None else near[torch.from_numpy(rows),
+                                               torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
+        yield rows, view, other
+
+
 def head_batches(views: torch.Tensor, keep: np.ndarray, near: torch.Tensor | None, config, epoch: int, start: int = 0,
                  min_batch: int = 1):
     """Step 1 of SeLa with the backbone fixed: the batches of one epoch of the heads on cached (V, N, D) views,
@@ -358,23 +411,14 @@ def head_batches(views: torch.Tensor, keep: np.ndarray, near: torch.Tensor | Non
 
     Each sample is seen once, in one view drawn at random (the cached stand-in for augmentation). With
     ``near`` (N, k) neighbours, each sample also brings one random neighbour, trained towards the same labels
-    at half the weight (SCAN's prior: neighbours in a good feature space share a class). Everything is drawn
-    from (seed, epoch), so a resumed epoch replays the same batches. A batch below ``min_batch`` samples comes
-    without inputs (BatchNorm cannot train on one sample; the loop skips it) and draws nothing.
+    at half the weight (SCAN's prior: neighbours in a good feature space share a class). A batch below
+    ``min_batch`` samples comes without inputs (see :func:`head_draws`).
     """
-    rng = np.random.default_rng([config.seed, epoch])
-    order = rng.permutation(np.flatnonzero(keep))
-    batch = config.batch_size
-    for step in range(max(1, math.ceil(len(order) / batch))):
-        rows = torch.from_numpy(order[step * batch:(step + 1) * batch])
-        if len(rows) < min_batch:
-            if step >= start:
-                yield rows, None, []
+    for step, (rows, view, other) in enumerate(head_draws(views.shape[0], keep, near, config, epoch, min_batch)):
+        if step < start:
             continue
-        view = torch.from_numpy(rng.integers(0, views.shape[0], len(rows)))
-        other = None if near is None else near[rows, torch.from_numpy(rng.integers(0, near.shape[1], len(rows)))]
-        if step >= start:
-            yield rows, (views[view, rows].float(), other), []
+        rows = torch.from_numpy(rows)
+        yield rows, None if view is None else (views[torch.from_numpy(view), rows].float(), other), []
 
 
 def head_step(model: nn.Module, optimizer, rows: torch.Tensor, inputs: tuple, targets: torch.Tensor) -> float:
@@ -424,15 +468,25 @@ def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch
     net = net.to(job.device).eval()
     started = time.perf_counter()
 
-    def fill(array):
-        for v in range(count):
-            order = Order(config.batch_size, seed=config.seed, epoch=v, keep=~job.skips.mask())
-            features, _ = extract_features(net, dim, source, plain if v == 0 else augmented, order,
-                                           workers=config.workers, device=job.device, skips=job.skips,
-                                           reporter=job.reporter)
-            _check_float16(features, f"--freeze: the {config.arch} features of view {v}")
-            array[v] = features.numpy()
+    dist = job.dist
 
-    views = cache.write((count, len(source), dim), fill, lambda: dict(job.skips.skipped))
+    def fill(array):  # under torchrun each rank extracts its share of the samples, into the one file
+        for v in range(count):
+            order = Order(config.batch_size, seed=config.seed, epoch=v, keep=~job.skips.mask(), rank=dist.rank,
+                          world=dist.world)
+
+            def sink(rows: np.ndarray, out: torch.Tensor, v: int = v) -> None:
+                _check_float16(out, f"--freeze: the {config.arch} features of view {v}")
+                array[v, rows] = out.float().cpu().numpy()
+
+            extract_features(net, dim, source, plain if v == 0 else augmented, order, workers=config.workers,
+                             device=job.device, skips=job.skips, reporter=job.reporter, sink=sink)
+
+    def skipped() -> dict:  # every rank's
+        job.merge_skips()
+        return dict(job.skips.skipped)
+
+    shape = (count, len(source), dim)
+    views = cache.write(shape, fill, skipped) if dist.world == 1 else cache.write_shared(shape, fill, skipped, dist)
     return views, {"type": "features", "cache": str(cache.path), "reused": False, "views": count,
                    "seconds": round(time.perf_counter() - started, 1)}

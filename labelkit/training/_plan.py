@@ -131,7 +131,7 @@ def make_plan(options: dict, config_file: str | None = None, *, recipe: str | No
             source = resolve(base.data)
             _check_count(len(source), source.spec, chosen.get("clusters"))
             plan.profile = {"samples": len(source)}
-            fit_table(plan, len(source), chosen)
+            fit_table(plan, len(source), chosen, distributed)
     else:
         source = resolve(base.data)
         _check_count(len(source), source.spec, chosen.get("clusters"))

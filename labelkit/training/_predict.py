@@ -38,7 +38,7 @@ def load_run_model(run: str | Path) -> tuple[SelaModel, dict]:
     """The model of a finished run directory, weights loaded, in eval mode; and its ``config.json`` record."""
     from safetensors.torch import load_file
 
-    from ._sela import frozen_model
+    from ._heads import frozen_model
 
     run_dir = Path(run)
     config_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
@@ -123,12 +123,12 @@ def run_predict(model_dir: str | Path, data: str, out: str | Path | None = None,
         labels, ks, head_names = _in_version_ids(labels, ks, _named_version(model_dir, names, ks), method)
         parent = _parent(model_dir)
         artefact = Artefact.build(
-            [source.ids[i] for i in rows], labels, ks, scores=scores,
+            source.ids_at(rows), labels, ks, scores=scores,
             data={**source.manifest(skips.as_list()).record(), "spec": data},
             method=method, parents=[parent] if parent else [],
             names=head_names).with_name_columns()
         if fitted is not None:
-            by_id = np.searchsorted(artefact.sample_ids, np.array([source.ids[i] for i in rows], dtype=object))
+            by_id = np.searchsorted(artefact.sample_ids, np.array(source.ids_at(rows).to_pylist(), dtype=object))
             scores_sorted = np.empty(len(rows), dtype=np.float32)
             scores_sorted[by_id] = novel
             artefact = artefact.with_novelty(scores_sorted, describe(fitted, novelty_fpr))

@@ -22,20 +22,22 @@ from ..artefact import Artefact, producer_versions
 from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
-from ._frozen import (FeatureTrunk, TableRows, ViewsOnDisk, Whiten, cached_views, head_batches, head_step, neighbours,
-                      whitened_views)
+from ._frozen import (TableRows, ViewsOnDisk, cached_views, head_batches, head_draws, head_step,
+                      neighbours, whitened_views)
+from ._sharded import Shard, gathered_inputs, row_share, sharded_batches
+from ._heads import frozen_heads, frozen_record, seed_prototypes
 from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins, started_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
-from ..quality import QUALITY_ROWS, head_quality, recommend_k, unit_centroids
+from ..quality import QUALITY_ROWS, head_quality, recommend_k
 from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
 from ._loop import Reporter, extract_features, make_optimizer, model_to, seed_everything
 
-__all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState", "FrozenBackbone", "frozen_model"]
+__all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState"]
 
 
 def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
@@ -262,9 +264,11 @@ def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, di
     """The fixed features to label: an embedding table's vectors, or the cached views of a frozen backbone.
     Returns (the backbone or None, (V, N, D) views -- for a table one lazy view read by chunks --, where they
     came from)."""
-    config, source = job.config, job.source
-    if not source.has_pixels:
-        job.skips.skipped.update(source.check_finite(config.skip_bad))
+    config, source, dist = job.config, job.source, job.dist
+    if not source.has_pixels:  # under torchrun each rank checks its share of the rows for NaN and inf
+        bad = dist.gather_dict(source.find_bad(row_share(len(source), dist)))
+        job.skips.skipped.update(source.check_finite(config.skip_bad, bad))
+        return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
         return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
     net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
                                init_partial=config.init_partial)
@@ -273,64 +277,26 @@ def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, di
     return net, views, record
 
 
-class FrozenBackbone(torch.nn.Module):
-    """What the heads of a frozen run read, as one module for ``predict``: the fixed backbone (none for an
-    embedding table), the PCA whitening and the trainable trunk."""
-
-    def __init__(self, net: torch.nn.Module | None, whiten: Whiten, trunk: FeatureTrunk):
-        super().__init__()
-        self.net, self.whiten, self.trunk = net, whiten, trunk
-        self.num_features = self.head_hidden_size = trunk.head_hidden_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(self.whiten(self.net(x) if self.net is not None else x))
-
-
-def frozen_model(record: dict, net: torch.nn.Module | None) -> SelaModel:
-    """The model of a frozen run from its ``config.json`` record (weights not loaded)."""
-    frozen = record["frozen"]
-    trunk = FeatureTrunk(frozen["width"], frozen.get("hidden"))
-    backbone = FrozenBackbone(net, Whiten(frozen["in_dim"], frozen["width"]), trunk)
-    return SelaModel(backbone, record["clusters"], record.get("head_temperature"))
-
-
-def _seed_prototypes(heads: SelaModel, features: torch.Tensor, keep: np.ndarray, seed: int) -> None:
-    """Start every head from k-means centroids of the (L2-normalised) features it reads, each head its own
-    seed, on a sample of max(20,000, 40 K) rows. Heads started at random fit whatever partition their random
-    hyperplanes make, and on fixed features SeLa settles near that start; centroids are a start that follows
-    the data, which SeLa then refines under the equal-size constraint."""
-    rng = np.random.default_rng([seed, 1])
-    kept = np.flatnonzero(keep)
-    with torch.no_grad():
-        for h, head in enumerate(heads.heads):
-            k = head.out_features
-            rows = np.sort(rng.choice(kept, min(len(kept), max(20_000, 40 * k)), replace=False))
-            x = torch.nn.functional.normalize(heads.features(features[torch.from_numpy(rows)].float()), dim=1)
-            centres = unit_centroids(x, k, seed * 1000 + h)
-            head.weight.copy_(centres * head.weight.norm(dim=1, keepdim=True))
-            if head.bias is not None:
-                head.bias.zero_()
-
-
 def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
-    """SeLa with the backbone fixed: step 1 trains the heads on cached views, step 2 solves on the plain view."""
-    config, source = job.config, job.source
-    if job.dist.world > 1:
-        raise ConfigError("--freeze and embedding tables train heads in one process; run without torchrun")
+    """SeLa with the backbone fixed: step 1 trains the heads on cached views, step 2 solves on the plain view.
+    Under torchrun each rank holds the views of its own rows (training/_sharded.py)."""
+    config, source, dist = job.config, job.source, job.dist
     net, views, origin = _frozen_features(job)
     keep = ~job.skips.mask()
     raw = views[0]
-    whiten, views, whitened = whitened_views(views, keep, config, scale=net is not None, reporter=job.reporter)
-    heads = SelaModel(FeatureTrunk(whiten.num_features, config.head_hidden), ks, config.head_temperature)
-    model = SelaModel(FrozenBackbone(net, whiten, heads.backbone), ks, config.head_temperature)
-    model.heads = heads.heads  # one set of heads: trained through ``heads``, saved and predicted through ``model``
-    heads.eval()
-    _seed_prototypes(heads, views[0], keep, config.seed)
+    shard = Shard.of(keep, dist)
+    if shard is not None and config.neighbours:
+        raise ConfigError(f"--neighbours {config.neighbours}: the neighbour search reads every vector, which a "
+                          "torchrun process does not hold; give --neighbours 0 under torchrun")
+    whiten, views, whitened = whitened_views(views, keep, config, scale=net is not None, reporter=job.reporter,
+                                             shard=shard)
+    heads, model = frozen_heads(net, whiten, ks, config)
+    seed_prototypes(heads, views[0] if shard is None else views.gathered(0), keep, config.seed)
+    if shard is not None:  # every rank starts from rank 0's heads, whatever its k-means threads did
+        heads.load_state_dict(dist.broadcast(heads.state_dict()))
     optimizer = make_optimizer(heads, config.lr, config.momentum, config.weight_decay)
     state = SelaState.initial(len(source), ks, config.seed)
-    record = _run_record(config, ks, whiten.num_features, job.plan)
-    record.update(frozen={"in_dim": int(whiten.mean.numel()), "width": whiten.num_features,
-                          "hidden": config.head_hidden, "pixels": net is not None})
+    record = {**_run_record(config, ks, whiten.num_features, job.plan), "frozen": frozen_record(whiten, config, net)}
     resumed = job.start(record, model=heads, optimizer=optimizer, sela=state)
     job.announce(heads, heads=ks, label_steps=len(label_schedule(config.epochs, config.label_steps, config.label_spacing)),
                  arch=f"{config.arch} (frozen)" if net is not None else "heads on vectors", views=int(views.shape[0]),
@@ -340,38 +306,56 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     if not resumed and net is not None and init_record(net):
         job.log(init_record(net))
     near = neighbours(views[0][:], config.neighbours) if config.neighbours else None
-    rows = torch.from_numpy(np.flatnonzero(keep))
     graph, job.label_schedule = _frozen_schedule(job, int(keep.sum()), resumed)
 
     def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
         heads.eval()
-        return _solve_on_features(job, heads, views[0], rows, keep, state, ks)
+        held = np.flatnonzero(keep) if shard is None else shard.rows[keep[shard.rows]]  # this rank's rows
+        return _solve_on_features(job, heads, views[0], torch.from_numpy(held), keep, state, ks)
 
     def train() -> dict:  # step 1, the heads only
         heads.train()
         steps = max(1, math.ceil(int(keep.sum()) / config.batch_size))
         smallest = 2 if any(isinstance(m, torch.nn.BatchNorm1d) for m in heads.modules()) else 1
-        return job.train_pass(lambda start: head_batches(views, keep, near, config, job.epoch, start, smallest),
-                              lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
+        if shard is None:
+            return job.train_pass(lambda start: head_batches(views, keep, near, config, job.epoch, start, smallest),
+                                  lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
+                                  optimizer, steps, min_batch=smallest)
+        draws = head_draws(views.shape[0], keep, None, config, job.epoch, smallest)
+        return job.train_pass(lambda start: sharded_batches(views, draws, start),
+                              lambda rows, inputs: head_step(heads, optimizer, rows,
+                                                             gathered_inputs(views, rows, inputs), state.labels),
                               optimizer, steps, min_batch=smallest)
 
-    if not resumed and config.start_from:  # the first labels come from an earlier artefact
-        job.log({"type": "start", "epoch": 0, **artefact_start(job, state, ks)})
-        job.checkpoint_or_stop()
-    elif not resumed and graph:  # the first labels come from the features' kNN graph
-        job.log({"type": "start", "epoch": 0, **vector_graph_start(job, raw, keep, state.labels, ks)})
-        job.checkpoint_or_stop()
-    elif not resumed and 0 in job.label_schedule:  # the first labels come from the untrained heads
-        job.label_step(0, label_step)
-        job.checkpoint_or_stop()
+    if not resumed:
+        _first_labels(job, raw, keep, state, ks, graph, label_step)
     keep = state.keep(keep)  # a reviewed start leaves samples out: the closures above read these
-    rows = torch.from_numpy(np.flatnonzero(keep))
     job.run_epochs(train, label_step)
     run = _finish(job, model, state, ks)
     job.finish()
-    if isinstance(views, ViewsOnDisk):  # a derived copy of the table: not worth its disk once the run is done
-        views.file.path.unlink(missing_ok=True)
+    local = views if shard is None else views.local
+    if isinstance(local, ViewsOnDisk):  # a derived copy of the table: not worth its disk once the run is done
+        local.file.path.unlink(missing_ok=True)
     return run
+
+
+def _first_labels(job: Job, raw, keep: np.ndarray, state: SelaState, ks: list[int], graph: bool, label_step) -> None:
+    """The labels a frozen run starts from: an earlier artefact's, the features' kNN graph's (computed by rank 0
+    under torchrun: it reads at most GRAPH_LIMIT rows), or a label step of the untrained heads."""
+    dist = job.dist
+    if job.config.start_from:
+        job.log({"type": "start", "epoch": 0, **artefact_start(job, state, ks)})
+    elif graph:
+        record = vector_graph_start(job, raw, keep, state.labels, ks) if dist.main else None
+        if dist.world > 1:
+            record = dist.broadcast(record)
+            state.labels.copy_(dist.broadcast(state.labels))
+        job.log({"type": "start", "epoch": 0, **record})
+    elif 0 in job.label_schedule:
+        job.label_step(0, label_step)
+    else:
+        return
+    job.checkpoint_or_stop()
 
 
 _BLOCK = 65536  # rows per block of a pass over the features
@@ -398,7 +382,7 @@ def _solve_on_features(job: Job, heads: SelaModel, view, rows: torch.Tensor, kee
         features = torch.cat(list(blocks()))
         job.reporter.end_phase()
         return _solve_heads(job, heads, features, rows, keep, state, ks)
-    path = Path(config.out) / "label_features.npy"
+    path = Path(config.out) / ("label_features.npy" if job.dist.world == 1 else f"label_features-rank{job.dist.rank}.npy")
     try:
         file = FeatureFile(write_features(path, blocks(), len(rows), dim))
         job.reporter.end_phase()
@@ -467,7 +451,7 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
         method["consensus"] = {"head": len(ks), **agreed.record()}
         job.log({"type": "consensus", **method["consensus"]})
     start = started_from(job.run_dir.history)  # labels that grew out of an earlier artefact's name it as parent
-    artefact = Artefact.build([source.ids[i] for i in rows], labels, heads_k, scores=scores, method=method,
+    artefact = Artefact.build(source.ids_at(rows), labels, heads_k, scores=scores, method=method,
                               data=job.provenance(), parents=[start] if start else [])
     path = job.run_dir.out / "labels.parquet"
     if job.run_dir.writer:

@@ -119,7 +119,7 @@ def _reviewed_start(job, old: Artefact, state: SelaState, heads: list, rows: np.
         raise ConfigError("a start from a reviewed version solves with pinned rows in one process; run it "
                           "without torchrun")
     n = len(job.source)
-    ids = np.array(job.source.ids, dtype=object)
+    ids = np.array(list(job.source.ids), dtype=object)
     labels = old.labels(reviewed).astype(np.int64)
     status = old.heads[reviewed].status or ["unreviewed"] * old.heads[reviewed].k
     accepted = np.array([s == "accepted" for s in status])

@@ -9,6 +9,7 @@ import math
 
 from ._budget import BUDGET_SHARE, BudgetError, _bytes, _clock, _plural, label_step_count
 from ._config import SelaConfig, memory_bytes
+from ..errors import ConfigError
 
 __all__ = []
 
@@ -29,8 +30,9 @@ def table_batch(n: int) -> int:
 NEIGHBOURS_LIMIT = 500_000
 
 
-def fit_table(plan, n: int, chosen: dict) -> None:
-    """The batch and the neighbour term of heads on a table of ``n`` vectors, with their reasons."""
+def fit_table(plan, n: int, chosen: dict, distributed: bool = False) -> None:
+    """The batch and the neighbour term of heads on a table of ``n`` vectors (off under torchrun: the search
+    reads every vector, and each process holds its share), with their reasons."""
     if "batch_size" not in chosen:
         plan.config = dataclasses.replace(plan.config, batch_size=table_batch(n))
         plan.reasons["batch_size"] = (f"{plan.config.batch_size}: at least 12 steps an epoch, so that the heads "
@@ -39,6 +41,13 @@ def fit_table(plan, n: int, chosen: dict) -> None:
         plan.config = dataclasses.replace(plan.config, neighbours=0)
         plan.reasons["neighbours"] = (f"0: {n:,} vectors are beyond the neighbour search's {NEIGHBOURS_LIMIT:,} "
                                       "(its time grows as N^1.5); the heads train on their own labels only")
+    elif distributed and plan.config.neighbours and "neighbours" in chosen:
+        raise ConfigError(f"--neighbours {plan.config.neighbours}: the neighbour search reads every vector, which "
+                          "a torchrun process does not hold; give --neighbours 0 under torchrun")
+    elif distributed and plan.config.neighbours:
+        plan.config = dataclasses.replace(plan.config, neighbours=0)
+        plan.reasons["neighbours"] = ("0: under torchrun each process holds its share of the vectors, and the "
+                                      "neighbour search reads them all; the heads train on their own labels only")
 
 
 def _table_ladder(config: SelaConfig, chosen: dict) -> list[tuple[SelaConfig, bool]]:

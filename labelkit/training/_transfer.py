@@ -167,7 +167,7 @@ def run_transfer(config: TransferConfig, *, resume: bool = False, reporter: Repo
             method["recipe"] = job.plan
         if job.stopped_early:
             method["stopped_early"] = job.stopped_early
-        artefact = Artefact.build([source.ids[i] for i in done], predicted[:, done], ks, scores=scores[:, done],
+        artefact = Artefact.build(source.ids_at(done), predicted[:, done], ks, scores=scores[:, done],
                                   method=method, parents=[parent.artefact_id], data=job.provenance(),
                                   names=record["class_names"])  # the model's classes are the source's clusters
         path = job.run_dir.out / "labels.parquet"
