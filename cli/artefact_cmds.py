@@ -63,13 +63,13 @@ def info(artefact: str, as_json: bool, full: bool | None) -> None:
 
     Example: labelkit info runs/sela/labels.parquet --json
     """
-    from labelkit.artefact import read_artefact, read_header
+    from labelkit.artefact import read_header, scan_artefact
     from labelkit._util.remote import is_url
     from labelkit.artefact import summarize
 
     if full is None:
         full = not is_url(artefact)
-    summary = summarize(read_artefact(artefact) if full else read_header(artefact))
+    summary = summarize(*scan_artefact(artefact)) if full else summarize(read_header(artefact))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -89,7 +89,7 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
 
     Example: labelkit validate labels.parquet --data /datasets/imagenet/train
     """
-    from labelkit.artefact import read_artefact, read_header
+    from labelkit.artefact import ArtefactHeader, read_artefact, read_header, scan_artefact
     from labelkit.errors import ArtefactError
     from labelkit._util.remote import is_url, redact
 
@@ -97,8 +97,11 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
         full = not is_url(artefact) or data_spec is not None
     shown = redact(artefact)
     try:  # one read serves the check and the summary (a URL is fetched once)
-        if full:
+        if full and data_spec is not None:  # the ids are compared with the data's: read whole
             art, problems = read_artefact(artefact), []
+            header = ArtefactHeader(shown, art.metadata, art.num_samples, 0, ())
+        elif full:  # streamed by row groups: the same memory at any size
+            header, problems = scan_artefact(artefact)[0], []
         else:
             header = read_header(artefact)
             problems = list(header.problems)
@@ -114,8 +117,8 @@ def validate(artefact: str, data_spec: str | None, full: bool | None) -> None:
                    f"{header.num_rows:,} rows, {len(header.heads)} head(s), id {header.metadata['artefact_id'][:16]}…); "
                    "values not read: --full checks every row against the artefact id")
         return
-    click.echo(f"{shown}: valid label artefact v{art.metadata['format_version']}, "
-               f"{art.num_samples:,} samples, {art.num_heads} head(s), id {art.artefact_id[:16]}…")
+    click.echo(f"{shown}: valid label artefact v{header.metadata['format_version']}, "
+               f"{header.num_rows:,} samples, {len(header.heads)} head(s), id {header.metadata['artefact_id'][:16]}…")
     if data_spec is None:
         return
     from labelkit.data import compare_to_data, describe_match

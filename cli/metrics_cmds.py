@@ -45,15 +45,16 @@ def metrics(artefact, truth, against, heads, average, min_coverage, as_json, per
     from labelkit.artefact import read_artefact
     from labelkit.quality import label_free, score_artefact
 
-    art = read_artefact(artefact)
     if truth is None and against is None:
-        _label_free(artefact, label_free(art, heads), as_json)
+        _label_free(artefact, label_free(read_artefact(artefact), heads), as_json)
         return
-    result = score_artefact(art, truth=truth, against=against, heads=heads, min_coverage=min_coverage, average=average,
-                            per_cluster=per_cluster)
+    # the library reads two artefact files side by side, a batch of rows at a time, where it can
+    result = score_artefact(artefact, truth=truth, against=against, heads=heads, min_coverage=min_coverage,
+                            average=average, per_cluster=per_cluster)
     if plot:
         from labelkit.report import metrics_figure
 
+        art = read_artefact(artefact)
         metrics_figure([art.cluster_sizes(h["head"]) for h in result["heads"]], result, plot)
     if as_json:
         out = {k: v for k, v in result.items() if k != "heads"}

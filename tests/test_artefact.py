@@ -209,3 +209,46 @@ def test_other_tools_read_the_file_as_it_is(tmp_path):
     assert str(frame.schema["head_1"]) == "Int32"
     pdf = pandas.read_parquet(path)
     assert pdf["sample_id"].tolist() == list(art.sample_ids)
+
+
+def test_full_checks_stream_the_rows_and_find_what_the_whole_table_check_finds(tmp_path, monkeypatch):
+    """validate --full and info --full read an artefact a batch at a time (here 8 rows; the file has row groups of
+    7): a valid one is never read whole and gives the cluster sizes of the whole table; a fault anywhere -- across a
+    batch boundary too -- gives exactly the whole-table check's messages."""
+    from labelkit.artefact import _reading, _scan, artefact_files, scan_artefact
+
+    monkeypatch.setattr(_scan, "_BATCH", 8)
+    _, _, art = _art()
+    path = tmp_path / "ok.parquet"
+    pq.write_table(art.table.replace_schema_metadata({"labelkit": json.dumps(art.metadata)}), path, row_group_size=7)
+    with monkeypatch.context() as never_whole:
+        never_whole.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read the whole table"))
+        header, sizes = scan_artefact(path)
+        assert check_artefact(path) == []
+    assert header.num_rows == 50 and header.metadata["artefact_id"] == art.artefact_id
+    assert [s.tolist() for s in sizes] == [art.cluster_sizes(h).tolist() for h in range(3)]
+
+    ids = art.table.column("sample_id").to_pylist()
+    swapped, repeated = list(ids), list(ids)
+    swapped[15], swapped[16] = ids[16], ids[15]  # the 2nd and 3rd batches meet between rows 15 and 16
+    repeated[16] = ids[15]
+    out_of_range = art.labels(2).copy()
+    out_of_range[41] = 7
+    changed = art.labels(1).copy()
+    changed[33] = (changed[33] + 1) % 7
+    id_field, int32 = art.table.schema.field("sample_id"), pa.int32()
+    cases = {"unsorted": art.table.set_column(0, id_field, pa.array(swapped)),
+             "duplicate": art.table.set_column(0, id_field, pa.array(repeated)),
+             "range": art.table.set_column(3, pa.field("head_2", int32, nullable=False), pa.array(out_of_range)),
+             "changed": art.table.set_column(2, pa.field("head_1", int32, nullable=False), pa.array(changed))}
+    for name, table in cases.items():
+        # the id of the tampered content, so that only the check under test can see the fault ("changed" keeps
+        # the old one: the hash is what finds it)
+        heads = [(f"head_{h}", 7, table.column(f"head_{h}").to_numpy()) for h in range(3)]
+        content = fmt.compute_artefact_id(table.column("sample_id").combine_chunks(), heads, art.metadata["heads"])
+        broken = _rewrite(art, tmp_path / f"{name}.parquet", table,
+                          artefact_id=art.artefact_id if name == "changed" else content)
+        whole = _reading._read_parts(artefact_files(broken))[2]
+        assert whole and check_artefact(broken) == whole, name
+        with pytest.raises(ArtefactError, match="invalid label artefact"):
+            scan_artefact(broken)

@@ -180,3 +180,37 @@ def test_truth_that_is_an_artefact_or_its_export_is_refused_not_scored_against_i
     (tmp_path / "truth.csv").write_text("sample_id,label\n" + "".join(f"{i},{n % 3}\n" for n, i in enumerate(ids)))
     result = CliRunner().invoke(main, ["metrics", str(two), "--truth", str(tmp_path / "truth.csv"), "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["heads"][0]["nmi"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_against_an_artefact_file_reads_batches_and_gives_the_whole_table_numbers(tmp_path, monkeypatch, dense):
+    """Two artefact files with the same ids are compared a batch of rows at a time (here 256 rows; counted densely or
+    sparsely): every number equals the whole-table join's, to the last bit, and the tables are never read whole.
+    Ids that differ fall back to the join."""
+    import pyarrow.parquet as pq
+
+    from labelkit.artefact import _scan, read_artefact
+    from labelkit.quality import _streamed
+
+    monkeypatch.setattr(_scan, "_BATCH", 256)
+    if not dense:
+        monkeypatch.setattr(_streamed, "_DENSE_CELLS", 10)
+    rng = np.random.default_rng(0)
+    n = 5000
+    ids = [f"s{i:05d}" for i in range(n)]
+    truth = rng.integers(0, 12, n)
+    mine = np.stack([np.where(rng.random(n) < 0.3, truth, rng.integers(0, 20, n)) for _ in range(3)])
+    path = Artefact.build(ids, mine, 20, method={"name": "test"}).write(tmp_path / "a.parquet")
+    other = Artefact.build(ids, np.stack([truth, truth, rng.integers(0, 12, n)]), 12,
+                           method={"name": "t"}).write(tmp_path / "b.parquet")
+    single = Artefact.build(ids, truth, 12, method={"name": "t"}).write(tmp_path / "c.parquet")
+    for reference, heads in ((other, None), (single, "0,2")):
+        whole = score_artefact(read_artefact(path), against=read_artefact(reference), heads=heads)
+        with monkeypatch.context() as never_whole:
+            never_whole.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read the whole table"))
+            streamed = score_artefact(path, against=reference, heads=heads)
+        assert streamed == whole
+    fewer = Artefact.build(ids[:4500], truth[:4500], 12, method={"name": "t"}).write(tmp_path / "d.parquet")
+    joined = score_artefact(path, against=fewer, min_coverage=0.5)
+    assert joined == score_artefact(read_artefact(path), against=read_artefact(fewer), min_coverage=0.5)
+    assert joined["matched"] == 4500

@@ -78,19 +78,20 @@ def cluster_names(artefact: Artefact, head: int):
     return lookup.take(pa.array(artefact.labels(head)))
 
 
-def summarize(artefact: Artefact | ArtefactHeader) -> dict:
+def summarize(artefact: Artefact | ArtefactHeader, sizes: list[np.ndarray] | None = None) -> dict:
     """What ``labelkit info`` shows: identity, provenance and, when the labels were read, cluster sizes per
-    head (an :class:`ArtefactHeader` -- footer only -- has no sizes: ``size_*`` are ``None``)."""
+    head (an :class:`ArtefactHeader` -- footer only -- has no sizes: ``size_*`` are ``None``, unless
+    ``sizes`` gives them, as :func:`~labelkit.artefact.scan_artefact` does)."""
     heads = []
     for i, head in enumerate(artefact.heads):
         entry = {"head": i, "name": head.name, "k": head.k,
                  "size_min": None, "size_max": None, "size_mean": None, "empty": None,
                  "names": list(head.names) if head.names is not None else None,
                  "status": list(head.status) if head.status is not None else None}
-        if isinstance(artefact, Artefact):
-            sizes = artefact.cluster_sizes(i)
-            entry.update(size_min=int(sizes.min()), size_max=int(sizes.max()), size_mean=float(sizes.mean()),
-                         empty=int((sizes == 0).sum()))
+        counts = artefact.cluster_sizes(i) if isinstance(artefact, Artefact) else None if sizes is None else sizes[i]
+        if counts is not None:
+            entry.update(size_min=int(counts.min()), size_max=int(counts.max()), size_mean=float(counts.mean()),
+                         empty=int((counts == 0).sum()))
         heads.append(entry)
     meta = artefact.metadata
     summary = {
@@ -105,6 +106,6 @@ def summarize(artefact: Artefact | ArtefactHeader) -> dict:
         "created_at": meta["created_at"],
         "heads": heads,
     }
-    if isinstance(artefact, ArtefactHeader):
+    if isinstance(artefact, ArtefactHeader) and sizes is None:
         summary["read"] = {"footer_only": True, "file_bytes": artefact.file_bytes}
     return summary

@@ -22,7 +22,7 @@ from .._util import remote
 from ..errors import ArtefactError
 from ._artefact import Artefact, Head, _id_problems, _range_problem, _schema_message
 
-__all__ = ["ArtefactHeader", "read_artefact", "read_header", "check_artefact", "artefact_path", "artefact_files",
+__all__ = ["ArtefactHeader", "read_artefact", "read_header", "artefact_path", "artefact_files",
            "output_beside"]
 
 
@@ -309,19 +309,6 @@ def _read_parts(parts: list) -> tuple[dict | None, pa.Table | None, list[str]]:
             return meta, None, [f"{where}could not be read to the end (truncated or corrupt): {exc}"]
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     return meta, table, _column_problems(table, meta)
-
-
-def check_artefact(path: str | os.PathLike, full: bool = True) -> list[str]:
-    """Every problem found in the artefact at ``path`` (a file, run directory, Hub export or URL); empty means
-    valid. With ``full=False`` only the footer is read: metadata, columns, types and row count, not the values."""
-    try:
-        if not full:
-            return list(read_header(path).problems)
-        return _read_parts(artefact_files(path))[2]
-    except ArtefactError as exc:
-        return exc.problems or [str(exc)]
-    except (pa.ArrowException, OSError) as exc:
-        return [f"the file could not be read to the end (truncated or corrupt): {exc}"]
 
 
 def read_artefact(path: str | os.PathLike) -> Artefact:

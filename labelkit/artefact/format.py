@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = [
+    "ArtefactDigest",
     "FORMAT_VERSION",
     "READABLE_MAJOR",
     "METADATA_KEY",
@@ -243,20 +244,45 @@ def fingerprint_ids(sorted_ids: pa.Array) -> str:
     return hashlib.sha256(_id_stream(sorted_ids)).hexdigest()
 
 
+class ArtefactDigest:
+    """:func:`compute_artefact_id` fed in parts, in this order: every id (:meth:`ids`, chunk by chunk), then for
+    each head :meth:`head`, its labels (:meth:`labels`, chunk by chunk) and :meth:`curation`. What a reader that
+    streams a file's row groups hashes, so that it never holds a whole column."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256(b"labelkit-artefact-v1\n")
+
+    def ids(self, sorted_ids: pa.Array) -> None:
+        self._digest.update(_id_stream(sorted_ids))
+
+    def head(self, name: str, k: int) -> None:
+        self._digest.update(f"{name}:{k}\n".encode())
+
+    def labels(self, labels: np.ndarray) -> None:
+        self._digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+
+    def curation(self, entry: dict | None) -> None:
+        """The ``names`` and ``status`` of the head's metadata entry, where given."""
+        for key in ("names", "status"):
+            value = (entry or {}).get(key)
+            if value is not None:
+                self._digest.update(f"{key}\n".encode() + json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+                                    .encode() + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def compute_artefact_id(sorted_ids: pa.Array, heads: list[tuple[str, int, np.ndarray]],
                         curation: list[dict] | None = None) -> str:
     """Content id of an artefact from its sorted ids, ``(name, k, labels)`` of each head and, per head, the
     ``names`` and ``status`` its metadata holds (``curation``: the metadata's head entries)."""
-    digest = hashlib.sha256(b"labelkit-artefact-v1\n")
-    digest.update(_id_stream(sorted_ids))
+    digest = ArtefactDigest()
+    digest.ids(sorted_ids)
     for h, (name, k, labels) in enumerate(heads):
-        digest.update(f"{name}:{k}\n".encode())
-        digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
-        for key in ("names", "status"):
-            value = (curation[h] if curation else {}).get(key)
-            if value is not None:
-                digest.update(f"{key}\n".encode() + json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-                              .encode() + b"\n")
+        digest.head(name, k)
+        digest.labels(labels)
+        digest.curation(curation[h] if curation else None)
     return digest.hexdigest()
 
 

@@ -39,6 +39,8 @@ __all__ = [
     "compare",
     "agreement",
     "size_stats",
+    "compare_table",
+    "contingency_from_counts",
     "AVERAGES",
 ]
 
@@ -104,6 +106,27 @@ def contingency(first: np.ndarray, second: np.ndarray) -> Contingency:
     return Contingency(table, rows, cols, int(first.size), row_values, col_values)
 
 
+def contingency_from_counts(counts: np.ndarray | sparse.spmatrix) -> Contingency:
+    """The contingency table of ``counts[i, j]`` (label value i of the first labelling, j of the second; dense or
+    sparse), as :func:`contingency` makes it from the labels themselves: what a pass that counts batch by batch
+    ends with."""
+    counts = sparse.csr_matrix(counts) if sparse.issparse(counts) else np.asarray(counts, dtype=np.int64)
+    all_rows = np.asarray(counts.sum(1)).ravel().astype(np.int64)
+    all_cols = np.asarray(counts.sum(0)).ravel().astype(np.int64)
+    row_values, col_values = np.flatnonzero(all_rows), np.flatnonzero(all_cols)
+    if not len(row_values):
+        raise ConfigError("no samples to compare")
+    kept = counts[row_values][:, col_values]
+    r, c = len(row_values), len(col_values)
+    if r * c <= _DENSE_LIMIT:
+        # C order, as contingency() makes it: the row sums below then add in the same order
+        table = np.ascontiguousarray(kept.toarray() if sparse.issparse(kept) else kept, dtype=np.int64)
+    else:
+        table = sparse.csr_matrix(kept, dtype=np.int64)
+    return Contingency(table, all_rows[row_values], all_cols[col_values], int(all_rows.sum()), row_values,
+                       col_values)
+
+
 def entropy(counts: np.ndarray) -> float:
     counts = np.asarray(counts, dtype=np.float64)
     counts = counts[counts > 0]
@@ -147,8 +170,10 @@ def nmi(table: Contingency, average: str = "arithmetic") -> float:
     return mi / _average(entropy(table.rows), entropy(table.cols), average)
 
 
-def expected_mutual_info(rows: np.ndarray, cols: np.ndarray, n: int, block: int = 1 << 22) -> float:
-    """E[MI] under the hypergeometric model, summed once per distinct (a_i, b_j) pair."""
+def expected_mutual_info(rows: np.ndarray, cols: np.ndarray, n: int, block: int = 1 << 20) -> float:
+    """E[MI] under the hypergeometric model, summed once per distinct (a_i, b_j) pair. Memory is bounded by the
+    block of terms and the largest cluster, not by ``n``: log k! is tabulated only where it is read, near 0 (up
+    to the largest a_i or b_j) and near n."""
     a_values, a_mult = np.unique(rows, return_counts=True)
     b_values, b_mult = np.unique(cols, return_counts=True)
     a = np.repeat(a_values, len(b_values)).astype(np.int64)
@@ -157,9 +182,15 @@ def expected_mutual_info(rows: np.ndarray, cols: np.ndarray, n: int, block: int 
     start = np.maximum(1, a + b - n)
     stop = np.minimum(a, b) + 1  # exclusive
     length = np.maximum(stop - start, 0)
-    gln = gammaln(np.arange(n + 2, dtype=np.float64))  # gln[k] = log((k-1)!)... shifted below
-    lfact = gln[1:]  # lfact[k] = log(k!)
-    const = lfact[a] + lfact[b] + lfact[n - a] + lfact[n - b] - lfact[n]
+    largest = int(max(a_values.max(), b_values.max()))
+    small = gammaln(np.arange(largest + 1, dtype=np.float64) + 1)  # log(k!) for k <= the largest cluster
+    near_n = max(0, n - 2 * largest)  # every k read above ``largest`` lies in [n - a - b, n]
+    large = gammaln(np.arange(near_n, n + 1, dtype=np.float64) + 1)
+
+    def lfact(k: np.ndarray, top: bool = False) -> np.ndarray:  # log(k!), from the table that holds k
+        return large[k - near_n] if top else small[k]
+
+    const = lfact(a) + lfact(b) + lfact(n - a, True) + lfact(n - b, True) - lfact(np.array(n), True)
     log_ab = np.log(a.astype(np.float64)) + np.log(b.astype(np.float64))
     total = 0.0
     ends = np.cumsum(length)
@@ -174,7 +205,7 @@ def expected_mutual_info(rows: np.ndarray, cols: np.ndarray, n: int, block: int 
         offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         nij = start[sel][pair] + offset
         ap, bp = a[sel][pair], b[sel][pair]
-        log_p = const[sel][pair] - lfact[nij] - lfact[ap - nij] - lfact[bp - nij] - lfact[n - ap - bp + nij]
+        log_p = const[sel][pair] - lfact(nij) - lfact(ap - nij) - lfact(bp - nij) - lfact(n - ap - bp + nij, True)
         term = nij / n * (np.log(n * nij.astype(np.float64)) - log_ab[sel][pair]) * np.exp(log_p)
         total += float(np.bincount(pair, weights=term, minlength=end - begin) @ weight[sel])
         begin = end
@@ -220,9 +251,10 @@ def ari(table: Contingency) -> float:
     return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
 
 
-def size_stats(labels: np.ndarray, k: int) -> dict:
-    """Cluster sizes of one head with K clusters: min, max, empty clusters, entropy of sizes vs log K."""
-    sizes = np.bincount(np.asarray(labels), minlength=k)
+def size_stats(labels: np.ndarray, k: int, sizes: np.ndarray | None = None) -> dict:
+    """Cluster sizes of one head with K clusters (``sizes``, or counted from ``labels``): min, max, empty
+    clusters, entropy of sizes vs log K."""
+    sizes = np.bincount(np.asarray(labels), minlength=k) if sizes is None else sizes
     return {
         "size_min": int(sizes.min()),
         "size_max": int(sizes.max()),
@@ -269,7 +301,15 @@ def agreement(clusters: np.ndarray, reference: np.ndarray, *, accuracy: bool = F
 def compare(clusters: np.ndarray, truth: np.ndarray, *, k: int | None = None, average: str = "arithmetic",
             entropy_bins: int = 20) -> dict:
     """All metrics of one head's ``clusters`` against ``truth`` (ground truth or another labelling)."""
-    table = contingency(clusters, truth)
+    result = compare_table(contingency(clusters, truth), k=k, average=average, entropy_bins=entropy_bins)
+    if k is not None:
+        result.update(size_stats(clusters, k))
+    return result
+
+
+def compare_table(table: Contingency, *, k: int | None = None, average: str = "arithmetic",
+                  entropy_bins: int = 20) -> dict:
+    """:func:`compare` from the contingency table (no size statistics: they need every label of the head)."""
     h_truth, h_clusters = entropy(table.cols), entropy(table.rows)
     mi = mutual_info(table)
     counts = table.dense() if len(table.rows) * len(table.cols) <= _DENSE_LIMIT else None
@@ -298,6 +338,4 @@ def compare(clusters: np.ndarray, truth: np.ndarray, *, k: int | None = None, av
         )
     else:
         result.update(entropy_mean=None, entropy_median=None, entropy_hist=None)
-    if k is not None:
-        result.update(size_stats(clusters, k))
     return result

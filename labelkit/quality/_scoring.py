@@ -93,21 +93,17 @@ def score_artefact(
         raise ConfigError("give one of --truth SPEC or --against ARTEFACT, not both (neither: label_free)")
     if not 0.0 <= min_coverage <= 1.0:
         raise ConfigError(f"--min-coverage must lie in [0, 1], got {min_coverage}")
+    if against is not None and not per_cluster and _local_file(artefact) and _local_file(against):
+        # two local files: read side by side where their ids are the same (a URL is fetched once, whole)
+        from ._streamed import streamed_scores
+
+        found = streamed_scores(artefact, against, lambda count: parse_heads(heads, count), average)
+        if found is not None:
+            return found
     art = artefact if isinstance(artefact, Artefact) else read_artefact(artefact)
     ids = art.table.column(fmt.ID_COLUMN).combine_chunks()
     chosen = parse_heads(heads, art.num_heads)
-    if truth is not None:
-        truth_ids, truth_labels = load_truth(truth)
-        other_columns = None
-        reference = {"truth": truth}
-    else:
-        other = against if isinstance(against, Artefact) else read_artefact(against)
-        truth_ids = other.table.column(fmt.ID_COLUMN).combine_chunks()
-        if other.num_heads not in (1, art.num_heads):
-            raise ConfigError(f"--against artefact has {other.num_heads} heads; need 1 or {art.num_heads}")
-        other_columns = [other.labels(h if other.num_heads > 1 else 0) for h in range(art.num_heads)]
-        truth_labels = None
-        reference = {"against": other.artefact_id}
+    truth_ids, truth_labels, other_columns, reference = _reference(art, truth, against)
     position = pc.index_in(ids, value_set=truth_ids)
     matched_mask = position.is_valid().to_numpy(zero_copy_only=False)
     matched = int(matched_mask.sum())
@@ -134,6 +130,25 @@ def score_artefact(
         results.append(row)
     return {"artefact_id": art.artefact_id, "n": art.num_samples, "matched": matched, "coverage": coverage,
             **reference, "average": average, "heads": results}
+
+
+def _local_file(artefact) -> bool:
+    from .._util.remote import is_url
+
+    return not isinstance(artefact, Artefact) and not is_url(artefact)
+
+
+def _reference(art: Artefact, truth: str | None, against) -> tuple:
+    """(ids, class labels or None, per-head labels of the other artefact or None, the result's reference entry)
+    of ``--truth`` or ``--against``."""
+    if truth is not None:
+        truth_ids, truth_labels = load_truth(truth)
+        return truth_ids, truth_labels, None, {"truth": truth}
+    other = against if isinstance(against, Artefact) else read_artefact(against)
+    if other.num_heads not in (1, art.num_heads):
+        raise ConfigError(f"--against artefact has {other.num_heads} heads; need 1 or {art.num_heads}")
+    columns = [other.labels(h if other.num_heads > 1 else 0) for h in range(art.num_heads)]
+    return other.table.column(fmt.ID_COLUMN).combine_chunks(), None, columns, {"against": other.artefact_id}
 
 
 def cluster_rows(labels: np.ndarray, reference: np.ndarray, head) -> list[dict]:
