@@ -176,10 +176,12 @@ def export(artefact: str, fmt: str, out: str, repo, license_, pretty_name, sourc
     """
     from labelkit.artefact import read_artefact
     from labelkit.artefact import HUB_ROWS_PER_FILE, export_artefact, export_hub, output_beside
+    from labelkit._util.remote import is_url
 
-    art = read_artefact(artefact)
     tools = ("label-studio", "fiftyone", "folders")
     out = out or output_beside(artefact, f"-{fmt}" if fmt in ("hub", *tools) else f".{fmt}")
+    # a local file goes to the Hub layout a batch of rows at a time; everything else reads it whole
+    art = artefact if fmt == "hub" and min_confidence is None and not is_url(artefact) else read_artefact(artefact)
     if min_confidence is not None:
         whole = art.num_samples
         art = art.subset(art.confidence() >= min_confidence, {"min_confidence": min_confidence})

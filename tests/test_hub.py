@@ -131,3 +131,33 @@ def test_hub_folder_follows_the_umask_and_a_failed_export_leaves_the_old_one(tmp
         export_hub(_artefact(), out, rows_per_file=1000)
     assert sorted(p.name for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["hub"]  # no staging folder left beside it
+
+
+def test_a_file_is_exported_a_batch_at_a_time_to_the_same_rows_and_card(tmp_path, monkeypatch):
+    """From a file, the rows are checked and copied a batch at a time (here 64 rows a batch, 500 a data file, so
+    files begin inside batches), never read whole: the data files hold the rows and metadata that an export of the
+    artefact in memory writes, and the card says the same (its byte counts aside: Arrow counts a column's offsets
+    once per batch)."""
+    from labelkit.artefact import _scan
+
+    monkeypatch.setattr(_scan, "_BATCH", 64)
+    art = _artefact()
+    path = art.write(tmp_path / "labels.parquet")
+    export_hub(art, tmp_path / "memory", rows_per_file=500, repo="me/labels")
+    with monkeypatch.context() as never_whole:
+        never_whole.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read the whole table"))
+        export_hub(path, tmp_path / "streamed", rows_per_file=500, repo="me/labels")
+    names = sorted(p.name for p in (tmp_path / "memory" / "data").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "streamed" / "data").iterdir()) and len(names) == 4
+    for name in names:
+        a, b = (pq.read_table(tmp_path / run / "data" / name) for run in ("memory", "streamed"))
+        assert a.equals(b) and a.schema.metadata == b.schema.metadata
+    assert read_artefact(tmp_path / "streamed").artefact_id == art.artefact_id
+
+    def card(run):
+        text = (tmp_path / run / "README.md").read_text()
+        return re.sub(r"(num_bytes|dataset_size|download_size): \d+", r"\1: N", text)
+
+    assert card("streamed") == card("memory")
+    sizes = yaml.safe_load(card("streamed").split("---")[1])["dataset_info"]
+    assert sizes["splits"][0]["num_examples"] == 1797

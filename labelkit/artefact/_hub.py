@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -36,13 +37,31 @@ def _hub_files(n: int, rows_per_file: int) -> list[tuple[int, int, str]]:
             for i in range(count)]
 
 
-def _card_yaml(artefact: Artefact, files: list[tuple[str, int]], license: str, pretty_name: str,
+@dataclass
+class _Rows:
+    """What the card says of an artefact's rows, from an :class:`Artefact` in memory or from the pass that
+    streamed a file's rows into the export."""
+
+    metadata: dict
+    heads: list
+    num_samples: int
+    schema: object  # the rows' pyarrow schema, and their size in memory as Arrow holds them: both filled in
+    nbytes: int  # by the pass that writes the files
+    sizes: list[np.ndarray]  # cluster sizes of every head
+
+    @classmethod
+    def of(cls, artefact: Artefact) -> "_Rows":
+        return cls(artefact.metadata, artefact.heads, artefact.num_samples, None, 0,
+                   [artefact.cluster_sizes(h) for h in range(artefact.num_heads)])
+
+
+def _card_yaml(artefact: _Rows, files: list[tuple[str, int]], license: str, pretty_name: str,
                source_datasets: list[str]) -> str:
     import pyarrow as pa
     import yaml
 
     dtypes = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32"}
-    features = [{"name": field.name, "dtype": dtypes[field.type]} for field in artefact.table.schema]
+    features = [{"name": field.name, "dtype": dtypes[field.type]} for field in artefact.schema]
     for h, head in enumerate(artefact.heads):
         if head.names is not None:  # 🤗 datasets then shows the names (ClassLabel.int2str)
             features[1 + h] = {"name": head.name, "dtype": {"class_label": {"names": _class_names(head)}}}
@@ -57,10 +76,10 @@ def _card_yaml(artefact: Artefact, files: list[tuple[str, int]], license: str, p
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
         "dataset_info": {
             "features": features,
-            "splits": [{"name": "train", "num_bytes": int(artefact.table.nbytes),
+            "splits": [{"name": "train", "num_bytes": artefact.nbytes,
                         "num_examples": artefact.num_samples}],
             "download_size": int(sum(size for _, size in files)),
-            "dataset_size": int(artefact.table.nbytes),
+            "dataset_size": artefact.nbytes,
         },
     }
     return yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
@@ -129,7 +148,7 @@ def _quality_section(meta: dict, truth: dict | None) -> list[str]:
                      "(`labelkit metrics ARTEFACT --truth SPEC` measures them where ground truth exists).", ""]
 
 
-def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tuple[str, int]],
+def _card_body(artefact: _Rows, repo: str, pretty_name: str, files: list[tuple[str, int]],
                truth: dict | None) -> str:
     meta = artefact.metadata
     heads = artefact.heads
@@ -147,7 +166,7 @@ def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tupl
         lines.append(f"| `{head.name}` | int32 | cluster of head {i}, 0 … {head.k - 1}"
                      + (f"; {named} of them named (the ClassLabel names in the front matter)" if named else "") + " |")
     for i in range(len(heads)):
-        if fmt.score_column(i) in artefact.table.column_names:
+        if fmt.score_column(i) in artefact.schema.names:
             lines.append(f"| `{fmt.score_column(i)}` | float32 | confidence of head {i}'s label |")
     subset = meta["method"].get("subset")
     if subset:
@@ -163,7 +182,7 @@ def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tupl
     lines += ["## Cluster sizes", "", "![cluster sizes of every head, largest first](images/cluster_sizes.png)", "",
               "| head | K | smallest | median | largest | empty |", "|---|---|---|---|---|---|"]
     for i, head in enumerate(heads):
-        sizes = artefact.cluster_sizes(i)
+        sizes = artefact.sizes[i]
         lines.append(f"| {i} | {head.k} | {int(sizes.min()):,} | {int(np.median(sizes)):,} | {int(sizes.max()):,} | "
                      f"{int((sizes == 0).sum()):,} |")
     hf = f"hf://datasets/{repo}"
@@ -186,18 +205,20 @@ def _card_body(artefact: Artefact, repo: str, pretty_name: str, files: list[tupl
     return "\n".join(lines)
 
 
-def export_hub(artefact: Artefact, out: str | os.PathLike, *, repo: str | None = None, license: str = "unknown",
-               pretty_name: str | None = None, source_datasets: Sequence[str] | None = None,
+def export_hub(artefact: Artefact | str | os.PathLike, out: str | os.PathLike, *, repo: str | None = None,
+               license: str = "unknown", pretty_name: str | None = None, source_datasets: Sequence[str] | None = None,
                truth: dict | None = None, rows_per_file: int = HUB_ROWS_PER_FILE) -> Path:
     """Write ``out`` as a Hugging Face Hub dataset repository: ``data/train-0000i-of-0000N.parquet`` (the
     artefact's rows, each file carrying the full metadata) and a ``README.md`` dataset card whose YAML
     front matter the Hub reads and whose body is generated from the artefact.
 
-    ``repo`` (``user/name``) fills in the loading snippets; ``truth`` is a :func:`labelkit.quality.score_artefact`
-    result to show beside the recorded quality. The folder is built beside ``out`` and renamed into place,
-    so an existing export is replaced whole or not at all.
+    ``artefact`` is an :class:`Artefact`, or the path of a local artefact file, whose rows are then checked and
+    copied a batch at a time (memory does not grow with its size). ``repo`` (``user/name``) fills in the loading
+    snippets; ``truth`` is a :func:`labelkit.quality.score_artefact` result to show beside the recorded quality.
+    The folder is built beside ``out`` and renamed into place, so an existing export is replaced whole or not
+    at all.
     """
-    import pyarrow.parquet as pq
+    from ._scan import scan_artefact
 
     remote.refuse_url(out, "--out", "--format hub writes a local folder; upload it with "
                       "`huggingface-cli upload USER/NAME FOLDER --repo-type dataset`")
@@ -206,22 +227,49 @@ def export_hub(artefact: Artefact, out: str | os.PathLike, *, repo: str | None =
         raise ImportSourceError(f"--out {out}: a file; --format hub writes a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "README.md").is_file():
         raise ImportSourceError(f"--out {out}: a non-empty folder that is not a hub export; give a new folder")
+    if isinstance(artefact, Artefact):
+        rows, pieces = _Rows.of(artefact), iter([artefact.table])
+    else:
+        from ._scan import iter_rows
+
+        header, sizes = scan_artefact(artefact)
+        rows, pieces = _Rows(header.metadata, header.heads, header.num_rows, None, 0, sizes), iter_rows(artefact, None)
+    meta = rows.metadata
     repo = repo or "USER/" + re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name).strip("-")
-    pretty_name = pretty_name or f"Self-labels {artefact.artefact_id[:12]}"
-    spec = artefact.metadata["data"].get("spec") or ""
+    pretty_name = pretty_name or f"Self-labels {meta['artefact_id'][:12]}"
+    spec = meta["data"].get("spec") or ""
     if source_datasets is None:
         source_datasets = [f"extended|{spec.split(':', 1)[1]}"] if spec.startswith("builtin:") else ["original"]
     with atomic_folder(out) as staging:
         (staging / "data").mkdir()
-        table = artefact.table.replace_schema_metadata({fmt.METADATA_KEY: json.dumps(artefact.metadata)})
-        files = []
-        for start, stop, name in _hub_files(artefact.num_samples, rows_per_file):
-            pq.write_table(table.slice(start, stop - start), staging / name, compression="zstd",
-                           use_dictionary=[c for c in table.column_names if c != fmt.ID_COLUMN])
-            files.append((name, (staging / name).stat().st_size))
-        sizes_figure([artefact.cluster_sizes(h) for h in range(artefact.num_heads)],
-                     staging / "images" / "cluster_sizes.png")
-        card = ("---\n" + _card_yaml(artefact, files, license, pretty_name, list(source_datasets)) + "---\n\n"
-                + _card_body(artefact, repo, pretty_name, files, truth))
+        files = _write_files(rows, pieces, staging, rows_per_file)
+        sizes_figure(rows.sizes, staging / "images" / "cluster_sizes.png")
+        card = ("---\n" + _card_yaml(rows, files, license, pretty_name, list(source_datasets)) + "---\n\n"
+                + _card_body(rows, repo, pretty_name, files, truth))
         (staging / "README.md").write_text(card)
     return out
+
+
+def _write_files(rows: _Rows, pieces: Iterator, staging: Path, rows_per_file: int) -> list[tuple[str, int]]:
+    """The data files, from ``pieces`` (tables of consecutive rows), each with the full metadata; fills in the
+    rows' schema and size in memory. Returns (name, bytes) of each file."""
+    import pyarrow.parquet as pq
+
+    metadata = {fmt.METADATA_KEY: json.dumps(rows.metadata)}
+    files, held = [], None
+    for start, stop, name in _hub_files(rows.num_samples, rows_per_file):
+        writer = None
+        while start < stop:
+            if held is None or not held.num_rows:
+                held = next(pieces).replace_schema_metadata(metadata)
+                rows.schema = held.replace_schema_metadata(None).schema
+                rows.nbytes += int(held.nbytes)
+            part, held = held.slice(0, stop - start), held.slice(stop - start)
+            if writer is None:
+                writer = pq.ParquetWriter(staging / name, part.schema, compression="zstd",
+                                          use_dictionary=[c for c in part.column_names if c != fmt.ID_COLUMN])
+            writer.write_table(part)
+            start += part.num_rows
+        writer.close()
+        files.append((name, (staging / name).stat().st_size))
+    return files
