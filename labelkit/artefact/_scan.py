@@ -84,7 +84,7 @@ def _scan(parts: list, shown: str) -> _Scan:
     try:
         digest = fmt.ArtefactDigest()
         _scan_ids(parts, digest)
-        sizes = [_scan_head(parts, h, head, digest) for h, head in enumerate(meta["heads"])]
+        sizes = [_scan_head(parts, h, head, digest, schema.names) for h, head in enumerate(meta["heads"])]
         _scan_novelty(parts, meta, schema)
     except (_Problem, pa.ArrowException, OSError):
         return _whole(parts)
@@ -147,11 +147,12 @@ def _scan_ids(parts: list, digest: fmt.ArtefactDigest) -> None:
         digest.ids(ids)
 
 
-def _scan_head(parts: list, h: int, head: dict, digest: fmt.ArtefactDigest) -> np.ndarray:
-    """One head's labels checked and hashed batch by batch; returns its cluster sizes."""
+def _scan_head(parts: list, h: int, head: dict, digest: fmt.ArtefactDigest, names: list[str]) -> np.ndarray:
+    """One head's labels checked and hashed batch by batch (``names``: the file's columns); returns its cluster
+    sizes."""
     name, k = head["name"], int(head["k"])
     named = fmt.name_column(h)
-    columns = [name] + ([named] if named in _columns(parts) and head.get("names") is not None else [])
+    columns = [name] + ([named] if named in names and head.get("names") is not None else [])
     sizes = np.zeros(k, dtype=np.int64)
     digest.head(name, k)
     for batch in _batches(parts, columns):
@@ -176,9 +177,3 @@ def _scan_novelty(parts: list, meta: dict, schema: pa.Schema) -> None:
     for batch in _batches(parts, columns):
         if _novel_problems(pa.Table.from_batches([batch]), meta):
             raise _Problem
-
-
-def _columns(parts: list) -> list[str]:
-    with _open(parts[0], remote.METADATA_BLOCK) as (pfile, _):
-        return pfile.schema_arrow.names
-
