@@ -24,7 +24,7 @@ from ..quality import consensus_labels
 from ..errors import ConfigError
 from ._frozen import (TableRows, ViewsOnDisk, cached_views, head_batches, head_draws, head_step,
                       neighbours, whitened_views)
-from ._sharded import Shard, gathered_inputs, row_share, sharded_batches
+from ._sharded import Shard, gathered_inputs, refuse_neighbours, row_share, sharded_batches
 from ._heads import frozen_heads, frozen_record, seed_prototypes
 from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins, started_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
@@ -285,9 +285,8 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     keep = ~job.skips.mask()
     raw = views[0]
     shard = Shard.of(keep, dist)
-    if shard is not None and config.neighbours:
-        raise ConfigError(f"--neighbours {config.neighbours}: the neighbour search reads every vector, which a "
-                          "torchrun process does not hold; give --neighbours 0 under torchrun")
+    if shard is not None:
+        refuse_neighbours(config.neighbours)
     whiten, views, whitened = whitened_views(views, keep, config, scale=net is not None, reporter=job.reporter,
                                              shard=shard)
     heads, model = frozen_heads(net, whiten, ks, config)

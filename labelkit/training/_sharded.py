@@ -20,7 +20,7 @@ import torch
 from .._util import collectives
 from ._distributed import Distributed
 
-__all__ = ["Shard", "ShardedViews", "sharded_batches", "gathered_inputs", "row_share"]
+__all__ = ["Shard", "ShardedViews", "sharded_batches", "gathered_inputs", "row_share", "refuse_neighbours"]
 
 
 @dataclass
@@ -71,6 +71,15 @@ class Shard:
         return out
 
 
+def refuse_neighbours(neighbours: int) -> None:
+    """The neighbour term under torchrun: its search reads every vector, which no rank holds."""
+    if neighbours:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--neighbours {neighbours}: the neighbour search reads every vector, which a torchrun "
+                          "process does not hold; give --neighbours 0 under torchrun")
+
+
 def row_share(n: int, dist: Distributed) -> slice:
     """This rank's contiguous share of ``n`` rows, for a pass that each rank makes over its part alone."""
     bounds = np.linspace(0, n, dist.world + 1).round().astype(np.int64)
@@ -89,8 +98,8 @@ class ShardedViews:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, view: int) -> "_HeldRows":
-        return _HeldRows(self, int(view))
+    def __getitem__(self, view: int) -> "_ViewRows":
+        return _ViewRows(self, int(view), gather=False)
 
     def held(self, view: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """This rank's ``rows``, each in its own view (one per row)."""
@@ -99,29 +108,24 @@ class ShardedViews:
             return self.local[torch.from_numpy(np.asarray(view, dtype=np.int64)), torch.from_numpy(at)]
         return self.local[np.asarray(view, dtype=np.int64), at]
 
-    def gathered(self, view: int) -> "_GatheredRows":
-        return _GatheredRows(self, view)
+    def gathered(self, view: int) -> "_ViewRows":
+        return _ViewRows(self, int(view), gather=True)
 
 
-class _HeldRows:
-    def __init__(self, views: ShardedViews, view: int):
-        self.views, self.view = views, view
+class _ViewRows:
+    """One view's rows: this rank's own, or (``gather``) any rows, assembled from the ranks that hold them."""
+
+    def __init__(self, views: ShardedViews, view: int, gather: bool):
+        self.views, self.view, self.gather = views, view, gather
         self.shape = views.shape[1:]
 
     def __getitem__(self, rows) -> torch.Tensor:
         rows = np.asarray(rows, dtype=np.int64)
-        return self.views.held(np.full(len(rows), self.view), rows)
-
-
-class _GatheredRows:
-    def __init__(self, views: ShardedViews, view: int):
-        self.views, self.view = views, view
-        self.shape = views.shape[1:]
-
-    def __getitem__(self, rows) -> torch.Tensor:
-        rows = np.asarray(rows, dtype=np.int64)
-        mine = rows[self.views.shard.owner(rows) == self.views.shard.dist.rank]
-        return self.views.shard.assemble(rows, self.views[self.view][mine].float())
+        if not self.gather:
+            return self.views.held(np.full(len(rows), self.view), rows)
+        shard = self.views.shard
+        mine = rows[shard.owner(rows) == shard.dist.rank]
+        return shard.assemble(rows, self.views.held(np.full(len(mine), self.view), mine).float())
 
 
 def sharded_batches(views: ShardedViews, draws, start: int = 0):

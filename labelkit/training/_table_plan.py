@@ -9,7 +9,7 @@ import math
 
 from ._budget import BUDGET_SHARE, BudgetError, _bytes, _clock, _plural, label_step_count
 from ._config import SelaConfig, memory_bytes
-from ..errors import ConfigError
+from ._sharded import refuse_neighbours
 
 __all__ = []
 
@@ -41,9 +41,8 @@ def fit_table(plan, n: int, chosen: dict, distributed: bool = False) -> None:
         plan.config = dataclasses.replace(plan.config, neighbours=0)
         plan.reasons["neighbours"] = (f"0: {n:,} vectors are beyond the neighbour search's {NEIGHBOURS_LIMIT:,} "
                                       "(its time grows as N^1.5); the heads train on their own labels only")
-    elif distributed and plan.config.neighbours and "neighbours" in chosen:
-        raise ConfigError(f"--neighbours {plan.config.neighbours}: the neighbour search reads every vector, which "
-                          "a torchrun process does not hold; give --neighbours 0 under torchrun")
+    elif distributed and "neighbours" in chosen:
+        refuse_neighbours(plan.config.neighbours)
     elif distributed and plan.config.neighbours:
         plan.config = dataclasses.replace(plan.config, neighbours=0)
         plan.reasons["neighbours"] = ("0: under torchrun each process holds its share of the vectors, and the "
