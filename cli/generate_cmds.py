@@ -111,6 +111,9 @@ def _clusters(ctx, param, value):
 @click.option("--head-hidden", type=int, default=None, help="With fixed features: a hidden layer of this width under the heads.")
 @click.option("--neighbours", type=int, default=None,
               help=f"With fixed features: train each sample towards the labels of its k nearest neighbours too {_d('neighbours')}.")
+@click.option("--keep-better/--no-keep-better", default=None,
+              help="With fixed features and --neighbours: a head whose new labels agree less with the features' "
+                   f"nearest neighbours than its old ones keeps the old {_d('keep_better')}.")
 @click.option("--feature-cache", default=None, type=click.Path(file_okay=False),
               help="Folder of cached frozen features, shared between runs [OUT/features].")
 @click.option("--skip-bad", is_flag=True, default=None, help="Embedding tables: leave out NaN/inf vectors (recorded) instead of failing.")

@@ -249,3 +249,57 @@ def test_the_vote_without_an_n_by_k_table_equals_the_dense_vote(seed):
     ties[2] = rng.integers(0, 10, 500)
     np.testing.assert_array_equal(consensus_labels(ties, [10] * 3, reference=0).labels,
                                   _dense_vote(ties, [10] * 3, 10, 0, [0, 1, 2])[0])
+
+
+def test_neighbour_agreement_is_the_chance_corrected_share_of_agreeing_neighbour_pairs():
+    from labelkit.quality import neighbour_agreement
+
+    rng = np.random.default_rng(0)
+    near = rng.integers(0, 300, size=(300, 5))
+    labels = rng.integers(0, 4, 300)
+    # the oracle: the share of (sample, neighbour) pairs with one label, against the share that random labels
+    # of the same sizes would give
+    observed = np.mean([labels[i] == labels[j] for i in range(300) for j in near[i]])
+    expected = sum((np.sum(labels == c) / 300) ** 2 for c in range(4))
+    assert neighbour_agreement(labels, near) == pytest.approx((observed - expected) / (1 - expected), abs=1e-12)
+    assert abs(neighbour_agreement(labels, near)) < 0.05  # random labels on a random graph: about nothing
+    same = np.repeat(np.arange(3), 100)
+    clustered = np.stack([rng.choice(np.flatnonzero(same == same[i]), 5) for i in range(300)])
+    assert neighbour_agreement(same, clustered) == 1.0
+    # only the rows asked for, and their neighbours among them, count
+    rows = np.arange(0, 300, 2)
+    pairs = [(i, j) for i in rows for j in near[i] if j % 2 == 0]
+    share = np.mean([labels[i] == labels[j] for i, j in pairs])
+    sizes = np.bincount(labels[rows], minlength=4) / len(rows)
+    chance = float((sizes**2).sum())
+    assert neighbour_agreement(labels, near, rows) == pytest.approx((share - chance) / (1 - chance), abs=1e-12)
+
+
+def test_a_label_step_that_agrees_less_with_the_neighbours_is_undone_per_head():
+    import torch
+
+    from labelkit.training._select import KeepBetter
+    from labelkit.training._start import SelaState
+
+    groups = np.repeat(np.arange(2), 50)
+    near = torch.from_numpy(np.stack([np.flatnonzero(groups == g)[:5] for g in groups]))
+    state = SelaState.initial(100, [2, 2], seed=0)
+    state.labels[0] = torch.from_numpy(groups)  # head 0 starts right, head 1 at random
+    keep, rows = np.ones(100, bool), torch.arange(100)
+    worse = groups.copy()
+    worse[::2] = 1 - worse[::2]  # half of each group swapped
+    probability = lambda labels: np.full(len(labels), 0.7)  # noqa: E731  the network's p(label | x)
+    judge = KeepBetter(near).judge
+
+    info = {}
+    labels, scores = judge(state, 0, rows, keep, (worse, np.full(100, 0.9)), None, info, probability)
+    assert np.array_equal(labels, groups) and np.all(scores == 0.7)  # the old labels, with their probability
+    assert info["kept"] == {"neighbour_agreement": 1.0} and info["neighbour_agreement"] < 0.1
+    info = {}
+    labels, scores = judge(state, 1, rows, keep, (groups, np.full(100, 0.9)), None, info, probability)
+    assert np.array_equal(labels, groups) and np.all(scores == 0.9) and "kept" not in info
+    # rows a person pinned keep score 1, as a solve gives them
+    info = {}
+    free = torch.arange(50, 100)
+    _, scores = judge(state, 0, rows, keep, (worse, np.full(100, 0.9)), free, info, probability)
+    assert np.all(scores[:50] == 1.0) and np.all(scores[50:] == 0.7)

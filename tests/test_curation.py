@@ -362,9 +362,9 @@ def test_consensus_confidence_counts_only_the_heads_that_agree():
                                            (0.7 + 0 + 1) / 3])  # head 1 disagrees on the last sample
 
 
-def _overlapping_blobs(tmp_path, n=900, k=3, left_out=None):
+def _overlapping_blobs(tmp_path, n=900, k=3, left_out=None, spread=2.2):
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(k, 6)) * 2.2  # close enough that some samples land in the wrong cluster
+    centres = rng.normal(size=(k, 6)) * spread  # close enough that some samples land in the wrong cluster
     y = rng.integers(0, k, n)
     x = (centres[y] + rng.normal(size=(n, 6))).astype(np.float32)
     keep = y != left_out
@@ -378,7 +378,8 @@ def test_confidence_ranks_the_wrong_labels_low(tmp_path):
     from scipy.optimize import linear_sum_assignment
     from sklearn.metrics import roc_auc_score
 
-    y = _overlapping_blobs(tmp_path)
+    # closer than the other tests' blobs: the table's spectral start labels those all but 0.3 % right
+    y = _overlapping_blobs(tmp_path, spread=1.3)
     assert cli("generate", "--data", tmp_path / "all.npz", "--clusters", "3", "--heads", "1", "--quiet",
                "--out", tmp_path / "run").exit_code == 0
     art = read_artefact(tmp_path / "run")

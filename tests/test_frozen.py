@@ -253,7 +253,45 @@ def test_a_table_of_real_pixels_starts_from_its_knn_graph_and_ends_ahead_of_k_me
     assert start["samples"] == len(x) and min(h["nmi"] for h in start["heads"]) > kmeans + 0.05
     artefact = read_artefact(out / "labels.parquet")
     nmis = [agreement(artefact.labels(h), y[np.argsort(ids)])["nmi"] for h in range(2)]
-    assert np.mean(nmis) > kmeans + 0.04, (nmis, kmeans)  # 0.75 and 0.84 against 0.74 here (AMD EPYC)
+    assert np.mean(nmis) > kmeans + 0.12, (nmis, kmeans)  # 0.905 for both against 0.74 here (AMD EPYC)
+
+
+def test_a_table_run_keeps_each_heads_labels_that_agree_best_with_the_neighbours(tmp_path):
+    # on the pixels of the built-in digits every label step of the heads agrees less with the vectors'
+    # neighbours than the spectral start, and is also further from the classes (0.82-0.85 against 0.905)
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    ids = [f"d{i:04d}" for i in range(len(x))]
+    pq.write_table(pa.table({"sample_id": ids, "embedding": x.astype(np.float32).tolist(), "label": y}),
+                   tmp_path / "t.parquet")  # the classes are only measured
+    truth = y[np.argsort(ids)]
+    runs = {}
+    for flag in ("--keep-better", "--no-keep-better"):
+        out = tmp_path / flag
+        result = run(["generate", "--data", str(tmp_path / "t.parquet"), "--clusters", "10", "--heads", "2",
+                      "--epochs", "12", "--label-steps", "3", "--quiet", "--out", str(out), flag])
+        assert result.exit_code == 0, result.output
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        artefact = read_artefact(out / "labels.parquet")
+        runs[flag] = history, artefact, [agreement(artefact.labels(h), truth)["nmi"] for h in range(2)]
+    history, artefact, kept = runs["--keep-better"]
+    steps = [r for r in history if r["type"] == "label_step"]
+    assert all("neighbour_agreement" in h for r in steps for h in r["heads"])
+    for r in steps:
+        for h in r["heads"]:
+            assert "kept" not in h or h["kept"]["neighbour_agreement"] > h["neighbour_agreement"]
+    quality = artefact.metadata["method"]["quality"]["heads"]
+    start = next(r for r in history if r["type"] == "start")
+    for h, row in enumerate(quality):
+        epoch = row["labels_from_epoch"]
+        made = start["heads"][h]["nmi"] if epoch == 0 else next(
+            r for r in steps if r["epoch"] == epoch)["heads"][h]["nmi"]
+        assert kept[h] == pytest.approx(made, abs=1e-9)  # the artefact holds the labels it says it kept
+        accepted = [i["neighbour_agreement"] for r in steps for i in r["heads"] if i["head"] == h and "kept" not in i]
+        assert row["neighbour_agreement"] >= max(accepted, default=-1) - 1e-4
+    _, _, last = runs["--no-keep-better"]
+    assert min(kept) > max(last) + 0.02, (kept, last)  # 0.905 against 0.83-0.84 (AMD EPYC)
 
 
 def test_a_table_outside_the_graph_range_says_where_its_first_labels_come_from(tmp_path):

@@ -332,3 +332,20 @@ def test_a_nearly_balanced_peaked_head_is_annealed_instead_of_crawling_to_the_ca
     plain = solve(nearly, algorithm=Algorithm(omega=1.0, anneal=False, max_iter=20000))  # the slow way, to the end
     assert plain.converged and plain.iterations > 1000
     assert (result.labels == plain.labels).mean() > 0.99
+
+
+def test_label_probability_is_the_softmax_of_the_given_labels_and_a_solves_posterior_for_its_own():
+    from labelkit.solver import label_probability
+
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(rng.normal(size=(300, 8)).astype(np.float32))
+    weight = torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32))
+    bias = torch.from_numpy(rng.normal(size=5).astype(np.float32))
+    labels = rng.integers(0, 5, 300)
+    expected = torch.softmax(features @ weight.T + bias, dim=1)[torch.arange(300), torch.from_numpy(labels)]
+    got = label_probability(labels, features=features, weight=weight, bias=bias, block=64)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(label_probability(labels, logits=features @ weight.T + bias), expected.numpy(), rtol=1e-5)
+    result = solve(features=features, weight=weight, bias=bias)
+    np.testing.assert_allclose(label_probability(result.labels, features=features, weight=weight, bias=bias),
+                               result.posterior, rtol=1e-6)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "head_quality": "._label_free",
     "recommend_k": "._label_free",
     "probe_accuracy": "._label_free",
+    "neighbour_agreement": "._label_free",
     "QUALITY_ROWS": "._label_free",
     "Contingency": "._metrics",
     "contingency": "._metrics",

@@ -12,6 +12,7 @@ from .._util.lazy import lazy_exports
 _EXPORTS = {
     "solve": "._solve",
     "SinkhornResult": "._solve",
+    "label_probability": "._solve",
     "Algorithm": "._options",
     "Balance": "._options",
     "Storage": "._options",

@@ -62,7 +62,7 @@ from ._prior import _Columns
 from ._rounding import balanced_labels, floored_labels
 from ._sweep import _assign
 
-__all__ = ["solve", "SinkhornResult"]
+__all__ = ["solve", "SinkhornResult", "label_probability"]
 
 
 @dataclass
@@ -238,6 +238,15 @@ def _result(problem: _Problem, state: _Loop, path: str, products: tuple[str, str
         scores=scores.cpu().numpy(), seconds=seconds, rebuilds=state.rebuilds, errors=state.errors,
         targets=problem.columns.b.cpu().numpy(), kernel=path, products=products[0], products_why=products[1],
         density=products[2], lam=state.lam, posterior=posterior)
+
+
+def label_probability(labels, *, logits=None, features=None, weight=None, bias=None, device=None,
+                      block: int = 65536) -> np.ndarray:
+    """The model's probability softmax(z)[label] of each row's ``labels``, from (N, K) ``logits`` or from (N, D)
+    ``features`` and a head's ``weight`` and ``bias``: the ``posterior`` of a solve, for labels that did not come
+    from one."""
+    source = _Logits(logits, features, weight, bias, torch.device(device or "cpu"), torch.float32)
+    return label_posterior(source, torch.as_tensor(np.asarray(labels)), block)
 
 
 def label_posterior(source: _Logits, labels: torch.Tensor, block: int) -> np.ndarray:

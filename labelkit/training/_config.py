@@ -72,6 +72,7 @@ class SelaConfig:
     pca: int | None = None  # frozen: PCA-whiten to this width; None: 98 % of the variance, at most 128; 0: all
     head_hidden: int | None = None  # frozen: one hidden layer (Linear + BN + ReLU) under the heads
     neighbours: int = 0  # frozen: also train each sample towards the labels of its k nearest neighbours
+    keep_better: bool = True  # frozen, with neighbours: a head keeps its labels where a label step agrees less with them
     feature_cache: str | None = None  # frozen: folder of cached features (default: OUT/features)
     skip_bad: bool = False  # embedding tables: leave out NaN/inf vectors instead of failing
     strict: bool = False

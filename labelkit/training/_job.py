@@ -65,6 +65,7 @@ class Job:
         self._label_seconds: list[float] = []
         # a sample of the last label step's rows, their features and labels before it: label-free quality
         self.label_features: tuple | None = None
+        self.selection = None  # heads on fixed features: training/_select.py's KeepBetter, where it applies
         self.previous_labels = None
 
     # -- process and signal lifetime -----------------------------------------------------------------------

@@ -285,8 +285,8 @@ def _epochs_in_budget(plan: Plan, n: int, fixed: float, per_epoch: float, per_st
         raise BudgetError(f"--budget {_clock(plan.budget)} is too short for one epoch and one label step of "
                           f"{n:,} samples here (about {_clock(need)}); give a longer --budget, or {smaller}")
     epochs = min(epochs, AUTO_MAX_EPOCHS if plan.recipe == "auto" else config.epochs)
-    if every or not steps_given:
-        steps = epochs + 1 if every else max(1, round(steps * epochs / max(1, config.epochs)))
+    if every or not steps_given:  # at least the steps at the start, the middle and the end, where epochs allow
+        steps = epochs + 1 if every else max(min(3, epochs + 1), round(steps * epochs / max(1, config.epochs)))
     return dataclasses.replace(config, epochs=epochs, label_steps=steps)
 
 

@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from ._frozen import (TableRows, ViewsOnDisk, cached_views, head_batches, head_d
 from ._sharded import Shard, gathered_inputs, refuse_neighbours, row_share, sharded_batches
 from ._heads import frozen_heads, frozen_record, seed_prototypes
 from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins, started_from
+from ._select import KeepBetter, labels_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
@@ -34,7 +36,7 @@ from ..quality import QUALITY_ROWS, head_quality, recommend_k
 from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
-from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, solve
+from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, label_probability, solve
 from ._loop import Reporter, extract_features, make_optimizer, model_to, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState"]
@@ -173,15 +175,13 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                            buffer=buffer, group=dist.group)
         state.potentials[h] = torch.from_numpy(result.potentials)
         labels, posterior = with_pins(state, h, rows, free, result.labels, result.posterior)
+        info = _solve_record(h, ks[h], result, None if free is None else len(rows) - len(free))
+        if job.selection is not None:  # heads on fixed features keep labels their neighbours agree with more
+            labels, posterior = job.selection.judge(
+                state, h, rows, labelled, (labels, posterior), free, info,
+                partial(label_probability, features=features, weight=weight.detach().float(), bias=bias,
+                        device=job.device))
         store_labels(dist, state, h, rows, labels, posterior)
-        info = {"head": h, "k": ks[h], "kernel": result.kernel, "products": result.products,
-                "density": None if result.density is None else round(result.density, 5),
-                "iterations": result.iterations,
-                "seconds": round(result.seconds, 3),
-                "error": result.error, "converged": result.converged, "lam": result.lam,
-                "size_min": int(result.sizes.min()),
-                "size_max": int(result.sizes.max()), "empty": int((result.sizes == 0).sum()),
-                **({} if free is None else {"pinned": len(rows) - len(free)})}
         if dist.main:  # the figures go to the history, which rank 0 writes
             labels = state.labels[h, everyone].numpy()
             info["nmi_previous"] = agreement(labels, previous[h])["nmi"]
@@ -198,6 +198,16 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     del buffer
     return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
             "memory_bytes": held}
+
+
+def _solve_record(h: int, k: int, result, pinned: int | None) -> dict:
+    """What the history keeps of head ``h``'s solve."""
+    return {"head": h, "k": k, "kernel": result.kernel, "products": result.products,
+            "density": None if result.density is None else round(result.density, 5),
+            "iterations": result.iterations, "seconds": round(result.seconds, 3),
+            "error": result.error, "converged": result.converged, "lam": result.lam,
+            "size_min": int(result.sizes.min()), "size_max": int(result.sizes.max()),
+            "empty": int((result.sizes == 0).sum()), **({} if pinned is None else {"pinned": pinned})}
 
 
 def _rows_of(features, free: torch.Tensor):
@@ -306,6 +316,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
         job.log(init_record(net))
     near = neighbours(views[0][:], config.neighbours) if config.neighbours else None
     graph, job.label_schedule = _frozen_schedule(job, int(keep.sum()), resumed)
+    job.selection = KeepBetter(near) if near is not None and config.keep_better else None
 
     def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
         heads.eval()
@@ -422,6 +433,11 @@ def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
     rows, features = job.label_features
     heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.numpy(),
                          previous=job.previous_labels.numpy(), seed=job.config.seed)
+    if job.selection is not None:  # which label step each head's labels come from, and how well they agree
+        epochs, keep = labels_from(job.run_dir.history, len(ks)), state.keep(~job.skips.mask())
+        for row in heads:
+            row.update(neighbour_agreement=job.selection.score(state.labels[row["head"]], keep),
+                       labels_from_epoch=epochs[row["head"]])
     record = {"heads": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]}
     which = recommend_k(heads)
     if which:
