@@ -187,6 +187,7 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, align_to, **op
     elif run.consensus:
         c = run.consensus
         click.echo(f"consensus, head {c['head']} (K={c['k']}): heads agree with it on {c['mean_score']:.1%} of votes")
+    _neighbour_check(run.quality)
     if align_to:
         _align_run(run.artefact, align_to)
     which = (run.quality or {}).get("recommended_k")
@@ -198,6 +199,28 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, align_to, **op
             cells = [row[name] for name in ("agreement_kmeans", "agreement_heads", "stability", "generalisation", "balance")]
             text = " ".join("        -" if v is None else f"{v:>9.3f}" for v in cells)
             click.echo(f"  {row['k']:>6} {text}{'   <- recommended' if row['k'] == which['k'] else ''}")
+
+
+def _neighbour_check(quality: dict | None) -> None:
+    """A table run's label-free check of every head against k-means on the same vectors."""
+    from ._progress import plural
+
+    kmeans = (quality or {}).get("kmeans_neighbour_agreement")
+    if not kmeans:
+        return
+    click.echo("neighbour agreement (no ground truth used; 1: every sample's nearest neighbours share its label, "
+               "0: no more than chance)")
+    below = []
+    for row in quality["heads"]:
+        epoch, baseline = row["labels_from_epoch"], kmeans[str(row["k"])]
+        origin = "the start" if epoch == 0 else f"the label step after epoch {epoch}"
+        if row["neighbour_agreement"] < baseline:
+            below.append(row["head"])
+        click.echo(f"  head {row['head']} (K={row['k']}): {row['neighbour_agreement']:.3f}, labels from {origin}; "
+                   f"k-means on the same vectors {baseline:.3f}{'   <- below k-means' if row['head'] in below else ''}")
+    if below:
+        click.echo(f"{plural(len(below), 'head')} ended below k-means on the same vectors by this measure: "
+                   "k-means's labels may serve these data better")
 
 
 def _align_run(labels, old) -> None:

@@ -289,7 +289,8 @@ def test_a_label_step_that_agrees_less_with_the_neighbours_is_undone_per_head():
     worse = groups.copy()
     worse[::2] = 1 - worse[::2]  # half of each group swapped
     probability = lambda labels: np.full(len(labels), 0.7)  # noqa: E731  the network's p(label | x)
-    judge = KeepBetter(near).judge
+    vectors = torch.from_numpy(groups[:, None] * 10.0 + np.random.default_rng(0).normal(size=(100, 2)))
+    judge = KeepBetter(near, vectors).judge
 
     info = {}
     labels, scores = judge(state, 0, rows, keep, (worse, np.full(100, 0.9)), None, info, probability)
@@ -303,3 +304,5 @@ def test_a_label_step_that_agrees_less_with_the_neighbours_is_undone_per_head():
     free = torch.arange(50, 100)
     _, scores = judge(state, 0, rows, keep, (worse, np.full(100, 0.9)), free, info, probability)
     assert np.all(scores[:50] == 1.0) and np.all(scores[50:] == 0.7)
+    # the baseline: k-means on the same vectors finds the two groups, whose neighbours all agree
+    assert KeepBetter(near, vectors).kmeans_agreement(keep, [2, 2], seed=0) == {2: 1.0}

@@ -290,6 +290,10 @@ def test_a_table_run_keeps_each_heads_labels_that_agree_best_with_the_neighbours
         assert kept[h] == pytest.approx(made, abs=1e-9)  # the artefact holds the labels it says it kept
         accepted = [i["neighbour_agreement"] for r in steps for i in r["heads"] if i["head"] == h and "kept" not in i]
         assert row["neighbour_agreement"] >= max(accepted, default=-1) - 1e-4
+    kmeans = artefact.metadata["method"]["quality"]["kmeans_neighbour_agreement"]["10"]
+    assert all(row["neighbour_agreement"] > kmeans for row in quality)  # 0.85 for k-means (AMD EPYC)
+    start_agreement = next(r for r in history if r["type"] == "start")["neighbour_agreement"]
+    assert all(row["neighbour_agreement"] >= start_agreement[h] - 1e-4 for h, row in enumerate(quality))
     _, _, last = runs["--no-keep-better"]
     assert min(kept) > max(last) + 0.02, (kept, last)  # 0.905 against 0.83-0.84 (AMD EPYC)
 
@@ -644,3 +648,18 @@ def test_views_on_disk_read_the_rows_asked_for_in_any_order(tmp_path):
     torch.testing.assert_close(on_disk[1][rows], views[1, rows].float())
     torch.testing.assert_close(on_disk[1][10:20], views[1, 10:20].float())
     assert on_disk.shape == (2, 50, 4) and len(on_disk[0]) == 50
+
+
+def test_a_table_run_says_where_a_head_ends_below_k_means_by_its_neighbours(capsys):
+    from cli.generate_cmds import _neighbour_check
+
+    quality = {"kmeans_neighbour_agreement": {"10": 0.8},
+               "heads": [{"head": 0, "k": 10, "neighbour_agreement": 0.9, "labels_from_epoch": 0},
+                         {"head": 1, "k": 10, "neighbour_agreement": 0.7, "labels_from_epoch": 12}]}
+    _neighbour_check(quality)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  head 0 (K=10): 0.900, labels from the start; k-means on the same vectors 0.800"
+    assert out[2].endswith("labels from the label step after epoch 12; k-means on the same vectors 0.800   <- below k-means")
+    assert out[3].startswith("1 head ended below k-means on the same vectors")
+    _neighbour_check({"heads": []})  # image runs have no such check
+    assert capsys.readouterr().out == ""

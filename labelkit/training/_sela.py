@@ -316,7 +316,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
         job.log(init_record(net))
     near = neighbours(views[0][:], config.neighbours) if config.neighbours else None
     graph, job.label_schedule = _frozen_schedule(job, int(keep.sum()), resumed)
-    job.selection = KeepBetter(near) if near is not None and config.keep_better else None
+    job.selection = KeepBetter(near, views[0]) if near is not None and config.keep_better else None
 
     def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
         heads.eval()
@@ -357,6 +357,8 @@ def _first_labels(job: Job, raw, keep: np.ndarray, state: SelaState, ks: list[in
         job.log({"type": "start", "epoch": 0, **artefact_start(job, state, ks)})
     elif graph:
         record = vector_graph_start(job, raw, keep, state.labels, ks) if dist.main else None
+        if job.selection is not None:  # what every label step is judged against first
+            record["neighbour_agreement"] = [round(job.selection.score(row, keep), 4) for row in state.labels]
         if dist.world > 1:
             record = dist.broadcast(record)
             state.labels.copy_(dist.broadcast(state.labels))
@@ -433,12 +435,15 @@ def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
     rows, features = job.label_features
     heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.numpy(),
                          previous=job.previous_labels.numpy(), seed=job.config.seed)
-    if job.selection is not None:  # which label step each head's labels come from, and how well they agree
+    record = {}
+    if job.selection is not None:  # which label step each head's labels come from, how well they agree, and k-means's
         epochs, keep = labels_from(job.run_dir.history, len(ks)), state.keep(~job.skips.mask())
         for row in heads:
             row.update(neighbour_agreement=job.selection.score(state.labels[row["head"]], keep),
                        labels_from_epoch=epochs[row["head"]])
-    record = {"heads": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]}
+        kmeans = job.selection.kmeans_agreement(keep, ks, job.config.seed)
+        record["kmeans_neighbour_agreement"] = {str(k): round(v, 4) for k, v in kmeans.items()}
+    record["heads"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]
     which = recommend_k(heads)
     if which:
         record["recommended_k"] = which

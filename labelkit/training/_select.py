@@ -20,16 +20,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..quality import neighbour_agreement
+from ..quality import kmeans, neighbour_agreement
 
 __all__ = []
 
 
-class KeepBetter:
-    """Keeps a head's old labels where its new ones agree less with the neighbour graph ``near`` (N, k)."""
+_KMEANS_ROWS = 20_000  # the k-means baseline is fitted on at most this many rows; every row then takes its nearest centre
+_BLOCK = 65536
 
-    def __init__(self, near: torch.Tensor):
+
+class KeepBetter:
+    """Keeps a head's old labels where its new ones agree less with the neighbour graph ``near`` (N, k) of the
+    heads' input ``vectors`` (N, D)."""
+
+    def __init__(self, near: torch.Tensor, vectors):
         self.near = near.numpy()
+        self.vectors = vectors
 
     def score(self, labels: torch.Tensor, keep: np.ndarray) -> float:
         """The agreement of one head's ``labels`` (N,) on the ``keep`` rows."""
@@ -56,6 +62,24 @@ class KeepBetter:
             pinned[free.numpy()] = False
             scores[pinned] = 1.0
         return old.numpy(), scores
+
+
+    def kmeans_agreement(self, keep: np.ndarray, ks: list[int], seed: int) -> dict[int, float]:
+        """The agreement of k-means with each K in ``ks`` on the same vectors: the cheap labels that a run on
+        fixed features should not end below. Fitted on a seeded sample of the ``keep`` rows, then every kept
+        row takes its nearest centre."""
+        rows = np.flatnonzero(keep)
+        sample = np.sort(np.random.default_rng(seed).choice(rows, min(len(rows), _KMEANS_ROWS), replace=False))
+        x = self.vectors[torch.from_numpy(sample)].float()
+        out = {}
+        for k in sorted(set(ks)):
+            centres = torch.from_numpy(kmeans(x.numpy(), k, seed)[1]).float()
+            labels = torch.full((len(self.near),), -1, dtype=torch.int64)
+            for i in range(0, len(rows), _BLOCK):
+                part = torch.from_numpy(rows[i:i + _BLOCK])
+                labels[part] = torch.cdist(self.vectors[part].float(), centres).argmin(1)
+            out[k] = self.score(labels, keep)
+        return out
 
 
 def labels_from(history: Path, heads: int) -> list[int]:
