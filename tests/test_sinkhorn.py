@@ -349,3 +349,26 @@ def test_label_probability_is_the_softmax_of_the_given_labels_and_a_solves_poste
     result = solve(features=features, weight=weight, bias=bias)
     np.testing.assert_allclose(label_probability(result.labels, features=features, weight=weight, bias=bias),
                                result.posterior, rtol=1e-6)
+
+
+def test_exact_rounding_walks_the_sorted_rows_in_chunks_and_holds_under_100_bytes_a_row(monkeypatch):
+    import tracemalloc
+
+    import labelkit.solver._rounding as rounding
+
+    n, k = 200_000, 50
+    logits = torch.from_numpy(np.random.default_rng(0).normal(size=(n, k)).astype(np.float32))
+    whole = rounding.balanced_labels(logits, np.zeros(k), 1.0, 65536)  # one chunk: the rows' lists whole
+    chunks = rounding._chunks
+    monkeypatch.setattr(rounding, "_chunks", lambda order, scores: chunks(order, scores, size=4096))
+    tracemalloc.start()
+    try:
+        chunked = rounding.balanced_labels(logits, np.zeros(k), 1.0, 65536)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert np.bincount(chunked[0].numpy(), minlength=k).tolist() == [n // k] * k
+    # 8 candidates (float32 score, int32 cluster), the order, labels and scores: 88 bytes a row measured; with
+    # int64 candidates and the sorted rows as two whole Python lists it was 188
+    assert peak / n < 100, peak / n
