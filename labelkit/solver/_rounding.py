@@ -53,24 +53,10 @@ def _gather(group, *arrays):
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(len(arrays)))
 
 
-def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round the transport plan to labels with every cluster holding floor(N/K) or ceil(N/K) samples; returns
-    the labels of this rank's rows and their scores q(label | i).
-
-    Greedy under capacities: (sample, cluster) pairs among each row's ``candidates`` best are taken in order
-    of decreasing plan score; once N mod K clusters are at ceil(N/K) the others close at floor(N/K). Rows left
-    without a place (rare, when all their candidates filled) go to the open clusters by score. Across ranks,
-    every rank sends its rows' candidates (N x candidates, not N x K) and runs the same rounding.
-    """
-    if not isinstance(source, _Logits):
-        source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
-    k = source.k
-    c = min(candidates, k)
-    local_logq, local_idx = _candidates(source, potentials, lam, block, c)
-    sizes = _gather(group, np.array([source.n]))[0]
-    offset = int(sizes[: collectives.rank(group)].sum())
-    top_logq, top_idx = _gather(group, local_logq, local_idx)
-    n = len(top_logq)
+def _greedy(top_logq: np.ndarray, top_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, log-scores, capacity left) of the greedy walk over every row's candidates: rows without a place
+    among theirs are left at -1."""
+    n, c = top_logq.shape
     floor, extra = divmod(n, k)
     capacity = np.full(k, floor + (1 if extra else 0), dtype=np.int64)
     labels = np.full(n, -1, dtype=np.int64)
@@ -108,6 +94,27 @@ def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=N
             if at_ceiling == extra:  # the remaining clusters may only reach floor(N/K)
                 capacity[capacity > 0] -= 1
                 extra = 0
+    return labels, scores, capacity
+
+
+def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round the transport plan to labels with every cluster holding floor(N/K) or ceil(N/K) samples; returns
+    the labels of this rank's rows and their scores q(label | i).
+
+    Greedy under capacities: (sample, cluster) pairs among each row's ``candidates`` best are taken in order
+    of decreasing plan score; once N mod K clusters are at ceil(N/K) the others close at floor(N/K). Rows left
+    without a place (rare, when all their candidates filled) go to the open clusters by score. Across ranks,
+    every rank sends its rows' candidates (N x candidates, not N x K) and runs the same rounding.
+    """
+    if not isinstance(source, _Logits):
+        source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
+    k = source.k
+    c = min(candidates, k)
+    local_logq, local_idx = _candidates(source, potentials, lam, block, c)
+    sizes = _gather(group, np.array([source.n]))[0]
+    offset = int(sizes[: collectives.rank(group)].sum())
+    top_logq, top_idx = _gather(group, local_logq, local_idx)
+    labels, scores, capacity = _greedy(top_logq, top_idx, k)
     mine = np.flatnonzero(labels[offset : offset + source.n] < 0)
     left, left_logq = _gather(group, mine + offset, _log_q(source, mine, potentials, lam))
     for row, logq in zip(left.tolist(), left_logq):
