@@ -3,7 +3,7 @@
 SeLa's label step replaces every head's labels by the solve of its current predictions. On fixed features the
 heads can only draw the partitions that their layers make, and those can be worse than the labels they were
 trained on: on the pixel tables of bench/suite.py the spectral start agreed best with the classes (digits
-0.89, textures 0.71, glyphs 0.25), and the first label step of every head lost 0.01-0.09 of that, which the
+0.905, textures 0.71, glyphs 0.25), and the first label step of every head lost 0.01-0.09 of that, which the
 later steps never won back. Where the run has the features' nearest neighbours (the neighbour term's graph),
 each head's new labels are judged by their chance-corrected agreement with that graph
 (:func:`labelkit.quality.neighbour_agreement`), and a head whose new labels agree less than the labels
@@ -62,7 +62,6 @@ class KeepBetter:
             pinned[free.numpy()] = False
             scores[pinned] = 1.0
         return old.numpy(), scores
-
 
     def kmeans_agreement(self, keep: np.ndarray, ks: list[int], seed: int) -> dict[int, float]:
         """The agreement of k-means with each K in ``ks`` on the same vectors: the cheap labels that a run on
