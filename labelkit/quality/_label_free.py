@@ -66,7 +66,10 @@ def neighbour_agreement(labels: np.ndarray, near: np.ndarray, rows: np.ndarray |
     indices of each sample's nearest neighbours; only ``rows`` (default all) and their neighbours among
     ``rows`` count. 1: every neighbour agrees; 0: no more than random labels of the same sizes would."""
     labels, near = np.asarray(labels), np.asarray(near)
-    counted = np.ones(len(labels), bool) if rows is None else np.isin(np.arange(len(labels)), rows)
+    counted = np.ones(len(labels), bool)
+    if rows is not None:
+        counted[:] = False
+        counted[rows] = True
     own = labels[counted]
     neighbours = near[counted]
     valid = counted[neighbours]
