@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _runs import plan_check  # bench/ is on the path of a script run from it
+
 
 def _pixels(root: Path):
     from PIL import Image
@@ -71,7 +73,7 @@ def main() -> None:
         command += ["--budget", args.budget]
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    wall = time.perf_counter() - start
+    wall, ended = time.perf_counter() - start, time.time()
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "labels.parquet")
@@ -88,11 +90,15 @@ def main() -> None:
     print(f"{'method':<34} {'NMI':>6} {'seconds':>8}")
     for name, score, seconds in rows:
         print(f"{name:<34} {score:6.3f} {seconds:8.1f}")
-    print(f"plan: {estimate['seconds']:.0f} s estimated, {wall:.0f} s measured (ratio {wall / estimate['seconds']:.2f}); "
+    check = plan_check(out, ended)
+    print(f"plan: {check['planned_s']:.0f} s estimated for {check['planned_epochs']} epochs; for the {check['epochs']} "
+          f"epochs and {check['label_steps']} label steps run {check['expected_s']:.0f} s estimated, "
+          f"{check['wall_s']:.0f} s measured from the plan's start (ratio {check['ratio']:.2f}); "
           f"label-step memory {estimate['label_memory'] / 1e6:.1f} MB estimated, {held / 1e6:.1f} MB held "
           f"(ratio {held / estimate['label_memory']:.2f})")
     print(f"config: {record['config']['arch']} at {record['config']['image_size']} px, "
-          f"{record['config']['epochs']} epochs, start {record['config']['start']}")
+          f"{record['config']['epochs']} epochs, start {record['config']['start']}"
+          + (f"; {check['stopped']}" if check["stopped"] else ""))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _runs import plan_check  # bench/ is on the path of a script run from it
+
 SETS = ("digits", "glyphs", "textures", "glyphs-tail", "digits-pixels", "glyphs-pixels", "textures-pixels")
 LETTERS = "ABCDEFGHKM"
 PICTURES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "brick",
@@ -214,7 +216,7 @@ def _labelkit(path: Path, k: int | None, extra: list[str]) -> dict:
         command += extra
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "labelkit", *command[1:]], capture_output=True, text=True)
-        seconds = time.perf_counter() - start
+        seconds, ended = time.perf_counter() - start, time.time()
         if done.returncode:
             raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         artefact = read_artefact(out / "labels.parquet")
@@ -224,7 +226,7 @@ def _labelkit(path: Path, k: int | None, extra: list[str]) -> dict:
         heads = [nmi(truth, artefact.labels(h)) for h in range(artefact.num_heads)]
         chosen = _chosen_head(artefact.metadata.get("method", {}), [h.k for h in artefact.heads])
         return {"method": "labelkit", "nmi": heads[chosen], "heads": heads, "chosen": chosen, "seconds": seconds,
-                "command": " ".join(command), "stdout_tail": done.stdout[-1500:],
+                "command": " ".join(command), "stdout_tail": done.stdout[-1500:], "plan": plan_check(out, ended),
                 "solves": len(solves), "unconverged": sum(not h["converged"] for h in solves)}
 
 
@@ -285,15 +287,19 @@ def _cell(rows: dict, method: str) -> str:
 
 def _print_table(results: list[dict]) -> None:
     print(f"\nCPU: {_cpu()}, {len(os.sched_getaffinity(0))} cores; worst labelkit margin first")
-    print("| set | N | K | labelkit | UMAP + k-means | k-means | labelkit s | unconverged solves | margin |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| set | N | K | labelkit | UMAP + k-means | k-means | labelkit s | epochs run | s / plan | unconverged solves "
+          "| margin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(results, key=lambda r: (r["margin"] if r["margin"] == r["margin"] else -1)):
         by = {row["method"]: row for row in r["rows"]}
         mine = by.get("labelkit", {})
         seconds = f"{mine['seconds']:.0f}" if mine else "-"
         stalls = f"{mine['unconverged']} of {mine['solves']}" if mine else "-"
+        plan = mine.get("plan")  # the measured time over the plan's estimate for the epochs run (images only)
+        ran = f"{plan['epochs']} of {plan['planned_epochs']}" if plan else "-"
+        ratio = f"{plan['ratio']:.2f}" if plan else "-"
         print(f"| {r['set']} | {r['samples']} | {r['k']} | {_cell(by, 'labelkit')} | {_cell(by, 'UMAP + k-means')} | "
-              f"{_cell(by, 'k-means')} | {seconds} | {stalls} | {r['margin']:+.3f} |")
+              f"{_cell(by, 'k-means')} | {seconds} | {ran} | {ratio} | {stalls} | {r['margin']:+.3f} |")
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ for a run stopped by SIGTERM/SIGUSR1 after its checkpoint (ready for ``--resume`
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from labelkit import __version__
@@ -38,6 +40,23 @@ def main() -> None:
       labelkit metrics runs/sela/labels.parquet --truth images/
       labelkit info runs/sela/labels.parquet
     """
+    # The solver's compiled CPU kernels (torch.compile) make torch look for a CUDA toolkit and log a warning that
+    # no CUDA runtime was found; on a CPU run that line is noise, on a GPU run it never appears.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def run(prog_name: str = "labelkit") -> None:
+    """The ``labelkit`` program: :func:`main`, then a quick exit. Python's last garbage collections at exit walk
+    every object that torch, scikit-learn and pyarrow made (1.3-1.5 s after a ``generate`` on 2 cores); moved
+    out of the collector's reach first (``gc.freeze``), the process ends in a fraction of that, with the same
+    files and output. Only the program does this: the library, and ``main`` run in-process, leave the collector
+    alone."""
+    import gc
+
+    try:
+        main(prog_name=prog_name)
+    finally:
+        gc.freeze()
 
 
 def _register() -> None:

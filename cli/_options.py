@@ -22,6 +22,8 @@ def default(cls, name: str, recipes: tuple = (), auto: str | None = None) -> str
 def _show(name: str, value) -> str:
     if name == "workers" and value is None:
         return "the CPU cores, at most 8"
+    if name == "settle" and not value:
+        return "0, every epoch"
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value) if len(set(value)) > 1 else str(value[0])
     if value is None or value is False:

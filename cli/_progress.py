@@ -85,18 +85,28 @@ class BarReporter(Reporter):
             where = "memory" if record["where"] == "memory" else "a memory-mapped file"
             click.echo(f"decoded the images once at {record['side']} px into {where} ({record['seconds']:.1f} s); "
                        "every pass augments them by the batch", err=True)
+        elif record["type"] in ("settled", "budget"):
+            click.echo(record["message"], err=True)
         elif record["type"] == "label_step":
             heads = record["heads"]
             iterations = [h["iterations"] for h in heads]
             spread = f"{min(iterations)}" if min(iterations) == max(iterations) else f"{min(iterations)}-{max(iterations)}"
             line = (f"  label step after epoch {record['epoch']}: {plural(len(heads), 'head')}, {spread} Sinkhorn "
-                    f"iterations per head, {record['seconds']:.1f} s, NMI to previous {heads[0]['nmi_previous']:.3f}")
+                    f"iterations per head, {record['seconds']:.1f} s, NMI to previous {_to_previous(heads)}")
             if "nmi" in heads[0]:
                 line += f", head 0 NMI to truth {heads[0]['nmi']:.3f}"
             stalled = [h["error"] for h in heads if not h.get("converged", True)]
             if stalled:
                 line += f"; {len(stalled)} stopped at the iteration cap (error up to {max(stalled):.1e})"
             click.echo(line, err=True)
+
+
+def _to_previous(heads: list[dict]) -> str:
+    """Head 0's agreement with the previous label step, and the mean over heads that ``--settle`` reads."""
+    first = f"{heads[0]['nmi_previous']:.3f}"
+    if len(heads) == 1:
+        return first
+    return f"{first} (mean over heads {sum(h['nmi_previous'] for h in heads) / len(heads):.3f})"
 
 
 def _clock(seconds: float) -> str:

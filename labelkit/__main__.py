@@ -1,6 +1,6 @@
 """``python -m labelkit`` behaves exactly like ``labelkit`` (launchers such as torchrun need it)."""
 
-from labelkit.cli import main
+from labelkit.cli import run
 
 if __name__ == "__main__":
-    main(prog_name="labelkit")
+    run(prog_name="labelkit")

@@ -1,6 +1,7 @@
 """Fixed features: embedding tables as data, frozen backbones with a feature cache, --init/--pretrained, predict."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -599,9 +600,11 @@ def test_a_table_beyond_the_neighbour_search_trains_without_it_and_says_why(tmp_
     assert planning.make_plan({**options, "neighbours": 5}).config.neighbours == 5  # given: kept
 
 
-def test_a_table_plan_fits_the_budget_with_leaner_heads_and_says_so(tmp_path, monkeypatch):
-    """The probed cost of an epoch grows with heads x hidden width; a budget that holds no epoch of the recipe's
-    five heads on a hidden layer gets two heads, then no hidden layer -- and an error where nothing fits."""
+def test_a_table_plan_takes_leaner_heads_that_train_every_epoch_and_says_so(tmp_path, monkeypatch):
+    """The probed cost of an epoch grows with heads x hidden width. A budget that holds every epoch of the
+    recipe's five heads on a hidden layer keeps them; one that holds only some of them takes the first leaner
+    heads that train every epoch (two, then no hidden layer, then one head), or -- where none does -- those
+    that train the most epochs; an error where not even one epoch fits."""
     import labelkit.training._timing as timing
     from labelkit.training._plan import BudgetError, make_plan
 
@@ -613,16 +616,19 @@ def test_a_table_plan_fits_the_budget_with_leaner_heads_and_says_so(tmp_path, mo
     monkeypatch.setattr(timing, "_head_rates", rates)
     np.save(tmp_path / "t.npy", blobs(n=4000, d=8)[0])
     options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0}
-    # recipe: 5 x (512 + 100) -> 15.3 s an epoch; two heads 6.1 s; two without the hidden layer 0.8 s
-    plan = make_plan(options, budget="60s")  # 48 s planned: three epochs of the recipe fit
-    assert plan.config.heads == 5 and plan.config.head_hidden == 512 and "heads" not in plan.reasons
-    plan = make_plan(options, budget="15s")  # 12 s: one epoch of two heads on the hidden layer
-    assert (plan.config.heads, plan.config.head_hidden) == (2, 512) and plan.config.epochs >= 1
+    # an epoch of the recipe: 5 x (512 + 100) -> 12.2 s; two heads 4.9 s; two without the hidden layer 0.8 s; one 0.4 s
+    plan = make_plan(options, budget="1h")  # every one of the 50 epochs fits
+    assert (plan.config.heads, plan.config.head_hidden, plan.config.epochs) == (5, 512, 50)
+    assert "heads" not in plan.reasons
+    plan = make_plan(options, budget="6m")  # 288 s planned: about 20 epochs of the recipe, all 50 of two heads
+    assert (plan.config.heads, plan.config.head_hidden, plan.config.epochs) == (2, 512, 50)
+    assert re.search(r"the recipe's 5 heads on a 512-wide hidden layer fit only \d+ of its 50 epochs",
+                     plan.reasons["heads"])
+    plan = make_plan(options, budget="15s")  # 12 s: no rung fits 50 epochs; one linear head fits the most
+    assert (plan.config.heads, plan.config.head_hidden) == (1, None) and 1 < plan.config.epochs < 50
     assert "one epoch of the recipe's 5 heads on a 512-wide hidden layer and two label steps do not fit" \
         in plan.reasons["heads"]
-    plan = make_plan(options, budget="8s")
-    assert (plan.config.heads, plan.config.head_hidden) == (2, None)
-    assert plan.estimate["seconds"] <= 8 and plan.estimate["per_epoch_s"] == pytest.approx(0.8)
+    assert plan.estimate["seconds"] <= 12 and plan.estimate["per_epoch_s"] == pytest.approx(0.4)
     plan = make_plan({**options, "heads": 5}, budget="12s")  # heads chosen: kept, the hidden layer goes
     assert (plan.config.heads, plan.config.head_hidden) == (5, None)
     with pytest.raises(BudgetError, match="too short for one epoch and two label steps.*give --budget"):
@@ -651,7 +657,7 @@ def test_views_on_disk_read_the_rows_asked_for_in_any_order(tmp_path):
 
 
 def test_a_table_run_says_where_a_head_ends_below_k_means_by_its_neighbours(capsys):
-    from cli.generate_cmds import _neighbour_check
+    from labelkit.cli.generate_cmds import _neighbour_check
 
     quality = {"kmeans_neighbour_agreement": {"10": 0.8},
                "heads": [{"head": 0, "k": 10, "neighbour_agreement": 0.9, "labels_from_epoch": 0},
@@ -663,3 +669,15 @@ def test_a_table_run_says_where_a_head_ends_below_k_means_by_its_neighbours(caps
     assert out[3].startswith("1 head ended below k-means on the same vectors")
     _neighbour_check({"heads": []})  # image runs have no such check
     assert capsys.readouterr().out == ""
+
+
+def test_head_hidden_0_means_no_hidden_layer_and_below_is_refused():
+    from labelkit.training import resolve_config
+    from labelkit.training._frozen import FeatureTrunk
+
+    assert resolve_config({"head_hidden": 0}).head_hidden == 0
+    assert isinstance(FeatureTrunk(8, 0).layer, torch.nn.Identity) and FeatureTrunk(8, 0).num_features == 8
+    with pytest.raises(ConfigError, match="--head-hidden must be 0 or more, got -1"):
+        resolve_config({"head_hidden": -1})
+    with pytest.raises(ConfigError, match="--views must be 1 or more, got 0"):
+        resolve_config({"views": 0})

@@ -28,7 +28,7 @@ def test_wheel_installs_cli_and_schemas_inside_labelkit(tmp_path):
     assert "labelkit/schemas/artefact-metadata-v1.schema.json" in names
     assert "labelkit/cli/__init__.py" in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "labelkit = labelkit.cli:main" in entry
+    assert "labelkit = labelkit.cli:run" in entry
 
 
 def test_the_declared_python_floor_has_what_the_library_imports():

@@ -1,6 +1,7 @@
 """The auto recipe, the time budget, the plan and --dry-run, and the graph start."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -145,6 +146,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "plan: recipe auto" in result.output and "estimate:" in result.output and "start: graph" in result.output
     assert "(120 samples, 20 px grey)" in result.output
+    assert "settle: 0.97" in result.output and "wall time for every epoch" in result.output  # it may end sooner
     assert not out.exists()
     bad = CliRunner().invoke(cli, ["generate", "--data", str(data), "--budget", "soon", "--out", str(out)])
     assert bad.exit_code != 0 and "--budget 'soon'" in bad.output and not out.exists()
@@ -242,6 +244,93 @@ def test_a_run_past_its_deadline_stops_between_epochs_and_says_so(tmp_path):
     assert [r["epoch"] for r in history if r["type"] == "epoch"] == [1]
     assert [r for r in history if r["type"] == "budget"][0]["epochs"] == 5
     assert read_artefact(run.artefact).metadata["method"]["recipe"]["stopped_after_epoch"] == 1
+
+
+def _settling_plan(tmp_path, settle: float, name: str = "run"):
+    data = _digit_folder(tmp_path / "d")  # bars and rings: two clusters whose labels settle within a few steps
+    return make_plan({"data": str(data), "clusters": (2, 2), "epochs": 8, "label_steps": 9, "label_spacing": "even",
+                      "settle": settle, "out": str(tmp_path / f"{name}-{settle}")})
+
+
+def _history(run) -> list[dict]:
+    return [json.loads(line) for line in run.history.read_text().splitlines()]
+
+
+def test_a_run_whose_labels_settle_stops_at_the_first_settled_label_step_and_says_so(tmp_path):
+    from labelkit.artefact import read_artefact
+    from labelkit.training import run_sela
+
+    plan = _settling_plan(tmp_path, 0.97)
+    run = run_sela(plan.config, plan=plan.record())
+    history = _history(run)
+    steps = [r for r in history if r["type"] == "label_step"]
+    agreement = [np.mean([h["nmi_previous"] for h in r["heads"]]) for r in steps]
+    # from the third label step on, the first whose labels agree with the previous step's at 0.97 ends training
+    assert agreement[-1] >= 0.97 and all(a < 0.97 for a in agreement[2:-1]) and len(steps) >= 3
+    last = steps[-1]["epoch"]
+    assert last < 8 and [r["epoch"] for r in history if r["type"] == "epoch"] == list(range(1, last + 1))
+    settled = [r for r in history if r["type"] == "settled"]
+    assert len(settled) == 1 and settled[0]["agreement"] == pytest.approx(agreement[-1], abs=1e-4)
+    recipe = read_artefact(run.artefact).metadata["method"]["recipe"]
+    assert recipe["stopped_after_epoch"] == last and recipe["stopped_because"] == "settled"
+
+    full = _settling_plan(tmp_path, 0.0)  # --settle 0: every planned epoch, as the paper
+    history = _history(run_sela(full.config, plan=full.record()))
+    assert [r["epoch"] for r in history if r["type"] == "epoch"] == list(range(1, 9))
+    assert not [r for r in history if r["type"] == "settled"]
+
+
+def test_the_command_says_where_and_why_training_stopped(tmp_path):
+    from labelkit.cli import main as cli
+
+    data = _digit_folder(tmp_path / "d")
+    result = CliRunner().invoke(cli, ["generate", "--data", str(data), "--clusters", "2", "--epochs", "8",
+                                      "--label-steps", "9", "--settle", "0.97", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"stopped after epoch \d of 8: the labels settled \(NMI (0\.9[7-9]\d|1\.000) to the previous label "
+                     r"step, mean over heads; --settle 0.97\)", result.output), result.output
+    assert "(mean over heads " in result.output  # each label step's line shows what --settle reads
+
+
+def test_settle_judges_from_the_third_label_step_on_by_the_mean_over_heads():
+    from types import SimpleNamespace
+
+    from labelkit.training._job import Job
+
+    job = SimpleNamespace(config=SimpleNamespace(settle=0.97), label_schedule={2, 4, 6, 8},
+                          dist=SimpleNamespace(broadcast=lambda value: value))
+    step = {"heads": [{"nmi_previous": 0.99}, {"nmi_previous": 0.96}]}  # mean 0.975
+    assert Job._settled(job, step, 2) is None and Job._settled(job, step, 4) is None  # one and two steps
+    assert Job._settled(job, step, 6) == pytest.approx(0.975)
+    assert Job._settled(job, {"heads": [{"nmi_previous": 0.99}, {"nmi_previous": 0.94}]}, 6) is None
+    job.label_schedule = {0, 2, 4}  # a label step before training counts for nothing
+    assert Job._settled(job, step, 4) is None
+    job.config.settle = 0.0
+    assert Job._settled(job, step, 8) is None
+
+
+def test_a_settled_run_killed_before_its_artefact_resumes_to_the_same_labels_without_training_on(tmp_path,
+                                                                                                 monkeypatch):
+    from labelkit.training import _sela, run_sela
+
+    reference = run_sela(_settling_plan(tmp_path, 0.97, "reference").config)
+    plan = _settling_plan(tmp_path, 0.97)
+    finish = _sela._finish
+    monkeypatch.setattr(_sela, "_finish", lambda *args: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_sela(plan.config, plan=plan.record())
+    monkeypatch.setattr(_sela, "_finish", finish)
+    run = run_sela(plan.config, resume=True)
+    epochs = [r["epoch"] for r in _history(run) if r["type"] == "epoch"]
+    assert epochs == [r["epoch"] for r in _history(reference) if r["type"] == "epoch"] and epochs[-1] < 8
+    assert run.labels.metadata["method"]["recipe"]["stopped_because"] == "settled"
+    assert np.array_equal(run.labels.labels(0), reference.labels.labels(0))
+
+
+@pytest.mark.parametrize("settle", [-0.1, 1.5])
+def test_settle_outside_0_1_is_refused(settle):
+    with pytest.raises(ConfigError, match="--settle"):
+        resolve_config({"settle": settle})
 
 
 def test_transfer_dry_run_prints_its_plan_and_writes_nothing(tmp_path):

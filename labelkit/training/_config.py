@@ -60,6 +60,7 @@ class SelaConfig:
     start: str = "random"  # first labels: random (the paper), or graph (spectral clusters of the thumbnails)
     start_from: str | None = None  # first labels from an earlier artefact instead (see training/_start.py)
     label_spacing: str = "quadratic"  # label steps at (i/M)^2 of training (the paper's), or even
+    settle: float = 0.0  # stop once consecutive label steps agree at this NMI (mean over heads); 0: every epoch
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int | None = None  # None: default_workers()
     device: str = "auto"
@@ -386,10 +387,13 @@ def _check(config) -> None:
         _one_of("--label-spacing", config.label_spacing, LABEL_SPACINGS)
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
+        if not 0.0 <= config.settle <= 1.0:
+            raise ConfigError(f"--settle is an NMI between label steps, in [0, 1] (0: train every epoch); got "
+                              f"{config.settle}")
         for name in ("views", "pca", "head_hidden", "neighbours"):
-            value = getattr(config, name)
-            if value is not None and value < (0 if name in ("pca", "neighbours") else 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            value, least = getattr(config, name), 1 if name == "views" else 0  # 0: no PCA, hidden layer, neighbours
+            if value is not None and value < least:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {least} or more, got {value}")
         _check_prior(config)
         _check_solver(config)
         if config.freeze and config.label_augment:

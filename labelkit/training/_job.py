@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
 from ..data import Order, SkipLog, batches_per_rank, keep_decoded, make_loader, resolve
@@ -29,6 +30,9 @@ from ._loop import Reporter, RunDir, learning_rate, resolve_device, seed_everyth
 __all__ = ["Job", "STOP_SIGNALS"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# --settle judges the labels after this many label steps at the least: the first steps after a start move
+# them most, and a quiet one among them is not yet a plateau
+SETTLE_STEPS = 3
 _RAN_OUT, _STOP, _SKIP, _TRAIN = 0, 1, 2, 3  # what the ranks agree to do before each step (the smallest wins)
 
 
@@ -60,7 +64,8 @@ class Job:
         self._handlers: dict = {}
         self.resumed = False
         self.plan: dict | None = None  # how the configuration was chosen (labelkit.training), recorded with the run
-        self.stopped_early: int | None = None  # the epoch after which --budget ended training, if it did
+        self.stopped_early: int | None = None  # the epoch after which training ended before the planned last
+        self.stopped_because: str | None = None  # why: "budget" or "settled"
         self.label_schedule: set[int] = set()  # epochs after which a label step runs (the ETA counts them)
         self._label_seconds: list[float] = []
         # a sample of the last label step's rows, their features and labels before it: label-free quality
@@ -116,6 +121,7 @@ class Job:
         for name, part in parts.items():
             part.load_state_dict(saved[name])
         self.epoch, self.step, self._partial = saved["epoch"], saved.get("step", 0), saved.get("partial")
+        self.stopped_early, self.stopped_because = saved.get("stopped_early"), saved.get("stopped_because")
         self.skips.skipped.update(saved["skipped"])
         if self.step:
             torch.set_rng_state(saved["rng"])
@@ -159,13 +165,14 @@ class Job:
     def checkpoint(self) -> None:
         self.run_dir.save({"epoch": self.epoch, "step": self.step, "partial": self._partial,
                            "rng": torch.get_rng_state(), "skipped": dict(self.skips.skipped),
-                           "config": self.config.to_dict(),
+                           "config": self.config.to_dict(), "stopped_early": self.stopped_early,
+                           "stopped_because": self.stopped_because,
                            **{name: part.state_dict() for name, part in self._parts.items()}})
 
     def log(self, record: dict) -> None:
         self.run_dir.log(record)
 
-    def label_step(self, epoch: int, step: Callable[[int], dict]) -> None:
+    def label_step(self, epoch: int, step: Callable[[int], dict]) -> dict:
         """Run the label step after ``epoch`` epochs (``step(epoch)`` returns its record) and log it; its wall
         time feeds the ETA."""
         began = time.perf_counter()
@@ -174,6 +181,7 @@ class Job:
         if self.dist.enabled:  # the collectives the solve went through
             record["group"] = {"backend": self.dist.backend, "ranks": self.dist.world}
         self.log({"type": "label_step", "epoch": epoch, **record})
+        return record
 
     def label_eta(self, epoch: int) -> float:
         """Seconds the label steps after ``epoch`` (0-based, just trained) will take, at the recent pace."""
@@ -208,23 +216,42 @@ class Job:
 
     def run_epochs(self, train: Callable[[], dict], label_step: Callable[[int], dict] | None = None) -> None:
         """The SeLa loop from the current epoch on: ``train()`` (step 1) every epoch, ``label_step(epoch)`` (step 2)
-        after the epochs of :attr:`label_schedule`, a checkpoint after each epoch; with ``--budget``, stop
-        between epochs when another one (and a last label step) would end past the plan's deadline."""
+        after the epochs of :attr:`label_schedule`, a checkpoint after each epoch. Training ends early where
+        ``--settle`` finds the labels settled after a label step, or where ``--budget`` would be passed by another
+        epoch (and a last label step); the checkpoint keeps the stop, so a resume does not train on."""
         deadline = (self.plan or {}).get("deadline")
-        for epoch in self.epochs():
+        for epoch in ([] if self.stopped_early else self.epochs()):
             began = time.time()
             train()
+            settled = None
             if epoch + 1 in self.label_schedule:
-                self.label_step(epoch + 1, label_step)
-            self.end_epoch()
-            if deadline and epoch + 1 < self.config.epochs and time.time() + (time.time() - began) > deadline:
+                settled = self._settled(self.label_step(epoch + 1, label_step), epoch + 1)
+            if settled:
+                self._stop(epoch + 1, "settled", f"stopped after epoch {epoch + 1} of {self.config.epochs}: the "
+                           f"labels settled (NMI {settled:.3f} to the previous label step, mean over heads; "
+                           f"--settle {self.config.settle:g})", agreement=round(settled, 4))
+            elif deadline and epoch + 1 < self.config.epochs and time.time() + (time.time() - began) > deadline:
                 if label_step is not None and epoch + 1 not in self.label_schedule:
                     self.label_step(epoch + 1, label_step)
-                self.log({"type": "budget", "epoch": epoch + 1, "epochs": self.config.epochs,
-                          "message": f"stopped after epoch {epoch + 1} of {self.config.epochs}: the next would pass "
-                                     "the budget"})
-                self.stopped_early = epoch + 1
+                self._stop(epoch + 1, "budget", f"stopped after epoch {epoch + 1} of {self.config.epochs}: the next "
+                           "would pass the budget")
+            self.end_epoch()
+            if self.stopped_early:
                 break
+
+    def _stop(self, epoch: int, why: str, message: str, **figures) -> None:
+        self.log({"type": why, "epoch": epoch, "epochs": self.config.epochs, "message": message, **figures})
+        self.stopped_early, self.stopped_because = epoch, why
+
+    def _settled(self, record: dict, epoch: int) -> float | None:
+        """The labels' agreement with the previous label step (NMI, mean over heads) where it reaches ``--settle``
+        after at least SETTLE_STEPS label steps of training; None otherwise. Rank 0 decides (it alone measures)."""
+        threshold = getattr(self.config, "settle", 0.0)
+        if not threshold or sum(1 for e in self.label_schedule if 0 < e <= epoch) < SETTLE_STEPS:
+            return None
+        agree = [h["nmi_previous"] for h in record.get("heads", []) if "nmi_previous" in h]
+        settled = float(np.mean(agree)) if agree and np.mean(agree) >= threshold else None
+        return self.dist.broadcast(settled)
 
     def train_epoch(self, model, transform, targets: torch.Tensor, optimizer, keep) -> dict:
         """Step 1 on images: one epoch of cross-entropy averaged over heads, ``targets`` (heads, N) over the

@@ -48,7 +48,7 @@ class Plan:
         """What ``config.json`` and the artefact keep of the plan."""
         return {"recipe": self.recipe, "reasons": self.reasons, "profile": self.profile, "machine": self.machine,
                 "budget_s": self.budget, "probe": self.probe, "estimate": self.estimate,
-                "deadline": self.started + self.budget if self.budget else None}
+                "planned_at": self.started, "deadline": self.started + self.budget if self.budget else None}
 
     def lines(self) -> list[str]:
         """The plan as a person reads it."""
@@ -89,7 +89,8 @@ class Plan:
         elif e:
             budget = f" (budget {_clock(self.budget)})" if self.budget else ""
             step = "label step" if isinstance(c, SelaConfig) else "prediction pass"
-            out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; {step} peak memory "
+            upto = " for every epoch" if getattr(c, "settle", 0) else ""  # --settle may end it sooner
+            out.append(f"  estimate: {_clock(e['seconds'])} wall time{upto}{budget}; {step} peak memory "
                        f"{_bytes(e['label_memory'])}; disk {_bytes(e['disk'])}")
             if "kernel" in e:
                 n_k = e["kernel_bytes"]["stored"]
@@ -262,7 +263,7 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
                                   + (" (the recipe's most)" if plan.config.epochs == AUTO_MAX_EPOCHS
                                      and plan.recipe == "auto" else ""))
     plan.estimate = {"seconds": round(seconds, 1), **_resources(plan, probe, n, count), "label_steps": count,
-                     "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
+                     "fixed_s": round(fixed, 2), "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2)}
     check_memory(plan, plan.estimate["label_memory"])
 
 

@@ -419,12 +419,13 @@ def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
     return graph, schedule
 
 
-def _method(config: SelaConfig, plan: dict | None, stopped_early: int | None = None) -> dict:
+def _method(config: SelaConfig, plan: dict | None, job: Job) -> dict:
     method = {"name": "sela", "config": config.to_dict()}
     if plan:  # how the configuration was chosen: recipe, reasons, budget and the estimate
         method["recipe"] = {k: plan[k] for k in ("recipe", "reasons", "budget_s", "estimate") if k in plan}
-    if stopped_early:  # the config says what was planned; this says where the budget ended it
-        method.setdefault("recipe", {})["stopped_after_epoch"] = stopped_early
+    if job.stopped_early:  # the config says what was planned; this says where training ended, and why
+        method.setdefault("recipe", {}).update(stopped_after_epoch=job.stopped_early,
+                                               stopped_because=job.stopped_because)
     return method
 
 
@@ -455,7 +456,7 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     rows = np.flatnonzero(state.keep(~job.skips.mask()))
     labels = state.labels[:, rows].numpy()
     scores = state.scores[:, rows].numpy()
-    method = _method(config, job.plan, job.stopped_early)
+    method = _method(config, job.plan, job)
     quality = _quality(job, state, ks)
     if job.run_dir.writer:  # the rank that keeps the history and writes the artefact
         method["solver"] = _solver_record(job.run_dir.history, config.sinkhorn_tol)
