@@ -28,9 +28,9 @@ AUTO_LABEL_EVERY = 5
 # Training stops once a label step leaves the labels where the previous one put them (NMI >= 0.97 between
 # them, mean over heads): replayed on the histories of 43 earlier runs on the suite's image sets and digits
 # folders (24 would have stopped), the labels at the stop were within -0.010..+0.009 NMI (to the truth, mean
-# over heads) of the run's last ones, and 0.97 stopped the 10.8k
-# folder at epoch 20 of 60 and the digits at 30, where glyphs and long tails, whose labels kept moving, ran on.
-# Measured with the graph start only; a random start (the paper's, for large data) trains every epoch.
+# over heads) of the run's last ones; 0.97 stops the 10.8k folder at epoch 20 of 60 and the digits at 30,
+# where glyphs and long tails, whose labels keep moving, run on. Measured with the graph start only; a random
+# start (the paper's, for large data) trains every epoch.
 AUTO_SETTLE = 0.97
 
 

@@ -57,7 +57,7 @@ def fit_table(plan, n: int, chosen: dict, distributed: bool = False) -> None:
 
 
 def _table_ladder(config: SelaConfig, chosen: dict) -> list[tuple[SelaConfig, bool]]:
-    """The table recipe, then leaner heads for a budget that cannot hold one epoch of it: two heads (still a
+    """The table recipe, then leaner heads for a budget that cannot hold all its epochs: two heads (still a
     consensus), then no hidden layer, then one head -- each step only where the user did not choose it."""
     ladder = [(config, False)]
     same_k = len(set(config.head_clusters())) == 1
