@@ -419,8 +419,8 @@ def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
     return graph, schedule
 
 
-def _method(config: SelaConfig, plan: dict | None, job: Job) -> dict:
-    method = {"name": "sela", "config": config.to_dict()}
+def _method(job: Job) -> dict:
+    method, plan = {"name": "sela", "config": job.config.to_dict()}, job.plan
     if plan:  # how the configuration was chosen: recipe, reasons, budget and the estimate
         method["recipe"] = {k: plan[k] for k in ("recipe", "reasons", "budget_s", "estimate") if k in plan}
     if job.stopped_early:  # the config says what was planned; this says where training ended, and why
@@ -456,7 +456,7 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     rows = np.flatnonzero(state.keep(~job.skips.mask()))
     labels = state.labels[:, rows].numpy()
     scores = state.scores[:, rows].numpy()
-    method = _method(config, job.plan, job)
+    method = _method(job)
     quality = _quality(job, state, ks)
     if job.run_dir.writer:  # the rank that keeps the history and writes the artefact
         method["solver"] = _solver_record(job.run_dir.history, config.sinkhorn_tol)

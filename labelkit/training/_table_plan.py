@@ -144,8 +144,7 @@ def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
     n = len(source)
     probe = _table_probe(plan.config, source)
     recipe, steps_given = plan.config, "label_steps" in chosen
-    fits, recipe_epochs = [], None  # (config, lean, rates, costs) of each rung that fits at least one epoch
-    enough = recipe.epochs
+    fits = []  # (config, lean, rates, costs) of each rung that fits at least one epoch
     for candidate, lean in _table_ladder(recipe, chosen):
         rates, costs = _rung_costs(candidate, lean, n, probe)
         if not fit:
@@ -153,9 +152,8 @@ def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
             break
         fitted = _table_schedule(candidate, n, *costs, plan.budget, steps_given)
         if fitted is not None:
-            recipe_epochs = fitted.epochs if not lean else recipe_epochs
             fits.append((fitted, lean, rates, costs))
-            if fitted.epochs >= enough:
+            if fitted.epochs >= recipe.epochs:
                 break
     if not fits:
         need = costs[0] + costs[1] + 2 * costs[2]
@@ -164,9 +162,10 @@ def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
                           f"{_bytes(_table_memory(candidate, n, rates))}); give --budget {_clock(need / BUDGET_SHARE)} "
                           "or more, or fewer --clusters")
     # the first rung that trains every epoch, else the one that trains the most (the richest of equals)
-    picked = next((f for f in fits if f[0].epochs >= enough), None) or max(fits, key=lambda f: f[0].epochs)
+    picked = next((f for f in fits if f[0].epochs >= recipe.epochs), None) or max(fits, key=lambda f: f[0].epochs)
     plan.config, lean, rates, (fixed, per_epoch, per_step) = picked
-    if lean and fit:
+    if lean and fit:  # the recipe's own epochs, where it fitted one at all (the first rung is the recipe)
+        recipe_epochs = None if fits[0][1] else fits[0][0].epochs
         plan.reasons["heads"] = _lean_reason(recipe, plan.config, recipe_epochs, n, plan.budget)
     count = label_step_count(plan.config, n)
     if fit:
