@@ -30,7 +30,8 @@ def describe(plan: dict) -> str:
         weights = f"the run {plan['model']}" if plan["model"] else f"{plan['arch']} (not trained by labelkit)"
         return (f"labelkit eval {plan['protocol']}: {weights} at {plan['image_size']} px on {plan['data']} "
                 f"({plural(plan['samples'], 'sample')})" + (f", tested on {plan['test']}" if plan["test"] else ""))
-    what = f"{plan['arch']} ({plan['parameters'] / 1e6:.1f} M parameters with the heads)"
+    what = (f"{plan['arch']} ({plan['parameters'] / 1e6:.1f} M parameters with the heads"
+            + (f", {plan['precision']})" if "precision" in plan else ")"))
     line = f"labelkit {plan['command']}: {plan['data']} ({plural(plan['samples'], 'sample')}) with {what}"
     if "heads" in plan:
         line += f", heads {plan['heads']}"

@@ -7,8 +7,8 @@ import os
 import click
 
 from labelkit.data import AUGMENTATIONS
-from labelkit.training import (FROZEN_RECIPE, LABEL_SPACINGS, LR_SCHEDULES, RECIPE_NAMES, RECIPES, STARTS,
-                               TABLE_RECIPE, SelaConfig)
+from labelkit.training import (FROZEN_RECIPE, LABEL_SPACINGS, LR_SCHEDULES, PRECISIONS, RECIPE_NAMES, RECIPES,
+                               STARTS, TABLE_RECIPE, SelaConfig)
 
 from ._options import default, weights_options
 
@@ -106,6 +106,9 @@ def _clusters(ctx, param, value):
                    f"{_d('consensus')}.")
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes {_d('workers')}.")
 @click.option("--device", default=None, help=f"auto, cpu or cuda[:N] {_d('device')}.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Arithmetic of the network's forward passes: auto is bfloat16 on CUDA, float32 on the CPU; "
+                   f"bfloat16 on a CPU with AVX-512 BF16 or AMX trains about 1.5x faster {_d('precision')}.")
 @click.option("--seed", type=int, default=None, help=f"Random seed {_d('seed')}.")
 @weights_options
 @click.option("--freeze", is_flag=True, default=None,

@@ -14,11 +14,12 @@ from ..data import AUGMENTATIONS
 from .._util.remote import refuse_url
 from ..errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "resolve_config", "read_config_file",
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "PRECISIONS", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "resolve_config", "read_config_file",
            "default_workers"]
 
 # The choices of --augment and --lr-schedule; the command line offers exactly these.
 LR_SCHEDULES = ("step", "cosine", "constant")
+PRECISIONS = ("auto", "float32", "bfloat16")  # of the network's forward passes (see training/_loop.py compute_dtype)
 STARTS = ("random", "graph")
 RECIPE_NAMES = ("auto", "paper", "digits")  # see labelkit.training
 TRANSFER_RECIPE_NAMES = ("source", "paper", "digits")  # see labelkit.training.plan_transfer
@@ -64,6 +65,7 @@ class SelaConfig:
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int | None = None  # None: default_workers()
     device: str = "auto"
+    precision: str = "auto"  # the network's forward passes: auto (bfloat16 where the hardware has it), float32, bfloat16
     seed: int = 0
     init: str | None = None
     init_partial: bool = False  # use --init weights that fit only part of the body (the rest stays random)
@@ -186,6 +188,7 @@ class TransferConfig:
     min_confidence: float | None = None  # train only on labels this confident (the artefact's primary score)
     workers: int | None = None  # None: labelkit.training.default_workers()
     device: str = "auto"
+    precision: str = "auto"  # as for generate
     seed: int = 0
     init: str | None = None
     init_partial: bool = False  # use --init weights that fit only part of the body (the rest stays random)
@@ -407,6 +410,7 @@ def _check(config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     _one_of("--augment", config.augment, AUGMENTATIONS)
     _one_of("--lr-schedule", config.lr_schedule, LR_SCHEDULES)
+    _one_of("--precision", config.precision, PRECISIONS)
     if config.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {config.workers}")
     if config.lr <= 0:

@@ -452,7 +452,7 @@ def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch
     data ids and content, arch, weights, transforms, views, seed -- matches exactly, else computed once and
     cached. Samples that could not be decoded go into the job's skip log either way. Returns the views and a
     record of where they came from."""
-    from ._loop import extract_features
+    from ._loop import autocast, extract_features
 
     config, source = job.config, job.source
     count = config.views
@@ -479,8 +479,9 @@ def cached_views(job, net: nn.Module, plain, augmented, dim: int) -> tuple[torch
                 _check_float16(out, f"--freeze: the {config.arch} features of view {v}")
                 array[v, rows] = out.float().cpu().numpy()
 
-            extract_features(net, dim, source, plain if v == 0 else augmented, order, workers=config.workers,
-                             device=job.device, skips=job.skips, reporter=job.reporter, sink=sink)
+            with autocast(job.device, config.precision):
+                extract_features(net, dim, source, plain if v == 0 else augmented, order, workers=config.workers,
+                                 device=job.device, skips=job.skips, reporter=job.reporter, sink=sink)
 
     def skipped() -> dict:  # every rank's
         job.merge_skips()

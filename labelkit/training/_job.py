@@ -25,7 +25,7 @@ import torch
 from ..data import Order, SkipLog, batches_per_rank, keep_decoded, make_loader, resolve
 from ..errors import ConfigError, Preempted
 from ._distributed import from_environment
-from ._loop import Reporter, RunDir, learning_rate, resolve_device, seed_everything, train_step
+from ._loop import Reporter, RunDir, learning_rate, network_precision, resolve_device, seed_everything, train_step
 
 __all__ = ["Job", "STOP_SIGNALS"]
 
@@ -146,6 +146,11 @@ class Job:
             self.log({"type": "decoded", "side": chosen[0], "where": chosen[1],
                       "seconds": round(time.perf_counter() - began, 2)})
 
+    @property
+    def precision(self) -> str | None:
+        """What the network computes in here (see :func:`network_precision`)."""
+        return network_precision(self.config, self.device)
+
     def announce(self, model: torch.nn.Module, **details) -> dict:
         """Tell the reporter what the job is about to do: data, model and checkpoint size, resume point."""
         parameters = sum(p.numel() for p in model.parameters())
@@ -154,6 +159,8 @@ class Job:
         plan = {"command": self.kind, "data": self.config.data, "samples": len(self.source), "arch": self.config.arch,
                 "parameters": parameters, "checkpoint_bytes": state + trainable,  # weights + SGD momentum
                 "epochs": self.config.epochs, "out": str(self.run_dir.out), **details}
+        if self.precision:
+            plan["precision"] = self.precision
         if self.resumed:
             plan.update(resume_epoch=self.epoch, resume_step=self.step)
         self.reporter.begin(plan)
@@ -268,7 +275,8 @@ class Job:
                                  seed=config.seed, epoch=self.epoch, shuffle=True)
         model.train()
         return self.train_pass(batches, lambda indices, images: train_step(model, optimizer, images,
-                                                                           targets[:, indices], self.device),
+                                                                           targets[:, indices], self.device,
+                                                                           config.precision),
                                optimizer, steps)
 
     def train_pass(self, batches: Callable[[int], Iterable], step: Callable[[torch.Tensor, Any], float], optimizer,

@@ -7,6 +7,7 @@ The library never prints: long jobs report through a :class:`Reporter`, which th
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -23,12 +24,16 @@ from .._util.files import atomic_path, write_text_atomic
 from ..data import Source
 from ..errors import ConfigError
 from ..data import Order, SkipLog, batches_per_rank, make_loader
+from ._config import PRECISIONS
 
 __all__ = [
     "Reporter",
     "RunDir",
     "resolve_device",
     "autocast",
+    "compute_dtype",
+    "network_precision",
+    "native_bfloat16",
     "learning_rate",
     "make_optimizer",
     "train_step",
@@ -73,10 +78,42 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (no loss scaling needed); full precision on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). There oneDNN's bf16 convolutions
+    train 1.6-1.9x faster than float32 (``bench/precision.py`` on a 2-core AMD EPYC with AVX-512 BF16:
+    labelkit_cnn, ResNet-18, AlexNet); a CPU without it emulates bf16, slower than float32."""
+    try:  # torch's own CPU feature table (private; a torch without it gets float32)
+        flags = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype the network's forward passes run in (``--precision``): ``auto`` is bfloat16 on CUDA and
+    float32 on the CPU. (On the CPU bfloat16 is asked for: on the development suite's image sets it trained
+    faster but, over three seeds, its labels were no better and on some sets lower -- README, bfloat16.)"""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def network_precision(config, device: torch.device) -> str | None:
+    """What a run's network computes in on ``device`` (``float32`` or ``bfloat16``), as its start line, plan and
+    artefact say; None for heads on an embedding table, which have no network (they train in float32)."""
+    if getattr(config, "frozen", False) and not config.freeze:
+        return None
+    return str(compute_dtype(device, config.precision)).removeprefix("torch.")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bfloat16 autocast where :func:`compute_dtype` says so (no loss scaling needed: float32's range); the
+    weights, the optimiser and the losses stay float32."""
+    if compute_dtype(device, precision) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -131,12 +168,12 @@ def images_to(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def train_step(model: torch.nn.Module, optimizer, images: torch.Tensor, labels: torch.Tensor,
-               device: torch.device) -> torch.Tensor:
-    """One optimiser step on the mean cross-entropy over the heads; ``labels`` is (heads, batch). On CUDA the
-    images go channels_last and the forward pass runs under bf16 autocast. Returns the loss, detached."""
+               device: torch.device, precision: str = "auto") -> torch.Tensor:
+    """One optimiser step on the mean cross-entropy over the heads; ``labels`` is (heads, batch). The images go
+    channels_last and the forward pass runs under :func:`autocast`. Returns the loss, detached."""
     images = images_to(images, device)
     labels = labels.to(device, non_blocking=True)
-    with autocast(device):
+    with autocast(device, precision):
         outputs = model(images)
         loss = sum(F.cross_entropy(out.float(), labels[h]) for h, out in enumerate(outputs)) / len(outputs)
     optimizer.zero_grad(set_to_none=True)
@@ -154,7 +191,7 @@ def extract_features(model_features, dim: int, source: Source, transform, order:
     returns (N, dim) float32 features and a seen mask. A random ``transform`` draws each sample's randomness
     from (``order.seed``, ``order.epoch``, sample). With a ``sink(rows, features)`` (e.g. adding to a
     :class:`~labelkit.solver.FeatureWriter`) the features go there and the first value returned is None:
-    nothing of size N x dim is held."""
+    nothing of size N x dim is held. The model computes in what the caller's :func:`autocast` says."""
     loader = make_loader(source, transform, order, workers=workers, device=device)
     features = torch.zeros((len(source), dim), dtype=torch.float32) if sink is None else None
     seen = np.zeros(len(source), dtype=bool)
@@ -162,8 +199,7 @@ def extract_features(model_features, dim: int, source: Source, transform, order:
     for indices, images, bad in loader:
         skips.add(bad)
         if images is not None:
-            with autocast(device):
-                out = model_features(images_to(images, device))
+            out = model_features(images_to(images, device))
             if sink is None:
                 features[indices] = out.float().cpu()
             else:

@@ -19,9 +19,12 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 
 from ._budget import (BUDGET_SHARE, DEFAULT_CPU_BUDGET, BudgetError, _bytes, _clock, _plural, label_step_count,
                       parse_duration)
+from ._loop import native_bfloat16, network_precision
 from ._config import RECIPE_NAMES, RECIPES, SelaConfig, memory_bytes, resolve_config
 from ..errors import ConfigError, DataError
 from ._table_plan import fit_table, fit_table_budget
@@ -44,11 +47,25 @@ class Plan:
     estimate: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)  # wall clock when planning began: the budget counts from here
 
+    @property
+    def precision(self) -> str | None:
+        """What the network will compute in on this machine (see :func:`network_precision`)."""
+        return network_precision(self.config, torch.device(self.machine.get("device", "cpu")))
+
     def record(self) -> dict:
         """What ``config.json`` and the artefact keep of the plan."""
         return {"recipe": self.recipe, "reasons": self.reasons, "profile": self.profile, "machine": self.machine,
-                "budget_s": self.budget, "probe": self.probe, "estimate": self.estimate,
+                "precision": self.precision, "budget_s": self.budget, "probe": self.probe, "estimate": self.estimate,
                 "planned_at": self.started, "deadline": self.started + self.budget if self.budget else None}
+
+    def _where(self) -> str:
+        """The machine as the plan's first line names it, e.g. ``cpu (2 cores, float32)``."""
+        cpu = self.machine.get("device") == "cpu"
+        where = [f"{self.machine['cores']} cores"] if cpu else []
+        if self.precision:
+            emulated = cpu and self.precision == "bfloat16" and not native_bfloat16()
+            where.append(self.precision + (" emulated by this CPU, slower than float32" if emulated else ""))
+        return self.machine.get("device", "?") + (f" ({', '.join(where)})" if where else "")
 
     def lines(self) -> list[str]:
         """The plan as a person reads it."""
@@ -57,9 +74,7 @@ class Plan:
         seen = [f"{self.profile['samples']:,} samples"] if "samples" in self.profile else []
         if "side_median" in self.profile:
             seen.append(f"{self.profile['side_median']} px {'grey' if self.profile['grey'] else 'colour'}")
-        out = [f"plan: {what} for {c.data}" + (f" ({', '.join(seen)})" if seen else "")
-               + f" on {self.machine.get('device', '?')}"
-               + (f" ({self.machine['cores']} cores)" if self.machine.get("device") == "cpu" else "")
+        out = [f"plan: {what} for {c.data}" + (f" ({', '.join(seen)})" if seen else "") + f" on {self._where()}"
                + f", into {c.out}"]
         if isinstance(c, SelaConfig):
             if not c.frozen:

@@ -21,7 +21,7 @@ from ..data import Order, SkipLog, Source, keep_decoded, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import SelaModel, create_backbone, feature_dim
 from ._novelty import Novelty, describe
-from ._loop import Reporter, extract_features, model_to, resolve_device
+from ._loop import Reporter, autocast, extract_features, model_to, resolve_device
 
 __all__ = ["load_run_model", "run_predict", "PredictRun", "sample_features"]
 
@@ -213,9 +213,10 @@ def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *,
         folder = config.get("feature_cache") or Path(run_dir) / "features"
         keep_decoded(source, record["image_size"], budget=0, folder=folder, existing_only=True)
     dim = feature_dim(model.backbone)
-    features, seen = extract_features(model.features, dim, source, transform,
-                                      Order(batch_size, rank=dist.rank, world=dist.world), workers=workers,
-                                      device=device, skips=skips, reporter=reporter)
+    with autocast(device, config.get("precision", "auto")):  # the run's --precision, resolved on this machine
+        features, seen = extract_features(model.features, dim, source, transform,
+                                          Order(batch_size, rank=dist.rank, world=dist.world), workers=workers,
+                                          device=device, skips=skips, reporter=reporter)
     rows, values = dist.gather_rows(np.flatnonzero(seen), features[torch.from_numpy(seen)].numpy().T)
     features[torch.from_numpy(rows)] = torch.from_numpy(values.T.astype(np.float32))
     seen[rows] = True

@@ -22,7 +22,7 @@ import torch
 from ..data import Order, SkipLog, Source, keep_decoded, resolve, run_transforms
 from ..errors import ConfigError, DataError
 from ._models import create_backbone, feature_dim
-from ._loop import Reporter, extract_features, model_to, resolve_device
+from ._loop import Reporter, autocast, extract_features, model_to, resolve_device
 
 __all__ = ["load_backbone", "features_of", "knn_accuracy", "linear_accuracy", "evaluate", "EvalConfig", "PROTOCOLS"]
 
@@ -71,9 +71,11 @@ def features_of(backbone, source: Source, transform, *, cache: Path | None, batc
     backbone = model_to(backbone, dev)
     if cache is not None and getattr(transform, "batch", None) is not None:  # images the run left decoded
         keep_decoded(source, transform.batch.size, budget=0, folder=cache / "features", existing_only=True)
-    features, seen = extract_features(backbone, feature_dim(backbone), source, transform,
-                                      Order(batch_size, rank=dist.rank, world=dist.world), workers=workers, device=dev,
-                                      skips=SkipLog(source), reporter=reporter if dist.main and reporter else Reporter())
+    with autocast(dev):
+        features, seen = extract_features(backbone, feature_dim(backbone), source, transform,
+                                          Order(batch_size, rank=dist.rank, world=dist.world), workers=workers,
+                                          device=dev, skips=SkipLog(source),
+                                          reporter=reporter if dist.main and reporter else Reporter())
     features = features.numpy()
     rows, values = dist.gather_rows(np.flatnonzero(seen), features[seen].T)  # under torchrun: every rank's share
     features[rows], seen[rows] = values.T, True

@@ -37,7 +37,7 @@ from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
 from ..solver import FeatureFile, FeatureWriter, write_features
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, label_probability, solve
-from ._loop import Reporter, extract_features, make_optimizer, model_to, seed_everything
+from ._loop import Reporter, autocast, extract_features, make_optimizer, model_to, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState"]
 
@@ -115,8 +115,10 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
             order = Order(config.batch_size * 2, seed=config.seed, epoch=label_view_stream(epoch, v, len(views)),
                           keep=keep, rank=dist.rank, world=dist.world)
             sink = None if writer is None else lambda rows, out: writer.add(rows, out, len(views))
-            view, view_seen = extract_features(model.features, dim, source, transform, order, workers=config.workers,
-                                               device=job.device, skips=job.skips, reporter=job.reporter, sink=sink)
+            with autocast(job.device, config.precision):
+                view, view_seen = extract_features(model.features, dim, source, transform, order,
+                                                   workers=config.workers, device=job.device, skips=job.skips,
+                                                   reporter=job.reporter, sink=sink)
             if writer is None:
                 features = view if features is None else features.add_(view)
             seen = view_seen if seen is None else seen & view_seen
@@ -420,7 +422,7 @@ def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
 
 
 def _method(job: Job) -> dict:
-    method, plan = {"name": "sela", "config": job.config.to_dict()}, job.plan
+    method, plan = {"name": "sela", "config": job.config.to_dict(), "precision": job.precision}, job.plan
     if plan:  # how the configuration was chosen: recipe, reasons, budget and the estimate
         method["recipe"] = {k: plan[k] for k in ("recipe", "reasons", "budget_s", "estimate") if k in plan}
     if job.stopped_early:  # the config says what was planned; this says where training ended, and why

@@ -14,7 +14,7 @@ from ..data import Order, augmentation_preset, decoding, eval_transform, make_lo
 from ..solver import Algorithm, Storage, kernel_path, solve
 from ._config import memory_bytes
 from ._graph import GRAPH_THUMBNAIL
-from ._loop import images_to, model_to, resolve_device
+from ._loop import autocast, images_to, model_to, resolve_device, train_step
 from ._models import SelaModel, create_backbone, feature_dim
 
 __all__ = []
@@ -87,18 +87,15 @@ def _batched_rates(model, config, side: int, batch: int, device) -> tuple[float,
     augment = augmentation_preset(config.augment, config.image_size).batch
     plain = eval_transform(config.image_size).batch
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    target = torch.zeros(batch, dtype=torch.long, device=device)
+    target = torch.zeros((len(model.heads), batch), dtype=torch.long)
     for step in range(5):
         if step == 1:
             t0 = time.perf_counter()
-        x = images_to(augment(pixels, seeds + np.uint64(step * batch)) if augment else plain(pixels, seeds), device)
-        loss = sum(torch.nn.functional.cross_entropy(out, target) for out in model(x))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        x = augment(pixels, seeds + np.uint64(step * batch)) if augment else plain(pixels, seeds)
+        train_step(model, optimizer, x, target, device, config.precision)
     train = 4 * batch / (time.perf_counter() - t0)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, config.precision):
         for step in range(3):
             if step == 1:
                 t1 = time.perf_counter()
@@ -131,12 +128,8 @@ def _train_rate(model, config, source, batch: int, device) -> float:
             continue
         if i == 1:  # the first batch pays for worker start-up and lazy initialisation
             t0 = time.perf_counter()
-        x = images_to(x, device)
-        loss = sum(torch.nn.functional.cross_entropy(out, torch.zeros(len(x), dtype=torch.long, device=device))
-                   for out in model(x))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, x, torch.zeros((len(model.heads), len(x)), dtype=torch.long), device,
+                   config.precision)
         if i >= 1:
             images += len(x)
             timed += 1
@@ -151,7 +144,7 @@ def _label_rate(model, config, source, batch: int, device) -> float:
     loader = make_loader(source, eval_transform(config.image_size), Order(2 * batch, shuffle=True, seed=config.seed),
                          workers=config.workers)
     t1, seen = time.perf_counter(), 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, config.precision):
         for i, (_indices, x, _bad) in enumerate(loader):
             if x is not None:
                 model.features(images_to(x, device))

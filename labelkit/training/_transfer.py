@@ -105,7 +105,7 @@ def _predict(job: Job, model, transform, keep: np.ndarray) -> tuple[np.ndarray, 
     for indices, images, bad in loader:
         job.skips.add(bad)
         if images is not None:
-            with autocast(job.device):
+            with autocast(job.device, job.config.precision):
                 outputs = model(images_to(images, job.device))
             for h, out in enumerate(outputs):
                 prob, idx = torch.softmax(out.float(), 1).max(1)
