@@ -4,7 +4,7 @@ k-means on the raw pixels. Prints NMI against the folder's class names (measured
 the plan's estimates beside what the run measured.
 
 Run:  .venv/bin/python bench/digits_folder.py /tmp/digits10k --copies 6
-      .venv/bin/python bench/own_folder.py /tmp/digits10k --clusters 10 [--budget 15m] [--umap-seeds 3]
+      .venv/bin/python bench/own_folder.py /tmp/digits10k --clusters 10 [--budget 15m] [--umap-seeds 3] [generate options]
 
 The labelkit run is the command a user types (``labelkit generate --data DIR --clusters K``), in a child
 process, so its wall time includes start-up, the plan's probe and writing the artefact.
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--budget", default=None)
     parser.add_argument("--umap-seeds", type=int, default=3)
     parser.add_argument("--out", default=None, help="run directory (default: a temporary one)")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # other options go to labelkit generate (e.g. --precision bfloat16)
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score as nmi
 
@@ -71,6 +71,7 @@ def main() -> None:
                "--out", str(out), "--quiet"]
     if args.budget:
         command += ["--budget", args.budget]
+    command += extra
     start = time.perf_counter()
     subprocess.run(command, check=True)
     wall, ended = time.perf_counter() - start, time.time()

@@ -21,6 +21,19 @@ def write_image(path, size=(12, 10), color=None, mode="RGB", seed=0):
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _children_keep_scratch_in_pytests_tree(tmp_path_factory):
+    """Child processes write their scratch under pytest's temporary tree, which pytest prunes, instead of /tmp:
+    torchrun keeps a torchelastic_* folder there per launch and leaves it behind when a test kills it."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("children"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture
 def image_tree(tmp_path):
     """An ImageNet-style tree: class folders with nested files, mixed formats."""

@@ -65,7 +65,7 @@ class SelaConfig:
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int | None = None  # None: default_workers()
     device: str = "auto"
-    precision: str = "auto"  # the network's forward passes: auto (bfloat16 where the hardware has it), float32, bfloat16
+    precision: str = "auto"  # the network's forward passes: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16
     seed: int = 0
     init: str | None = None
     init_partial: bool = False  # use --init weights that fit only part of the body (the rest stays random)

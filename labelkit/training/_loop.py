@@ -81,7 +81,7 @@ def resolve_device(name: str | None) -> torch.device:
 @functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). There oneDNN's bf16 convolutions
-    train 1.6-1.9x faster than float32 (``bench/precision.py`` on a 2-core AMD EPYC with AVX-512 BF16:
+    train 1.3-1.8x faster than float32 (``bench/precision.py`` on a 2-core AMD EPYC with AVX-512 BF16:
     labelkit_cnn, ResNet-18, AlexNet); a CPU without it emulates bf16, slower than float32."""
     try:  # torch's own CPU feature table (private; a torch without it gets float32)
         flags = torch._C._cpu._get_cpu_capability()
@@ -92,8 +92,9 @@ def native_bfloat16() -> bool:
 
 def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """The dtype the network's forward passes run in (``--precision``): ``auto`` is bfloat16 on CUDA and
-    float32 on the CPU. (On the CPU bfloat16 is asked for: on the development suite's image sets it trained
-    faster but, over three seeds, its labels were no better and on some sets lower -- README, bfloat16.)"""
+    float32 on the CPU, where bfloat16 has to be asked for: on the development suite's image sets it trained
+    faster, but over three seeds its labels were no better and on some sets lower (README, "bfloat16 on the
+    CPU, when asked")."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):

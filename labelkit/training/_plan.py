@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 from ._budget import (BUDGET_SHARE, DEFAULT_CPU_BUDGET, BudgetError, _bytes, _clock, _plural, label_step_count,
                       parse_duration)
 from ._loop import native_bfloat16, network_precision
