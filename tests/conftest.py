@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,17 +23,22 @@ def write_image(path, size=(12, 10), color=None, mode="RGB", seed=0):
     return path
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _children_keep_scratch_in_pytests_tree(tmp_path_factory):
-    """Child processes write their scratch under pytest's temporary tree, which pytest prunes, instead of /tmp:
-    torchrun keeps a torchelastic_* folder there per launch and leaves it behind when a test kills it."""
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("children"))
-    yield
+def pytest_configure(config):
+    """Child processes write their scratch into one folder that the session removes when it ends, not into
+    /tmp: torchrun keeps a torchelastic_* folder there per launch and leaves it behind when a test kills it.
+    Set before collection, so the environments that test modules copy at import have it too."""
+    tempfile.gettempdir()  # this process keeps the usual one (pytest's own tmp_path tree)
+    config.children_scratch = (tempfile.mkdtemp(prefix="labelkit-test-children-"), os.environ.get("TMPDIR"))
+    os.environ["TMPDIR"] = config.children_scratch[0]
+
+
+def pytest_unconfigure(config):
+    scratch, before = config.children_scratch
     if before is None:
         os.environ.pop("TMPDIR", None)
     else:
         os.environ["TMPDIR"] = before
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture
