@@ -257,8 +257,8 @@ class Job:
         if not threshold or sum(1 for e in self.label_schedule if 0 < e <= epoch) < SETTLE_STEPS:
             return None
         agree = [h["nmi_previous"] for h in record.get("heads", []) if "nmi_previous" in h]
-        settled = float(np.mean(agree)) if agree and np.mean(agree) >= threshold else None
-        return self.dist.broadcast(settled)
+        mean = float(np.mean(agree)) if agree else 0.0
+        return self.dist.broadcast(mean if mean >= threshold else None)
 
     def train_epoch(self, model, transform, targets: torch.Tensor, optimizer, keep) -> dict:
         """Step 1 on images: one epoch of cross-entropy averaged over heads, ``targets`` (heads, N) over the
