@@ -120,6 +120,9 @@ def _clusters(ctx, param, value):
                    "[tables: 512, fewer on a budget; off otherwise].")
 @click.option("--neighbours", type=int, default=None,
               help=f"With fixed features: train each sample towards the labels of its k nearest neighbours too {_d('neighbours')}.")
+@click.option("--train-rows", type=int, default=None, metavar="N",
+              help="With fixed features: the heads train on a seeded random sample of N rows, and the last label "
+                   "step labels every row [all rows; on a large table, a sample where the budget cannot train all].")
 @click.option("--keep-better/--no-keep-better", default=None,
               help="With fixed features and --neighbours: a head whose new labels agree less with the features' "
                    f"nearest neighbours than its old ones keeps the old {_d('keep_better')}.")

@@ -320,10 +320,12 @@ def test_two_processes_preempted_by_sigterm_resume_to_the_same_labels(tmp_path):
 def test_eta_counts_the_label_steps_still_to_come():
     from labelkit.training import Job
 
-    job = Job.__new__(Job)  # only the ETA's two fields
-    job.label_schedule, job._label_seconds = {0, 5, 10}, [9.0, 2.0, 4.0, 3.0]
+    job = Job.__new__(Job)  # only the ETA's fields
+    job.label_schedule, job._label_seconds, job.label_weight = {0, 5, 10}, [9.0, 2.0, 4.0, 3.0], {}
     assert job.label_eta(4) == 2 * 3.0  # steps after epochs 5 and 10, at the last three steps' mean
     assert job.label_eta(9) == 3.0 and job.label_eta(10) == 0.0
+    job.label_weight = {10: 4.0}  # --train-rows: the last step labels four times the sample's rows
+    assert job.label_eta(4) == (1 + 4) * 3.0 and job.label_eta(9) == 4 * 3.0
     job._label_seconds = []
     assert job.label_eta(0) == 0.0  # no pace yet
 

@@ -83,7 +83,7 @@ _EXPORTS = {
     "EvalConfig": "._probe",
     "PROTOCOLS": "._probe",
     "run_sela": "._sela",
-    "label_schedule": "._sela",
+    "label_schedule": "._budget",
     "head_balance": "._sela",
     "SelaRun": "._sela",
     "SelaState": "._sela",

@@ -8,7 +8,7 @@ import re
 from ._config import SelaConfig
 from ..errors import ConfigError
 
-__all__ = ["parse_duration", "DEFAULT_CPU_BUDGET"]
+__all__ = ["parse_duration", "DEFAULT_CPU_BUDGET", "label_schedule"]
 
 DEFAULT_CPU_BUDGET = 15 * 60  # seconds: a run on a CPU ends within this unless --budget says otherwise
 BUDGET_SHARE = 0.8  # plan to this share of --budget; the run stops early, between epochs, if it must
@@ -37,11 +37,22 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
+    """Epochs after which the labels are re-solved: the i-th of M at t_i = ((i - 1) / (M - 1))^2 of training
+    (paper, appendix A.1), or at even intervals (``spacing="even"``: for runs that start from meaningful labels,
+    which need no burst of early steps). Epoch 0 means before any training; the last comes after the final
+    epoch. At most one per epoch.
+    """
+    if steps == 1:
+        return [epochs]
+    power = 1 if spacing == "even" else 2
+    return sorted({round(epochs * ((i - 1) / (steps - 1)) ** power) for i in range(1, steps + 1)})
+
+
 def label_step_count(config: SelaConfig, n: int | None = None) -> int:
     """The label steps a run of ``n`` samples solves: its schedule, less the one before the first epoch that the
     graph start or ``--start-from`` replaces (fixed features outside the graph's range start from the untrained heads instead)."""
     from ._graph import GRAPH_LIMIT, GRAPH_MIN
-    from ._sela import label_schedule
 
     schedule = label_schedule(config.epochs, config.label_steps, config.label_spacing)
     graph = config.start == "graph" and (not config.frozen or n is None or GRAPH_MIN <= n <= GRAPH_LIMIT)

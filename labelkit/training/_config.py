@@ -75,6 +75,7 @@ class SelaConfig:
     pca: int | None = None  # frozen: PCA-whiten to this width; None: 98 % of the variance, at most 128; 0: all
     head_hidden: int | None = None  # frozen: one hidden layer (Linear + BN + ReLU) under the heads
     neighbours: int = 0  # frozen: also train each sample towards the labels of its k nearest neighbours
+    train_rows: int | None = None  # frozen: the heads train on a random sample of this many rows; all are labelled
     keep_better: bool = True  # frozen, with neighbours: a head keeps its labels where a label step agrees less with them
     feature_cache: str | None = None  # frozen: folder of cached features (default: OUT/features)
     skip_bad: bool = False  # embedding tables: leave out NaN/inf vectors instead of failing
@@ -256,6 +257,8 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
         recipe = {**FROZEN_RECIPE, **table, "warmup": 0.0, "weight_decay": SelaConfig.weight_decay, **kept,
                   "out": recipe["out"] + "-frozen" if "out" in recipe else FROZEN_RECIPE["out"]}
     chosen = {**from_file, **given}
+    if chosen.get("train_rows") is not None and "neighbours" not in chosen:
+        recipe["neighbours"] = 0  # the neighbour term needs every row trained (see _check_train_rows)
     if isinstance(chosen.get("clusters"), (list, tuple)) and len(chosen["clusters"]) > 1 and "heads" not in chosen:
         recipe["heads"] = len(chosen["clusters"])  # one head per K listed, unless --heads says otherwise
     merged = {**recipe, **saved, **from_file, **given}
@@ -330,6 +333,20 @@ def memory_bytes(text: str | int | None, option: str = "--label-memory") -> int 
     return value
 
 
+def _check_train_rows(config: SelaConfig) -> None:
+    rows = config.train_rows
+    if rows is None:
+        return
+    if not config.frozen:
+        raise ConfigError("--train-rows samples the rows that heads on fixed features train on: give an embedding "
+                          "table, or --freeze")
+    if rows < max(config.head_clusters()):
+        raise ConfigError(f"--train-rows {rows:,} is fewer than the {max(config.head_clusters()):,} clusters of a head")
+    if config.neighbours:
+        raise ConfigError("--train-rows cannot go with --neighbours: the neighbour term trains every row towards "
+                          "its neighbours' labels, which a sample leaves untrained; give --neighbours 0")
+
+
 def _check_prior(config: "SelaConfig") -> None:
     from ..errors import SolverError
     from ..solver import Prior
@@ -397,6 +414,7 @@ def _check(config) -> None:
             value, least = getattr(config, name), 1 if name == "views" else 0  # 0: no PCA, hidden layer, neighbours
             if value is not None and value < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {least} or more, got {value}")
+        _check_train_rows(config)
         _check_prior(config)
         _check_solver(config)
         if config.freeze and config.label_augment:

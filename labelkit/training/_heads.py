@@ -3,14 +3,17 @@ the trunk the heads read, and the heads' start from k-means centroids."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ..quality import unit_centroids
-from ._frozen import FeatureTrunk, Whiten
+from ._frozen import FeatureTrunk, Whiten, head_batches, head_draws, head_step
 from ._models import SelaModel
+from ._sharded import gathered_inputs, sharded_batches
 
-__all__ = ["FrozenBackbone", "frozen_model", "frozen_heads", "frozen_record", "seed_prototypes"]
+__all__ = ["FrozenBackbone", "frozen_model", "frozen_heads", "frozen_record", "seed_prototypes", "training_sample", "head_training"]
 
 
 class FrozenBackbone(torch.nn.Module):
@@ -65,3 +68,37 @@ def seed_prototypes(heads: SelaModel, features: torch.Tensor, keep: np.ndarray, 
             head.weight.copy_(centres * head.weight.norm(dim=1, keepdim=True))
             if head.bias is not None:
                 head.bias.zero_()
+
+
+def training_sample(rows: int | None, keep: np.ndarray, seed: int) -> np.ndarray | None:
+    """The mask of the rows that the heads train on with ``--train-rows``: a seeded random sample of the kept
+    rows (None where every row trains). The last label step labels every row all the same."""
+    kept = np.flatnonzero(keep)
+    if rows is None or rows >= len(kept):
+        return None
+    sample = np.zeros(len(keep), dtype=bool)
+    sample[np.random.default_rng([seed, 2]).choice(kept, rows, replace=False)] = True
+    return sample
+
+
+def head_training(job, heads: SelaModel, optimizer, views, near, shard, state, trained):
+    """Step 1 of heads on fixed features, one epoch a call, on the rows of the mask that ``trained()`` gives
+    (every kept row, or the sample of ``--train-rows``)."""
+    config = job.config
+    smallest = 2 if any(isinstance(m, torch.nn.BatchNorm1d) for m in heads.modules()) else 1
+
+    def train() -> dict:
+        heads.train()
+        keep = trained()
+        steps = max(1, math.ceil(int(keep.sum()) / config.batch_size))
+        if shard is None:
+            return job.train_pass(lambda start: head_batches(views, keep, near, config, job.epoch, start, smallest),
+                                  lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
+                                  optimizer, steps, min_batch=smallest)
+        draws = head_draws(views.shape[0], keep, None, config, job.epoch, smallest)
+        return job.train_pass(lambda start: sharded_batches(views, draws, start),
+                              lambda rows, inputs: head_step(heads, optimizer, rows,
+                                                             gathered_inputs(views, rows, inputs), state.labels),
+                              optimizer, steps, min_batch=smallest)
+
+    return train

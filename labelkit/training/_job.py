@@ -68,6 +68,7 @@ class Job:
         self.stopped_because: str | None = None  # why: "budget" or "settled"
         self.label_schedule: set[int] = set()  # epochs after which a label step runs (the ETA counts them)
         self._label_seconds: list[float] = []
+        self.label_weight: dict[int, float] = {}  # label steps of more rows than the recent ones (--train-rows): x rows
         # a sample of the last label step's rows, their features and labels before it: label-free quality
         self.label_features: tuple | None = None
         self.selection = None  # heads on fixed features: training/_select.py's KeepBetter, where it applies
@@ -192,7 +193,7 @@ class Job:
 
     def label_eta(self, epoch: int) -> float:
         """Seconds the label steps after ``epoch`` (0-based, just trained) will take, at the recent pace."""
-        left = sum(1 for e in self.label_schedule if e > epoch)
+        left = sum(self.label_weight.get(e, 1.0) for e in self.label_schedule if e > epoch)
         recent = self._label_seconds[-3:]
         return left * sum(recent) / len(recent) if recent else 0.0
 
@@ -237,14 +238,21 @@ class Job:
                 self._stop(epoch + 1, "settled", f"stopped after epoch {epoch + 1} of {self.config.epochs}: the "
                            f"labels settled (NMI {settled:.3f} to the previous label step, mean over heads; "
                            f"--settle {self.config.settle:g})", agreement=round(settled, 4))
-            elif deadline and epoch + 1 < self.config.epochs and time.time() + (time.time() - began) > deadline:
-                if label_step is not None and epoch + 1 not in self.label_schedule:
-                    self.label_step(epoch + 1, label_step)
+            elif deadline and epoch + 1 < self.config.epochs and \
+                    time.time() + (time.time() - began) + self._last_step_extra() > deadline:
                 self._stop(epoch + 1, "budget", f"stopped after epoch {epoch + 1} of {self.config.epochs}: the next "
                            "would pass the budget")
+                if label_step is not None and epoch + 1 not in self.label_schedule:
+                    self.label_step(epoch + 1, label_step)  # after the stop: a step that knows it is the last
             self.end_epoch()
             if self.stopped_early:
                 break
+
+    def _last_step_extra(self) -> float:
+        """Seconds the last label step takes beyond a recent one, where it covers more rows (``label_weight``)."""
+        recent = self._label_seconds[-3:]
+        weight = self.label_weight.get(self.config.epochs, 1.0)
+        return (weight - 1.0) * sum(recent) / len(recent) if recent else 0.0
 
     def _stop(self, epoch: int, why: str, message: str, **figures) -> None:
         self.log({"type": why, "epoch": epoch, "epochs": self.config.epochs, "message": message, **figures})

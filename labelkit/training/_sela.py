@@ -9,7 +9,6 @@ comes after the last epoch, and its labels are the artefact.
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ import numpy as np
 import torch
 
 from ..artefact import Artefact, producer_versions
+from ._budget import label_schedule
 from ._config import SelaConfig, memory_bytes, solver_prior
 from ..quality import consensus_labels
 from ..errors import ConfigError
-from ._frozen import (TableRows, ViewsOnDisk, cached_views, head_batches, head_draws, head_step,
-                      neighbours, whitened_views)
-from ._sharded import Shard, gathered_inputs, refuse_neighbours, row_share, sharded_batches
-from ._heads import frozen_heads, frozen_record, seed_prototypes
+from ._frozen import (TableRows, ViewsOnDisk, cached_views, neighbours, whitened_views)
+from ._sharded import Shard, refuse_neighbours, row_share
+from ._heads import frozen_heads, frozen_record, head_training, seed_prototypes, training_sample
 from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins, started_from
 from ._select import KeepBetter, labels_from
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
@@ -40,18 +39,6 @@ from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffe
 from ._loop import Reporter, autocast, extract_features, make_optimizer, model_to, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState"]
-
-
-def label_schedule(epochs: int, steps: int, spacing: str = "quadratic") -> list[int]:
-    """Epochs after which the labels are re-solved: the i-th of M at t_i = ((i - 1) / (M - 1))^2 of training
-    (paper, appendix A.1), or at even intervals (``spacing="even"``: for runs that start from meaningful labels,
-    which need no burst of early steps). Epoch 0 means before any training; the last comes after the final
-    epoch. At most one per epoch.
-    """
-    if steps == 1:
-        return [epochs]
-    power = 1 if spacing == "even" else 2
-    return sorted({round(epochs * ((i - 1) / (steps - 1)) ** power) for i in range(1, steps + 1)})
 
 
 @dataclass
@@ -146,12 +133,14 @@ def _label_step(job: Job, model: SelaModel, dim: int, state: SelaState, ks: list
 
 
 def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch.Tensor, labelled: np.ndarray,
-                 state: SelaState, ks: list[int]) -> dict:
-    """One Sinkhorn solve per head on ``features`` (this rank's ``rows``), warm-started; the new labels and
-    scores go into ``state``; returns the label step's record."""
+                 state: SelaState, ks: list[int], sized: int | None = None, compare: np.ndarray | None = None) -> dict:
+    """One Sinkhorn solve per head on ``features`` (this rank's ``rows``; its kernel stored as for ``sized`` rows,
+    where given), warm-started; the new labels and scores go into ``state``; returns the label step's record,
+    with each head's agreement with the previous labels on the ``compare`` rows (default: all labelled)."""
     config, dist, source = job.config, job.dist, job.source
     everyone = np.flatnonzero(labelled)
-    previous = state.labels[:, everyone].numpy()
+    measured = everyone if compare is None else np.flatnonzero(labelled & compare)
+    previous = state.labels[:, measured].numpy()
     # what the label-free quality of the last step reads: a sample of the rows (it subsamples to that many
     # anyway), so that N x D features are not held through the next epochs
     sample = np.sort(np.random.default_rng(config.seed).permutation(len(rows))[:QUALITY_ROWS])
@@ -159,7 +148,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     job.label_features = (rows.numpy()[sample], picked.float().cpu())
     job.previous_labels = state.labels[:, rows[torch.from_numpy(sample)]].clone()
     memory = memory_bytes(config.label_memory)
-    path = kernel_path(len(rows), max(ks), job.device, memory, scratch=config.out)
+    path = kernel_path(sized or len(rows), max(ks), job.device, memory, scratch=config.out)
     buffer = kernel_buffer(len(rows), max(ks), device=job.device) if path == "stored" else None
     job.reporter.phase("solve", len(ks))
     heads = []
@@ -185,8 +174,8 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
                         device=job.device))
         store_labels(dist, state, h, rows, labels, posterior)
         if dist.main:  # the figures go to the history, which rank 0 writes
+            info["nmi_previous"] = agreement(state.labels[h, measured].numpy(), previous[h])["nmi"]
             labels = state.labels[h, everyone].numpy()
-            info["nmi_previous"] = agreement(labels, previous[h])["nmi"]
             if source.has_truth:  # ground truth is only ever measured, never trained on
                 truth = source.targets[everyone]
                 known = truth >= 0
@@ -281,7 +270,6 @@ def _frozen_features(job: Job) -> tuple[torch.nn.Module | None, torch.Tensor, di
         bad = dist.gather_dict(source.find_bad(row_share(len(source), dist)))
         job.skips.skipped.update(source.check_finite(config.skip_bad, bad))
         return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
-        return None, [TableRows(source)], {"type": "features", "source": "embeddings"}  # read by chunks
     net = create_backbone(config.arch, config.image_size, config.init, pretrained=config.pretrained,
                                init_partial=config.init_partial)
     plain, augmented = run_transforms(net, config.image_size, config.augment, config.pretrained)
@@ -320,35 +308,47 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     graph, job.label_schedule = _frozen_schedule(job, int(keep.sum()), resumed)
     job.selection = KeepBetter(near, views[0]) if near is not None and config.keep_better else None
 
-    def label_step(epoch: int) -> dict:  # the plain cached view: nothing drawn
-        heads.eval()
-        held = np.flatnonzero(keep) if shard is None else shard.rows[keep[shard.rows]]  # this rank's rows
-        return _solve_on_features(job, heads, views[0], torch.from_numpy(held), keep, state, ks)
-
-    def train() -> dict:  # step 1, the heads only
-        heads.train()
-        steps = max(1, math.ceil(int(keep.sum()) / config.batch_size))
-        smallest = 2 if any(isinstance(m, torch.nn.BatchNorm1d) for m in heads.modules()) else 1
-        if shard is None:
-            return job.train_pass(lambda start: head_batches(views, keep, near, config, job.epoch, start, smallest),
-                                  lambda rows, inputs: head_step(heads, optimizer, rows, inputs, state.labels),
-                                  optimizer, steps, min_batch=smallest)
-        draws = head_draws(views.shape[0], keep, None, config, job.epoch, smallest)
-        return job.train_pass(lambda start: sharded_batches(views, draws, start),
-                              lambda rows, inputs: head_step(heads, optimizer, rows,
-                                                             gathered_inputs(views, rows, inputs), state.labels),
-                              optimizer, steps, min_batch=smallest)
-
+    sample = training_sample(config.train_rows, keep, config.seed)
+    labelled_all = [False]  # whether the latest label step labelled every row, not only the training sample
+    if sample is not None:  # the ETA: the last label step passes over every row
+        job.label_weight[config.epochs] = keep.sum() / (keep & sample).sum()
+    label_step = _frozen_label_step(job, heads, views[0], shard, state, ks, lambda: keep, sample, labelled_all)
+    train = head_training(job, heads, optimizer, views, near, shard, state,
+                          lambda: keep if sample is None else keep & sample)
     if not resumed:
         _first_labels(job, raw, keep, state, ks, graph, label_step)
     keep = state.keep(keep)  # a reviewed start leaves samples out: the closures above read these
     job.run_epochs(train, label_step)
+    if sample is not None and not labelled_all[0]:  # stopped early: the heads label every row, once
+        job.label_step(job.epoch, lambda epoch: label_step(config.epochs))
+        job.checkpoint()
     run = _finish(job, model, state, ks)
     job.finish()
     local = views if shard is None else views.local
     if isinstance(local, ViewsOnDisk):  # a derived copy of the table: not worth its disk once the run is done
         local.file.path.unlink(missing_ok=True)
     return run
+
+
+def _frozen_label_step(job: Job, heads: SelaModel, view, shard, state: SelaState, ks: list[int], kept, sample,
+                       done: list):
+    """Step 2 of heads on fixed features (the plain cached view: nothing drawn), as ``label_step(epoch)``: a solve on
+    every kept row (``kept()``), or, before the last epoch of a run trained on a ``sample``, on the sample's rows.
+    A step on the sample keeps its kernel and features where the whole table's step would, so that the run's
+    peak memory stays that step's, and the whole table's step measures its agreement on the sample."""
+    def held(mask: np.ndarray) -> np.ndarray:  # this rank's rows
+        return np.flatnonzero(mask) if shard is None else shard.rows[mask[shard.rows]]
+
+    def label_step(epoch: int) -> dict:
+        heads.eval()
+        keep = kept()
+        rows = keep if sample is None or epoch >= job.config.epochs or job.stopped_early else keep & sample
+        done[0] = rows is keep
+        compare = keep & sample if sample is not None and rows is keep else None
+        return _solve_on_features(job, heads, view, torch.from_numpy(held(rows)), rows, state, ks,
+                                  sized=len(held(keep)), compare=compare)
+
+    return label_step
 
 
 def _first_labels(job: Job, raw, keep: np.ndarray, state: SelaState, ks: list[int], graph: bool, label_step) -> None:
@@ -376,10 +376,10 @@ _BLOCK = 65536  # rows per block of a pass over the features
 
 
 def _solve_on_features(job: Job, heads: SelaModel, view, rows: torch.Tensor, keep: np.ndarray, state: SelaState,
-                       ks: list[int]) -> dict:
+                       ks: list[int], sized: int | None = None, compare: np.ndarray | None = None) -> dict:
     """The label step of heads on fixed features: the heads' input features of ``rows`` (a pass over ``view``,
-    block by block), held in memory or, where the label step's memory would not hold them, written to a float16
-    file for the solver to read by blocks; then one solve per head."""
+    block by block), held in memory or, where the label step's memory would not hold them (for ``sized`` rows,
+    where given), written to a float16 file for the solver to read by blocks; then one solve per head."""
     config = job.config
     dim = feature_dim(heads.backbone)
     starts = range(0, len(rows), _BLOCK)
@@ -391,16 +391,16 @@ def _solve_on_features(job: Job, heads: SelaModel, view, rows: torch.Tensor, kee
                 yield heads.features(view[rows[i:i + _BLOCK]].float())
                 job.reporter.advance()
 
-    if not features_on_disk(len(rows), dim, max(ks), job.device, memory_bytes(config.label_memory),
+    if not features_on_disk(sized or len(rows), dim, max(ks), job.device, memory_bytes(config.label_memory),
                             scratch=config.out):
         features = torch.cat(list(blocks()))
         job.reporter.end_phase()
-        return _solve_heads(job, heads, features, rows, keep, state, ks)
+        return _solve_heads(job, heads, features, rows, keep, state, ks, sized, compare)
     path = Path(config.out) / ("label_features.npy" if job.dist.world == 1 else f"label_features-rank{job.dist.rank}.npy")
     try:
         file = FeatureFile(write_features(path, blocks(), len(rows), dim))
         job.reporter.end_phase()
-        record = _solve_heads(job, heads, file, rows, keep, state, ks)
+        record = _solve_heads(job, heads, file, rows, keep, state, ks, sized, compare)
     finally:
         path.unlink(missing_ok=True)  # written for this step only
     return {**record, "features": "disk"}
