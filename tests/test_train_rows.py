@@ -52,8 +52,11 @@ def test_heads_train_on_the_sample_and_the_last_label_step_labels_every_row(tmp_
     # 100 kB hold the kernel and features of the 600 rows of the sample, not of all 3,000: every step keeps its kernel
     # and features on disk, as the last does, so that the run's peak memory is the last step's
     assert all(s["features"] == "disk" and {h["kernel"] for h in s["heads"]} == {"disk"} for s in steps)
-    # the last step's agreement with the step before is measured on the rows both labelled: the sample
+    # the last step's agreement with the step before, and the labels' stability, are measured on the rows both
+    # labelled: the sample
     assert min(h["nmi_previous"] for h in steps[-1]["heads"]) > 0.9
+    quality = next(r for r in history(tmp_path / "run") if r["type"] == "quality")
+    assert min(h["stability"] for h in quality["heads"]) > 0.9
     epochs = [r for r in history(tmp_path / "run") if r["type"] == "epoch"]
     assert len(epochs) == 6
     labels = read_artefact(tmp_path / "run" / "labels.parquet").label_matrix()

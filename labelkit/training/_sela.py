@@ -141,9 +141,9 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     everyone = np.flatnonzero(labelled)
     measured = everyone if compare is None else np.flatnonzero(labelled & compare)
     previous = state.labels[:, measured].numpy()
-    # what the label-free quality of the last step reads: a sample of the rows (it subsamples to that many
-    # anyway), so that N x D features are not held through the next epochs
-    sample = np.sort(np.random.default_rng(config.seed).permutation(len(rows))[:QUALITY_ROWS])
+    # what the label-free quality of the last step reads: a sample of the (compared) rows, not N x D features
+    eligible = np.arange(len(rows)) if compare is None else np.flatnonzero(compare[rows.numpy()])
+    sample = np.sort(np.random.default_rng(config.seed).permutation(eligible)[:QUALITY_ROWS])
     picked = features.take(sample) if isinstance(features, FeatureFile) else features[torch.from_numpy(sample)]
     job.label_features = (rows.numpy()[sample], picked.float().cpu())
     job.previous_labels = state.labels[:, rows[torch.from_numpy(sample)]].clone()
@@ -310,7 +310,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
 
     sample = training_sample(config.train_rows, keep, config.seed)
     labelled_all = [False]  # whether the latest label step labelled every row, not only the training sample
-    if sample is not None:  # the ETA: the last label step passes over every row
+    if sample is not None:  # the ETA and the budget: the last label step passes over every row
         job.label_weight[config.epochs] = keep.sum() / (keep & sample).sum()
     label_step = _frozen_label_step(job, heads, views[0], shard, state, ks, lambda: keep, sample, labelled_all)
     train = head_training(job, heads, optimizer, views, near, shard, state,
