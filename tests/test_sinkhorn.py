@@ -200,8 +200,8 @@ def _distributed_worker(rank, world, init, logits, out, kwargs=None):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kwargs", [{}, {"balance": Balance(prior="powerlaw:0.8", tau=1.0)},
-                                    {"storage": Storage(kernel="stream")}],
-                         ids=["uniform", "powerlaw-relaxed", "streamed"])
+                                    {"storage": Storage(kernel="stream")}, {"balance": Balance(exact=True)}],
+                         ids=["uniform", "powerlaw-relaxed", "streamed", "exact"])  # 3,001 rows: ranks of 1,501 and 1,500
 def test_distributed_solve_equals_single_process(tmp_path, kwargs):
     import torch.multiprocessing as mp
 

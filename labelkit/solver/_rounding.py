@@ -46,11 +46,21 @@ def _log_q(source, rows: np.ndarray, potentials, lam) -> np.ndarray:
 
 
 def _gather(group, *arrays):
-    """Every rank's arrays concatenated in rank order (each array unchanged in one process)."""
+    """Every rank's arrays (of equal length on a rank) concatenated in rank order, each array unchanged in one
+    process. They go as tensors padded to the longest rank's, one array at a time, not pickled: at 10 M rows
+    x 8 candidates, a pickled gather held the candidates several times over on every rank."""
     if group is None:
         return arrays
-    parts = collectives.all_gather(arrays, group)
-    return tuple(np.concatenate([p[j] for p in parts]) for j in range(len(arrays)))
+    counts = [int(c) for c in collectives.all_gather_tensors(torch.tensor([len(arrays[0])]), group)]
+    gathered = []
+    for array in arrays:
+        padded = torch.zeros((max(counts), *array.shape[1:]), dtype=torch.from_numpy(array).dtype)
+        padded[: len(array)] = torch.from_numpy(array)
+        parts = collectives.all_gather_tensors(padded, group) if max(counts) else [padded] * len(counts)
+        del padded
+        gathered.append(np.concatenate([part[:count].numpy() for part, count in zip(parts, counts)]))
+        del parts
+    return tuple(gathered)
 
 
 def _greedy(top_logq: np.ndarray, top_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
