@@ -54,8 +54,9 @@ def _gather(group, *arrays):
     counts = [int(c) for c in collectives.all_gather_tensors(torch.tensor([len(arrays[0])]), group)]
     gathered = []
     for array in arrays:
-        padded = torch.zeros((max(counts), *array.shape[1:]), dtype=torch.from_numpy(array).dtype)
-        padded[: len(array)] = torch.from_numpy(array)
+        mine = torch.from_numpy(array)
+        padded = torch.zeros((max(counts), *array.shape[1:]), dtype=mine.dtype)
+        padded[: len(array)] = mine
         parts = collectives.all_gather_tensors(padded, group) if max(counts) else [padded] * len(counts)
         del padded
         gathered.append(np.concatenate([part[:count].numpy() for part, count in zip(parts, counts)]))

@@ -1,5 +1,6 @@
 """The model of heads on fixed features: the frozen backbone (none for an embedding table), its whitening and
-the trunk the heads read, and the heads' start from k-means centroids."""
+the trunk the heads read, the heads' start from k-means centroids, and their training epoch (on every row, or
+on the random sample of ``--train-rows``)."""
 
 from __future__ import annotations
 

@@ -332,10 +332,9 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
 
 def _frozen_label_step(job: Job, heads: SelaModel, view, shard, state: SelaState, ks: list[int], kept, sample,
                        done: list):
-    """Step 2 of heads on fixed features (the plain cached view: nothing drawn), as ``label_step(epoch)``: a solve on
-    every kept row (``kept()``), or, before the last epoch of a run trained on a ``sample``, on the sample's rows.
-    A step on the sample keeps its kernel and features where the whole table's step would, so that the run's
-    peak memory stays that step's, and the whole table's step measures its agreement on the sample."""
+    """Step 2 of heads on fixed features (the plain view), as ``label_step(epoch)``: a solve on every kept row
+    (``kept()``) or, before the last epoch of a run trained on a ``sample``, on the sample's -- with its kernel and
+    features where the whole table's step keeps them (the run's peak), which measures its agreement on the sample."""
     def held(mask: np.ndarray) -> np.ndarray:  # this rank's rows
         return np.flatnonzero(mask) if shard is None else shard.rows[mask[shard.rows]]
 
@@ -345,8 +344,9 @@ def _frozen_label_step(job: Job, heads: SelaModel, view, shard, state: SelaState
         rows = keep if sample is None or epoch >= job.config.epochs or job.stopped_early else keep & sample
         done[0] = rows is keep
         compare = keep & sample if sample is not None and rows is keep else None
-        return _solve_on_features(job, heads, view, torch.from_numpy(held(rows)), rows, state, ks,
-                                  sized=len(held(keep)), compare=compare)
+        whole = held(keep)
+        return _solve_on_features(job, heads, view, torch.from_numpy(whole if rows is keep else held(rows)), rows,
+                                  state, ks, sized=len(whole), compare=compare)
 
     return label_step
 

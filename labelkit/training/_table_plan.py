@@ -149,9 +149,10 @@ def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
     n = len(source)
     probe = _table_probe(plan.config, source)
     recipe, steps_given = plan.config, "label_steps" in chosen
-    fits = []  # (config, lean, rates, costs) of each rung that fits at least one epoch
+    rungs, fits = [], []  # (config, lean, rates) of each rung probed; (config, lean, rates, costs) of each that fits
     for candidate, lean in _table_ladder(recipe, chosen):
         rates, costs = _rung_costs(candidate, lean, n, probe)
+        rungs.append((candidate, lean, rates))
         if not fit:
             fits = [(candidate, lean, rates, costs)]
             break
@@ -170,7 +171,7 @@ def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
     # the one that trains the most (the richest of equals)
     picked = next((f for f in fits if f[0].epochs >= recipe.epochs), None)
     if picked is None and fit and "train_rows" not in chosen and not recipe.neighbours:
-        picked = _sampled_rung(_table_ladder(recipe, chosen), n, probe, plan.budget, steps_given)
+        picked = _sampled_rung(rungs, n, plan.budget, steps_given)  # every rung was probed: none trains it all
         if picked is not None:
             plan.reasons["train_rows"] = _sample_reason(picked[0], n, plan.budget)
     picked = picked or max(fits, key=lambda f: f[0].epochs)
@@ -218,11 +219,12 @@ SAMPLE_ROWS_PER_CLUSTER = 1000
 SAMPLE_LEAST = 100
 
 
-def _sampled_rung(ladder, n: int, probe: dict, budget: float, steps_given: bool):
-    """(config with ``train_rows``, lean, rates, costs) of the rung that trains every epoch on a sample, or None."""
+def _sampled_rung(rungs, n: int, budget: float, steps_given: bool):
+    """(config with ``train_rows``, lean, rates, costs) of the rung that trains every epoch on a sample, or None;
+    ``rungs`` are the ladder's (config, lean, probed rates)."""
     found = []
-    for candidate, lean in ladder:
-        fitted = _largest_sample(candidate, lean, _rung_costs(candidate, lean, n, probe)[0], n, budget, steps_given)
+    for candidate, lean, rates in rungs:
+        fitted = _largest_sample(candidate, lean, rates, n, budget, steps_given)
         if fitted is not None and fitted[0].train_rows >= SAMPLE_ROWS_PER_CLUSTER * max(candidate.head_clusters()):
             return fitted
         found += [fitted] if fitted is not None else []
