@@ -49,6 +49,8 @@ def test_heads_train_on_the_sample_and_the_last_label_step_labels_every_row(tmp_
     run_sela(config)
     steps = [r for r in history(tmp_path / "run") if r["type"] == "label_step"]
     assert [s["labelled"] for s in steps] == [600, 600, 600, 3000]
+    # each solve covers the rows it labels: 4 equal clusters of the 600, then of all 3,000
+    assert [{(h["size_min"], h["size_max"]) for h in s["heads"]} for s in steps] == [{(150, 150)}] * 3 + [{(750, 750)}]
     # 100 kB hold the kernel and features of the 600 rows of the sample, not of all 3,000: every step keeps its kernel
     # and features on disk, as the last does, so that the run's peak memory is the last step's
     assert all(s["features"] == "disk" and {h["kernel"] for h in s["heads"]} == {"disk"} for s in steps)
