@@ -219,6 +219,53 @@ def test_distributed_solve_equals_single_process(tmp_path, kwargs):
     assert (labels == single.labels).all()
 
 
+def _rounding_worker(rank, world, init, logits, parts, out):
+    import torch.distributed as dist
+
+    from labelkit.solver import _rounding as rounding
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        mine = logits[parts[rank]]
+        exact = rounding.balanced_labels(mine, np.zeros(logits.shape[1]), 1.0, 97, candidates=3,
+                                         group=dist.group.WORLD, band=40)
+        floored = rounding.floored_labels(mine, np.zeros(logits.shape[1]), 1.0, 97, *_argmax(mine), _MINIMUM,
+                                          candidates=5, group=dist.group.WORLD)
+        torch.save({"exact": exact, "floored": floored}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+_MINIMUM = np.full(13, 60)
+
+
+def _argmax(logits):
+    return logits.argmax(1), torch.softmax(logits, 1).max(1).values
+
+
+@pytest.mark.distributed
+def test_rounding_across_unequal_ranks_gives_one_processs_labels(tmp_path):
+    import torch.multiprocessing as mp
+
+    from labelkit.solver import _rounding as rounding
+
+    # coarse logits (ties within and across rows) leaning to the last clusters: the walk refuses many first
+    # choices and the floor moves rows; small bands, so that the ranks walk many of them
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.integers(0, 4, (1001, 13)).astype(np.float32) + np.linspace(0, 1, 13, dtype=np.float32))
+    parts = [np.arange(0, 200), np.arange(200, 701), np.arange(701, 1001)]
+    k = logits.shape[1]
+    exact = rounding.balanced_labels(logits, np.zeros(k), 1.0, 97, candidates=3, band=40)
+    floored = rounding.floored_labels(logits, np.zeros(k), 1.0, 97, *_argmax(logits), _MINIMUM, candidates=5)
+    assert np.bincount(_argmax(logits)[0].numpy(), minlength=k).min() < 60 <= np.bincount(floored[0].numpy()).min()
+    mp.spawn(_rounding_worker, args=(3, f"file://{tmp_path}/rendezvous", logits, parts, str(tmp_path / "out")),
+             nprocs=3, join=True)
+    got = [torch.load(tmp_path / f"out.{rank}") for rank in range(3)]
+    for name, single in [("exact", exact), ("floored", floored)]:
+        for i in range(2):  # labels, scores
+            assert torch.equal(torch.cat([part[name][i] for part in got]), single[i]), name
+
+
 @pytest.mark.parametrize("kwargs", [
     {},
     {"algorithm": Algorithm(lam=200.0)},  # peaked: annealing and re-stabilisation (kernel rebuilds) on both paths
@@ -284,8 +331,9 @@ def _greedy_reference(top_logq, top_idx, k):
     return labels
 
 
+@pytest.mark.parametrize("band", [1, 50, 1 << 20])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, monkeypatch):
+def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, band, monkeypatch):
     from labelkit.solver import _rounding as rounding
 
     rng = np.random.default_rng(seed)
@@ -296,7 +344,7 @@ def test_balanced_rounding_takes_pairs_in_the_greedy_order(seed, monkeypatch):
                         for _ in range(n)])
     monkeypatch.setattr(rounding, "_candidates", lambda *a: (top_logq, top_idx))
     monkeypatch.setattr(rounding, "_log_q", lambda source, rows, *a: np.zeros((len(rows), k), np.float32))
-    labels, _ = rounding.balanced_labels(torch.zeros(n, k), np.zeros(k), 1.0, 256, candidates=c)
+    labels, _ = rounding.balanced_labels(torch.zeros(n, k), np.zeros(k), 1.0, 256, candidates=c, band=band)
     reference = _greedy_reference(top_logq, top_idx, k)
     placed = reference >= 0
     assert (~placed).sum() > 0 and placed.sum() > n // 2  # both the greedy and the left-over rule ran
@@ -351,24 +399,22 @@ def test_label_probability_is_the_softmax_of_the_given_labels_and_a_solves_poste
                                result.posterior, rtol=1e-6)
 
 
-def test_exact_rounding_walks_the_sorted_rows_in_chunks_and_holds_under_100_bytes_a_row(monkeypatch):
+def test_exact_rounding_walks_the_pairs_in_bands_and_holds_under_100_bytes_a_row():
     import tracemalloc
 
     import labelkit.solver._rounding as rounding
 
     n, k = 200_000, 50
     logits = torch.from_numpy(np.random.default_rng(0).normal(size=(n, k)).astype(np.float32))
-    whole = rounding.balanced_labels(logits, np.zeros(k), 1.0, 65536)  # one chunk: the rows' lists whole
-    chunks = rounding._chunks
-    monkeypatch.setattr(rounding, "_chunks", lambda order, scores: chunks(order, scores, size=4096))
+    whole = rounding.balanced_labels(logits, np.zeros(k), 1.0, 65536, band=10 * n)  # one band: every pair
     tracemalloc.start()
     try:
-        chunked = rounding.balanced_labels(logits, np.zeros(k), 1.0, 65536)
+        banded = rounding.balanced_labels(logits, np.zeros(k), 1.0, 65536, band=4096)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
-    assert np.bincount(chunked[0].numpy(), minlength=k).tolist() == [n // k] * k
-    # 8 candidates (float32 score, int32 cluster), the order, labels and scores: 88 bytes a row measured; with
-    # int64 candidates and the sorted rows as two whole Python lists it was 188
+    assert torch.equal(whole[0], banded[0]) and torch.equal(whole[1], banded[1])
+    assert np.bincount(banded[0].numpy(), minlength=k).tolist() == [n // k] * k
+    # 8 candidates (float32 score, int32 cluster), the rows' order and best scores, labels and scores: 92 bytes
+    # a row measured; with int64 candidates and the sorted rows as two whole Python lists it was 188
     assert peak / n < 100, peak / n

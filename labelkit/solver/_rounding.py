@@ -3,7 +3,6 @@ and the floor of relaxed balance."""
 
 from __future__ import annotations
 
-import heapq
 import math
 
 import numpy as np
@@ -29,13 +28,6 @@ def _candidates(source, potentials, lam, block, c) -> tuple[np.ndarray, np.ndarr
     return top_logq, top_idx
 
 
-def _chunks(order: np.ndarray, scores: np.ndarray, size: int = 1 << 20):
-    """(rows, their scores) of ``order``, as Python lists of ``size`` at a time."""
-    for start in range(0, len(order), size):
-        rows = order[start : start + size]
-        yield rows.tolist(), scores[rows].tolist()
-
-
 def _log_q(source, rows: np.ndarray, potentials, lam) -> np.ndarray:
     """Full rows of log q(k | i) for a few ``rows``."""
     if len(rows) == 0:
@@ -45,97 +37,147 @@ def _log_q(source, rows: np.ndarray, potentials, lam) -> np.ndarray:
     return (e - torch.logsumexp(e, dim=1, keepdim=True)).numpy()
 
 
-def _gather(group, *arrays):
-    """Every rank's arrays (of equal length on a rank) concatenated in rank order, each array unchanged in one
-    process. They go as tensors padded to the longest rank's, one array at a time, not pickled: at 10 M rows
-    x 8 candidates, a pickled gather held the candidates several times over on every rank."""
-    if group is None:
-        return arrays
-    counts = [int(c) for c in collectives.all_gather_tensors(torch.tensor([len(arrays[0])]), group)]
-    gathered = []
-    for array in arrays:
-        mine = torch.from_numpy(array)
-        padded = torch.zeros((max(counts), *array.shape[1:]), dtype=mine.dtype)
-        padded[: len(array)] = mine
-        parts = collectives.all_gather_tensors(padded, group) if max(counts) else [padded] * len(counts)
-        del padded
-        gathered.append(np.concatenate([part[:count].numpy() for part, count in zip(parts, counts)]))
-        del parts
-    return tuple(gathered)
+BAND = 1 << 20  # (row, candidate) pairs a band of the walk holds across the ranks, about: its lists stay this size
 
 
-def _greedy(top_logq: np.ndarray, top_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, log-scores, capacity left) of the greedy walk over every row's candidates: rows without a place
-    among theirs are left at -1."""
-    n, c = top_logq.shape
-    floor, extra = divmod(n, k)
-    capacity = np.full(k, floor + (1 if extra else 0), dtype=np.int64)
-    labels = np.full(n, -1, dtype=np.int64)
-    scores = np.zeros(n, dtype=np.float32)
-    at_ceiling = 0
-    # The pairs in order of decreasing score (ties: by row, then rank), without walking all N x c of them: a
-    # row's next candidate matters only once its previous one was refused, and scores fall along a row, so
-    # the pairs are the rows' first candidates in sorted order merged with a heap of the refused rows' next.
-    # The sorted rows and their scores become Python lists a chunk at a time: whole, at 10 M rows, the two
-    # lists would hold about 0.7 GB.
-    order = np.argsort(-top_logq[:, 0], kind="stable")
-    firsts = _chunks(order, top_logq[:, 0])
-    first, best = next(firsts, ([], []))
-    pending: list[tuple[float, int, int]] = []  # (-score, row, rank) of next candidates
-    i = 0
-    while i < len(first) or pending:
-        if pending and (i == len(first) or (pending[0][0], pending[0][1]) < (-best[i], first[i])):
-            _, row, col = heapq.heappop(pending)
-        else:
-            row, col = first[i], 0
-            i += 1
-            if i == len(first):
-                first, best = next(firsts, ([], []))
-                i = 0
-        cluster = int(top_idx[row, col])
-        if capacity[cluster] == 0:
-            if col + 1 < c:
-                heapq.heappush(pending, (-float(top_logq[row, col + 1]), row, col + 1))
-            continue
-        labels[row] = cluster
-        scores[row] = top_logq[row, col]
-        capacity[cluster] -= 1
-        if extra and capacity[cluster] == 0:
-            at_ceiling += 1
-            if at_ceiling == extra:  # the remaining clusters may only reach floor(N/K)
-                capacity[capacity > 0] -= 1
-                extra = 0
-    return labels, scores, capacity
+class _Pairs:
+    """This rank's (row, candidate) pairs, handed to the greedy walk a band of scores at a time: a row's first
+    candidate in order of score, its next ones only once the walk has refused the ones before (they wait in
+    ``later``). A band holds every pair left at or above its score, with the further candidates of the band's
+    rows that reach it too, so that a refusal in the band moves on to them in their place in the order."""
+
+    def __init__(self, top_logq: np.ndarray, top_idx: np.ndarray, offset: int):
+        self.logq, self.idx, self.offset = top_logq, top_idx, offset
+        self.order = np.argsort(-top_logq[:, 0], kind="stable")  # rows by their best score, ties by row
+        self.worst_first = -top_logq[self.order, 0]  # the best scores negated: ascending, for searchsorted
+        self.at = 0  # rows of ``order`` handed out
+        self.later = np.empty(0, dtype=np.int64)  # refused rows' next candidates, as row * c + candidate
+        self.sent = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))  # the last band's rows, their last candidate
+
+    def left(self) -> int:
+        return len(self.order) - self.at + len(self.later)
+
+    def threshold(self, size: int) -> float:
+        """The score of this rank's ``size``-th best pair left, a band's own candidates counted (the lowest left
+        when fewer are left, -inf when none): a band down to it holds about ``size`` of this rank's pairs."""
+        c = self.logq.shape[1]
+        scores = [self.logq[self.order[self.at : self.at + size]].reshape(-1)]
+        if len(self.later):  # a refused row's candidates from its next on
+            rows, cols = np.divmod(self.later, c)
+            tail = self.logq[rows]
+            tail[np.arange(c) < cols[:, None]] = -np.inf
+            scores.append(tail[tail > -np.inf])
+        scores = np.concatenate(scores)
+        if len(scores) < size:
+            return float(scores.min()) if len(scores) else -math.inf
+        return float(-np.partition(-scores, size - 1)[size - 1])
+
+    def band(self, threshold: float) -> tuple[np.ndarray, ...]:
+        """(score, global row, candidate, cluster) of every pair left with a score of at least ``threshold``."""
+        end = int(np.searchsorted(self.worst_first, -np.float32(threshold), side="right"))
+        due = self.logq.reshape(-1)[self.later] >= threshold
+        rows, cols = np.divmod(self.later[due], self.logq.shape[1])
+        self.later = self.later[~due]
+        rows = np.concatenate([self.order[self.at : end], rows])
+        cols = np.concatenate([np.zeros(end - self.at, dtype=np.int64), cols])
+        self.at = end
+        parts, last, at = [(rows, cols)], cols.copy(), np.arange(len(rows))
+        while len(at):
+            col = last[at] + 1
+            at, col = at[col < self.logq.shape[1]], col[col < self.logq.shape[1]]
+            reach = self.logq[rows[at], col] >= threshold
+            at, col = at[reach], col[reach]
+            last[at] = col
+            parts.append((rows[at], col))
+        self.sent = (rows, last)
+        rows, cols = (np.concatenate(part) for part in zip(*parts))
+        return self.logq[rows, cols], rows + self.offset, cols, self.idx[rows, cols].astype(np.int64)
+
+    def refused(self, labels: np.ndarray) -> None:
+        """After the walk of the last band: its rows left without a place wait with their next candidate."""
+        rows, last = self.sent
+        c = self.logq.shape[1]
+        waiting = (labels[rows] < 0) & (last + 1 < c)
+        self.later = np.concatenate([self.later, rows[waiting] * c + last[waiting] + 1])
 
 
-def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+class _Walk:
+    """The greedy walk's state, the same on every rank: what each cluster can still take."""
+
+    def __init__(self, n: int, k: int):
+        floor, self.extra = divmod(n, k)
+        self.capacity = [floor + (1 if self.extra else 0)] * k
+        self.at_ceiling = 0
+
+    def take(self, pairs: tuple[np.ndarray, ...], labels: np.ndarray, scores: np.ndarray, offset: int) -> None:
+        """Walk a band's pairs (every rank's) in order of decreasing score, ties by row, then candidate; label
+        this rank's rows (``offset`` on)."""
+        score, row, col, cluster = pairs
+        order = np.lexsort((col, row, -score))
+        taken, capacity, n = set(), self.capacity, len(labels)
+        for s, i, k in zip(score[order].tolist(), row[order].tolist(), cluster[order].tolist()):
+            if i in taken or capacity[k] == 0:
+                continue
+            taken.add(i)
+            capacity[k] -= 1
+            if 0 <= i - offset < n:
+                labels[i - offset], scores[i - offset] = k, s
+            if self.extra and capacity[k] == 0:
+                self.at_ceiling += 1
+                if self.at_ceiling == self.extra:  # the remaining clusters may only reach floor(N/K)
+                    self.capacity = capacity = [max(room - 1, 0) for room in capacity]
+                    self.extra = 0
+
+
+def _greedy(top_logq: np.ndarray, top_idx: np.ndarray, k: int, offset: int, total: int, group,
+            band: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, log-scores) of this rank's rows and the capacity left after the greedy walk over every rank's
+    candidates: rows without a place among theirs are left at -1.
+
+    The walk visits the pairs in order of decreasing score without holding all N x c of them: a row's next
+    candidate matters only once its previous one was refused, and scores fall along a row. The ranks hand it
+    their pairs a band of scores at a time (the band's lowest score: the largest of the ranks' ``band /
+    ranks``-th best left), and each rank walks the gathered band alike: no rank holds every row's candidates."""
+    pairs, walk = _Pairs(top_logq, top_idx, offset), _Walk(total, k)
+    labels = np.full(len(top_logq), -1, dtype=np.int64)
+    scores = np.zeros(len(top_logq), dtype=np.float32)
+    share = max(1, band // collectives.world_size(group))
+    while True:
+        threshold, left = collectives.gather_arrays(group, np.array([pairs.threshold(share), pairs.left()]))[0].reshape(-1, 2).T
+        if not left.sum():
+            return labels, scores, np.array(walk.capacity, dtype=np.int64)
+        walk.take(collectives.gather_arrays(group, *pairs.band(float(threshold.max()))), labels, scores, offset)
+        pairs.refused(labels)
+
+
+def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=None,
+                    band: int = BAND) -> tuple[torch.Tensor, torch.Tensor]:
     """Round the transport plan to labels with every cluster holding floor(N/K) or ceil(N/K) samples; returns
     the labels of this rank's rows and their scores q(label | i).
 
     Greedy under capacities: (sample, cluster) pairs among each row's ``candidates`` best are taken in order
     of decreasing plan score; once N mod K clusters are at ceil(N/K) the others close at floor(N/K). Rows left
     without a place (rare, when all their candidates filled) go to the open clusters by score. Across ranks,
-    every rank sends its rows' candidates (N x candidates, not N x K) and runs the same rounding.
+    the ranks walk the pairs together, a band of ``band`` at a time (see :func:`_greedy`).
     """
     if not isinstance(source, _Logits):
         source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
     k = source.k
     c = min(candidates, k)
-    local_logq, local_idx = _candidates(source, potentials, lam, block, c)
-    sizes = _gather(group, np.array([source.n]))[0]
+    top_logq, top_idx = _candidates(source, potentials, lam, block, c)
+    sizes = collectives.gather_arrays(group, np.array([source.n]))[0]
     offset = int(sizes[: collectives.rank(group)].sum())
-    top_logq, top_idx = _gather(group, local_logq, local_idx)
-    labels, scores, capacity = _greedy(top_logq, top_idx, k)
-    mine = np.flatnonzero(labels[offset : offset + source.n] < 0)
-    left, left_logq = _gather(group, mine + offset, _log_q(source, mine, potentials, lam))
-    for row, logq in zip(left.tolist(), left_logq):
+    labels, scores, capacity = _greedy(top_logq, top_idx, k, offset, int(sizes.sum()), group, band)
+    del top_logq, top_idx
+    mine = np.flatnonzero(labels < 0)
+    left, left_logq = collectives.gather_arrays(group, mine + offset, _log_q(source, mine, potentials, lam))
+    for row, logq in zip(left.tolist(), left_logq):  # every rank alike: the capacity stays the same on each
         open_clusters = np.flatnonzero(capacity > 0)
         cluster = open_clusters[np.argmax(logq[open_clusters])]
-        labels[row] = cluster
-        scores[row] = logq[cluster]
+        if 0 <= row - offset < source.n:
+            labels[row - offset], scores[row - offset] = cluster, logq[cluster]
         capacity[cluster] -= 1
-    window = slice(offset, offset + source.n)
-    return torch.from_numpy(labels[window]), torch.from_numpy(np.exp(scores[window]))
+    return torch.from_numpy(labels), torch.from_numpy(np.exp(scores))
 
 
 def floored_labels(source, potentials, lam, block, labels: torch.Tensor, scores: torch.Tensor, minimum: np.ndarray,
@@ -145,31 +187,33 @@ def floored_labels(source, potentials, lam, block, labels: torch.Tensor, scores:
     than ``minimum[k]`` samples take the rows that lose least by moving to them -- log q(label | i) - log q(k | i),
     smallest first, among each row's ``candidates`` best clusters -- from clusters above their own minimum.
     Returns this rank's labels and scores q(label | i); unchanged when every cluster holds its minimum.
-    Across ranks every rank runs the same moves on the gathered candidates, as :func:`balanced_labels` does."""
+    Across ranks every rank gathers the moves toward those clusters and runs them alike."""
     if not isinstance(source, _Logits):
         source = _Logits(source, None, None, None, torch.device("cpu"), torch.float32)
     k = source.k
     counts = collectives.all_reduce(torch.bincount(labels, minlength=k).to(torch.float64), group).cpu().numpy().astype(np.int64)
     if (counts >= minimum).all():
         return labels, scores
-    local_logq, local_idx = _candidates(source, potentials, lam, block, min(candidates, k))
-    sizes = _gather(group, np.array([source.n]))[0]
+    top_logq, top_idx = _candidates(source, potentials, lam, block, min(candidates, k))
+    sizes = collectives.gather_arrays(group, np.array([source.n]))[0]
     offset = int(sizes[: collectives.rank(group)].sum())
-    top_logq, top_idx, current, chosen = _gather(group, local_logq, local_idx, labels.cpu().numpy().astype(np.int64),
-                                                 scores.cpu().numpy().astype(np.float32))
-    current, chosen = current.copy(), chosen.copy()
+    current, chosen = labels.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
     need = minimum - counts
+    # the moves that can help: a row's candidate in a cluster below its minimum (few, and gathered from every
+    # rank: no rank holds every row's candidates)
     rows, cols = np.nonzero((need[top_idx] > 0) & (top_idx != current[:, None]))
     loss = np.log(np.maximum(chosen[rows], 1e-30)) - top_logq[rows, cols]
-    moved = np.zeros(len(current), dtype=bool)
-    for i in np.argsort(loss, kind="stable").tolist():
-        row, col = int(rows[i]), int(cols[i])
-        cluster, source_cluster = int(top_idx[row, col]), int(current[row])
-        if need[cluster] <= 0 or moved[row] or counts[source_cluster] <= minimum[source_cluster]:
+    moves = collectives.gather_arrays(group, loss, rows + offset, cols, top_idx[rows, cols].astype(np.int64), current[rows],
+                    top_logq[rows, cols])
+    del top_logq, top_idx
+    moved = set()
+    for _, row, _, cluster, source_cluster, logq in zip(*(m[np.lexsort(moves[2::-1])].tolist() for m in moves)):
+        if need[cluster] <= 0 or row in moved or counts[source_cluster] <= minimum[source_cluster]:
             continue
-        current[row], chosen[row], moved[row] = cluster, math.exp(float(top_logq[row, col])), True
+        moved.add(row)
         counts[source_cluster] -= 1
         counts[cluster] += 1
         need[cluster] -= 1
-    window = slice(offset, offset + source.n)
-    return torch.from_numpy(current[window]), torch.from_numpy(chosen[window])
+        if 0 <= row - offset < source.n:
+            current[row - offset], chosen[row - offset] = cluster, math.exp(logq)
+    return torch.from_numpy(current), torch.from_numpy(chosen)

@@ -67,8 +67,8 @@ class Distributed:
 
     def gather_rows(self, rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's ``rows`` (sample indices) and ``values[..., rows]`` on every rank."""
-        parts = collectives.all_gather((rows, values), self.group)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=-1)
+        rows, values = collectives.gather_arrays(self.group, rows, np.moveaxis(values, -1, 0))
+        return rows, np.moveaxis(values, 0, -1)
 
     def broadcast(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""

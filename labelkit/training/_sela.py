@@ -43,11 +43,12 @@ __all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState"]
 
 @dataclass
 class SelaRun:
-    """What a finished run produced."""
+    """What a finished run produced. Under torchrun, rank 0 builds and writes the artefact; on the other ranks
+    ``labels``, ``metrics`` and the records are None (the artefact is on disk at ``artefact``)."""
 
     out: Path
     artefact: Path
-    labels: Artefact
+    labels: Artefact | None
     metrics: list[dict] | None
     seconds: float
     skipped: list[dict]
@@ -455,13 +456,15 @@ def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
 
 def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     config, source = job.config, job.source
+    path, run_dir = job.run_dir.out / "labels.parquet", job.run_dir
+    ended = {"out": run_dir.out, "artefact": path, "skipped": job.skips.as_list(), "history": run_dir.history}
+    if not run_dir.writer:  # under torchrun rank 0 alone builds the artefact of every row (N of them, not a share)
+        return SelaRun(**ended, labels=None, metrics=None, seconds=time.perf_counter() - job.started)
     rows = np.flatnonzero(state.keep(~job.skips.mask()))
     labels = state.labels[:, rows].numpy()
     scores = state.scores[:, rows].numpy()
-    method = _method(job)
+    method = {**_method(job), "solver": _solver_record(run_dir.history, config.sinkhorn_tol)}
     quality = _quality(job, state, ks)
-    if job.run_dir.writer:  # the rank that keeps the history and writes the artefact
-        method["solver"] = _solver_record(job.run_dir.history, config.sinkhorn_tol)
     if quality:
         method["quality"] = quality
         job.log({"type": "quality", **quality})
@@ -476,19 +479,16 @@ def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
     start = started_from(job.run_dir.history)  # labels that grew out of an earlier artefact's name it as parent
     artefact = Artefact.build(source.ids_at(rows), labels, heads_k, scores=scores, method=method,
                               data=job.provenance(), parents=[start] if start else [])
-    path = job.run_dir.out / "labels.parquet"
-    if job.run_dir.writer:
-        artefact.write(path)
-        job.run_dir.save_weights(model, config.arch, "sela")
+    artefact.write(path)
+    run_dir.save_weights(model, config.arch, "sela")
     metrics = None
     if source.has_truth:
         truth = source.targets[rows]
         known = truth >= 0
         metrics = [dict(agreement(head[known], truth[known], accuracy=True), head=h, k=heads_k[h])
                    for h, head in enumerate(labels)]
-    return SelaRun(out=job.run_dir.out, artefact=path, labels=artefact, metrics=metrics,
-                   seconds=time.perf_counter() - job.started, skipped=job.skips.as_list(), history=job.run_dir.history,
-                   quality=quality, consensus=method.get("consensus"), solver=method.get("solver"))
+    return SelaRun(**ended, labels=artefact, metrics=metrics, seconds=time.perf_counter() - job.started,
+                   quality=quality, consensus=method.get("consensus"), solver=method["solver"])
 
 
 def _solver_record(history: Path, tolerance: float) -> dict:

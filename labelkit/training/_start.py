@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._util import collectives
 from ..artefact import Artefact, read_artefact
 from ..errors import ConfigError
 
@@ -162,13 +163,13 @@ def pinned_balance(state: SelaState, h: int, rows: torch.Tensor, balance):
 
 
 def store_labels(dist, state: SelaState, h: int, rows: torch.Tensor, labels: np.ndarray, posterior: np.ndarray):
-    """Head ``h``'s new labels and posteriors of this rank's ``rows`` into ``state``, with every other rank's. One
-    process stores its own arrays: the float64 stack that carries them between ranks would be 16 bytes a row
-    more, and its copies about 70 more at the peak of a label step (10 M rows: 0.7 GB)."""
+    """Head ``h``'s new labels and posteriors of this rank's ``rows`` into ``state``, with every other rank's
+    (gathered as they are: a float64 stack of both, pickled, held about 70 bytes a row at the peak of a label
+    step, 0.7 GB at 10 M rows)."""
     if dist.world > 1:
-        gathered, values = dist.gather_rows(rows.numpy(), np.stack([labels.astype(np.float64),
-                                                                    posterior.astype(np.float64)]))
-        rows, labels, posterior = torch.from_numpy(gathered), values[0], values[1]
+        rows, labels, posterior = collectives.gather_arrays(dist.group, rows.numpy(), np.asarray(labels, dtype=np.int64),
+                                                            np.asarray(posterior, dtype=np.float32))
+        rows = torch.from_numpy(rows)
     state.labels[h, rows] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     state.scores[h, rows] = torch.from_numpy(np.asarray(posterior, dtype=np.float32))
 
