@@ -52,6 +52,40 @@ def test_npy_without_keys_uses_row_numbers(tmp_path):
     assert resolve(str(tmp_path / "v.npy")).ids == ["000000", "000001", "000002"]
 
 
+def test_row_ids_are_made_where_read_and_read_as_the_held_ones(tmp_path):
+    import tracemalloc
+
+    from labelkit.artefact.format import fingerprint_ids
+    from labelkit.data import Ids
+    from labelkit.data._ids import row_ids
+
+    n = 200_003  # several chunks, the last one short
+    np.save(tmp_path / "v.npy", np.zeros((n, 2), np.float32))
+    np.save(tmp_path / "small.npy", np.zeros((3, 2), np.float32))
+    assert resolve(str(tmp_path / "small.npy")).fingerprint  # the modules it imports, before measuring
+    arrow = pa.total_allocated_bytes()
+    tracemalloc.start()
+    try:
+        source = resolve(str(tmp_path / "v.npy"))
+        fingerprint = source.fingerprint
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # neither as Python objects nor as Arrow (whose memory tracemalloc does not see): 200,003 ids are 2.4 MB
+    assert held < 1_000_000 and pa.total_allocated_bytes() - arrow < 500_000
+    made, whole = source.ids, Ids(row_ids(n))
+    assert fingerprint == fingerprint_ids(whole.arrow)  # the data fingerprint as when the ids were held
+    rows = np.array([0, 7, 65_536, n - 1])
+    assert made.take(rows).equals(whole.take(rows)) and source.ids_at(rows).to_pylist()[-1] == "200002"
+    assert made[5:9] == whole[5:9] and made[-1] == whole[-1] == "200002" and len(made) == n
+    assert list(made)[65_530:65_540] == whole[65_530:65_540] and made == whole and whole == made
+    assert source.positions_of(["000009", "000002"]).tolist() == [9, 2]
+    with pytest.raises(IndexError):
+        made.take(np.array([n]))
+    with pytest.raises(IndexError):
+        made[n]
+
+
 def test_parquet_list_and_fixed_size_list(tmp_path):
     x, y = blobs(n=8, d=3)
     for name, vectors in (("list", pa.array(x.tolist(), pa.list_(pa.float32()))),

@@ -239,9 +239,13 @@ def _id_stream(ids: pa.Array) -> memoryview:
     return memoryview(joined.buffers()[2])[int(offsets[0]) : int(offsets[-1])]
 
 
-def fingerprint_ids(sorted_ids: pa.Array) -> str:
-    """sha256 of the (already sorted) sample ids; the data fingerprint of the format."""
-    return hashlib.sha256(_id_stream(sorted_ids)).hexdigest()
+def fingerprint_ids(sorted_ids) -> str:
+    """sha256 of the (already sorted) sample ids -- an Arrow array, or its parts in order; the data fingerprint
+    of the format."""
+    digest = hashlib.sha256()
+    for part in [sorted_ids] if isinstance(sorted_ids, (pa.Array, pa.ChunkedArray)) else sorted_ids:
+        digest.update(_id_stream(part))
+    return digest.hexdigest()
 
 
 class ArtefactDigest:

@@ -11,6 +11,7 @@ from .._util.lazy import lazy_exports
 _EXPORTS = {
     "Source": "._source",
     "Ids": "._ids",
+    "RowIds": "._ids",
     "id_array": "._ids",
     "MapSource": "._source",
     "StreamSource": "._source",

@@ -30,7 +30,7 @@ import numpy as np
 
 from .._util.files import consecutive_runs, pread_into, read_keys
 from ..errors import DataError
-from ._ids import Ids, row_ids
+from ._ids import Ids, RowIds
 from ._source import MapSource, _sorted_unique
 
 __all__ = ["EmbeddingSource", "is_embedding_spec", "load_embeddings"]
@@ -166,13 +166,17 @@ class EmbeddingSource(MapSource):
             raise DataError(f"{spec}: vectors must be floating point, got {vectors.dtype}")
         if len(ids) != len(vectors):
             raise DataError(f"{spec}: {len(ids)} keys for {len(vectors)} vectors; every vector needs one key")
-        ids = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
-        order = _sorted_unique(spec, ids)
         self._array, self._files = vectors, files or []
-        self._rows = None if np.array_equal(order, np.arange(len(order))) else order
-        sorted_ids = Ids(ids if self._rows is None else ids.take(pa.array(order)))  # not N Python strings
+        if isinstance(ids, RowIds):  # row numbers: sorted and distinct as made, and never held whole
+            self._rows, sorted_ids = None, ids
+        else:
+            ids = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
+            order = _sorted_unique(spec, ids)
+            self._rows = None if np.array_equal(order, np.arange(len(order))) else order
+            sorted_ids = Ids(ids if self._rows is None else ids.take(pa.array(order)))  # not N Python strings
         if targets is not None:
-            targets = np.asarray(targets, dtype=np.int64)[order]
+            targets = np.asarray(targets, dtype=np.int64)
+            targets = targets if self._rows is None else targets[self._rows]
         classes = [str(c) for c in range(int(targets.max()) + 1)] if targets is not None and len(targets) else None
         super().__init__(spec, sorted_ids, targets, classes)
         self.dim = int(vectors.shape[1])
@@ -294,7 +298,7 @@ def _read_keys(path: Path) -> list[str]:
 def _load_npy(spec: str, path: Path) -> EmbeddingSource:
     vectors = _NpyRows(path, spec)
     key_file = path.with_suffix(".keys.txt")
-    ids = _read_keys(key_file) if key_file.is_file() else row_ids(len(vectors))
+    ids = _read_keys(key_file) if key_file.is_file() else RowIds(len(vectors))
     if len(ids) != len(vectors):
         raise DataError(f"{key_file}: {len(ids)} keys for the {len(vectors)} rows of {spec}; one key per row")
     return EmbeddingSource(spec, ids, vectors, files=[path])
@@ -305,7 +309,7 @@ def _load_npz(spec: str, path: Path) -> EmbeddingSource:
         with np.load(path, allow_pickle=False) as archive:
             name = next(n for n in _NPZ_VECTORS if n in archive.files)
             vectors = archive[name]
-            keys = [str(k) for k in archive["keys"]] if "keys" in archive.files else row_ids(len(vectors))
+            keys = [str(k) for k in archive["keys"]] if "keys" in archive.files else RowIds(len(vectors))
             labels = archive["labels"] if "labels" in archive.files else None
     except (ValueError, OSError) as exc:
         raise DataError(f"{spec}: not a readable .npz archive: {exc}") from None

@@ -124,7 +124,7 @@ class Source(abc.ABC):
         if self._fingerprint is None:
             from ..artefact.format import fingerprint_ids
 
-            self._fingerprint = fingerprint_ids(id_array(self.ids))
+            self._fingerprint = fingerprint_ids(self.ids.chunks() if isinstance(self.ids, Ids) else id_array(self.ids))
         return self._fingerprint
 
     @property
