@@ -164,8 +164,8 @@ def pinned_balance(state: SelaState, h: int, rows: torch.Tensor, balance):
 
 def store_labels(dist, state: SelaState, h: int, rows: torch.Tensor, labels: np.ndarray, posterior: np.ndarray):
     """Head ``h``'s new labels and posteriors of this rank's ``rows`` into ``state``, with every other rank's
-    (gathered as they are: a float64 stack of both, pickled, held about 70 bytes a row at the peak of a label
-    step, 0.7 GB at 10 M rows)."""
+    (gathered as they are, not as the pickled float64 stack of both that held about 70 bytes a row at the peak of
+    a label step, 0.7 GB at 10 M rows)."""
     if dist.world > 1:
         rows, labels, posterior = collectives.gather_arrays(dist.group, rows.numpy(), np.asarray(labels, dtype=np.int64),
                                                             np.asarray(posterior, dtype=np.float32))
