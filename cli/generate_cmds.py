@@ -179,8 +179,11 @@ def generate(recipe, budget, dry_run, resume, config_file, quiet, align_to, **op
                        plan=None if resume else plan.record())
     if not main_rank:
         return
-    click.echo(f"wrote {run.artefact} ({plural(run.labels.num_samples, 'sample')}, "
-               f"{plural(run.labels.num_heads, 'head')}) in {run.seconds:.0f} s")
+    from labelkit.artefact import read_header
+
+    written = read_header(run.artefact)  # the footer: the rows themselves stay on disk
+    click.echo(f"wrote {run.artefact} ({plural(written.num_rows, 'sample')}, "
+               f"{plural(len(written.heads), 'head')}) in {run.seconds:.0f} s")
     if run.skipped:
         click.echo(f"skipped {len(run.skipped)} undecodable sample(s), e.g. {run.skipped[0]['sample_id']}")
     solver = run.solver or {}

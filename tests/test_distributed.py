@@ -244,3 +244,36 @@ def test_frozen_backbone_under_torchrun_extracts_by_rank_and_gives_the_labels_of
     assert not list((tmp_path / "two" / "features").glob("*.partial"))
     shared, alone = (read_artefact(tmp_path / run / "labels.parquet") for run in ("two", "one"))
     assert (shared.label_matrix() == alone.label_matrix()).all()
+
+
+def _chunks_worker(rank, world, init, out):
+    import torch
+    import torch.distributed as dist
+
+    from labelkit._util import collectives
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        rows = np.arange(100 * rank, 100 * rank + [10, 0, 23][rank])  # unequal shares, one of them empty
+        values = np.stack([rows * 2, rows * 3], axis=1).astype(np.float32)
+        chunks = [tuple(torch.from_numpy(a.copy()) for a in chunk)
+                  for chunk in collectives.gather_chunks(dist.group.WORLD, rows, values, rows=4)]
+        torch.save(chunks, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_chunks_give_every_rank_every_row_once_a_chunk_at_a_time(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_chunks_worker, args=(3, f"file://{tmp_path}/rdzv", str(tmp_path / "out")), nprocs=3, join=True)
+    expected = np.concatenate([np.arange(0, 10), np.arange(200, 223)])
+    for rank in range(3):
+        chunks = torch.load(tmp_path / f"out.{rank}")
+        assert len(chunks) == 6  # the longest share, 23 rows, in chunks of 4
+        assert max(len(rows) for rows, _ in chunks) <= 3 * 4  # a chunk holds at most 4 rows of each rank
+        rows = np.concatenate([rows.numpy() for rows, _ in chunks])
+        values = np.concatenate([values.numpy() for _, values in chunks])
+        assert sorted(rows.tolist()) == expected.tolist()
+        np.testing.assert_array_equal(values, np.stack([rows * 2, rows * 3], axis=1))

@@ -1,8 +1,9 @@
 """The label artefact: the Parquet format (defined once in :mod:`labelkit.artefact.format`), and what moves labels
 in and out of it.
 
-The parts: ``format`` (columns, metadata schema, versions, ids), ``_artefact`` (build and write),
-``_reading`` (read, read the footer, validate), ``_tables`` (label CSVs of any common layout),
+The parts: ``format`` (columns, metadata schema, versions, ids), ``_artefact`` (build and write), ``_writing``
+(write a run's rows a part at a time), ``_reading`` (read, read the footer, validate), ``_tables`` (label CSVs
+of any common layout),
 ``_importing`` (released SeLa labels, checkpoints, CSV, JSON, ``.npy``), ``released`` (the released label
 sets and their download), ``_export`` (CSV, ``.npy``, JSON, summaries) and ``_hub`` (a Hub dataset folder)."""
 
@@ -12,6 +13,7 @@ _EXPORTS = {
     "Artefact": "._artefact",
     "Head": "._artefact",
     "producer_versions": "._artefact",
+    "write_parts": "._writing",
     "ArtefactHeader": "._reading",
     "read_artefact": "._reading",
     "read_header": "._reading",

@@ -1,5 +1,6 @@
-"""The label artefact in memory: built (validated) from labels and provenance, and written atomically. The one
-writer; the one reader is :mod:`labelkit.artefact._reading`. The format itself is defined in
+"""The label artefact in memory: built (validated) from labels and provenance, and written atomically (a run's
+rows can also be written a part at a time: :mod:`labelkit.artefact._writing`); the one reader is
+:mod:`labelkit.artefact._reading`. The format itself is defined in
 :mod:`labelkit.artefact.format`."""
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def _checked_ids(sample_ids) -> pa.Array:
     return ids
 
 
-def _range_problem(name: str, k: int, labels: np.ndarray, ids: pa.Array) -> str | None:
+def _range_problem(name: str, k: int, labels: np.ndarray, ids: pa.Array, first_row: int = 0) -> str | None:
+    """What is wrong with a head's labels outside [0, k), naming the first such row (``first_row`` is the row
+    number of the first label given)."""
     if labels.size == 0:
         return None
     lo, hi = int(labels.min()), int(labels.max())
@@ -129,7 +132,7 @@ def _range_problem(name: str, k: int, labels: np.ndarray, ids: pa.Array) -> str 
     row = int(np.flatnonzero((labels < 0) | (labels >= k))[0])
     return (
         f"{name}: labels must lie in [0, {k}) but range over [{lo}, {hi}]; "
-        f"first bad row {row} (sample_id {ids[row].as_py()!r}, label {int(labels[row])})"
+        f"first bad row {first_row + row} (sample_id {ids[row].as_py()!r}, label {int(labels[row])})"
     )
 
 
@@ -186,7 +189,7 @@ def _label_table(ids: pa.Array, matrix: np.ndarray, ks: list[int], scores: np.nd
     return pa.Table.from_pydict(columns, schema=pa.schema(fields))
 
 
-def _data_section(data: dict, ids: pa.Array) -> dict:
+def _data_section(data: dict, ids: pa.Array | None) -> dict:
     """The metadata's ``data`` section: what the labels were made on (see :meth:`Artefact.build`)."""
     unknown = set(data) - {"spec", "fingerprint", "count", "content", "skipped"}
     if unknown:
@@ -199,6 +202,24 @@ def _data_section(data: dict, ids: pa.Array) -> dict:
         **({"content": dict(data["content"])} if data.get("content") else {}),
         **({"skipped": list(data["skipped"])} if data.get("skipped") else {}),
     }
+
+
+def _new_metadata(artefact_id: str, n: int, entries: list[dict], data: dict, method: dict | None,
+                  parents: Iterable[str]) -> dict:
+    """The checked metadata of an artefact written now by this labelkit."""
+    metadata = {
+        "format_version": fmt.FORMAT_VERSION,
+        "artefact_id": artefact_id,
+        "num_samples": n,
+        "heads": entries,
+        "data": data,
+        "producer": producer_versions(),
+        "method": remote.redact_all(method or {"name": "unknown"}),
+        "parents": list(parents),
+        "created_at": _now(),
+    }
+    _check_metadata(metadata)
+    return metadata
 
 
 class Artefact:
@@ -258,18 +279,8 @@ class Artefact:
             scores = np.asarray(scores, dtype=np.float32).reshape(heads_n, n)[:, order.to_numpy()]
         heads = [(fmt.head_column(h), k, matrix[h]) for h, k in enumerate(ks)]
         entries = _head_entries(ks, names, status)
-        metadata = {
-            "format_version": fmt.FORMAT_VERSION,
-            "artefact_id": fmt.compute_artefact_id(ids_sorted, heads, entries),
-            "num_samples": n,
-            "heads": entries,
-            "data": _data_section(data or {}, ids_sorted),
-            "producer": producer_versions(),
-            "method": remote.redact_all(method or {"name": "unknown"}),
-            "parents": list(parents),
-            "created_at": _now(),
-        }
-        _check_metadata(metadata)
+        metadata = _new_metadata(fmt.compute_artefact_id(ids_sorted, heads, entries), n, entries,
+                                 _data_section(data or {}, ids_sorted), method, parents)
         return cls(_label_table(ids_sorted, matrix, ks, scores), metadata)
 
     def restamped(self, producer: dict, created_at: str) -> "Artefact":

@@ -8,54 +8,35 @@ comes after the last epoch, and its labels are the artefact.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..artefact import Artefact, producer_versions
+from ..artefact import producer_versions
 from ._budget import label_schedule
 from ._config import SelaConfig, memory_bytes, solver_prior
-from ..quality import consensus_labels
 from ..errors import ConfigError
 from ._frozen import (TableRows, ViewsOnDisk, cached_views, neighbours, whitened_views)
 from ._sharded import Shard, refuse_neighbours, row_share
 from ._heads import frozen_heads, frozen_record, head_training, seed_prototypes, training_sample
-from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins, started_from
-from ._select import KeepBetter, labels_from
+from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins
+from ._select import KeepBetter
 from ._graph import GRAPH_LIMIT, GRAPH_MIN, image_graph_start, vector_graph_start
 from ..data import Order, rank_slice, run_transforms
 from ..quality import agreement
-from ..quality import QUALITY_ROWS, head_quality, recommend_k
+from ..quality import QUALITY_ROWS
 from ._models import SelaModel, create_backbone, feature_dim, init_record
 from ._job import Job
+from ._outcome import SelaRun, finish as _finish
 from ..solver import FeatureFile, FeatureWriter, write_features
 from ..solver import Algorithm, Balance, Storage, features_on_disk, kernel_buffer, kernel_path, label_probability, solve
 from ._loop import Reporter, autocast, extract_features, make_optimizer, model_to, seed_everything
 
 __all__ = ["run_sela", "label_schedule", "head_balance", "SelaRun", "SelaState"]
-
-
-@dataclass
-class SelaRun:
-    """What a finished run produced. Under torchrun, rank 0 builds and writes the artefact; on the other ranks
-    ``labels``, ``metrics`` and the records are None (the artefact is on disk at ``artefact``)."""
-
-    out: Path
-    artefact: Path
-    labels: Artefact | None
-    metrics: list[dict] | None
-    seconds: float
-    skipped: list[dict]
-    history: Path
-    quality: dict | None = None  # label-free quality per head and the recommended K (labelkit.quality)
-    consensus: dict | None = None  # the consensus head, when one was appended
-    solver: dict | None = None  # how the Sinkhorn solves ended: count, unconverged, worst error
 
 
 def _run_record(config: SelaConfig, ks: list[int], dim: int, plan: dict | None = None) -> dict:
@@ -139,9 +120,10 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     where given), warm-started; the new labels and scores go into ``state``; returns the label step's record,
     with each head's agreement with the previous labels on the ``compare`` rows (default: all labelled)."""
     config, dist, source = job.config, job.dist, job.source
-    everyone = np.flatnonzero(labelled)
-    measured = everyone if compare is None else np.flatnonzero(labelled & compare)
-    previous = state.labels[:, measured].numpy()
+    count = int(labelled.sum())
+    if dist.main:  # the history's figures, which rank 0 alone computes: at 10 M rows 160 MB the others need not hold
+        measured = np.flatnonzero(labelled if compare is None else labelled & compare)
+        previous = state.labels[:, measured].numpy()
     # what the label-free quality of the last step reads: a sample of the (compared) rows, not N x D features
     eligible = np.arange(len(rows)) if compare is None else np.flatnonzero(compare[rows.numpy()])
     sample = np.sort(np.random.default_rng(config.seed).permutation(eligible)[:QUALITY_ROWS])
@@ -157,7 +139,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     for h in range(len(model.heads)):
         weight, bias = model.head_weights(h)
         bias = None if bias is None else bias.detach().float()
-        free, balance = pinned_balance(state, h, rows, head_balance(config, ks[h], len(everyone)))
+        free, balance = pinned_balance(state, h, rows, head_balance(config, ks[h], count))
         with warnings.catch_warnings():  # an unconverged solve is recorded in the history instead
             warnings.simplefilter("ignore", RuntimeWarning)
             result = solve(features=features if free is None or not len(free) else _rows_of(features, free),
@@ -176,11 +158,11 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
         store_labels(dist, state, h, rows, labels, posterior)
         if dist.main:  # the figures go to the history, which rank 0 writes
             info["nmi_previous"] = agreement(state.labels[h, measured].numpy(), previous[h])["nmi"]
-            labels = state.labels[h, everyone].numpy()
             if source.has_truth:  # ground truth is only ever measured, never trained on
+                everyone = np.flatnonzero(labelled)
                 truth = source.targets[everyone]
                 known = truth >= 0
-                scores = agreement(labels[known], truth[known], accuracy=True)
+                scores = agreement(state.labels[h, everyone].numpy()[known], truth[known], accuracy=True)
                 info.update(nmi=scores["nmi"], ari=scores["ari"], accuracy=scores["accuracy"])
         heads.append(info)
         job.reporter.advance(head=h)
@@ -188,7 +170,7 @@ def _solve_heads(job: Job, model: SelaModel, features: torch.Tensor, rows: torch
     held = (0 if isinstance(features, FeatureFile) else features.numel() * features.element_size()) \
         + (0 if buffer is None else buffer.numel() * buffer.element_size())
     del buffer
-    return {"labelled": len(everyone), "seconds": round(time.perf_counter() - start, 3), "heads": heads,
+    return {"labelled": count, "seconds": round(time.perf_counter() - start, 3), "heads": heads,
             "memory_bytes": held}
 
 
@@ -420,81 +402,3 @@ def _frozen_schedule(job: Job, n: int, resumed: bool) -> tuple[bool, set[int]]:
                  "why": f"{n:,} samples are outside the graph start's range of {GRAPH_MIN:,}-{GRAPH_LIMIT:,}: "
                         "the first labels come from the untrained heads"})
     return graph, schedule
-
-
-def _method(job: Job) -> dict:
-    method, plan = {"name": "sela", "config": job.config.to_dict(), "precision": job.precision}, job.plan
-    if plan:  # how the configuration was chosen: recipe, reasons, budget and the estimate
-        method["recipe"] = {k: plan[k] for k in ("recipe", "reasons", "budget_s", "estimate") if k in plan}
-    if job.stopped_early:  # the config says what was planned; this says where training ended, and why
-        method.setdefault("recipe", {}).update(stopped_after_epoch=job.stopped_early,
-                                               stopped_because=job.stopped_because)
-    return method
-
-
-def _quality(job: Job, state: SelaState, ks: list[int]) -> dict | None:
-    """Label-free quality of every head on this rank's rows of the last label step, and the K to keep."""
-    if job.label_features is None or not job.dist.main:
-        return None
-    rows, features = job.label_features
-    heads = head_quality(state.labels[:, rows].numpy(), ks, features=features.numpy(),
-                         previous=job.previous_labels.numpy(), seed=job.config.seed)
-    record = {}
-    if job.selection is not None:  # which label step each head's labels come from, how well they agree, and k-means's
-        epochs, keep = labels_from(job.run_dir.history, len(ks)), state.keep(~job.skips.mask())
-        for row in heads:
-            row.update(neighbour_agreement=job.selection.score(state.labels[row["head"]], keep),
-                       labels_from_epoch=epochs[row["head"]])
-        kmeans = job.selection.kmeans_agreement(keep, ks, job.config.seed)
-        record["kmeans_neighbour_agreement"] = {str(k): round(v, 4) for k, v in kmeans.items()}
-    record["heads"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()} for h in heads]
-    which = recommend_k(heads)
-    if which:
-        record["recommended_k"] = which
-    return record
-
-
-def _finish(job: Job, model, state: SelaState, ks) -> SelaRun:
-    config, source = job.config, job.source
-    path, run_dir = job.run_dir.out / "labels.parquet", job.run_dir
-    ended = {"out": run_dir.out, "artefact": path, "skipped": job.skips.as_list(), "history": run_dir.history}
-    if not run_dir.writer:  # under torchrun rank 0 alone builds the artefact of every row (N of them, not a share)
-        return SelaRun(**ended, labels=None, metrics=None, seconds=time.perf_counter() - job.started)
-    rows = np.flatnonzero(state.keep(~job.skips.mask()))
-    labels = state.labels[:, rows].numpy()
-    scores = state.scores[:, rows].numpy()
-    method = {**_method(job), "solver": _solver_record(run_dir.history, config.sinkhorn_tol)}
-    quality = _quality(job, state, ks)
-    if quality:
-        method["quality"] = quality
-        job.log({"type": "quality", **quality})
-    heads_k = list(ks)
-    if config.consensus and len(ks) > 1:  # appended as one more head, after the heads it was voted from
-        agreed = consensus_labels(labels, ks, scores=scores)
-        labels = np.concatenate([labels, agreed.labels[None]])
-        scores = np.concatenate([scores, agreed.confidence[None]])
-        heads_k.append(agreed.k)
-        method["consensus"] = {"head": len(ks), **agreed.record()}
-        job.log({"type": "consensus", **method["consensus"]})
-    start = started_from(job.run_dir.history)  # labels that grew out of an earlier artefact's name it as parent
-    artefact = Artefact.build(source.ids_at(rows), labels, heads_k, scores=scores, method=method,
-                              data=job.provenance(), parents=[start] if start else [])
-    artefact.write(path)
-    run_dir.save_weights(model, config.arch, "sela")
-    metrics = None
-    if source.has_truth:
-        truth = source.targets[rows]
-        known = truth >= 0
-        metrics = [dict(agreement(head[known], truth[known], accuracy=True), head=h, k=heads_k[h])
-                   for h, head in enumerate(labels)]
-    return SelaRun(**ended, labels=artefact, metrics=metrics, seconds=time.perf_counter() - job.started,
-                   quality=quality, consensus=method.get("consensus"), solver=method["solver"])
-
-
-def _solver_record(history: Path, tolerance: float) -> dict:
-    """How the run's Sinkhorn solves ended, from its history (so a resumed run counts the steps before it)."""
-    solves = [head for line in history.read_text().splitlines() if line.strip()
-              for record in [json.loads(line)] if record.get("type") == "label_step" for head in record["heads"]]
-    stalled = [head["error"] for head in solves if not head["converged"]]
-    return {"solves": len(solves), "unconverged": len(stalled), "worst_error": max(stalled, default=None),
-            "tolerance": tolerance}

@@ -43,8 +43,8 @@ class Shard:
 
             raise ConfigError(f"{len(kept)} rows to label are fewer than the {dist.world} torchrun processes; "
                               "run fewer processes")
-        parts = np.array_split(kept, dist.world)
-        return cls(dist, parts[dist.rank], np.array([part[0] for part in parts]))
+        parts = np.array_split(kept, dist.world)  # views of every kept row: the share is copied out of them
+        return cls(dist, parts[dist.rank].copy(), np.array([part[0] for part in parts]))
 
     def owner(self, rows: np.ndarray) -> np.ndarray:
         """The rank that holds each of ``rows`` (kept rows only)."""

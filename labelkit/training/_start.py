@@ -163,15 +163,14 @@ def pinned_balance(state: SelaState, h: int, rows: torch.Tensor, balance):
 
 
 def store_labels(dist, state: SelaState, h: int, rows: torch.Tensor, labels: np.ndarray, posterior: np.ndarray):
-    """Head ``h``'s new labels and posteriors of this rank's ``rows`` into ``state``, with every other rank's
-    (gathered as they are, not as the pickled float64 stack of both that held about 70 bytes a row at the peak of
-    a label step, 0.7 GB at 10 M rows)."""
-    if dist.world > 1:
-        rows, labels, posterior = collectives.gather_arrays(dist.group, rows.numpy(), np.asarray(labels, dtype=np.int64),
-                                                            np.asarray(posterior, dtype=np.float32))
-        rows = torch.from_numpy(rows)
-    state.labels[h, rows] = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    state.scores[h, rows] = torch.from_numpy(np.asarray(posterior, dtype=np.float32))
+    """Head ``h``'s new labels and posteriors of this rank's ``rows`` into ``state``, with every other rank's,
+    gathered a chunk at a time (:func:`~labelkit._util.collectives.gather_chunks`)."""
+    chunks = collectives.gather_chunks(dist.group, rows.numpy(), np.asarray(labels, dtype=np.int64),
+                                       np.asarray(posterior, dtype=np.float32))
+    for where, assigned, scored in chunks:
+        where = torch.from_numpy(where)
+        state.labels[h, where] = torch.from_numpy(assigned)
+        state.scores[h, where] = torch.from_numpy(scored)
 
 
 def with_pins(state: SelaState, h: int, rows: torch.Tensor, free, labels: np.ndarray, posterior: np.ndarray):
