@@ -5,7 +5,7 @@ give for the same rows, artefact id and all.
 
 The artefact id hashes every id before any label, and each head's labels before the next head's, so the parts
 are read ``2 + heads`` times: once to check the ids and labels and hash the ids, once per head to hash its
-labels, and once to write."""
+labels, and once to write (and once more for the ids' fingerprint where the data section gives none)."""
 
 from __future__ import annotations
 
