@@ -39,7 +39,7 @@ def write_parts(path: str | os.PathLike, parts: Callable[[], Iterable[Part]], ks
     ks = [int(k) for k in ks]
     entries = _head_entries(ks, None, None)
     digest = fmt.ArtefactDigest()
-    count = _checked_ids(parts, ks, digest)
+    count = _check_parts(parts, ks, digest)
     for h, entry in enumerate(entries):  # the labels follow the ids in the artefact id, head by head
         digest.head(entry["name"], entry["k"])
         for _, labels, _ in parts():
@@ -53,7 +53,7 @@ def write_parts(path: str | os.PathLike, parts: Callable[[], Iterable[Part]], ks
     return metadata
 
 
-def _checked_ids(parts: Callable[[], Iterable[Part]], ks: list[int], digest: fmt.ArtefactDigest) -> int:
+def _check_parts(parts: Callable[[], Iterable[Part]], ks: list[int], digest: fmt.ArtefactDigest) -> int:
     """One pass over the parts: raises on any problem of the ids and labels, hashes the ids into ``digest``
     and returns the number of rows."""
     count, last = 0, None

@@ -37,6 +37,12 @@ def _log_q(source, rows: np.ndarray, potentials, lam) -> np.ndarray:
     return (e - torch.logsumexp(e, dim=1, keepdim=True)).numpy()
 
 
+def _rank_rows(n: int, group) -> tuple[int, int]:
+    """(global row of this rank's first row, rows of every rank together), for a rank holding ``n`` rows."""
+    sizes = collectives.gather_arrays(group, np.array([n]))[0]
+    return int(sizes[: collectives.rank(group)].sum()), int(sizes.sum())
+
+
 BAND = 1 << 20  # (row, candidate) pairs a band of the walk holds across the ranks, about: its lists stay this size
 
 
@@ -165,9 +171,8 @@ def balanced_labels(source, potentials, lam, block, candidates: int = 8, group=N
     k = source.k
     c = min(candidates, k)
     top_logq, top_idx = _candidates(source, potentials, lam, block, c)
-    sizes = collectives.gather_arrays(group, np.array([source.n]))[0]
-    offset = int(sizes[: collectives.rank(group)].sum())
-    labels, scores, capacity = _greedy(top_logq, top_idx, k, offset, int(sizes.sum()), group, band)
+    offset, total = _rank_rows(source.n, group)
+    labels, scores, capacity = _greedy(top_logq, top_idx, k, offset, total, group, band)
     del top_logq, top_idx
     mine = np.flatnonzero(labels < 0)
     left, left_logq = collectives.gather_arrays(group, mine + offset, _log_q(source, mine, potentials, lam))
@@ -195,8 +200,7 @@ def floored_labels(source, potentials, lam, block, labels: torch.Tensor, scores:
     if (counts >= minimum).all():
         return labels, scores
     top_logq, top_idx = _candidates(source, potentials, lam, block, min(candidates, k))
-    sizes = collectives.gather_arrays(group, np.array([source.n]))[0]
-    offset = int(sizes[: collectives.rank(group)].sum())
+    offset, _ = _rank_rows(source.n, group)
     current, chosen = labels.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
     need = minimum - counts
     # the moves that can help: a row's candidate in a cluster below its minimum (few, and gathered from every
