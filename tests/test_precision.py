@@ -42,20 +42,37 @@ def test_an_unknown_precision_is_one_line_naming_the_option(tmp_path):
 
 def test_a_bfloat16_step_computes_in_bfloat16_and_keeps_float32_weights():
     images, labels = torch.rand(16, 3, 16, 16), torch.randint(0, 3, (2, 16))
-    losses, outputs = {}, {}
+    losses, outputs, features = {}, {}, {}
     for precision in ("float32", "bfloat16"):
         torch.manual_seed(0)
         model = SelaModel(create_backbone("labelkit_cnn", 16), [3, 3])
         with torch.no_grad(), autocast(CPU, precision):
+            features[precision] = model.features(images)
             outputs[precision] = model(images)[0]
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         losses[precision] = float(train_step(model, optimizer, images, labels, CPU, precision))
         assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert outputs["float32"].dtype == torch.float32 and outputs["bfloat16"].dtype == torch.bfloat16
+    assert features["float32"].dtype == torch.float32 and features["bfloat16"].dtype == torch.bfloat16
     # the same network: bfloat16 keeps about 3 significant digits of the float32 logits
-    assert torch.allclose(outputs["bfloat16"].float(), outputs["float32"], atol=0.05, rtol=0.02)
-    assert not torch.equal(outputs["bfloat16"].float(), outputs["float32"])
+    assert torch.allclose(outputs["bfloat16"], outputs["float32"], atol=0.05, rtol=0.02)
+    assert not torch.equal(outputs["bfloat16"], outputs["float32"])
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_under_bfloat16_on_the_cpu_the_heads_compute_in_float32():
+    torch.manual_seed(0)
+    model = SelaModel(create_backbone("labelkit_cnn", 16), [3, 5])
+    images = torch.rand(8, 3, 16, 16)
+    with torch.no_grad(), autocast(CPU, "bfloat16"):
+        features = model.features(images)
+        logits = model(images)
+    assert features.dtype == torch.bfloat16
+    for h, out in enumerate(logits):
+        weight, bias = model.heads[h].weight, model.heads[h].bias
+        assert out.dtype == torch.float32
+        # exactly the float32 product of the bfloat16 features, not a bfloat16 product rounded to 8 bits
+        assert torch.allclose(out, features.float() @ weight.T + bias, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(out, (features @ weight.T.bfloat16() + bias.bfloat16()).float(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_says_and_records_what_it_computed_in(tmp_path, monkeypatch):
