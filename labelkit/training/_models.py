@@ -306,6 +306,8 @@ class SelaModel(nn.Module):
             # K x D a sample, little beside a backbone on a CPU (on CUDA, where K x T reaches 3000 x 10 and
             # nothing was measured, they stay in bfloat16).
             with torch.autocast("cpu", enabled=False):
-                f = f.float()
-                return [nn.functional.linear(f, *self.head_weights(h)) for h in range(len(self.heads))]
+                return self._logits(f.float())
+        return self._logits(f)
+
+    def _logits(self, f: torch.Tensor) -> list[torch.Tensor]:
         return [nn.functional.linear(f, *self.head_weights(h)) for h in range(len(self.heads))]
