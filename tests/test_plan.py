@@ -76,7 +76,8 @@ def test_without_k_the_heads_over_cluster_and_truth_is_never_used():
     assert recipe["clusters"] == (10, 30, 100) and recipe["heads"] == 3 and "never" in why["clusters"]
 
 
-def test_builtin_digits_keeps_its_recipe():
+def test_builtin_digits_keeps_its_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/digits, may hold the demo's finished run
     plan = make_plan({}, probe=False)
     assert plan.recipe == "digits" and plan.config == resolve_config({})
     assert plan.budget is None  # no default budget outside the auto recipe
