@@ -24,6 +24,8 @@ def _show(name: str, value) -> str:
         return "the CPU cores, at most 8"
     if name == "settle" and not value:
         return "0, every epoch"
+    if name == "vote" and not value:
+        return "0, off"
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value) if len(set(value)) > 1 else str(value[0])
     if value is None or value is False:

@@ -100,6 +100,14 @@ class BarReporter(Reporter):
             if stalled:
                 line += f"; {len(stalled)} stopped at the iteration cap (error up to {max(stalled):.1e})"
             click.echo(line, err=True)
+        elif record["type"] == "vote":
+            heads = record["heads"]
+            moved = " / ".join(f"{h['moved']:,}" for h in heads)
+            line = (f"  vote of {record['neighbours']} neighbours: moved {moved} of {record['rows']:,} labels "
+                    f"({'per head, ' if len(heads) > 1 else ''}{record['seconds']:.1f} s)")
+            if "nmi" in heads[0]:
+                line += f", head 0 NMI to truth {heads[0]['nmi_before']:.3f} -> {heads[0]['nmi']:.3f}"
+            click.echo(line, err=True)
 
 
 def _to_previous(heads: list[dict]) -> str:

@@ -21,6 +21,7 @@ _AUTO = {
     "epochs": "what fits --budget, at most 60",
     "label_steps": "one every 5 epochs",
     "settle": "0.97",
+    "vote": "10 for small images that the graph start takes",
     "batch_size": "from the device",
     "image_size": "from the images' size",
     "augment": "from the images (grey or colour, small or photos)",
@@ -83,6 +84,10 @@ def _clusters(ctx, param, value):
 @click.option("--settle", type=float, default=None, metavar="NMI",
               help="Stop training once a label step's labels agree with the previous step's at this NMI (mean over "
                    f"heads, from the third label step on); 0 trains every epoch {_d('settle')}.")
+@click.option("--vote", type=int, default=None, metavar="N",
+              help="After the last epoch, move each label to the one held most by the sample and its N nearest "
+                   "neighbours in the trained network's features (cluster sizes then follow the data; reviewed "
+                   f"labels stay); 0: the last label step's balanced labels {_d('vote')}.")
 @click.option("--label-augment/--no-label-augment", default=None, help=f"Augment the label pass too {_d('label_augment')}.")
 @click.option("--label-views", type=int, default=None,
               help=f"Average the features of this many views in the label pass (1 plain + augmented) {_d('label_views')}.")

@@ -54,7 +54,7 @@ def kill_tree(pid: int) -> None:
 
 def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
     data = _blobs(tmp_path / "blobs.npz", n=300, size=16)
-    reference = _torchrun(data, tmp_path / "reference")
+    reference = _torchrun(data, tmp_path / "reference", "--vote", "3")  # rank 0 votes, every rank receives
     output = reference.communicate(timeout=300)[0]
     assert reference.returncode == 0, output
     assert output.count("wrote ") == 1  # rank 0 alone reports
@@ -62,7 +62,7 @@ def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
     assert list(art.sample_ids) == resolve(data).ids  # every sample exactly once
 
     killed = tmp_path / "killed"
-    proc = _torchrun(data, killed)
+    proc = _torchrun(data, killed, "--vote", "3")
     history = killed / "history.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and '"epoch": 3,' not in (history.read_text() if history.exists() else ""):
@@ -73,11 +73,13 @@ def test_two_process_generate_labels_every_sample_once_and_resumes(tmp_path):
 
     saved = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert 0 < saved["epoch"] < 5 and not (killed / "labels.parquet").exists()
-    resumed = _torchrun(data, killed, "--resume")
+    resumed = _torchrun(data, killed, "--vote", "3", "--resume")
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     again = read_artefact(killed / "labels.parquet")
     assert again.artefact_id == art.artefact_id
+    votes = [json.loads(line) for line in history.read_text().splitlines() if '"type": "vote"' in line]
+    assert len(votes) == 1 and votes[0]["rows"] == 300
     epochs = [json.loads(line)["epoch"] for line in history.read_text().splitlines() if '"type": "epoch"' in line]
     assert epochs == [1, 2, 3, 4, 5]
 
@@ -132,7 +134,7 @@ def test_one_process_under_torchrun_joins_a_group_and_matches_a_plain_run(tmp_pa
     data = _blobs(tmp_path / "blobs.npz", n=120, size=8)
     options = ["generate", "--data", data, "--arch", "labelkit_cnn", "--clusters", "3", "--heads", "1",
                "--epochs", "2", "--label-steps", "2", "--batch-size", "32", "--image-size", "8", "--workers", "0",
-               "--device", "cpu", "--augment", "none", "--quiet"]
+               "--device", "cpu", "--augment", "none", "--vote", "3", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                                "-m", "labelkit", *options, "--out", str(tmp_path / "torchrun")],

@@ -103,13 +103,14 @@ def test_the_budget_sets_the_epochs(tmp_path, monkeypatch):
     data = str(_digit_folder(tmp_path / "d"))  # 120 images: 1.2 s an epoch, 0.22 s a label step
     short = make_plan({"data": data, "clusters": (2,)}, budget="20s")
     long = make_plan({"data": data, "clusters": (2,)}, budget="10m")
-    # 0.8 x 20 s, less start-up, graph start and the last label step (12.78 s), over 1.2 s an epoch and the
-    # recipe's share of label steps (13 of 60 epochs x 0.22 s): 10 epochs
-    assert short.config.epochs == 10 and long.config.epochs == labelkit.training._plan.AUTO_MAX_EPOCHS
+    # 0.8 x 20 s, less start-up, graph start, the vote after the last epoch (a pass, like the graph start's) and
+    # the last label step (11.78 s), over 1.2 s an epoch and the recipe's share of label steps (13 of 60 epochs
+    # x 0.22 s): 9 epochs
+    assert short.config.epochs == 9 and long.config.epochs == labelkit.training._plan.AUTO_MAX_EPOCHS
     assert long.config.label_steps == 13  # graph start: a label step every 5 epochs
-    # 13 x 10 / 60 rounds to 2, but a run keeps the steps at the start, the middle and the end
+    # 13 x 9 / 60 rounds to 2, but a run keeps the steps at the start, the middle and the end
     assert short.config.label_steps == 3 and short.estimate["label_steps"] == 2  # the start replaces the first
-    assert short.estimate["seconds"] == pytest.approx(3 + 10 * 1.2 + 2 * 0.22, abs=0.05) and short.estimate["seconds"] <= 0.8 * 20
+    assert short.estimate["seconds"] == pytest.approx(4 + 9 * 1.2 + 2 * 0.22, abs=0.05) and short.estimate["seconds"] <= 0.8 * 20
     # the larger of the label step (float32 features + bf16 kernel) and the graph start's thumbnails (twice)
     assert short.estimate["label_memory"] == max(120 * 128 * 4 + 120 * 2 * 2, 2 * 120 * 768 * 4)
 
@@ -148,6 +149,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "plan: recipe auto" in result.output and "estimate:" in result.output and "start: graph" in result.output
     assert "(120 samples, 20 px grey)" in result.output
     assert "settle: 0.97" in result.output and "wall time for every epoch" in result.output  # it may end sooner
+    assert "vote: 10" in result.output  # small images in the graph start's range get the neighbour vote
     assert not out.exists()
     bad = CliRunner().invoke(cli, ["generate", "--data", str(data), "--budget", "soon", "--out", str(out)])
     assert bad.exit_code != 0 and "--budget 'soon'" in bad.output and not out.exists()

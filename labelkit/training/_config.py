@@ -62,6 +62,7 @@ class SelaConfig:
     start_from: str | None = None  # first labels from an earlier artefact instead (see training/_start.py)
     label_spacing: str = "quadratic"  # label steps at (i/M)^2 of training (the paper's), or even
     settle: float = 0.0  # stop once consecutive label steps agree at this NMI (mean over heads); 0: every epoch
+    vote: int = 0  # after training, move each label to the one its this many nearest neighbours hold most; 0: off
     label_views: int = 1  # label pass: average the features of this many views (1 plain + augmented ones)
     workers: int | None = None  # None: default_workers()
     device: str = "auto"
@@ -134,6 +135,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "label_spacing": "even",
         "label_views": 3,
         "consensus": True,
+        # after the last epoch, each label moves to the one its 10 nearest neighbours in the trained features
+        # hold most (training/_vote.py): consensus NMI over seeds 0-4 0.947 / 0.926 / 0.949 / 0.914 / 0.921
+        # without, 0.942 / 0.932 / 0.954 / 0.942 / 0.945 with
+        "vote": 10,
         "workers": 0,
         "out": "runs/digits",
     }
@@ -407,6 +412,12 @@ def _check(config) -> None:
         _one_of("--label-spacing", config.label_spacing, LABEL_SPACINGS)
         if config.label_steps < 1:
             raise ConfigError(f"--label-steps must be at least 1, got {config.label_steps}")
+        if config.vote < 0:
+            raise ConfigError(f"--vote is a number of neighbours (0: no vote); got {config.vote}")
+        if config.vote and config.frozen:
+            raise ConfigError("--vote moves labels in the features of the backbone a run trains; heads on fixed "
+                              "features (--freeze, embedding tables) judge their labels by their neighbours already: "
+                              "drop --vote")
         if not 0.0 <= config.settle <= 1.0:
             raise ConfigError(f"--settle is an NMI between label steps, in [0, 1] (0: train every epoch); got "
                               f"{config.settle}")

@@ -265,6 +265,8 @@ def _fit_budget(plan: Plan, source, *, epochs_given: bool, steps_given: bool) ->
     plan.profile.setdefault("samples", n)
     graph = config.start == "graph" and not config.start_from
     fixed = probe["startup_s"] + (probe["graph_s"] if graph else 0.0)
+    if config.vote:  # one plain pass and the neighbours' search, like the graph start's
+        fixed += probe["graph_s"]
     per_step = config.label_views * n / probe["label_images_per_s"] + probe["solve_s_per_step"]
     per_epoch = n / probe["train_images_per_s"]
     if plan.budget is not None and not epochs_given:

@@ -22,6 +22,7 @@ from ._config import SelaConfig, memory_bytes, solver_prior
 from ..errors import ConfigError
 from ._frozen import (TableRows, ViewsOnDisk, cached_views, neighbours, whitened_views)
 from ._sharded import Shard, refuse_neighbours, row_share
+from ._vote import neighbour_vote
 from ._heads import frozen_heads, frozen_record, head_training, seed_prototypes, training_sample
 from ._start import SelaState, artefact_start, pinned_balance, store_labels, with_pins
 from ._select import KeepBetter
@@ -238,6 +239,8 @@ def run_sela(config: SelaConfig, *, resume: bool = False, reporter: Reporter | N
         job.run_epochs(lambda: job.train_epoch(train_model, transforms[1], state.labels, optimizer,
                                                keep=state.keep(~job.skips.mask())),
                        lambda epoch: _label_step(job, model, dim, state, ks, transforms, epoch))
+        if config.vote:  # recomputed from the last checkpoint's labels on a resume: never voted twice
+            job.log(neighbour_vote(job, model, dim, state, ks, transforms[0]))
         job.merge_skips()
         run = _finish(job, model, state, ks)
         job.finish()
