@@ -33,9 +33,10 @@ AUTO_LABEL_EVERY = 5
 # start (the paper's, for large data) trains every epoch.
 AUTO_SETTLE = 0.97
 # Neighbours of the vote after the last epoch (training/_vote.py). Replayed on bench/suite.py's image sets with
-# 5, 10 and 20: 5 did as well as 10 on the digits and less on the rest; 20 did best on glyphs, glyphs-tail and
-# textures but put two of six digits seeds below no vote; 10 raised every set and seed. Small images only, where
-# the graph start runs (at most 100,000 samples): the photo recipe was not measured.
+# 5, 10 and 20 (votes repeated until none moved, before the vote became one round): 5 did as well as 10 on the
+# digits and less on the rest; 20 did best on glyphs, glyphs-tail and textures but put two of six digits seeds
+# below no vote; 10 raised every set and seed. Small images only, where the graph start runs (at most 100,000
+# samples): the photo recipe was not measured.
 AUTO_VOTE = 10
 
 
