@@ -27,13 +27,14 @@ from ._loop import autocast, extract_features
 
 __all__ = ["neighbour_vote", "vote_labels"]
 
+
 def vote_labels(labels: np.ndarray, near: np.ndarray, k: int, pinned: np.ndarray | None = None) -> np.ndarray:
     """``labels`` (N,) of K = ``k`` clusters, each moved to the label most held by itself and its ``near`` (N, m)
     neighbours; a tie keeps the label, and rows whose ``pinned`` label is set (>= 0) keep it.
 
     One round, on the label step's labels: repeated until no label moves, the votes cascade, and a head of more
     clusters than the data has classes loses whole clusters to its neighbours (the digits recipe's K = 50 head
-    emptied clusters within 10 rounds; after one its smallest cluster held 17-19 samples, of about 36 each before)."""
+    emptied clusters within 10 rounds; after one, its smallest cluster held 15-21 samples of about 36 on seeds 0-4)."""
     n = len(labels)
     votes = np.zeros((n, k), dtype=np.float32)
     np.add.at(votes, (np.repeat(np.arange(n), near.shape[1]), labels[near].ravel()), 1.0)
