@@ -10,6 +10,10 @@ Sets (``make`` writes them; the classes are the first folder level, or a table's
                     orientations; the class is the picture.
 * ``glyphs-tail``-- 1,171 further glyphs with Zipf class sizes (400, 200, ..., 40); run without K.
 * ``*-pixels``   -- the pixels of digits, glyphs and textures as embedding tables (Parquet, with ``label``).
+* ``*-features`` -- a network's features as embedding tables, the way most tables reach labelkit: ``make`` trains
+                    ``labelkit generate --data glyphs --clusters 10 --seed 0`` (the defaults) and writes that
+                    network's features of 3,000 glyphs of ten *other* letters (``glyphs-features``) and of
+                    the built-in digits (``digits-features``): classes the network never saw.
 
 Methods: k-means on the same pixels (scikit-learn, 3 starts), UMAP + k-means (umap-learn: 10-d, 15
 neighbours, min_dist 0; ``pip install -e '.[bench]'``) and ``labelkit generate --data SET`` with its defaults
@@ -36,8 +40,10 @@ import numpy as np
 
 from _runs import plan_check  # bench/ is on the path of a script run from it
 
-SETS = ("digits", "glyphs", "textures", "glyphs-tail", "digits-pixels", "glyphs-pixels", "textures-pixels")
+SETS = ("digits", "glyphs", "textures", "glyphs-tail", "digits-pixels", "glyphs-pixels", "textures-pixels",
+        "glyphs-features", "digits-features")
 LETTERS = "ABCDEFGHKM"
+OTHER_LETTERS = "NPRSTUVWXY"  # the feature table's glyphs: none of them is in LETTERS
 PICTURES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "brick",
             "grass", "gravel", "retina")
 
@@ -54,10 +60,13 @@ def _write_folder(root: Path, images: list, labels: np.ndarray, names: list[str]
 
 
 def _write_table(path: Path, images: list, labels: np.ndarray) -> None:
+    _write_vectors(path, np.stack([np.asarray(im, dtype=np.float32).ravel() / 255 for im in images]), labels)
+
+
+def _write_vectors(path: Path, x: np.ndarray, labels: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    x = np.stack([np.asarray(im, dtype=np.float32).ravel() / 255 for im in images])
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
     table = pa.table({"sample_id": [f"{i:05d}" for i in range(len(x))], "embedding": vectors,
                       "label": pa.array(labels, pa.int64())})
@@ -72,8 +81,8 @@ def _digits() -> tuple[list, np.ndarray, list[str]]:
     return images, d.target, [str(c) for c in range(10)]
 
 
-def _fonts() -> list[str]:
-    """Every TrueType font here that draws all the letters (symbol fonts are left out)."""
+def _fonts(letters: str = LETTERS) -> list[str]:
+    """Every TrueType font here that draws all the ``letters`` (symbol fonts are left out)."""
     import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
@@ -86,12 +95,12 @@ def _fonts() -> list[str]:
         except OSError:
             continue
         drawn = []
-        for ch in LETTERS + "\uffff":
+        for ch in letters + "\uffff":
             canvas = Image.new("L", (64, 64))
             ImageDraw.Draw(canvas).text((8, 4), ch, font=font, fill=255)
             drawn.append(np.asarray(canvas).tobytes())
         missing = drawn[-1]
-        if len(set(drawn[:-1])) == len(LETTERS) and missing not in drawn[:-1] and path.name not in seen:
+        if len(set(drawn[:-1])) == len(letters) and missing not in drawn[:-1] and path.name not in seen:
             fonts.append(str(path))
             seen.add(path.name)
     return fonts
@@ -121,13 +130,13 @@ def _glyph(font_path: str, ch: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _glyphs(counts: list[int], seed: int) -> tuple[list, np.ndarray, list[str]]:
+def _glyphs(counts: list[int], seed: int, letters: str = LETTERS) -> tuple[list, np.ndarray, list[str]]:
     rng = np.random.default_rng(seed)
-    fonts = _fonts()
+    fonts = _fonts(letters)
     labels = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
     rng.shuffle(labels)
-    images = [_glyph(fonts[int(rng.integers(len(fonts)))], LETTERS[k], rng) for k in labels]
-    return images, labels, list(LETTERS)
+    images = [_glyph(fonts[int(rng.integers(len(fonts)))], letters[k], rng) for k in labels]
+    return images, labels, list(letters)
 
 
 def _textures(per_class: int, seed: int) -> tuple[list, np.ndarray, list[str]]:
@@ -163,6 +172,33 @@ def make(root: Path) -> None:
         if name != "glyphs-tail":
             _write_table(root / f"{name}-pixels.parquet", images, labels)
         print(f"{name}: {len(images)} images, class sizes {np.bincount(labels).tolist()}", flush=True)
+    _feature_tables(root, {"glyphs-features": _glyphs([300] * 10, seed=4, letters=OTHER_LETTERS),
+                           "digits-features": sets["digits"]})
+
+
+def _feature_tables(root: Path, sets: dict) -> None:
+    """The features of a network that labelkit trains on the glyphs (its defaults, seed 0), of each of ``sets``.
+    A network already in ``root/glyphs-model`` is used as it is: delete the folder to train it again."""
+    from labelkit.data import resolve
+    from labelkit.training import load_run_model, sample_features
+
+    model_dir = root / "glyphs-model"
+    if not (model_dir / "model.safetensors").is_file():
+        command = ["generate", "--data", str(root / "glyphs"), "--clusters", "10", "--seed", "0", "--quiet",
+                   "--out", str(model_dir)]
+        subprocess.run([sys.executable, "-m", "labelkit", *command], check=True)
+    model, record = load_run_model(model_dir)
+    for name, (images, labels, _) in sets.items():
+        with tempfile.TemporaryDirectory() as tmp:  # the images as files, so that they decode as any folder does
+            folder = Path(tmp) / "images"
+            _write_folder(folder, images, np.zeros(len(images), np.int64), ["all"])
+            source = resolve(str(folder))
+            order = [int(Path(sample).stem) for sample in source.ids]  # the folder's order: by path
+            features = sample_features(model, record, source, np.arange(len(source))).numpy()
+            x = np.empty_like(features)
+            x[order] = features
+        _write_vectors(root / f"{name}.parquet", x, labels)
+        print(f"{name}: {x.shape[0]} x {x.shape[1]} features, class sizes {np.bincount(labels).tolist()}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -170,7 +206,7 @@ def make(root: Path) -> None:
 def _load(root: Path, name: str) -> tuple[np.ndarray, np.ndarray, Path]:
     from PIL import Image
 
-    if name.endswith("-pixels"):
+    if name.endswith(("-pixels", "-features")):
         import pyarrow.parquet as pq
 
         path = root / f"{name}.parquet"

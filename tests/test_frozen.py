@@ -442,6 +442,27 @@ def test_predict_embeddings_matches_the_runs_heads(tmp_path):
     assert images.exit_code == 1 and "trained on embedding vectors" in images.output
 
 
+def test_a_parquet_table_runs_without_torch_warning_of_read_only_arrays(tmp_path):
+    # the table's vectors come as read-only views; torch warns once per process, hence fresh processes
+    import subprocess
+    import sys
+
+    x, y = blobs(n=300, d=8, k=3)
+    table = pa.table({"key": [f"s{i:03d}" for i in range(300)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    out = tmp_path / "run"
+    commands = [["generate", "--data", str(tmp_path / "t.parquet"), "--clusters", "3", "--heads", "1", "--epochs", "2",
+                 "--quiet", "--out", str(out)],
+                ["predict", str(out), "--data", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "p.parquet"),
+                 "--quiet"]]
+    for command in commands:
+        done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", "labelkit", *command],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "not writable" not in done.stderr
+
+
 def test_predict_images_with_a_frozen_and_a_trained_run(tmp_path):
     out = tmp_path / "frozen"
     assert run(["generate", "--freeze", "--epochs", "3", "--label-steps", "2", "--quiet", "--out", str(out)]).exit_code == 0

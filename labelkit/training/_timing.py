@@ -186,7 +186,7 @@ def _table_probe(config, source) -> dict:
         width = _table_width(config, dim)
         rows = min(n, 65536)
         t0 = time.perf_counter()
-        block = torch.from_numpy(source.vectors(slice(0, rows)))
+        block = torch.tensor(source.vectors(slice(0, rows)))  # a copy: the rows may be a read-only memory map
         read_s = time.perf_counter() - t0
         (block - block.mean(0)) @ torch.randn(dim, width)
         whiten_s = time.perf_counter() - t0
