@@ -655,6 +655,34 @@ def test_a_table_beyond_the_neighbour_search_trains_without_it_and_says_why(tmp_
     assert planning.make_plan({**options, "neighbours": 5}).config.neighbours == 5  # given: kept
 
 
+def test_a_table_whose_heads_keep_the_better_labels_stops_once_they_settle(tmp_path, monkeypatch):
+    import labelkit.training._plan as planning
+    import labelkit.training._table_plan as table_plan
+
+    x, _ = blobs(n=400, d=8)
+    np.save(tmp_path / "t.npy", x)
+    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run")}
+    plan = planning.make_plan(options)
+    assert plan.config.settle == 0.97 and "neighbours agree with best" in plan.reasons["settle"]
+    assert planning.make_plan({**options, "settle": 0.0}).config.settle == 0.0  # given: kept
+    assert planning.make_plan({**options, "keep_better": False}).config.settle == 0.0
+    monkeypatch.setattr(table_plan, "NEIGHBOURS_LIMIT", 300)  # no neighbour graph: every epoch, as measured
+    assert planning.make_plan(options).config.settle == 0.0
+    monkeypatch.undo()
+
+    common = ["generate", "--data", str(tmp_path / "t.npy"), "--clusters", "4", "--heads", "2", "--epochs", "20",
+              "--label-steps", "6"]
+    settled, every = run([*common, "--out", str(tmp_path / "a")]), run([*common, "--settle", "0", "--out", str(tmp_path / "b")])
+    assert settled.exit_code == 0 and every.exit_code == 0, settled.output + every.output
+    history = [json.loads(line) for line in (tmp_path / "a" / "history.jsonl").read_text().splitlines()]
+    stop = [r for r in history if r["type"] == "settled"]
+    assert len(stop) == 1 and stop[0]["epoch"] < 20 and "stopped after epoch" in settled.output
+    assert max(r["epoch"] for r in history if r["type"] == "epoch") == stop[0]["epoch"]
+    a, b = read_artefact(tmp_path / "a" / "labels.parquet"), read_artefact(tmp_path / "b" / "labels.parquet")
+    for h in range(2):  # the steps after the stop would have kept these labels too
+        np.testing.assert_array_equal(a.labels(h), b.labels(h))
+
+
 def test_a_table_plan_takes_leaner_heads_that_train_every_epoch_and_says_so(tmp_path, monkeypatch):
     """The probed cost of an epoch grows with heads x hidden width. A budget that holds every epoch of the
     recipe's five heads on a hidden layer keeps them; one that holds only some of them takes the first leaner

@@ -92,9 +92,10 @@ class Plan:
                        f"batch {c.batch_size}, augment {c.augment}")
         for name, reason in self.reasons.items():
             out.append(f"  {name}: {reason}")
+        upto = " for every epoch" if getattr(c, "settle", 0) else ""  # --settle may end it sooner
         if e and "peak_memory" in e:  # heads on a table
             budget = f" (budget {_clock(self.budget)})" if self.budget else ""
-            out.append(f"  estimate: {_clock(e['seconds'])} wall time{budget}; peak memory {_bytes(e['peak_memory'])}; "
+            out.append(f"  estimate: {_clock(e['seconds'])} wall time{upto}{budget}; peak memory {_bytes(e['peak_memory'])}; "
                        f"label kernel {e['kernel']}")
             p = self.probe
             out.append(f"  probe: {p['train_rows_per_s']:,.0f} vectors/s training, {p['label_rows_per_s']:,.0f} "
@@ -103,7 +104,6 @@ class Plan:
         elif e:
             budget = f" (budget {_clock(self.budget)})" if self.budget else ""
             step = "label step" if isinstance(c, SelaConfig) else "prediction pass"
-            upto = " for every epoch" if getattr(c, "settle", 0) else ""  # --settle may end it sooner
             out.append(f"  estimate: {_clock(e['seconds'])} wall time{upto}{budget}; {step} peak memory "
                        f"{_bytes(e['label_memory'])}; disk {_bytes(e['disk'])}")
             if "kernel" in e:
