@@ -47,7 +47,7 @@ def describe(plan: dict) -> str:
 
 
 class BarReporter(Reporter):
-    """Bars when stderr is a terminal; ``quiet`` keeps only the start line."""
+    """Bars when stderr is a terminal; ``quiet`` keeps only the start line and why training ended early."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -76,6 +76,8 @@ class BarReporter(Reporter):
             self.bar = None
 
     def record(self, record: dict) -> None:
+        if record["type"] in ("settled", "budget"):  # why training ended early is a result, not progress
+            click.echo(record["message"], err=True)
         if self.quiet:
             return
         if record["type"] == "epoch":
@@ -86,8 +88,6 @@ class BarReporter(Reporter):
             where = "memory" if record["where"] == "memory" else "a memory-mapped file"
             click.echo(f"decoded the images once at {record['side']} px into {where} ({record['seconds']:.1f} s); "
                        "every pass augments them by the batch", err=True)
-        elif record["type"] in ("settled", "budget"):
-            click.echo(record["message"], err=True)
         elif record["type"] == "label_step":
             heads = record["heads"]
             iterations = [h["iterations"] for h in heads]
