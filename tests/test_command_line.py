@@ -70,11 +70,13 @@ def test_transfer_ends_with_its_labels_against_the_source_and_the_truth(run, tmp
 
 
 def test_help_shows_what_the_plan_decides_from_beside_the_papers_value():
+    from labelkit.training import TABLE_RECIPE
     from labelkit.training._recipe import AUTO_LABEL_EVERY, AUTO_MAX_EPOCHS, AUTO_SETTLE
 
     text = " ".join(_cli("generate", "--help").output.split())
     assert f"[auto: what fits --budget, at most {AUTO_MAX_EPOCHS}; tables: 50; builtin:digits: 40; paper: 400]" in text
-    assert f"[auto: one every {AUTO_LABEL_EVERY} epochs;" in text and f"[auto: {AUTO_SETTLE:g}; paper: 0, every epoch]" in text
+    assert f"[auto: one every {AUTO_LABEL_EVERY} epochs;" in text
+    assert f"[auto: {AUTO_SETTLE:g}; tables: {TABLE_RECIPE['settle']:g}; paper: 0, every epoch]" in text
     assert "[auto: runs/<the data's name>;" in text and "[auto: from the images' size" in text
     transfer = " ".join(_cli("transfer", "--help").output.split())
     assert "[source: the run that made the labels; builtin:digits: 16; paper: 224]" in transfer

@@ -170,7 +170,9 @@ FROZEN_RECIPE: dict[str, Any] = {
 # 0.21-0.24 and 0.66-0.69, and linear heads trained from it fall back towards linear partitions (0.70 on the
 # digits). The whitening then keeps each direction's variance (see ``Whiten.fit``): scaled to unit variance,
 # the noise directions of real vectors weigh as much as the rest (textures: 0.46-0.52 whitened, 0.62-0.69 not).
-TABLE_RECIPE: dict[str, Any] = {"start": "graph", "head_hidden": 512, "neighbours": 10}
+# They settle (--settle 0.97, as the auto recipe's images) where their heads keep the labels their neighbours
+# agree with best; the plan turns it off where there is no neighbour graph (see _table_plan._table_settle).
+TABLE_RECIPE: dict[str, Any] = {"start": "graph", "head_hidden": 512, "neighbours": 10, "settle": 0.97}
 
 
 @dataclass(frozen=True)

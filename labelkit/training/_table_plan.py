@@ -9,7 +9,6 @@ import math
 
 from ._budget import BUDGET_SHARE, BudgetError, _bytes, _clock, _plural, label_step_count
 from ._config import SelaConfig, memory_bytes
-from ._recipe import AUTO_SETTLE
 from ._sharded import refuse_neighbours
 
 __all__ = []
@@ -52,19 +51,21 @@ def fit_table(plan, n: int, chosen: dict, distributed: bool = False) -> None:
 
 
 def _table_settle(plan, chosen: dict) -> None:
-    """--settle on a table whose heads keep the labels their neighbours agree with best: there a head's label
-    steps only ever replace its labels by ones its neighbours agree with more. On the five tables of
-    bench/suite.py (pixels and network features) every step kept the start's labels; the runs now stop after
-    epoch 18 of 50 with the same labels (9-17 s a command instead of 12-22). Without the neighbour graph the
-    heads' labels move at every step, and the large tables' figures were measured over every epoch: those
+    """The table recipe's --settle where its heads keep the labels their neighbours agree with best: there a
+    head's label steps only ever replace its labels by ones its neighbours agree with more. On the five tables
+    of bench/suite.py (pixels and network features) every step kept the start's labels; the runs now stop
+    after epoch 18 of 50 with the same labels (9-17 s a command instead of 12-22). Without the neighbour graph
+    the heads' labels move at every step, and the large tables' figures were measured over every epoch: those
     train every epoch."""
     config = plan.config
-    if "settle" in chosen or not (config.neighbours and config.keep_better):
+    if "settle" in chosen or not config.settle:
         return
-    plan.config = dataclasses.replace(config, settle=AUTO_SETTLE)
-    plan.reasons["settle"] = (f"{AUTO_SETTLE:g}: each head keeps the labels its neighbours agree with best, and "
-                              "training ends once a label step moves them no further than that (NMI to the "
-                              "previous step's, mean over heads)")
+    if config.neighbours and config.keep_better:
+        plan.reasons["settle"] = (f"{config.settle:g}: each head keeps the labels its neighbours agree with best, "
+                                  "and training ends once a label step moves them no further than that (NMI to "
+                                  "the previous step's, mean over heads)")
+    else:  # as every table did before: no line in the plan
+        plan.config = dataclasses.replace(config, settle=0.0)
 
 
 # Heads on a table whose recipe cannot train all its epochs in the budget are made leaner (fewer heads, no
