@@ -19,6 +19,7 @@ import torch
 from ..artefact import Artefact, read_artefact
 from ..data import Order, SkipLog, Source, keep_decoded, resolve, run_transforms
 from ..errors import ConfigError, DataError
+from ._frozen import TableRows
 from ._models import SelaModel, create_backbone, feature_dim
 from ._novelty import Novelty, describe
 from ._loop import Reporter, autocast, extract_features, model_to, resolve_device
@@ -65,20 +66,13 @@ def sample_features(model: SelaModel, record: dict, source: Source, indices, bat
     indices = np.asarray(indices, dtype=np.int64)
     with torch.no_grad():
         if not _needs_pixels(record):
-            return model.features(_vectors(source, indices).float())
+            return model.features(TableRows(source)[indices].float())
         backbone = model.backbone.net if "frozen" in record else model.backbone
         transform = run_transforms(backbone, record["image_size"], "none",
                                    bool(record.get("config", {}).get("pretrained")))[0]
         return torch.cat([model.features(torch.stack([transform(source.load(int(i)).convert("RGB"))
                                                       for i in indices[start:start + batch_size]]))
                           for start in range(0, len(indices), batch_size)])
-
-
-def _vectors(source: Source, rows) -> torch.Tensor:
-    """The vectors of ``rows`` as a tensor, copied where the table hands out a read-only view (a memory map):
-    torch warns on tensors it may not write."""
-    array = source.vectors(rows)
-    return torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
 
 
 def _needs_pixels(record: dict) -> bool:
@@ -181,11 +175,11 @@ def _predict_vectors(model: SelaModel, source: Source, skips: SkipLog, device, f
     labels = np.empty((len(model.heads), len(keep)), dtype=np.int64)
     scores = np.empty((len(model.heads), len(keep)), dtype=np.float32)
     novel = None if fitted is None else np.empty(len(keep), dtype=np.float32)
-    starts = range(0, len(keep), block)
+    starts, table = range(0, len(keep), block), TableRows(source)
     reporter.phase("predict", len(starts))
     with torch.no_grad():
         for i in starts:
-            features = model.features(_vectors(source, keep[i:i + block]).to(device))
+            features = model.features(table[keep[i:i + block]].to(device))
             labels[:, i:i + block], scores[:, i:i + block] = _heads_argmax(model, features, device)
             if fitted is not None:
                 novel[i:i + block] = fitted.score(features.cpu())
@@ -206,9 +200,9 @@ def _features(model: SelaModel, record: dict, source: Source, skips: SkipLog, *,
     """The features the heads read, for the samples that could be read (every rank gets all of them)."""
     if not source.has_pixels:
         skips.skipped.update(source.check_finite(skip=True))
-        keep = np.flatnonzero(~skips.mask())
+        keep, table = np.flatnonzero(~skips.mask()), TableRows(source)
         with torch.no_grad():
-            features = torch.cat([model.features(_vectors(source, keep[i:i + 65536]).to(device)).cpu()
+            features = torch.cat([model.features(table[keep[i:i + 65536]].to(device)).cpu()
                                   for i in range(0, len(keep), 65536)]) if len(keep) else torch.zeros(0, 1)
         seen = np.zeros(len(source), dtype=bool)
         seen[keep] = True

@@ -178,6 +178,8 @@ def _solve_seconds(config, n: int, ks: list[int], dim: int, path: str, iteration
 def _table_probe(config, source) -> dict:
     """The costs of heads on an embedding table as ``config`` makes them, measured here: reading and projecting
     a block of the table (the whitening pass), and :func:`_head_rates` of the configured heads."""
+    from ._frozen import TableRows
+
     started = time.perf_counter()
     state = torch.get_rng_state()
     torch.manual_seed(config.seed)
@@ -186,7 +188,7 @@ def _table_probe(config, source) -> dict:
         width = _table_width(config, dim)
         rows = min(n, 65536)
         t0 = time.perf_counter()
-        block = torch.tensor(source.vectors(slice(0, rows)))  # a copy: the rows may be a read-only memory map
+        block = TableRows(source)[slice(0, rows)]
         read_s = time.perf_counter() - t0
         (block - block.mean(0)) @ torch.randn(dim, width)
         whiten_s = time.perf_counter() - t0
