@@ -525,6 +525,17 @@ def test_plan_line_of_an_embedding_table(tmp_path):
     assert result.exit_code == 0, result.output
     assert "heads on the vectors" in result.output and " px" not in result.output, result.output
     assert "(200 samples)" in result.output and "(0 samples" not in result.output  # the table's own count
+    # what the run does once is timed and said: it took longer than the epochs of small tables
+    assert re.search(r"once: whitening fit [\d.]+ s, per head [\d.]+ s centroid start and [\d.]+ s checks",
+                     result.output), result.output
+
+
+def test_a_table_of_one_repeated_vector_is_refused_by_name(tmp_path):
+    np.save(tmp_path / "same.npy", np.ones((40, 6), np.float32))
+    result = run(["generate", "--data", str(tmp_path / "same.npy"), "--clusters", "2", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: {tmp_path / 'same.npy'}: every vector is the same" in result.output, result.output
+    assert not (tmp_path / "r" / "labels.parquet").exists()
 
 
 def test_embedding_table_is_read_by_chunks_never_whole(tmp_path, monkeypatch):
@@ -698,6 +709,8 @@ def test_a_table_plan_takes_leaner_heads_that_train_every_epoch_and_says_so(tmp_
                 "feature_dim": config.head_hidden or width, "kernel": "stored"}
 
     monkeypatch.setattr(timing, "_head_rates", rates)
+    monkeypatch.setattr(timing, "_once_costs", lambda *args: {"whiten_fit_s": 0.0, "head_seed_s": 0.0,
+                                                                 "head_check_s": 0.0})  # timed on this machine
     np.save(tmp_path / "t.npy", blobs(n=4000, d=8)[0])
     options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0}
     # an epoch of the recipe: 5 x (512 + 100) -> 12.2 s; two heads 4.9 s; two without the hidden layer 0.8 s; one 0.4 s

@@ -141,6 +141,9 @@ def whitened_views(views, keep: np.ndarray, config, scale: bool, reporter=None,
         whiten = Whiten.fit(views[0], config.pca, config.seed, rows=np.flatnonzero(keep), scale=scale)
     if shard is not None:
         whiten = shard.dist.broadcast(whiten)
+    if whiten.num_features == 0:
+        raise DataError(f"{config.data}: every vector is the same (no direction varies), so there is nothing to "
+                        "cluster")
     count, n, width = len(views), len(views[0]), whiten.num_features
     held = n if shard is None else len(shard.rows)
     blocks = [(v, i) for v in range(count) for i in range(0, held, _BLOCK)]

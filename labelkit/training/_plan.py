@@ -100,7 +100,8 @@ class Plan:
             p = self.probe
             out.append(f"  probe: {p['train_rows_per_s']:,.0f} vectors/s training, {p['label_rows_per_s']:,.0f} "
                        f"vectors/s label pass, {p['rows_whitened_per_s']:,.0f} vectors/s read and whitened, solve "
-                       f"{p['solve_s_per_step']:.1f} s per label step")
+                       f"{p['solve_s_per_step']:.1f} s per label step; once: whitening fit {p['whiten_fit_s']:.1f} s, "
+                       f"per head {p['head_seed_s']:.1f} s centroid start and {p['head_check_s']:.1f} s checks")
         elif e:
             budget = f" (budget {_clock(self.budget)})" if self.budget else ""
             step = "label step" if isinstance(c, SelaConfig) else "prediction pass"

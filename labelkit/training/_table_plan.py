@@ -105,7 +105,15 @@ def _table_costs(config: SelaConfig, n: int, probe: dict) -> tuple[float, float,
 
     sample = min(n, 100_000)  # what the whitening is fitted on: random rows, then a covariance
     trained = min(n, config.train_rows or n)
-    fixed = 2.0 + sample / probe["rows_read_per_s"] * 4 + n / probe["rows_whitened_per_s"]
+    # the budget counts from the start of planning: the probe's own seconds are spent already; about a second
+    # more goes to reading the table's ids, writing the artefact and the process's end (0.8-1.2 s on 2 cores
+    # for the small tables of bench/suite.py, untimed by the probe)
+    fixed = probe["probe_s"] + 1.0 + sample / probe["rows_read_per_s"] * 4 + n / probe["rows_whitened_per_s"]
+    fixed += probe["whiten_fit_s"]
+    # each head's centroid start, and after training each head's label-free checks (and, where the neighbour
+    # graph keeps the better labels, k-means of each K to compare with: about one more head's checks)
+    checked = config.heads + (len(set(config.head_clusters())) if config.neighbours else 0)
+    fixed += config.heads * probe["head_seed_s"] + checked * probe["head_check_s"]
     per_row = 1 / probe["label_rows_per_s"] + probe["solve_s_per_step"] / n  # a label step's pass and solve
     fixed += (n - trained) * per_row  # the last label step labels every row
     per_epoch = trained / probe["train_rows_per_s"]
@@ -206,7 +214,7 @@ def fit_table_budget(plan, source, chosen: dict, *, fit: bool) -> None:
     plan.probe = rates
     plan.estimate = {"seconds": round(fixed + plan.config.epochs * per_epoch + count * per_step, 1),
                      "peak_memory": _table_memory(plan.config, n, rates), "label_steps": count,
-                     "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2),
+                     "fixed_s": round(fixed, 2), "per_epoch_s": round(per_epoch, 2), "per_label_step_s": round(per_step, 2),
                      "kernel": rates["kernel"]}
 
 

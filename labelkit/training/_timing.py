@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -198,6 +199,7 @@ def _table_probe(config, source) -> dict:
         source.vectors(picked)
         random_s = (time.perf_counter() - t1) / len(picked)
         rates = _head_rates(config, n, width)
+        rates.update(_once_costs(config, n, block, whiten_s - read_s, width, rates["feature_dim"]))
         if config.neighbours:  # the neighbour search, timed exact on a sample (the plan scales it)
             from ._frozen import neighbours
 
@@ -211,6 +213,40 @@ def _table_probe(config, source) -> dict:
             "rows_whitened_per_s": round(rows / max(whiten_s, 1e-6), 1), "random_read_s_per_row": random_s,
             "width": width, **rates,
             "probe_s": round(time.perf_counter() - started, 2)}
+
+
+def _once_costs(config, n: int, block: torch.Tensor, project_s: float, width: int, feature_dim: int) -> dict:
+    """Seconds of what a table run does once, outside its epochs and label steps, timed on the probe's block:
+    the whitening's fit (the covariance of up to 100,000 rows, then its eigenvectors), one head's centroid start
+    (:func:`~labelkit.training._heads.seed_prototypes`) and one head's closing label-free checks
+    (:func:`~labelkit.quality.head_quality`). On the small tables of bench/suite.py these took more than the
+    epochs, and a plan that left them out under-estimated its runs by 1.4-2.2x."""
+    from ..quality import QUALITY_ROWS, head_quality, kmeans, unit_centroids
+
+    rows, dim = block.shape
+    k = max(config.head_clusters())
+    # the covariance costs dim / width times the probe's projection of the same rows; the eigensolver is timed
+    # at up to 1,024 directions and scaled as its cube (on 2 cores that over-estimates 3,072 directions by 1.4x)
+    covariance_s = project_s * dim / width * min(n, 100_000) / rows
+    side = min(dim, 1024)
+    spd = torch.randn(side, side, dtype=torch.float64)
+    t0 = time.perf_counter()
+    np.linalg.eigh((spd @ spd.T).numpy())
+    eigh_s = (time.perf_counter() - t0) * (dim / side) ** 3
+    features = torch.nn.functional.normalize(block @ torch.randn(dim, feature_dim), dim=1)
+    seeded, checked = min(n, max(20_000, 40 * k)), min(n, QUALITY_ROWS)
+    labels = np.random.default_rng(config.seed).integers(0, k, size=(1, min(checked, rows)))
+    with warnings.catch_warnings():  # timings only: what k-means says of these rows, the run says of its own
+        warnings.simplefilter("ignore")
+        kmeans(features[:64].numpy(), 2, 0)  # scikit-learn's first fit in a process starts its threads
+        t1 = time.perf_counter()
+        unit_centroids(features[:seeded], k, config.seed)
+        seed_s = (time.perf_counter() - t1) * seeded / min(seeded, rows)
+        t2 = time.perf_counter()
+        head_quality(labels, [k], features=features[:checked].numpy(), seed=config.seed)
+        check_s = (time.perf_counter() - t2) * checked / min(checked, rows)
+    return {"whiten_fit_s": round(covariance_s + eigh_s, 3), "head_seed_s": round(seed_s, 3),
+            "head_check_s": round(check_s, 3)}
 
 
 def _table_width(config, dim: int) -> int:
