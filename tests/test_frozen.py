@@ -530,6 +530,29 @@ def test_plan_line_of_an_embedding_table(tmp_path):
                      result.output), result.output
 
 
+def test_whiten_scales_a_tables_vectors_for_the_start_and_the_heads_and_needs_fixed_features(tmp_path):
+    x, _ = blobs(n=300, d=8, k=3)
+    x[:, 0] *= 50  # one direction of far more variance than the rest
+    np.save(tmp_path / "v.npy", x)
+    for flag, whitened in (([], False), (["--whiten"], True)):
+        out = tmp_path / f"run{len(flag)}"
+        result = run(["generate", "--data", str(tmp_path / "v.npy"), "--clusters", "3", "--epochs", "2",
+                      "--pca", "4", "--out", str(out), "--quiet", *flag])
+        assert result.exit_code == 0, result.output
+        start = next(json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()
+                     if json.loads(line)["type"] == "start")
+        assert start["whitened"] is whitened
+        from safetensors.torch import load_file
+
+        heads = load_file(str(out / "model.safetensors"))
+        projection, mean = heads["backbone.whiten.projection"], heads["backbone.whiten.mean"]
+        spread = ((torch.from_numpy(x).float() - mean) @ projection).std(0)
+        # whitened: every kept direction has unit variance; not: the directions keep their own (the largest 1)
+        assert torch.allclose(spread, torch.ones_like(spread), atol=0.01) is whitened, spread
+    result = run(["generate", "--data", "builtin:digits", "--whiten", "--out", str(tmp_path / "images")])
+    assert result.exit_code == 2 and "--whiten sets how fixed features are scaled" in result.output, result.output
+
+
 def test_a_table_of_one_repeated_vector_is_refused_by_name(tmp_path):
     np.save(tmp_path / "same.npy", np.ones((40, 6), np.float32))
     result = run(["generate", "--data", str(tmp_path / "same.npy"), "--clusters", "2", "--out", str(tmp_path / "r")])

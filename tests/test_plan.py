@@ -202,6 +202,25 @@ def test_the_vector_start_reads_k_eigenvectors_and_smooths_its_labels_on_the_gra
     assert _smoothed(graph, np.array([0, 0, 0, 1, 1, 1, 1, 0]), 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+def test_whitening_finds_classes_that_lie_in_a_direction_of_little_variance():
+    """Features of a network often hold the classes in directions of little variance beside a few large ones
+    (bench/suite.py's feature tables); --whiten scales every direction to unit variance before the graph."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from labelkit.training import spectral_labels
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 2, 600)
+    x = np.concatenate([(2.0 * classes - 1)[:, None] + 0.2 * rng.normal(size=(600, 1)),
+                        20 * rng.normal(size=(600, 3)), rng.normal(size=(600, 4))], axis=1)
+    scores = {}
+    for whiten in (False, True):
+        labels, info = spectral_labels(x, [2], seed=0, per_k=1, smooth=True, whiten=whiten)
+        assert info["whitened"] == whiten
+        scores[whiten] = normalized_mutual_info_score(classes, labels[0])
+    assert scores[True] > 0.95 and scores[False] < 0.1, scores  # measured: 1.000 and 0.000
+
+
 def test_a_graph_in_pieces_is_bridged_so_separate_groups_stay_separate():
     from sklearn.datasets import make_moons
     from sklearn.metrics import normalized_mutual_info_score

@@ -73,7 +73,8 @@ class SelaConfig:
     pretrained: bool = False  # timm's own pretrained weights (from its local cache; never downloaded)
     freeze: bool = False  # fixed backbone: features cached once, the heads alone are trained
     views: int = 1  # frozen: cached views per image (1 plain + augmented ones)
-    pca: int | None = None  # frozen: PCA-whiten to this width; None: 98 % of the variance, at most 128; 0: all
+    pca: int | None = None  # frozen: PCA to this width; None: 98 % of the variance, at most 128; 0: all
+    whiten: bool | None = None  # frozen: each kept direction scaled to unit variance; None: a backbone's features, not a table's
     head_hidden: int | None = None  # frozen: one hidden layer (Linear + BN + ReLU) under the heads
     neighbours: int = 0  # frozen: also train each sample towards the labels of its k nearest neighbours
     train_rows: int | None = None  # frozen: the heads train on a random sample of this many rows; all are labelled
@@ -428,6 +429,9 @@ def _check(config) -> None:
             if value is not None and value < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {least} or more, got {value}")
         _check_train_rows(config)
+        if config.whiten is not None and not config.frozen:
+            raise ConfigError(f"--{'' if config.whiten else 'no-'}whiten sets how fixed features are scaled: give an "
+                              "embedding table, or --freeze")
         _check_prior(config)
         _check_solver(config)
         if config.freeze and config.label_augment:

@@ -49,10 +49,12 @@ class Thumbnail(torch.nn.Module):
 
 
 def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int = 10, dims: int = 20,
-                    components: int = 50, per_k: int = 2, smooth: bool = False) -> tuple[np.ndarray, dict]:
+                    components: int = 50, per_k: int = 2, smooth: bool = False,
+                    whiten: bool = False) -> tuple[np.ndarray, dict]:
     """k-means labels (one row per K in ``ks``) of the first ``per_k`` x K eigenvectors (at most ``dims``) of
-    the spectral embedding of ``x``'s kNN graph; with ``smooth``, each label then moves to the one its
-    graph neighbours weigh most, until none moves (at most 10 rounds).
+    the spectral embedding of the kNN graph of ``x``'s first ``components`` principal components (with
+    ``whiten``, each scaled to unit variance); with ``smooth``, each label then moves to the one its graph
+    neighbours weigh most, until none moves (at most 10 rounds).
 
     Returns ((T, N) int64 labels, a record of what was done and how long it took)."""
     import scipy.sparse as sp
@@ -64,7 +66,11 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
     n = len(x)
     neighbours = min(neighbours, n - 1)
     components = min(components, n, x.shape[1])
-    reduced = PCA(components, random_state=seed).fit_transform(x.astype(np.float32, copy=False))
+    pca = PCA(components, random_state=seed).fit(x.astype(np.float32, copy=False))
+    reduced = pca.transform(x.astype(np.float32, copy=False))
+    if whiten:  # directions of (almost) no variance stay small: scaled up, they would be pure noise
+        variance = pca.explained_variance_
+        reduced /= np.sqrt(np.maximum(variance, 1e-6 * variance[0]))
     distance, index = NearestNeighbors(n_neighbors=neighbours + 1).fit(reduced).kneighbors(reduced)
     distance, index = distance[:, 1:], index[:, 1:]  # drop each point itself
     scale = np.maximum(distance[:, -1], 1e-12)  # local scale: the distance to the k-th neighbour
@@ -87,6 +93,7 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
     labels = np.stack(labels).astype(np.int64)
     return labels, {"samples": n, "pixels": int(x.shape[1]), "pca": components, "neighbours": neighbours,
                     "components": int(_components(affinity)[0]), "dims": dims, "per_k": per_k, "smoothed": smooth,
+                    "whitened": whiten,
                     "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -172,7 +179,8 @@ def vector_graph_start(job: Job, features, keep: np.ndarray, labels_out: torch.T
     # bench/suite.py (digits, textures, glyphs) the start's NMI was 0.82-0.88 / 0.66-0.68 / 0.14-0.18 from 2K,
     # 0.89 / 0.71 / 0.24-0.25 from K and 0.905 / 0.71-0.73 / 0.25 smoothed. (On an image folder the network
     # trained from a K-eigenvector start ended lower: see spectral_labels.)
-    labels, info = spectral_labels(x.numpy(), ks, job.config.seed, per_k=1, smooth=True)
+    labels, info = spectral_labels(x.numpy(), ks, job.config.seed, per_k=1, smooth=True,
+                                   whiten=bool(job.config.whiten))
     job.reporter.advance()
     job.reporter.end_phase()
     labels_out[:, torch.from_numpy(rows)] = torch.from_numpy(labels)

@@ -273,7 +273,8 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     shard = Shard.of(keep, dist)
     if shard is not None:
         refuse_neighbours(config.neighbours)
-    whiten, views, whitened = whitened_views(views, keep, config, scale=net is not None, reporter=job.reporter,
+    scale = config.whiten if config.whiten is not None else net is not None
+    whiten, views, whitened = whitened_views(views, keep, config, scale=scale, reporter=job.reporter,
                                              shard=shard)
     heads, model = frozen_heads(net, whiten, ks, config)
     seed_prototypes(heads, views[0] if shard is None else views.gathered(0), keep, config.seed)
