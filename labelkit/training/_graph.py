@@ -66,8 +66,8 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
     n = len(x)
     neighbours = min(neighbours, n - 1)
     components = min(components, n, x.shape[1])
-    pca = PCA(components, random_state=seed).fit(x.astype(np.float32, copy=False))
-    reduced = pca.transform(x.astype(np.float32, copy=False))
+    pca = PCA(components, random_state=seed)
+    reduced = pca.fit_transform(x.astype(np.float32, copy=False))
     if whiten:  # directions of (almost) no variance stay small: scaled up, they would be pure noise
         variance = pca.explained_variance_
         reduced /= np.sqrt(np.maximum(variance, 1e-6 * variance[0]))
