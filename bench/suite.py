@@ -14,6 +14,15 @@ Sets (``make`` writes them; the classes are the first folder level, or a table's
                     ``labelkit generate --data glyphs --clusters 10 --seed 0`` (the defaults) and writes that
                     network's features of 3,000 glyphs of ten *other* letters (``glyphs-features``) and of
                     the built-in digits (``digits-features``): classes the network never saw.
+* more kinds of table (``--sets tables`` runs every table): the glyph network's features of 2,000 further
+  texture crops (``textures-features``) and of 879 further glyphs of the other letters with Zipf class sizes
+  (``glyphs-tail-features``); a second network's, trained the same way on the textures, of the digits and of
+  2,500 glyphs of the other letters (``*-texnet-features``); a network of random weights' (the glyph
+  network's layers re-initialised) of digits, glyphs and textures (``*-random-features``); HOG descriptors
+  (scikit-image) of the same three (``*-hog-features``); the textures' colour histograms
+  (``textures-hist-features``); more pixels: the tail glyphs, the textures at 16 px in grey and at 8 px in
+  colour; and three small tables of measurements that scikit-learn ships (``wine-table``, ``iris-table``,
+  ``cancer-table``: 178, 150 and 569 rows, 3, 3 and 2 classes, columns in different units).
 
 Methods: k-means on the same pixels (scikit-learn, 3 starts), UMAP + k-means (umap-learn: 10-d, 15
 neighbours, min_dist 0; ``pip install -e '.[bench]'``) and ``labelkit generate --data SET`` with its defaults
@@ -21,7 +30,8 @@ neighbours, min_dist 0; ``pip install -e '.[bench]'``) and ``labelkit generate -
 Both baselines are told the true K. Prints one table, worst labelkit margin first, with the CPU.
 
 Run:  .venv/bin/python bench/suite.py make /tmp/suite
-      .venv/bin/python bench/suite.py run /tmp/suite [--sets glyphs,textures] [--skip-labelkit] [--json out.json]
+      .venv/bin/python bench/suite.py run /tmp/suite [--sets glyphs,textures | --sets tables] [--skip-labelkit]
+                                                     [--json out.json] [generate's options, e.g. --whiten no]
 """
 
 from __future__ import annotations
@@ -40,8 +50,12 @@ import numpy as np
 
 from _runs import plan_check  # bench/ is on the path of a script run from it
 
-SETS = ("digits", "glyphs", "textures", "glyphs-tail", "digits-pixels", "glyphs-pixels", "textures-pixels",
-        "glyphs-features", "digits-features")
+TABLES = ("digits-pixels", "glyphs-pixels", "textures-pixels", "glyphs-features", "digits-features",
+          "glyphs-tail-pixels", "textures-grey16-pixels", "textures-small8-pixels", "textures-features",
+          "glyphs-tail-features", "digits-texnet-features", "glyphs-texnet-features", "digits-random-features",
+          "glyphs-random-features", "textures-random-features", "digits-hog-features", "glyphs-hog-features",
+          "textures-hog-features", "textures-hist-features", "wine-table", "iris-table", "cancer-table")
+SETS = ("digits", "glyphs", "textures", "glyphs-tail", *TABLES)
 LETTERS = "ABCDEFGHKM"
 OTHER_LETTERS = "NPRSTUVWXY"  # the feature table's glyphs: none of them is in LETTERS
 PICTURES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "brick",
@@ -174,20 +188,71 @@ def make(root: Path) -> None:
         print(f"{name}: {len(images)} images, class sizes {np.bincount(labels).tolist()}", flush=True)
     _feature_tables(root, {"glyphs-features": _glyphs([300] * 10, seed=4, letters=OTHER_LETTERS),
                            "digits-features": sets["digits"]})
+    _more_tables(root, sets)
 
 
-def _feature_tables(root: Path, sets: dict) -> None:
-    """The features of a network that labelkit trains on the glyphs (its defaults, seed 0), of each of ``sets``.
-    A network already in ``root/glyphs-model`` is used as it is: delete the folder to train it again."""
+def _more_tables(root: Path, sets: dict) -> None:
+    """The further kinds of table of the module's docstring."""
+    from sklearn import datasets
+
+    tail = [round(300 / (r + 1)) for r in range(10)]
+    _feature_tables(root, {"textures-features": _textures(200, seed=12),
+                           "glyphs-tail-features": _glyphs(tail, seed=13, letters=OTHER_LETTERS)})
+    _feature_tables(root, {"digits-texnet-features": sets["digits"],
+                           "glyphs-texnet-features": _glyphs([250] * 10, seed=14, letters=OTHER_LETTERS)},
+                    network="textures")
+    _feature_tables(root, {f"{name}-random-features": sets[name] for name in ("digits", "glyphs", "textures")},
+                    random_weights=True)
+    textures = sets["textures"]
+    _write_table(root / "glyphs-tail-pixels.parquet", *sets["glyphs-tail"][:2])
+    _write_table(root / "textures-grey16-pixels.parquet", [_resized(im, 16, grey=True) for im in textures[0]],
+                 textures[1])
+    _write_table(root / "textures-small8-pixels.parquet", [_resized(im, 8) for im in textures[0]], textures[1])
+    for name, side, cell in (("digits", 16, 4), ("glyphs", 28, 7), ("textures", 32, 8)):
+        _write_vectors(root / f"{name}-hog-features.parquet", _hog(sets[name][0], side, cell), sets[name][1])
+    histograms = [np.concatenate([np.histogram(im[..., c], bins=16, range=(0, 256))[0] for c in range(3)])
+                  / im[..., 0].size for im in textures[0]]
+    _write_vectors(root / "textures-hist-features.parquet", np.stack(histograms).astype(np.float32), textures[1])
+    for name, load in (("wine", datasets.load_wine), ("iris", datasets.load_iris),
+                       ("cancer", datasets.load_breast_cancer)):
+        data = load()
+        _write_vectors(root / f"{name}-table.parquet", data.data.astype(np.float32), data.target)
+
+
+def _resized(image: np.ndarray, side: int, grey: bool = False) -> np.ndarray:
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    return np.asarray((picture.convert("L") if grey else picture).resize((side, side), Image.BILINEAR))
+
+
+def _hog(images: list, side: int, cell: int) -> np.ndarray:
+    from skimage.feature import hog
+
+    return np.stack([hog(_resized(im, side, grey=True) / 255.0, pixels_per_cell=(cell, cell), cells_per_block=(2, 2))
+                     for im in images]).astype(np.float32)
+
+
+def _feature_tables(root: Path, sets: dict, network: str = "glyphs", random_weights: bool = False) -> None:
+    """The features of a network that labelkit trains on the ``network`` set (its defaults, seed 0), of each
+    of ``sets``; with ``random_weights``, of the same network with every layer re-initialised (seed 0). A
+    network already in ``root/NETWORK-model`` is used as it is: delete the folder to train it again."""
+    import torch
+
     from labelkit.data import resolve
     from labelkit.training import load_run_model, sample_features
 
-    model_dir = root / "glyphs-model"
+    model_dir = root / f"{network}-model"
     if not (model_dir / "model.safetensors").is_file():
-        command = ["generate", "--data", str(root / "glyphs"), "--clusters", "10", "--seed", "0", "--quiet",
+        command = ["generate", "--data", str(root / network), "--clusters", "10", "--seed", "0", "--quiet",
                    "--out", str(model_dir)]
         subprocess.run([sys.executable, "-m", "labelkit", *command], check=True)
     model, record = load_run_model(model_dir)
+    if random_weights:
+        torch.manual_seed(0)
+        for layer in model.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
     for name, (images, labels, _) in sets.items():
         with tempfile.TemporaryDirectory() as tmp:  # the images as files, so that they decode as any folder does
             folder = Path(tmp) / "images"
@@ -206,7 +271,7 @@ def _feature_tables(root: Path, sets: dict) -> None:
 def _load(root: Path, name: str) -> tuple[np.ndarray, np.ndarray, Path]:
     from PIL import Image
 
-    if name.endswith(("-pixels", "-features")):
+    if name.endswith(("-pixels", "-features", "-table")):
         import pyarrow.parquet as pq
 
         path = root / f"{name}.parquet"
@@ -351,7 +416,8 @@ def main() -> None:
     if args.action == "make":
         make(root)
         return
-    results = run(root, args.sets.split(","), args.skip_labelkit, args.umap_seeds, extra)
+    sets = TABLES if args.sets == "tables" else args.sets.split(",")
+    results = run(root, sets, args.skip_labelkit, args.umap_seeds, extra)
     _print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))

@@ -8,7 +8,7 @@ import click
 
 from labelkit.data import AUGMENTATIONS
 from labelkit.training import (FROZEN_RECIPE, LABEL_SPACINGS, LR_SCHEDULES, PRECISIONS, RECIPE_NAMES, RECIPES,
-                               STARTS, TABLE_RECIPE, SelaConfig)
+                               STARTS, TABLE_RECIPE, WHITEN, SelaConfig)
 
 from ._options import default, weights_options
 
@@ -120,10 +120,10 @@ def _clusters(ctx, param, value):
               help="Fix the backbone: cache its features once and train the heads alone (implied for embedding tables).")
 @click.option("--views", type=int, default=None, help=f"With --freeze: cached views per image, 1 plain + augmented {_d('views')}.")
 @click.option("--pca", type=int, default=None, help="With fixed features: PCA to this width, 0 keeps all [98% of the variance, at most 128].")
-@click.option("--whiten/--no-whiten", default=None,
-              help="With fixed features: scale each kept direction to unit variance, for the graph start and the "
-                   "heads; helps features of a network, hurts pixels (README, suite) [a backbone's features: "
-                   "whitened; a table's vectors: not].")
+@click.option("--whiten", type=click.Choice(WHITEN), default=None,
+              help="With fixed features, for the graph start and the heads: yes scales each kept direction to unit "
+                   "variance, no keeps the directions' variances, both uses the two side by side (README, suite) "
+                   "[a table's vectors: both; a backbone's features: yes].")
 @click.option("--head-hidden", type=int, default=None,
               help="With fixed features: a hidden layer of this width under the heads, 0 for none "
                    "[tables: 512, fewer on a budget; off otherwise].")

@@ -531,26 +531,33 @@ def test_plan_line_of_an_embedding_table(tmp_path):
 
 
 def test_whiten_scales_a_tables_vectors_for_the_start_and_the_heads_and_needs_fixed_features(tmp_path):
+    from safetensors.torch import load_file
+
     x, _ = blobs(n=300, d=8, k=3)
     x[:, 0] *= 50  # one direction of far more variance than the rest
     np.save(tmp_path / "v.npy", x)
-    for flag, whitened in (([], False), (["--whiten"], True)):
-        out = tmp_path / f"run{len(flag)}"
+    spreads = {}
+    for flag, scaling in (([], "both"), (["--whiten", "yes"], "yes"), (["--whiten", "no"], "no")):
+        out = tmp_path / scaling
         result = run(["generate", "--data", str(tmp_path / "v.npy"), "--clusters", "3", "--epochs", "2",
                       "--pca", "4", "--out", str(out), "--quiet", *flag])
         assert result.exit_code == 0, result.output
-        start = next(json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()
-                     if json.loads(line)["type"] == "start")
-        assert start["whitened"] is whitened
-        from safetensors.torch import load_file
-
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        assert next(r for r in history if r["type"] == "start")["whiten"] == scaling
+        assert next(r for r in history if r["type"] == "whiten")["scaling"] == scaling
         heads = load_file(str(out / "model.safetensors"))
         projection, mean = heads["backbone.whiten.projection"], heads["backbone.whiten.mean"]
-        spread = ((torch.from_numpy(x).float() - mean) @ projection).std(0)
-        # whitened: every kept direction has unit variance; not: the directions keep their own (the largest 1)
-        assert torch.allclose(spread, torch.ones_like(spread), atol=0.01) is whitened, spread
-    result = run(["generate", "--data", "builtin:digits", "--whiten", "--out", str(tmp_path / "images")])
+        spreads[scaling] = ((torch.from_numpy(x).float() - mean) @ projection).std(0)
+    ones = torch.ones(4)
+    assert torch.allclose(spreads["yes"], ones, atol=0.01), spreads  # every kept direction: unit variance
+    assert spreads["no"][0] == pytest.approx(1, abs=0.01) and spreads["no"][1:].max() < 0.5, spreads  # their own
+    kept, white = spreads["both"][:4], spreads["both"][4:]  # the two side by side, of equal total variance
+    assert torch.allclose(kept, spreads["no"], atol=0.01) and torch.allclose(white / white[0], ones, atol=0.01)
+    assert (white**2).sum() == pytest.approx(float((kept**2).sum()), rel=0.02), spreads
+    result = run(["generate", "--data", "builtin:digits", "--whiten", "yes", "--out", str(tmp_path / "images")])
     assert result.exit_code == 2 and "--whiten sets how fixed features are scaled" in result.output, result.output
+    result = run(["generate", "--data", str(tmp_path / "v.npy"), "--whiten", "some", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--whiten" in result.output, result.output
 
 
 def test_a_table_of_one_repeated_vector_is_refused_by_name(tmp_path):

@@ -202,23 +202,32 @@ def test_the_vector_start_reads_k_eigenvectors_and_smooths_its_labels_on_the_gra
     assert _smoothed(graph, np.array([0, 0, 0, 1, 1, 1, 1, 0]), 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
-def test_whitening_finds_classes_that_lie_in_a_direction_of_little_variance():
+def test_each_scaling_finds_its_kind_of_classes_and_both_find_either():
     """Features of a network often hold the classes in directions of little variance beside a few large ones
-    (bench/suite.py's feature tables); --whiten scales every direction to unit variance before the graph."""
+    (bench/suite.py's feature tables): whitening the principal directions finds them. Pixels often hold them
+    in the large directions, beside many small ones that whitening scales up to noise as large. "both" joins the
+    two graphs' eigenvectors and finds either kind."""
     from sklearn.metrics import normalized_mutual_info_score
 
     from labelkit.training import spectral_labels
 
     rng = np.random.default_rng(0)
-    classes = rng.integers(0, 2, 600)
-    x = np.concatenate([(2.0 * classes - 1)[:, None] + 0.2 * rng.normal(size=(600, 1)),
-                        20 * rng.normal(size=(600, 3)), rng.normal(size=(600, 4))], axis=1)
+    two = rng.integers(0, 2, 600)
+    small = np.concatenate([(2.0 * two - 1)[:, None] + 0.2 * rng.normal(size=(600, 1)),
+                            20 * rng.normal(size=(600, 3)), rng.normal(size=(600, 4))], axis=1)
+    three = rng.integers(0, 3, 600)
+    large = np.concatenate([10.0 * (three[:, None] - 1) + rng.normal(size=(600, 1)),
+                            0.3 * rng.normal(size=(600, 30))], axis=1)
     scores = {}
-    for whiten in (False, True):
-        labels, info = spectral_labels(x, [2], seed=0, per_k=1, smooth=True, whiten=whiten)
-        assert info["whitened"] == whiten
-        scores[whiten] = normalized_mutual_info_score(classes, labels[0])
-    assert scores[True] > 0.95 and scores[False] < 0.1, scores  # measured: 1.000 and 0.000
+    for name, x, classes in (("small", small, two), ("large", large, three)):
+        for whiten in ("no", "yes", "both"):
+            labels, info = spectral_labels(x, [int(classes.max()) + 1], seed=0, per_k=1, smooth=True, whiten=whiten)
+            assert info["whiten"] == whiten
+            scores[name, whiten] = normalized_mutual_info_score(classes, labels[0])
+    # measured: small 0.000 / 1.000 / 0.728, large 1.000 / 0.074 / 1.000
+    assert scores["small", "yes"] > 0.95 and scores["small", "no"] < 0.1, scores
+    assert scores["large", "no"] > 0.95 and scores["large", "yes"] < 0.2, scores
+    assert scores["small", "both"] > 0.6 and scores["large", "both"] > 0.95, scores
 
 
 def test_a_graph_in_pieces_is_bridged_so_separate_groups_stay_separate():

@@ -15,6 +15,7 @@ _EXPORTS = {
     "LABEL_SPACINGS": "._config",
     "FROZEN_RECIPE": "._config",
     "TABLE_RECIPE": "._config",
+    "WHITEN": "._config",
     "resolve_config": "._config",
     "read_config_file": "._config",
     "default_workers": "._config",

@@ -14,7 +14,7 @@ from ..data import AUGMENTATIONS
 from .._util.remote import refuse_url
 from ..errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "PRECISIONS", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "resolve_config", "read_config_file",
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "PRECISIONS", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "WHITEN", "feature_scaling", "resolve_config", "read_config_file",
            "default_workers"]
 
 # The choices of --augment and --lr-schedule; the command line offers exactly these.
@@ -74,7 +74,7 @@ class SelaConfig:
     freeze: bool = False  # fixed backbone: features cached once, the heads alone are trained
     views: int = 1  # frozen: cached views per image (1 plain + augmented ones)
     pca: int | None = None  # frozen: PCA to this width; None: 98 % of the variance, at most 128; 0: all
-    whiten: bool | None = None  # frozen: each kept direction scaled to unit variance; None: a backbone's features, not a table's
+    whiten: str | None = None  # frozen: "yes", "no" or "both" (see WHITEN); None: feature_scaling's default
     head_hidden: int | None = None  # frozen: one hidden layer (Linear + BN + ReLU) under the heads
     neighbours: int = 0  # frozen: also train each sample towards the labels of its k nearest neighbours
     train_rows: int | None = None  # frozen: the heads train on a random sample of this many rows; all are labelled
@@ -169,11 +169,27 @@ FROZEN_RECIPE: dict[str, Any] = {
 # pixels of three sets (digits, glyphs, textures): linear heads on the whitened vectors ended at NMI 0.70, 0.11
 # and 0.34, below k-means on the same vectors (0.74, 0.07, 0.63); the graph start alone gives 0.82-0.88,
 # 0.21-0.24 and 0.66-0.69, and linear heads trained from it fall back towards linear partitions (0.70 on the
-# digits). The whitening then keeps each direction's variance (see ``Whiten.fit``): scaled to unit variance,
-# the noise directions of real vectors weigh as much as the rest (textures: 0.46-0.52 whitened, 0.62-0.69 not).
-# They settle (--settle 0.97, as the auto recipe's images) where their heads keep the labels their neighbours
-# agree with best; the plan turns it off where there is no neighbour graph (see _table_plan._table_settle).
+# digits). They settle (--settle 0.97, as the auto recipe's images) where their heads keep the labels their
+# neighbours agree with best; the plan turns it off where there is no neighbour graph (see
+# _table_plan._table_settle).
 TABLE_RECIPE: dict[str, Any] = {"start": "graph", "head_hidden": 512, "neighbours": 10, "settle": 0.97}
+
+# How fixed features are scaled for the graph start and the heads (--whiten): "yes" each kept principal direction
+# to unit variance, "no" each keeps its variance, "both" the two side by side (the start joins the eigenvectors
+# of both graphs, the heads read both). Which one finds the classes depends on where they lie: in directions of
+# large variance (the textures' colours: whitening scales noise up to their size) or of small variance beside
+# a few large ones (a network's features of classes it was not trained on). On the 22 tables of bench/suite.py
+# (pixels, networks' features, HOG, histograms, small tabular sets) nothing label-free told the two apart, and
+# "both" lost to UMAP + k-means or k-means on 8 of them against 13 ("no") and 12 ("yes"), mean margin +0.032
+# against -0.017 and +0.005, second-worst -0.060 against -0.067 and -0.195 (README, the suite); a
+# backbone's features keep "yes", as before.
+WHITEN = ("yes", "no", "both")
+
+
+def feature_scaling(config: "SelaConfig", table: bool) -> str:
+    """How a run scales its fixed features: ``--whiten`` when given, else "both" for an embedding table's
+    vectors and "yes" for a backbone's features."""
+    return config.whiten or ("both" if table else "yes")
 
 
 @dataclass(frozen=True)
@@ -274,6 +290,8 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
     if "clusters" in merged:
         value = merged["clusters"]
         merged["clusters"] = tuple(int(k) for k in (value if isinstance(value, (list, tuple)) else [value]))
+    if isinstance(merged.get("whiten"), bool):  # a run configured while --whiten was a yes/no flag
+        merged["whiten"] = "yes" if merged["whiten"] else "no"
     if merged.get("workers") is None and "workers" in known:
         merged["workers"] = default_workers()  # resolved here, so the stored config says what ran
     config = cls(**merged)
@@ -339,6 +357,13 @@ def memory_bytes(text: str | int | None, option: str = "--label-memory") -> int 
     if value <= 0:
         raise ConfigError(f"{option} must be positive, got {text!r}")
     return value
+
+
+def _check_whiten(config: SelaConfig) -> None:
+    if config.whiten is not None and config.whiten not in WHITEN:
+        raise ConfigError(f"--whiten is one of {', '.join(WHITEN)}; got {config.whiten!r}")
+    if config.whiten is not None and not config.frozen:
+        raise ConfigError("--whiten sets how fixed features are scaled: give an embedding table, or --freeze")
 
 
 def _check_train_rows(config: SelaConfig) -> None:
@@ -429,9 +454,7 @@ def _check(config) -> None:
             if value is not None and value < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {least} or more, got {value}")
         _check_train_rows(config)
-        if config.whiten is not None and not config.frozen:
-            raise ConfigError(f"--{'' if config.whiten else 'no-'}whiten sets how fixed features are scaled: give an "
-                              "embedding table, or --freeze")
+        _check_whiten(config)
         _check_prior(config)
         _check_solver(config)
         if config.freeze and config.label_augment:

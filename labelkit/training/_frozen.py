@@ -31,7 +31,8 @@ __all__ = ["Whiten", "FeatureTrunk", "FeatureCache", "TableRows", "ViewsOnDisk",
 
 class Whiten(nn.Module):
     """A fixed PCA whitening, ``(x - mean) @ projection``: the top ``dim`` principal directions, each scaled
-    to unit variance. Fitted once on the features; stored with the heads so that ``predict`` repeats it."""
+    to unit variance (or as :meth:`fit`'s ``scale`` says). Fitted once on the features; stored with the heads so
+    that ``predict`` repeats it."""
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
@@ -41,13 +42,15 @@ class Whiten(nn.Module):
 
     @classmethod
     def fit(cls, features, dim: int | None, seed: int = 0, sample: int = 100_000,
-            scale: bool = True, variance: float = 0.98, cap: int = 128, rows: np.ndarray | None = None) -> "Whiten":
+            scale: str = "yes", variance: float = 0.98, cap: int = 128, rows: np.ndarray | None = None) -> "Whiten":
         """Fit on (a seeded sample of at most ``sample`` rows of) ``features`` (a tensor, or anything that
         gives a tensor for an index array and has ``shape``), or of its ``rows`` when given. ``dim`` None keeps
         the directions that hold ``variance`` of the total, at most ``cap`` (whitening gives every kept
         direction unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every
-        direction with non-negligible variance. ``scale`` False keeps the directions' own variances (one common
-        factor brings the largest to 1): a projection, not a whitening."""
+        direction with non-negligible variance. ``scale`` "yes" whitens; "no" keeps the directions' own
+        variances (one common factor brings the largest to 1): a projection, not a whitening; "both" gives the
+        two side by side (``2 * dim`` features), the whitened half scaled to the same total variance as the
+        other, so that neither outweighs the other in a distance."""
         rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
         n, in_dim = len(rows), features.shape[1]
         picked = rows[np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))]
@@ -57,18 +60,19 @@ class Whiten(nn.Module):
         # the covariance product in float32 (the cost), its eigenvectors in float64
         covariance = (centred.T @ centred).double().numpy() / max(len(x) - 1, 1)
         values, vectors = np.linalg.eigh(covariance)  # ascending
-        mean = mean.numpy()
         values, vectors = torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
-        mean = torch.from_numpy(mean)
         useful = int((values > values[0] * 1e-6).sum())
         if dim is None:
             share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
             dim = min(cap, int((share < variance).sum()) + 1)
         dim = min(dim or in_dim, useful, len(picked) - 1 if len(picked) > 1 else 1)
-        whiten = cls(in_dim, dim)
+        kept = vectors[:, :dim] / values[0].sqrt()
+        white = vectors[:, :dim] / values[:dim].clamp_min(1e-12).sqrt()
+        equal = (values[:dim].clamp_min(0).sum() / values[0] / dim).sqrt()  # the total variance of ``kept``
+        projection = {"yes": white, "no": kept, "both": torch.cat([kept, white * equal], 1)}[scale]
+        whiten = cls(in_dim, projection.shape[1])
         whiten.mean.copy_(mean.float())
-        norm = values[:dim].clamp_min(1e-12).sqrt() if scale else values[0].sqrt()
-        whiten.projection.copy_((vectors[:, :dim] / norm).float())
+        whiten.projection.copy_(projection.float())
         return whiten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,11 +129,11 @@ def whitened_storage(count: int, n: int, width: int) -> str:
 _BLOCK = 65536  # rows per block of a pass over the features
 
 
-def whitened_views(views, keep: np.ndarray, config, scale: bool, reporter=None,
+def whitened_views(views, keep: np.ndarray, config, scale: str, reporter=None,
                    shard=None) -> tuple[Whiten, torch.Tensor | ViewsOnDisk, dict]:
     """The whitening fitted on the plain view, and every view through it, block by block into one (V, N, width)
-    tensor that the heads train on -- float32 or float16, or a float16 file, as :func:`whitened_storage` says. A table's
-    vectors keep their variances (``scale`` False; TABLE_RECIPE says why); a backbone's features are whitened.
+    tensor that the heads train on -- float32 or float16, or a float16 file, as :func:`whitened_storage` says.
+    ``scale`` is :meth:`Whiten.fit`'s (see :func:`feature_scaling`).
     Under torchrun (a :class:`~labelkit.training._sharded.Shard`), rank 0 fits the whitening and every rank
     whitens its own rows only (:class:`~labelkit.training._sharded.ShardedViews`). Also returns the history's
     record of the pass."""
@@ -168,7 +172,7 @@ def whitened_views(views, keep: np.ndarray, config, scale: bool, reporter=None,
         whitened = ViewsOnDisk(FeatureFile(write_features(path, whitened_blocks(), count * held, width)), count)
     if reporter is not None:
         reporter.end_phase()
-    record = {"type": "whiten", "width": width, "seconds": round(time.perf_counter() - began, 2),
+    record = {"type": "whiten", "scaling": scale, "width": width, "seconds": round(time.perf_counter() - began, 2),
               "where": "disk" if storage == "disk" else f"memory ({storage})"}
     if shard is not None:  # what this rank (rank 0 writes the history) holds of the rows
         record.update(rows=held, ranks=shard.dist.world)

@@ -21,6 +21,7 @@ import torch
 
 from ..data import Order, eval_transform
 from ..quality import agreement, kmeans
+from ._config import feature_scaling
 from ._job import Job
 from ._loop import extract_features
 
@@ -50,17 +51,17 @@ class Thumbnail(torch.nn.Module):
 
 def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int = 10, dims: int = 20,
                     components: int = 50, per_k: int = 2, smooth: bool = False,
-                    whiten: bool = False) -> tuple[np.ndarray, dict]:
+                    whiten: str = "no") -> tuple[np.ndarray, dict]:
     """k-means labels (one row per K in ``ks``) of the first ``per_k`` x K eigenvectors (at most ``dims``) of
-    the spectral embedding of the kNN graph of ``x``'s first ``components`` principal components (with
-    ``whiten``, each scaled to unit variance); with ``smooth``, each label then moves to the one its graph
-    neighbours weigh most, until none moves (at most 10 rounds).
+    the spectral embedding of the kNN graph of ``x``'s first ``components`` principal components: as they are
+    (``whiten`` "no"), each scaled to unit variance ("yes"), or both ("both": one graph of each, their
+    eigenvectors side by side, each row of each normalised, so that k-means weighs the two graphs alike).
+    With ``smooth``, each label then moves to the one its graph neighbours weigh most (with "both", in the
+    sum of the two graphs), until none moves (at most 10 rounds).
 
     Returns ((T, N) int64 labels, a record of what was done and how long it took)."""
-    import scipy.sparse as sp
     from sklearn.decomposition import PCA
     from sklearn.manifold import spectral_embedding
-    from sklearn.neighbors import NearestNeighbors
 
     start = time.perf_counter()
     n = len(x)
@@ -68,33 +69,47 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
     components = min(components, n, x.shape[1])
     pca = PCA(components, random_state=seed)
     reduced = pca.fit_transform(x.astype(np.float32, copy=False))
-    if whiten:  # directions of (almost) no variance stay small: scaled up, they would be pure noise
-        variance = pca.explained_variance_
-        reduced /= np.sqrt(np.maximum(variance, 1e-6 * variance[0]))
-    distance, index = NearestNeighbors(n_neighbors=neighbours + 1).fit(reduced).kneighbors(reduced)
-    distance, index = distance[:, 1:], index[:, 1:]  # drop each point itself
-    scale = np.maximum(distance[:, -1], 1e-12)  # local scale: the distance to the k-th neighbour
-    weight = np.exp(-distance**2 / (scale[:, None] * scale[index]))
-    affinity = sp.csr_matrix((weight.ravel(), (np.repeat(np.arange(n), neighbours), index.ravel())), shape=(n, n))
-    affinity = _bridged(affinity.maximum(affinity.T), reduced, float(weight.min()))
+    # directions of (almost) no variance stay small when whitened: scaled up, they would be pure noise
+    whitened = reduced / np.sqrt(np.maximum(pca.explained_variance_, 1e-6 * pca.explained_variance_[0]))
+    spaces = {"no": [reduced], "yes": [whitened], "both": [reduced, whitened]}[whiten]
+    graphs = [_knn_graph(points, neighbours) for points in spaces]
     # a head of K clusters reads the first 2K eigenvectors (at most ``dims``): K, as in Ng, Jordan & Weiss
     # (2001), leaves out modes that real classes need (a 10k-image digits folder: SeLa from a 10-eigenvector
     # start ended at NMI 0.77-0.82, from a 20-eigenvector start at 0.93); many more than K add within-cluster
     # modes that, once the rows are normalised, outweigh the clusters of clean, simple data
     dims = max(1, min(dims, per_k * max(ks), n - 2))
-    embedding = spectral_embedding(affinity, n_components=dims, random_state=seed, drop_first=True)
+    embeddings = [spectral_embedding(graph, n_components=dims, random_state=seed, drop_first=True) for graph in graphs]
+    affinity = sum(graphs[1:], graphs[0])
     labels = []
     for h, k in enumerate(ks):
-        part = embedding[:, : min(per_k * k, dims)]
         # on the unit sphere, clusters that the eigenvectors separate by direction are split evenly by k-means
-        part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+        part = np.hstack([_unit_rows(e[:, : min(per_k * k, dims)]) for e in embeddings])
         found = kmeans(part, k, seed + h, restarts=3)[0]
         labels.append(_smoothed(affinity, found, k) if smooth else found)
     labels = np.stack(labels).astype(np.int64)
     return labels, {"samples": n, "pixels": int(x.shape[1]), "pca": components, "neighbours": neighbours,
                     "components": int(_components(affinity)[0]), "dims": dims, "per_k": per_k, "smoothed": smooth,
-                    "whitened": whiten,
+                    "whiten": whiten,
                     "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _knn_graph(points: np.ndarray, neighbours: int):
+    """The symmetric kNN graph of ``points``, each edge weighted by a Gaussian of the two points' local scales
+    (Zelnik-Manor & Perona), its pieces bridged (see :func:`_bridged`)."""
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(points)
+    distance, index = NearestNeighbors(n_neighbors=neighbours + 1).fit(points).kneighbors(points)
+    distance, index = distance[:, 1:], index[:, 1:]  # drop each point itself
+    scale = np.maximum(distance[:, -1], 1e-12)  # local scale: the distance to the k-th neighbour
+    weight = np.exp(-distance**2 / (scale[:, None] * scale[index]))
+    affinity = sp.csr_matrix((weight.ravel(), (np.repeat(np.arange(n), neighbours), index.ravel())), shape=(n, n))
+    return _bridged(affinity.maximum(affinity.T), points, float(weight.min()))
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _smoothed(affinity, labels: np.ndarray, k: int, rounds: int = 10) -> np.ndarray:
@@ -171,7 +186,8 @@ def image_graph_start(job: Job, labels_out: torch.Tensor, ks: list[int]) -> dict
 def vector_graph_start(job: Job, features, keep: np.ndarray, labels_out: torch.Tensor, ks: list[int]) -> dict:
     """The graph start of images on fixed features: the first labels of every head, written into
     ``labels_out`` (T, N), from the spectral embedding of the kNN graph of ``features`` (the vectors as given,
-    before the heads' whitening) on the ``keep`` rows. Returns the start's record."""
+    scaled as :func:`feature_scaling` says: with "both", of two graphs) on the ``keep`` rows. Returns the
+    start's record."""
     rows = np.flatnonzero(keep)
     x = torch.cat([features[torch.from_numpy(rows[i:i + 65536])].float() for i in range(0, len(rows), 65536)])
     job.reporter.phase("graph", 1)
@@ -180,7 +196,7 @@ def vector_graph_start(job: Job, features, keep: np.ndarray, labels_out: torch.T
     # 0.89 / 0.71 / 0.24-0.25 from K and 0.905 / 0.71-0.73 / 0.25 smoothed. (On an image folder the network
     # trained from a K-eigenvector start ended lower: see spectral_labels.)
     labels, info = spectral_labels(x.numpy(), ks, job.config.seed, per_k=1, smooth=True,
-                                   whiten=bool(job.config.whiten))
+                                   whiten=feature_scaling(job.config, table=not job.source.has_pixels))
     job.reporter.advance()
     job.reporter.end_phase()
     labels_out[:, torch.from_numpy(rows)] = torch.from_numpy(labels)

@@ -18,7 +18,7 @@ import torch
 
 from ..artefact import producer_versions
 from ._budget import label_schedule
-from ._config import SelaConfig, memory_bytes, solver_prior
+from ._config import SelaConfig, feature_scaling, memory_bytes, solver_prior
 from ..errors import ConfigError
 from ._frozen import (TableRows, ViewsOnDisk, cached_views, neighbours, whitened_views)
 from ._sharded import Shard, refuse_neighbours, row_share
@@ -273,8 +273,8 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     shard = Shard.of(keep, dist)
     if shard is not None:
         refuse_neighbours(config.neighbours)
-    scale = config.whiten if config.whiten is not None else net is not None
-    whiten, views, whitened = whitened_views(views, keep, config, scale=scale, reporter=job.reporter,
+    whiten, views, whitened = whitened_views(views, keep, config, feature_scaling(config, table=net is None),
+                                             reporter=job.reporter,
                                              shard=shard)
     heads, model = frozen_heads(net, whiten, ks, config)
     seed_prototypes(heads, views[0] if shard is None else views.gathered(0), keep, config.seed)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from ._budget import BUDGET_SHARE, BudgetError, _bytes, _clock, _plural, label_step_count
-from ._config import SelaConfig, memory_bytes
+from ._config import SelaConfig, feature_scaling, memory_bytes
 from ._sharded import refuse_neighbours
 
 __all__ = []
@@ -121,7 +121,7 @@ def _table_costs(config: SelaConfig, n: int, probe: dict) -> tuple[float, float,
         fixed += n * probe["width"] * 2 / 400e6  # written once as float16 (400 MB/s assumed: the probe writes nothing)
         per_epoch += trained * probe["random_read_s_per_row"]  # each batch reads its rows from the file
     if config.start == "graph" and not config.start_from and GRAPH_MIN <= n <= GRAPH_LIMIT:
-        fixed += 4.5e-4 * n
+        fixed += 4.5e-4 * n * (2 if feature_scaling(config, table=True) == "both" else 1)  # a graph per scaling
     if config.neighbours:  # the exact search costs N^2; above 50,000 rows the inverted file's probes x N^1.5
         exact = probe["neighbours_s"] * (n / probe["neighbours_rows"]) ** 2
         fixed += exact if n <= 50_000 else exact * 32 / math.sqrt(n)
