@@ -88,6 +88,10 @@ class BarReporter(Reporter):
             where = "memory" if record["where"] == "memory" else "a memory-mapped file"
             click.echo(f"decoded the images once at {record['side']} px into {where} ({record['seconds']:.1f} s); "
                        "every pass augments them by the batch", err=True)
+        elif record["type"] == "whiten" and record.get("columns", {}).get("standardized"):
+            click.echo(f"scaled every column to unit variance: the widest column's spread is "
+                       f"{record['columns']['spread']:,.0f}x the median column's (--standardize no keeps them)",
+                       err=True)
         elif record["type"] == "label_step":
             heads = record["heads"]
             iterations = [h["iterations"] for h in heads]

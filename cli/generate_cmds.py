@@ -8,7 +8,7 @@ import click
 
 from labelkit.data import AUGMENTATIONS
 from labelkit.training import (FROZEN_RECIPE, LABEL_SPACINGS, LR_SCHEDULES, PRECISIONS, RECIPE_NAMES, RECIPES,
-                               STARTS, TABLE_RECIPE, WHITEN, SelaConfig)
+                               STANDARDIZE, STARTS, TABLE_RECIPE, WHITEN, SelaConfig)
 
 from ._options import default, weights_options
 
@@ -124,6 +124,10 @@ def _clusters(ctx, param, value):
               help="With fixed features, for the graph start and the heads: yes scales each kept direction to unit "
                    "variance, no keeps the directions' variances, both uses the two side by side (README, suite) "
                    "[a table's vectors: both; a backbone's features: yes].")
+@click.option("--standardize", type=click.Choice(STANDARDIZE), default=None,
+              help="With fixed features: scale each column to unit variance before the PCA; auto does so where "
+                   "the widest column's spread is over 100x the median column's (measurements in different "
+                   "units) [auto].")
 @click.option("--head-hidden", type=int, default=None,
               help="With fixed features: a hidden layer of this width under the heads, 0 for none "
                    "[tables: 512, fewer on a budget; off otherwise].")

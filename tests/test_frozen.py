@@ -560,6 +560,60 @@ def test_whiten_scales_a_tables_vectors_for_the_start_and_the_heads_and_needs_fi
     assert result.exit_code == 2 and "--whiten" in result.output, result.output
 
 
+def test_whiten_fit_folds_the_column_scaling_into_its_projection():
+    from labelkit.training import Whiten
+    from labelkit.training._whiten import column_scale
+
+    x, _ = blobs(n=400, d=6, k=3)
+    x[:, 1] *= 1000  # the widest column's spread over 100x the median's
+    sd = x.std(0, ddof=1)
+    for mode in ("auto", "yes"):
+        folded = Whiten.fit(torch.from_numpy(x), 4, scale="both", columns=mode)
+        assert folded.columns["standardized"] and folded.columns["spread"] > 100
+        scaled = Whiten.fit(torch.from_numpy(x / sd), 4, scale="both", columns="no")
+        # the same map (up to each direction's sign) as a fit on the columns scaled beforehand
+        a, b = folded(torch.from_numpy(x)), scaled(torch.from_numpy(x / sd))
+        assert torch.allclose(a.abs(), b.abs(), atol=1e-3), (a - b).abs().max()
+    kept = Whiten.fit(torch.from_numpy(x), 4, scale="both", columns="no")
+    assert not kept.columns["standardized"] and kept.column_scale is None
+    assert column_scale(np.array([1.0, 4.0, 9.0]), "auto")[0] is None  # spreads 1-3: as they are
+    divisors, ratio = column_scale(np.array([0.0, 1.0, 1.0, 1e6]), "auto")  # a constant column keeps scale 1
+    assert ratio == pytest.approx(1000) and divisors.tolist() == [1.0, 1.0, 1.0, 1000.0]
+    assert column_scale(np.array([1.0, 4.0]), "yes")[0].tolist() == [1.0, 2.0]
+
+
+def test_standardize_finds_classes_in_narrow_columns_beside_wide_noise_and_says_so(tmp_path):
+    x, truth = blobs(n=600, d=6, k=3)
+    noise = np.random.default_rng(1).standard_normal((600, 2)).astype(np.float32) * 3000  # a different unit
+    np.save(tmp_path / "v.npy", np.hstack([x, noise]))
+    found = {}
+    for flag, scaled in (([], True), (["--standardize", "no"], False)):
+        out = tmp_path / str(scaled)
+        result = run(["generate", "--data", str(tmp_path / "v.npy"), "--clusters", "3", "--epochs", "4",
+                      "--out", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        assert ("scaled every column to unit variance" in result.output) == scaled, result.output
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        assert next(r for r in history if r["type"] == "whiten")["columns"]["standardized"] == scaled
+        artefact = read_artefact(out / "labels.parquet")
+        found[scaled] = [agreement(artefact.labels(h), truth)["nmi"] for h in range(artefact.num_heads)]
+    assert min(found[True]) > 0.95 and max(found[False]) < 0.5, found
+    result = run(["generate", "--data", "builtin:digits", "--standardize", "yes", "--out", str(tmp_path / "i")])
+    assert result.exit_code == 2 and "--standardize scales the columns" in result.output, result.output
+
+
+def test_a_run_configured_before_standardize_resumes_with_its_columns_as_they_were(tmp_path):
+    from labelkit.training import resolve_config
+
+    np.save(tmp_path / "v.npy", blobs(n=60, d=4, k=2)[0])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"config": {"data": str(tmp_path / "v.npy"), "out": str(out)}}))
+    assert resolve_config({"out": str(out)}, resume=True).standardize == "no"
+    assert resolve_config({"out": str(out), "standardize": "yes"}, resume=True).standardize == "yes"
+    assert resolve_config({"data": str(tmp_path / "v.npy"), "out": str(tmp_path / "new")}).standardize is None
+
+
 def test_a_table_of_one_repeated_vector_is_refused_by_name(tmp_path):
     np.save(tmp_path / "same.npy", np.ones((40, 6), np.float32))
     result = run(["generate", "--data", str(tmp_path / "same.npy"), "--clusters", "2", "--out", str(tmp_path / "r")])
@@ -611,7 +665,7 @@ def test_a_table_beyond_memory_trains_and_labels_from_float16_files(tmp_path, mo
     """Whitened views too large for float32 memory are kept as float16, in memory or in a file read by rows, and
     the label step's features beyond the label memory go to a float16 file; the labels are those of the
     in-memory run up to float16 rounding."""
-    import labelkit.training._frozen as frozen
+    import labelkit.training._whiten as frozen
     import labelkit.training._sela as sela
     from labelkit.training import resolve_config, run_sela
 
@@ -773,7 +827,7 @@ def test_duplicate_table_keys_are_named(tmp_path):
 
 def test_views_on_disk_read_the_rows_asked_for_in_any_order(tmp_path):
     from labelkit.solver import FeatureFile, write_features
-    from labelkit.training._frozen import ViewsOnDisk
+    from labelkit.training._whiten import ViewsOnDisk
 
     views = torch.randn(2, 50, 4).half()
     on_disk = ViewsOnDisk(FeatureFile(write_features(tmp_path / "w.npy", [views.reshape(100, 4)], 100, 4)), 2)

@@ -14,7 +14,7 @@ from ..data import AUGMENTATIONS
 from .._util.remote import refuse_url
 from ..errors import ConfigError
 
-__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "PRECISIONS", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "WHITEN", "feature_scaling", "resolve_config", "read_config_file",
+__all__ = ["SelaConfig", "RECIPES", "TransferConfig", "TRANSFER_RECIPES", "TRANSFER_RECIPE_NAMES", "LR_SCHEDULES", "PRECISIONS", "STARTS", "RECIPE_NAMES", "LABEL_SPACINGS", "FROZEN_RECIPE", "TABLE_RECIPE", "WHITEN", "STANDARDIZE", "feature_scaling", "column_scaling", "resolve_config", "read_config_file",
            "default_workers"]
 
 # The choices of --augment and --lr-schedule; the command line offers exactly these.
@@ -75,6 +75,7 @@ class SelaConfig:
     views: int = 1  # frozen: cached views per image (1 plain + augmented ones)
     pca: int | None = None  # frozen: PCA to this width; None: 98 % of the variance, at most 128; 0: all
     whiten: str | None = None  # frozen: "yes", "no" or "both" (see WHITEN); None: feature_scaling's default
+    standardize: str | None = None  # frozen: scale each column to unit variance: "auto", "yes", "no"; None: auto
     head_hidden: int | None = None  # frozen: one hidden layer (Linear + BN + ReLU) under the heads
     neighbours: int = 0  # frozen: also train each sample towards the labels of its k nearest neighbours
     train_rows: int | None = None  # frozen: the heads train on a random sample of this many rows; all are labelled
@@ -184,6 +185,13 @@ TABLE_RECIPE: dict[str, Any] = {"start": "graph", "head_hidden": 512, "neighbour
 # against -0.017 and +0.005, second-worst -0.060 against -0.067 and -0.195 (README, the suite); a
 # backbone's features keep "yes", as before.
 WHITEN = ("yes", "no", "both")
+STANDARDIZE = ("auto", "yes", "no")  # --standardize: see labelkit.training._whiten.column_scale
+
+
+def column_scaling(config: "SelaConfig") -> str:
+    """Whether a run scales each column of its fixed features to unit variance first (``--standardize``):
+    "auto" (the default) where the columns' spreads are of different orders, "yes", or "no"."""
+    return config.standardize or "auto"
 
 
 def feature_scaling(config: "SelaConfig", table: bool) -> str:
@@ -292,6 +300,8 @@ def resolve_config(options: dict[str, Any], config_file: str | None = None, cls=
         merged["clusters"] = tuple(int(k) for k in (value if isinstance(value, (list, tuple)) else [value]))
     if isinstance(merged.get("whiten"), bool):  # a run configured while --whiten was a yes/no flag
         merged["whiten"] = "yes" if merged["whiten"] else "no"
+    if saved and "standardize" not in saved and "standardize" in known:  # configured before --standardize
+        merged.setdefault("standardize", "no")
     if merged.get("workers") is None and "workers" in known:
         merged["workers"] = default_workers()  # resolved here, so the stored config says what ran
     config = cls(**merged)
@@ -364,6 +374,10 @@ def _check_whiten(config: SelaConfig) -> None:
         raise ConfigError(f"--whiten is one of {', '.join(WHITEN)}; got {config.whiten!r}")
     if config.whiten is not None and not config.frozen:
         raise ConfigError("--whiten sets how fixed features are scaled: give an embedding table, or --freeze")
+    if config.standardize is not None and config.standardize not in STANDARDIZE:
+        raise ConfigError(f"--standardize is one of {', '.join(STANDARDIZE)}; got {config.standardize!r}")
+    if config.standardize is not None and not config.frozen:
+        raise ConfigError("--standardize scales the columns of fixed features: give an embedding table, or --freeze")
 
 
 def _check_train_rows(config: SelaConfig) -> None:

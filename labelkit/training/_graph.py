@@ -183,13 +183,16 @@ def image_graph_start(job: Job, labels_out: torch.Tensor, ks: list[int]) -> dict
     return {**info, **_start_truth(source, rows, labels, ks)}
 
 
-def vector_graph_start(job: Job, features, keep: np.ndarray, labels_out: torch.Tensor, ks: list[int]) -> dict:
+def vector_graph_start(job: Job, features, keep: np.ndarray, labels_out: torch.Tensor, ks: list[int],
+                       columns: np.ndarray | None = None) -> dict:
     """The graph start of images on fixed features: the first labels of every head, written into
     ``labels_out`` (T, N), from the spectral embedding of the kNN graph of ``features`` (the vectors as given,
-    scaled as :func:`feature_scaling` says: with "both", of two graphs) on the ``keep`` rows. Returns the
-    start's record."""
+    each column divided by ``columns`` where given, then scaled as :func:`feature_scaling` says: with "both",
+    of two graphs) on the ``keep`` rows. Returns the start's record."""
     rows = np.flatnonzero(keep)
     x = torch.cat([features[torch.from_numpy(rows[i:i + 65536])].float() for i in range(0, len(rows), 65536)])
+    if columns is not None:
+        x /= torch.from_numpy(columns).float()
     job.reporter.phase("graph", 1)
     # the first K eigenvectors, not 2K as for images, and smoothed on the graph: on the pixel tables of
     # bench/suite.py (digits, textures, glyphs) the start's NMI was 0.82-0.88 / 0.66-0.68 / 0.14-0.18 from 2K,

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..quality import unit_centroids
-from ._frozen import FeatureTrunk, Whiten, head_batches, head_draws, head_step
+from ._frozen import FeatureTrunk, head_batches, head_draws, head_step
+from ._whiten import Whiten
 from ._models import SelaModel
 from ._sharded import gathered_inputs, sharded_batches
 

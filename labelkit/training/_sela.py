@@ -20,7 +20,8 @@ from ..artefact import producer_versions
 from ._budget import label_schedule
 from ._config import SelaConfig, feature_scaling, memory_bytes, solver_prior
 from ..errors import ConfigError
-from ._frozen import (TableRows, ViewsOnDisk, cached_views, neighbours, whitened_views)
+from ._frozen import TableRows, cached_views, neighbours
+from ._whiten import ViewsOnDisk, whitened_views
 from ._sharded import Shard, refuse_neighbours, row_share
 from ._vote import neighbour_vote
 from ._heads import frozen_heads, frozen_record, head_training, seed_prototypes, training_sample
@@ -303,7 +304,7 @@ def _run_frozen(job: Job, ks: list[int]) -> SelaRun:
     train = head_training(job, heads, optimizer, views, near, shard, state,
                           lambda: keep if sample is None else keep & sample)
     if not resumed:
-        _first_labels(job, raw, keep, state, ks, graph, label_step)
+        _first_labels(job, raw, keep, state, ks, graph, label_step, whiten.column_scale)
     keep = state.keep(keep)  # a reviewed start leaves samples out: the closures above read these
     job.run_epochs(train, label_step)
     if sample is not None and not labelled_all[0]:  # stopped early: the heads label every row, once
@@ -338,14 +339,16 @@ def _frozen_label_step(job: Job, heads: SelaModel, view, shard, state: SelaState
     return label_step
 
 
-def _first_labels(job: Job, raw, keep: np.ndarray, state: SelaState, ks: list[int], graph: bool, label_step) -> None:
+def _first_labels(job: Job, raw, keep: np.ndarray, state: SelaState, ks: list[int], graph: bool, label_step,
+                  columns: np.ndarray | None) -> None:
     """The labels a frozen run starts from: an earlier artefact's, the features' kNN graph's (computed by rank 0
-    under torchrun: it reads at most GRAPH_LIMIT rows), or a label step of the untrained heads."""
+    under torchrun: it reads at most GRAPH_LIMIT rows; each column divided by ``columns`` where the whitening
+    standardized them), or a label step of the untrained heads."""
     dist = job.dist
     if job.config.start_from:
         job.log({"type": "start", "epoch": 0, **artefact_start(job, state, ks)})
     elif graph:
-        record = vector_graph_start(job, raw, keep, state.labels, ks) if dist.main else None
+        record = vector_graph_start(job, raw, keep, state.labels, ks, columns) if dist.main else None
         if job.selection is not None:  # what every label step is judged against first
             record["neighbour_agreement"] = [round(job.selection.score(row, keep), 4) for row in state.labels]
         if dist.world > 1:

@@ -101,7 +101,7 @@ def _table_costs(config: SelaConfig, n: int, probe: dict) -> tuple[float, float,
     ``--train-rows`` the epochs and the label steps cover the sample, and the last label step's extra rows are
     part of the fixed cost."""
     from ._graph import GRAPH_LIMIT, GRAPH_MIN
-    from ._frozen import whitened_storage
+    from ._whiten import whitened_storage
 
     sample = min(n, 100_000)  # what the whitening is fitted on: random rows, then a covariance
     trained = min(n, config.train_rows or n)
@@ -133,7 +133,7 @@ def _table_memory(config: SelaConfig, n: int, probe: dict) -> int:
     vectors where they stay in memory, and the label step (features, or none beyond the label memory, and
     its kernel)."""
     from ..solver import features_on_disk, kernel_path, working_bytes
-    from ._frozen import whitened_storage
+    from ._whiten import whitened_storage
 
     k, heads = max(config.head_clusters()), config.heads
     memory = memory_bytes(config.label_memory)
