@@ -156,6 +156,38 @@ def test_the_plan_trains_on_a_sample_where_no_heads_train_every_epoch_on_every_r
     assert plan.config.train_rows is None and plan.config.heads == 1 and 1 < plan.config.epochs < 50
 
 
+def test_the_plan_takes_a_sample_where_not_one_epoch_fits_on_every_row(tmp_path, monkeypatch):
+    """A table whose label steps are dear (a slow solve) and training cheap: one epoch and two label steps of
+    every row exceed the budget for every rung (the 10 M mixture with the heads' doubled width), yet 50 epochs
+    on a sample and one last label step of every row fit. The plan takes the sample instead of refusing."""
+    import labelkit.training._timing as timing
+    from labelkit.training._budget import BudgetError
+    from labelkit.training._plan import make_plan
+
+    def rates(config, n, width):
+        return {"train_rows_per_s": 1e7 / (config.heads * ((config.head_hidden or 0) + 100)),
+                "label_rows_per_s": 1e6, "solve_s_per_step": 3.0, "feature_dim": config.head_hidden or width,
+                "kernel": "stored"}
+
+    def probe(config, source):
+        return {**rates(config, len(source), 8), "rows_read_per_s": 1e12, "rows_whitened_per_s": 1e12,
+                "random_read_s_per_row": 0.0, "width": 8, "whiten_fit_s": 0.3, "head_seed_s": 0.1,
+                "head_check_s": 0.2, "probe_s": 0.0}
+
+    monkeypatch.setattr(timing, "_head_rates", rates)
+    monkeypatch.setattr(timing, "_table_probe", probe)
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(4000, 8)).astype(np.float32))
+    # no graph start (as beyond its 100,000 rows): the first labels are a label step too
+    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0,
+               "start": "random"}
+    # the leanest rung on every row: 1.6 s fixed, an epoch of 0.04 s and two label steps of 3.004 s each
+    plan = make_plan(options, budget="9s")
+    assert plan.estimate["seconds"] <= 0.8 * 9 < 1.6 + 0.04 + 2 * 3.004
+    assert plan.config.train_rows < 4000 and plan.config.epochs == 50 and "at random" in plan.reasons["train_rows"]
+    with pytest.raises(BudgetError, match="too short for one epoch"):  # where not even a sample fits: refused
+        make_plan(options, budget="6s")
+
+
 def test_a_sampled_table_under_torchrun_gives_the_labels_of_one_process(tmp_path):
     mixture(tmp_path / "t.npy", n=1200, k=6, d=24)
     options = ["generate", "--data", str(tmp_path / "t.npy"), "--clusters", "6", "--heads", "1", "--epochs", "3",
