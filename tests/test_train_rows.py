@@ -114,20 +114,17 @@ def test_train_rows_is_refused_where_it_cannot_apply(tmp_path):
     assert resolve_config(table).neighbours == 10
 
 
-def test_the_plan_trains_on_a_sample_where_no_heads_train_every_epoch_on_every_row(tmp_path, monkeypatch):
-    """With the probed costs of test_frozen's leaner-heads test: where no rung trains all 50 epochs on all 4,000
-    rows in 12 s, the plan trains on the largest sample it can (one linear head trains the most rows); where
-    even SAMPLE_LEAST rows a cluster do not fit, it falls back to the rung that trains the most epochs."""
+def probed(monkeypatch, tmp_path, training: float, solve: float) -> dict:
+    """The plan's probe of a 4,000 x 8 table replaced by fixed costs: heads train ``training`` / (heads x (hidden +
+    100)) rows a second, a label step solves in ``solve`` s, reading and whitening are free. Returns the options."""
     import labelkit.training._timing as timing
-    from labelkit.training._plan import make_plan
-    from labelkit.training._table_plan import SAMPLE_LEAST
 
     def rates(config, n, width):
         work = config.heads * ((config.head_hidden or 0) + 100)
-        return {"train_rows_per_s": 1e6 / work, "label_rows_per_s": 1e6, "solve_s_per_step": 1.0,
+        return {"train_rows_per_s": training / work, "label_rows_per_s": 1e6, "solve_s_per_step": solve,
                 "feature_dim": config.head_hidden or width, "kernel": "stored"}
 
-    def probe(config, source):  # reading and whitening the table: free
+    def probe(config, source):
         return {**rates(config, len(source), 8), "rows_read_per_s": 1e12, "rows_whitened_per_s": 1e12,
                 "random_read_s_per_row": 0.0, "width": 8, "whiten_fit_s": 0.3, "head_seed_s": 0.1,
                 "head_check_s": 0.2, "probe_s": 0.0}
@@ -135,7 +132,17 @@ def test_the_plan_trains_on_a_sample_where_no_heads_train_every_epoch_on_every_r
     monkeypatch.setattr(timing, "_head_rates", rates)
     monkeypatch.setattr(timing, "_table_probe", probe)
     np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(4000, 8)).astype(np.float32))
-    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0}
+    return {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0}
+
+
+def test_the_plan_trains_on_a_sample_where_no_heads_train_every_epoch_on_every_row(tmp_path, monkeypatch):
+    """With the probed costs of test_frozen's leaner-heads test: where no rung trains all 50 epochs on all 4,000
+    rows in 12 s, the plan trains on the largest sample it can (one linear head trains the most rows); where
+    even SAMPLE_LEAST rows a cluster do not fit, it falls back to the rung that trains the most epochs."""
+    from labelkit.training._plan import make_plan
+    from labelkit.training._table_plan import SAMPLE_LEAST
+
+    options = probed(monkeypatch, tmp_path, training=1e6, solve=1.0)
     plan = make_plan(options, budget="1h")  # everything fits: no sample
     assert plan.config.train_rows is None and "train_rows" not in plan.reasons
     plan = make_plan(options, budget="15s")
@@ -160,26 +167,11 @@ def test_the_plan_takes_a_sample_where_not_one_epoch_fits_on_every_row(tmp_path,
     """A table whose label steps are dear (a slow solve) and training cheap: one epoch and two label steps of
     every row exceed the budget for every rung (the 10 M mixture with the heads' doubled width), yet 50 epochs
     on a sample and one last label step of every row fit. The plan takes the sample instead of refusing."""
-    import labelkit.training._timing as timing
     from labelkit.training._budget import BudgetError
     from labelkit.training._plan import make_plan
 
-    def rates(config, n, width):
-        return {"train_rows_per_s": 1e7 / (config.heads * ((config.head_hidden or 0) + 100)),
-                "label_rows_per_s": 1e6, "solve_s_per_step": 3.0, "feature_dim": config.head_hidden or width,
-                "kernel": "stored"}
-
-    def probe(config, source):
-        return {**rates(config, len(source), 8), "rows_read_per_s": 1e12, "rows_whitened_per_s": 1e12,
-                "random_read_s_per_row": 0.0, "width": 8, "whiten_fit_s": 0.3, "head_seed_s": 0.1,
-                "head_check_s": 0.2, "probe_s": 0.0}
-
-    monkeypatch.setattr(timing, "_head_rates", rates)
-    monkeypatch.setattr(timing, "_table_probe", probe)
-    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(4000, 8)).astype(np.float32))
     # no graph start (as beyond its 100,000 rows): the first labels are a label step too
-    options = {"data": str(tmp_path / "t.npy"), "clusters": (4,), "out": str(tmp_path / "run"), "neighbours": 0,
-               "start": "random"}
+    options = {**probed(monkeypatch, tmp_path, training=1e7, solve=3.0), "start": "random"}
     # the leanest rung on every row: 1.6 s fixed, an epoch of 0.04 s and two label steps of 3.004 s each
     plan = make_plan(options, budget="9s")
     assert plan.estimate["seconds"] <= 0.8 * 9 < 1.6 + 0.04 + 2 * 3.004
