@@ -122,7 +122,7 @@ def _clusters(ctx, param, value):
 @click.option("--pca", type=int, default=None, help="With fixed features: PCA to this width, 0 keeps all [98% of the variance, at most 128].")
 @click.option("--whiten", type=click.Choice(WHITEN), default=None,
               help="With fixed features, for the graph start and the heads: yes scales each kept direction to unit "
-                   "variance, no keeps the directions' variances, both uses the two side by side (README, suite) "
+                   "variance, no keeps the directions' variances, both uses the two at once (README, suite) "
                    "[a table's vectors: both; a backbone's features: yes].")
 @click.option("--standardize", type=click.Choice(STANDARDIZE), default=None,
               help="With fixed features: scale each column to unit variance before the PCA; auto does so where "

@@ -536,7 +536,7 @@ def test_whiten_scales_a_tables_vectors_for_the_start_and_the_heads_and_needs_fi
     x, _ = blobs(n=300, d=8, k=3)
     x[:, 0] *= 50  # one direction of far more variance than the rest
     np.save(tmp_path / "v.npy", x)
-    spreads = {}
+    projected = {}
     for flag, scaling in (([], "both"), (["--whiten", "yes"], "yes"), (["--whiten", "no"], "no")):
         out = tmp_path / scaling
         result = run(["generate", "--data", str(tmp_path / "v.npy"), "--clusters", "3", "--epochs", "2",
@@ -547,13 +547,17 @@ def test_whiten_scales_a_tables_vectors_for_the_start_and_the_heads_and_needs_fi
         assert next(r for r in history if r["type"] == "whiten")["scaling"] == scaling
         heads = load_file(str(out / "model.safetensors"))
         projection, mean = heads["backbone.whiten.projection"], heads["backbone.whiten.mean"]
-        spreads[scaling] = ((torch.from_numpy(x).float() - mean) @ projection).std(0)
-    ones = torch.ones(4)
-    assert torch.allclose(spreads["yes"], ones, atol=0.01), spreads  # every kept direction: unit variance
+        projected[scaling] = (torch.from_numpy(x).float() - mean) @ projection
+    spreads = {scaling: p.std(0) for scaling, p in projected.items()}
+    assert torch.allclose(spreads["yes"], torch.ones(4), atol=0.01), spreads  # every kept direction: unit variance
     assert spreads["no"][0] == pytest.approx(1, abs=0.01) and spreads["no"][1:].max() < 0.5, spreads  # their own
-    kept, white = spreads["both"][:4], spreads["both"][4:]  # the two side by side, of equal total variance
-    assert torch.allclose(kept, spreads["no"], atol=0.01) and torch.allclose(white / white[0], ones, atol=0.01)
-    assert (white**2).sum() == pytest.approx(float((kept**2).sum()), rel=0.02), spreads
+    # "both": the geometry of the two side by side, the whitened one scaled to the other's total variance, in
+    # the width of one (every dot product between rows is that of the two side by side)
+    kept, white, both = projected["no"], projected["yes"], projected["both"]
+    side_by_side = torch.cat([kept, white * (kept.var(0).sum() / 4).sqrt()], 1)
+    assert both.shape == kept.shape
+    gram, expected = both @ both.T, side_by_side @ side_by_side.T
+    assert torch.linalg.norm(gram - expected) < 1e-3 * torch.linalg.norm(expected)
     result = run(["generate", "--data", "builtin:digits", "--whiten", "yes", "--out", str(tmp_path / "images")])
     assert result.exit_code == 2 and "--whiten sets how fixed features are scaled" in result.output, result.output
     result = run(["generate", "--data", str(tmp_path / "v.npy"), "--whiten", "some", "--out", str(tmp_path / "x")])

@@ -67,6 +67,33 @@ def test_resume_takes_the_saved_options_and_only_given_differences_are_errors(tm
     assert finished.exit_code == 2 and "nothing to resume" in finished.output
 
 
+def test_resuming_a_checkpoint_of_heads_another_version_shaped_is_one_clear_error(tmp_path):
+    import torch
+
+    from labelkit.training import Reporter, resolve_config, run_sela
+
+    class CtrlC(Reporter):
+        def record(self, record):
+            if record.get("type") == "epoch":
+                raise KeyboardInterrupt
+
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    x[:100] += 4
+    np.save(tmp_path / "v.npy", x)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_sela(resolve_config(dict(data=str(tmp_path / "v.npy"), clusters=(3,), epochs=3, out=str(out))),
+                 reporter=CtrlC())
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    first = saved["model"]["backbone.layer.0.weight"]  # the hidden layer reads the whitened vectors
+    saved["model"]["backbone.layer.0.weight"] = torch.cat([first, first], 1)  # heads of twice the width
+    torch.save(saved, out / "checkpoint.pt")
+    result = _cli("generate", "--out", out, "--resume", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "written by another labelkit version (its model does not fit" in result.output
+    assert "start afresh without --resume" in result.output and "Traceback" not in result.output
+
+
 def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch):
     import labelkit.training
 

@@ -176,14 +176,14 @@ FROZEN_RECIPE: dict[str, Any] = {
 TABLE_RECIPE: dict[str, Any] = {"start": "graph", "head_hidden": 512, "neighbours": 10, "settle": 0.97}
 
 # How fixed features are scaled for the graph start and the heads (--whiten): "yes" each kept principal direction
-# to unit variance, "no" each keeps its variance, "both" the two side by side (the start joins the eigenvectors
-# of both graphs, the heads read both). Which one finds the classes depends on where they lie: in directions of
-# large variance (the textures' colours: whitening scales noise up to their size) or of small variance beside
-# a few large ones (a network's features of classes it was not trained on). On the 22 tables of bench/suite.py
-# (pixels, networks' features, HOG, histograms, small tabular sets) nothing label-free told the two apart, and
-# "both" lost to UMAP + k-means or k-means on 8 of them against 13 ("no") and 12 ("yes"), mean margin +0.032
-# against -0.017 and +0.005, second-worst -0.060 against -0.067 and -0.195 (README, the suite); a
-# backbone's features keep "yes", as before.
+# to unit variance, "no" each keeps its variance, "both" the two at once (the start joins the eigenvectors of both
+# graphs; the heads read one projection with the geometry of the two side by side: see Whiten.fit). Which one
+# finds the classes depends on where they lie: in directions of large variance (the textures' colours: whitening
+# scales noise up to their size) or of small variance beside a few large ones (a network's features of classes it
+# was not trained on). On the 22 tables of bench/suite.py (pixels, networks' features, HOG, histograms, small
+# tabular sets) nothing label-free told the two apart, and "both" lost to UMAP + k-means or k-means on 8 of them
+# against 13 ("no") and 12 ("yes"), mean margin +0.032 against -0.017 and +0.005, second-worst -0.060 against
+# -0.067 and -0.195 (README, the suite); a backbone's features keep "yes", as before.
 WHITEN = ("yes", "no", "both")
 STANDARDIZE = ("auto", "yes", "no")  # --standardize: see labelkit.training._whiten.column_scale
 

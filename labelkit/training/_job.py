@@ -120,7 +120,13 @@ class Job:
             raise ConfigError(f"{self.run_dir.checkpoint} was written by another labelkit version (no "
                               f"{', '.join(missing)}); start afresh without --resume")
         for name, part in parts.items():
-            part.load_state_dict(saved[name])
+            try:
+                part.load_state_dict(saved[name])
+            except RuntimeError as error:  # torch's size mismatch: heads of another width (a table's heads
+                # with --whiten both read twice the width in earlier versions)
+                first = str(error).strip().splitlines()[-1].strip()
+                raise ConfigError(f"{self.run_dir.checkpoint} was written by another labelkit version (its {name} "
+                                  f"does not fit this one's: {first}); start afresh without --resume") from error
         self.epoch, self.step, self._partial = saved["epoch"], saved.get("step", 0), saved.get("partial")
         self.stopped_early, self.stopped_because = saved.get("stopped_early"), saved.get("stopped_because")
         self.skips.skipped.update(saved["skipped"])

@@ -277,11 +277,7 @@ def _largest_sample(candidate: SelaConfig, lean: bool, rates: dict, n: int, budg
 
 
 def _sample_reason(config: SelaConfig, n: int, budget: float) -> str:
-    # the two scalings side by side double the heads' width: on the 10 M mixture of bench/scale.py the sample
-    # fell from 1.3 M rows (--whiten no) to 0.2 M, and the NMI from 0.934 to 0.896
-    narrower = ("; --whiten no or yes reads the vectors in one scaling, half as wide, and trains on a larger sample"
-                if feature_scaling(config, table=True) == "both" else "")
     return (f"{config.train_rows:,} of {n:,} rows, at random: no heads train all {config.epochs} epochs on every row "
             f"in the {_clock(budget)} budget here; the heads train on the sample, and the last label step labels "
-            f"every row{narrower}")
+            "every row")
 

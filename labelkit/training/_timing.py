@@ -13,7 +13,7 @@ import torch
 
 from ..data import Order, augmentation_preset, decoding, eval_transform, make_loader
 from ..solver import Algorithm, Storage, kernel_path, solve
-from ._config import feature_scaling, memory_bytes
+from ._config import memory_bytes
 from ._graph import GRAPH_THUMBNAIL
 from ._loop import autocast, images_to, model_to, resolve_device, train_step
 from ._models import SelaModel, create_backbone, feature_dim
@@ -250,10 +250,9 @@ def _once_costs(config, n: int, block: torch.Tensor, project_s: float, width: in
 
 
 def _table_width(config, dim: int) -> int:
-    """The whitening's width as the run will choose it, at most: --pca, else up to 128 directions; twice that
-    where the heads read the vectors both as they are and whitened."""
-    width = min(dim, config.pca) if config.pca else min(dim, 128)
-    return 2 * width if feature_scaling(config, table=True) == "both" else width
+    """The whitening's width as the run will choose it, at most: --pca, else up to 128 directions (in each
+    scaling, "both" included)."""
+    return min(dim, config.pca) if config.pca else min(dim, 128)
 
 
 def _head_rates(config, n: int, width: int) -> dict:

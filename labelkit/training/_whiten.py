@@ -1,7 +1,7 @@
 """PCA whitening of fixed features, and the whitened views that the heads train on.
 
 The heads read fixed features through one linear map fitted once (:class:`Whiten`): the top principal
-directions, scaled to unit variance, kept as they are, or both side by side (``--whiten``), after each column
+directions, scaled to unit variance, kept as they are, or both at once (``--whiten``), after each column
 is scaled to unit variance where the columns are in different units (``--standardize``). The map is stored
 with the heads, so that ``predict`` repeats it; the views pass through it once, into memory or a float16 file.
 """
@@ -64,10 +64,11 @@ class Whiten(nn.Module):
         direction unit variance, so directions of mere noise would weigh as much as the rest); 0 keeps every
         direction with non-negligible variance. ``scale`` "yes" whitens; "no" keeps the directions' own
         variances (one common factor brings the largest to 1): a projection, not a whitening; "both" gives the
-        two side by side (``2 * dim`` features), the whitened half scaled to the same total variance as the
-        other, so that neither outweighs the other in a distance. ``columns`` (see :func:`column_scale`) first
-        scales each column to unit variance, folded into the projection; ``columns`` on the fitted module says
-        whether it did and the columns' spread ratio, ``column_scale`` by what it divided them (or None)."""
+        geometry of the two side by side, the whitened one scaled to the same total variance as the other so that
+        neither outweighs the other in a distance, in ``dim`` features (see the code's comment). ``columns``
+        (see :func:`column_scale`) first scales each column to unit variance, folded into the projection;
+        ``columns`` on the fitted module says whether it did and the columns' spread ratio, ``column_scale`` by
+        what it divided them (or None)."""
         rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
         n, in_dim = len(rows), features.shape[1]
         picked = rows[np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False))]
@@ -86,10 +87,14 @@ class Whiten(nn.Module):
             share = torch.cumsum(values.clamp_min(0), 0) / values.clamp_min(0).sum()
             dim = min(cap, int((share < variance).sum()) + 1)
         dim = min(dim or in_dim, useful, len(picked) - 1 if len(picked) > 1 else 1)
-        kept = vectors[:, :dim] / values[0].sqrt()
-        white = vectors[:, :dim] / values[:dim].clamp_min(1e-12).sqrt()
-        equal = (values[:dim].clamp_min(0).sum() / values[0] / dim).sqrt()  # the total variance of ``kept``
-        projection = {"yes": white, "no": kept, "both": torch.cat([kept, white * equal], 1)}[scale]
+        directions, variances = vectors[:, :dim], values[:dim].clamp_min(1e-12)
+        kept = directions / values[0].sqrt()
+        white = directions / variances.sqrt()
+        equal2 = values[:dim].clamp_min(0).sum() / values[0] / dim  # ``white`` times its root: ``kept``'s total variance
+        # [kept, white * sqrt(equal2)] side by side map each direction twice; one map of it, scaled by the length
+        # of the pair, gives every dot product and distance of the two (an isometry) at half the width
+        both = directions * (1 / values[0] + equal2 / variances).sqrt()
+        projection = {"yes": white, "no": kept, "both": both}[scale]
         if divisors is not None:
             projection = projection / torch.from_numpy(divisors)[:, None]
         whiten = cls(in_dim, projection.shape[1])
