@@ -242,6 +242,22 @@ def test_a_graph_in_pieces_is_bridged_so_separate_groups_stay_separate():
     assert normalized_mutual_info_score(truth, labels[0]) > 0.99  # k-means on x itself gives about 0.19
 
 
+def test_a_large_graph_start_takes_lobpcg_and_finds_the_groups_a_small_one_finds_with_arpack():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from labelkit.training import spectral_labels
+    from labelkit.training._graph import LOBPCG_ROWS
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 32)) * 0.8
+    for n, solver in ((LOBPCG_ROWS - 1000, "arpack"), (LOBPCG_ROWS + 1000, "lobpcg")):
+        truth = rng.integers(0, 8, n)
+        x = (centres[truth] + rng.normal(size=(n, 32))).astype(np.float32)
+        labels, info = spectral_labels(x, [8], seed=0, per_k=1, smooth=True, whiten="both")
+        assert info["eigen_solver"] == solver  # the history's start record says which solver ran
+        assert normalized_mutual_info_score(truth, labels[0]) > 0.95, (n, solver)
+
+
 def test_an_auto_run_starts_from_the_graph_and_records_its_plan(tmp_path):
     from labelkit.artefact import read_artefact
     from labelkit.cli import main as cli

@@ -15,6 +15,7 @@ Ground truth is only measured here (each start's NMI in the history, where the d
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -25,13 +26,22 @@ from ._config import feature_scaling
 from ._job import Job
 from ._loop import extract_features
 
-__all__ = ["Thumbnail", "spectral_labels", "image_graph_start", "vector_graph_start", "GRAPH_LIMIT", "GRAPH_MIN", "GRAPH_THUMBNAIL"]
+__all__ = ["Thumbnail", "spectral_labels", "image_graph_start", "vector_graph_start", "GRAPH_LIMIT", "GRAPH_MIN", "GRAPH_THUMBNAIL",
+           "LOBPCG_ROWS"]
 
 # Above this many samples the exact kNN graph and the eigensolver cost more than they give on a CPU budget;
 # the auto recipe then starts from random labels, as the paper does.
 GRAPH_LIMIT = 100_000
 # Below this a neighbourhood graph says little; tiny data sets start from random labels.
 GRAPH_MIN = 100
+# From this many samples the start's eigenvectors come from LOBPCG instead of scikit-learn's default ARPACK,
+# whose shift-invert mode factorises the graph Laplacian: its fill-in grows far faster than the graph (one graph
+# of 30,000 mixture vectors: 58 s against 1.5 s; bench/graph_start.py). Below, both take seconds (3,000
+# mixture vectors: 3.5 s against 0.8 s for the two graphs of --whiten both) and ARPACK keeps the starts that
+# bench/suite.py's sets (at most 3,000 rows) were measured with: LOBPCG's gave the same start NMI on their 22
+# tables (to 0.001), but its slightly different eigenvectors moved which head a run keeps on one of them
+# (textures-grey16-pixels 0.422 -> 0.391).
+LOBPCG_ROWS = 5_000
 # Thumbnails at most this many pixels on a side: enough for shapes, and 32 x 32 x 3 floats per sample
 GRAPH_THUMBNAIL = 32
 
@@ -51,13 +61,14 @@ class Thumbnail(torch.nn.Module):
 
 def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int = 10, dims: int = 20,
                     components: int = 50, per_k: int = 2, smooth: bool = False,
-                    whiten: str = "no") -> tuple[np.ndarray, dict]:
+                    whiten: str = "no", eigen_solver: str | None = None) -> tuple[np.ndarray, dict]:
     """k-means labels (one row per K in ``ks``) of the first ``per_k`` x K eigenvectors (at most ``dims``) of
     the spectral embedding of the kNN graph of ``x``'s first ``components`` principal components: as they are
     (``whiten`` "no"), each scaled to unit variance ("yes"), or both ("both": one graph of each, their
     eigenvectors side by side, each row of each normalised, so that k-means weighs the two graphs alike).
     With ``smooth``, each label then moves to the one its graph neighbours weigh most (with "both", in the
-    sum of the two graphs), until none moves (at most 10 rounds).
+    sum of the two graphs), until none moves (at most 10 rounds). ``eigen_solver``: scikit-learn's; None
+    takes ARPACK below :data:`LOBPCG_ROWS` samples and LOBPCG from there (``bench/graph_start.py``).
 
     Returns ((T, N) int64 labels, a record of what was done and how long it took)."""
     from sklearn.decomposition import PCA
@@ -78,7 +89,13 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
     # start ended at NMI 0.77-0.82, from a 20-eigenvector start at 0.93); many more than K add within-cluster
     # modes that, once the rows are normalised, outweigh the clusters of clean, simple data
     dims = max(1, min(dims, per_k * max(ks), n - 2))
-    embeddings = [spectral_embedding(graph, n_components=dims, random_state=seed, drop_first=True) for graph in graphs]
+    solver = eigen_solver or ("arpack" if n < LOBPCG_ROWS else "lobpcg")
+    with warnings.catch_warnings():
+        # LOBPCG ends a few eigenvectors at residuals near 1e-5 and says so, for every run: far finer than the
+        # k-means on the rows' directions that reads them
+        warnings.filterwarnings("ignore", message="Exited (postprocessing|at iteration)", category=UserWarning)
+        embeddings = [spectral_embedding(graph, n_components=dims, random_state=seed, drop_first=True,
+                                         eigen_solver=solver) for graph in graphs]
     affinity = sum(graphs[1:], graphs[0])
     labels = []
     for h, k in enumerate(ks):
@@ -89,6 +106,7 @@ def spectral_labels(x: np.ndarray, ks: list[int], seed: int, *, neighbours: int 
     labels = np.stack(labels).astype(np.int64)
     return labels, {"samples": n, "pixels": int(x.shape[1]), "pca": components, "neighbours": neighbours,
                     "components": int(_components(affinity)[0]), "dims": dims, "per_k": per_k, "smoothed": smooth,
+                    "eigen_solver": solver,
                     "whiten": whiten,
                     "seconds": round(time.perf_counter() - start, 2)}
 
