@@ -35,9 +35,9 @@ GRAPH_LIMIT = 100_000
 # Below this a neighbourhood graph says little; tiny data sets start from random labels.
 GRAPH_MIN = 100
 # From this many samples the start's eigenvectors come from LOBPCG instead of scikit-learn's default ARPACK,
-# whose shift-invert mode factorises the graph Laplacian: its fill-in grows far faster than the graph (one graph
-# of 30,000 mixture vectors: 58 s against 1.5 s; bench/graph_start.py). Below, both take seconds (3,000
-# mixture vectors: 3.5 s against 0.8 s for the two graphs of --whiten both) and ARPACK keeps the starts that
+# whose shift-invert mode factorises the graph Laplacian: its fill-in grows far faster than the graph (the two
+# graphs of --whiten both on 10,000 mixture vectors: 93 s against 1.9 s; bench/graph_start.py). Below, both
+# take seconds (3,000 mixture vectors: 3.5 s against 0.8 s) and ARPACK keeps the starts that
 # bench/suite.py's sets (at most 3,000 rows) were measured with: LOBPCG's gave the same start NMI on their 22
 # tables (to 0.001), but its slightly different eigenvectors moved which head a run keeps on one of them
 # (textures-grey16-pixels 0.422 -> 0.391).
