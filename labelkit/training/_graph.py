@@ -34,7 +34,7 @@ __all__ = ["Thumbnail", "spectral_labels", "image_graph_start", "vector_graph_st
 GRAPH_LIMIT = 100_000
 # Below this a neighbourhood graph says little; tiny data sets start from random labels.
 GRAPH_MIN = 100
-# From this many samples the start's eigenvectors come from LOBPCG instead of scikit-learn's default ARPACK,
+# From this many vectors a table's start gets its eigenvectors from LOBPCG, not scikit-learn's default ARPACK,
 # whose shift-invert mode factorises the graph Laplacian: its fill-in grows far faster than the graph (the two
 # graphs of --whiten both on 10,000 mixture vectors: 93 s against 1.9 s; bench/graph_start.py). Below, both
 # take seconds (3,000 mixture vectors: 3.5 s against 0.8 s) and ARPACK keeps the starts that
@@ -190,7 +190,11 @@ def image_graph_start(job: Job, labels_out: torch.Tensor, ks: list[int]) -> dict
         grey = bool(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]))
         del pixels
         job.reporter.phase("graph", 1)
-        labels, info = spectral_labels((x[:, 0] if grey else x.flatten(1)).numpy(), ks, config.seed)
+        # ARPACK at every size: on the 10,782-image digits folder LOBPCG's start ended at 0.936 / 0.913 / 0.934
+        # in 105 s against 0.952 / 0.913 / 0.953 in 84 s (bench/own_folder.py, one seed), and the thumbnails'
+        # graphs did not show the tables' slow factorisation
+        labels, info = spectral_labels((x[:, 0] if grey else x.flatten(1)).numpy(), ks, config.seed,
+                                       eigen_solver="arpack")
         job.reporter.advance()
         job.reporter.end_phase()
         info.update(grey=grey, thumbnail=side, memory_bytes=2 * held)  # the pixels and their selected rows
